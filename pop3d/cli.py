@@ -1,0 +1,135 @@
+"""The `pop3d` command: serve, check-config, passwd.
+
+Exit status 2 with one line on stderr for every configuration or usage problem; no tracebacks for those.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pop3d import __version__
+from pop3d.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("pop3d")
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log.level,
+        stream=sys.stdout,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _check_runtime(settings: Settings) -> None:
+    """What validation cannot see: the passwd-file must be readable at start."""
+    path = settings.auth.passwd_file
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"auth.passwd_file: cannot read {path}: {exc.strerror}") from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pop3d.server import Pop3Server, run, serve
+
+    if args.demo:
+        from pop3d import demo
+
+        settings = demo.prepare(Path(args.demo_dir))
+    else:
+        settings = _load(args)
+    _check_runtime(settings)
+    _setup_logging(settings)
+
+    def ready(server: Pop3Server) -> None:
+        if args.demo:
+            from pop3d import demo
+
+            print(demo.banner(server.addresses_text()), flush=True)
+
+    try:
+        run(lambda: serve(settings, ready))
+    except OSError as exc:  # e.g. address in use, permission denied on a low port
+        print(f"pop3d: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    _check_runtime(settings)
+    print(f"configuration OK: listening on {', '.join(settings.server.listen)}, "
+          f"storage {settings.storage.driver} at {settings.storage.location}")
+    return 0
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    from pop3d.auth import schemes
+
+    scheme = args.scheme.upper()
+    if scheme not in schemes.SCHEMES:
+        raise ConfigError(f"--scheme: unknown scheme {args.scheme!r} (choose from {', '.join(schemes.SCHEMES)})")
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat: ") != password:
+            raise ConfigError("passwords do not match")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ConfigError("empty password")
+    entry = schemes.hash_password(scheme, password)
+    print(f"{args.user}:{entry}" if args.user else entry)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pop3d.auth.schemes import DEFAULT_SCHEME
+
+    p = argparse.ArgumentParser(prog="pop3d", description="POP3 server (RFC 1939) for Maildir maildrops.")
+    p.add_argument("--version", action="version", version=f"pop3d {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the server")
+    s.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file")
+    s.add_argument("--demo", action="store_true",
+                   help="create a demo user and Maildir and listen on 127.0.0.1:8110")
+    s.add_argument("--demo-dir", default="pop3d-demo", metavar="DIR",
+                   help="where --demo keeps its files (default: ./pop3d-demo)")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("check-config", help="validate a configuration file and exit")
+    c.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file")
+    c.set_defaults(func=cmd_check_config)
+
+    w = sub.add_parser("passwd", help="print a passwd-file entry with a strong hash (password on stdin)")
+    w.add_argument("user", nargs="?", help="user name to prefix the entry with")
+    w.add_argument("--scheme", default=DEFAULT_SCHEME, help=f"hash scheme (default {DEFAULT_SCHEME})")
+    w.set_defaults(func=cmd_passwd)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"pop3d: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""One pydantic-settings model for the whole server: TOML file, then `POP3D_<SECTION>__<KEY>` env overrides.
+
+Key names are an interface other tools depend on (`server.listen`, `server.hostname`, `auth.passwd_file`,
+`storage.driver`, `storage.location`); keep them. `config.example.toml` documents every key.
+Unknown keys are errors: a typo in a config file must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})$")
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' → (host, port); an empty host means all addresses."""
+    m = _HOSTPORT.match(value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not host:port (use [addr]:port for IPv6)")
+    port = int(m["port"])
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    return (m["v6"] if m["v6"] is not None else m["host"]), port
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerSettings(_Section):
+    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:110"])
+    hostname: str = Field(default_factory=socket.getfqdn)
+    backlog: int = Field(1024, ge=1)
+    #: seconds to let sessions finish after SIGTERM/SIGINT before cutting them (cut sessions delete nothing)
+    shutdown_grace: float = Field(10.0, ge=0)
+    #: bytes buffered per connection before the session stops producing (pause_writing)
+    write_buffer: int = Field(256 * 1024, ge=16 * 1024)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: list[str]) -> list[str]:
+        for item in v:
+            parse_hostport(item)
+        return v
+
+
+class SessionSettings(_Section):
+    #: RFC 1939 §3: the TRANSACTION autologout timer MUST be at least 10 minutes.
+    timeout: float = Field(600.0, ge=600)
+    #: before login a shorter timer is allowed (RFC 1939 §3 only constrains the inactivity autologout)
+    timeout_authorization: float = Field(60.0, gt=0)
+    #: RFC 2449 §6.5 LOGIN-DELAY: minimum seconds between logins of one user; 0 disables.
+    login_delay: int = Field(0, ge=0)
+    #: RFC 2449 §6.7 EXPIRE: "NEVER" or days messages may be left on the server (0 = delete once retrieved).
+    expire: str = "NEVER"
+    #: consecutive bad commands before the connection is closed
+    max_bad_commands: int = Field(20, ge=1)
+    #: show "IMPLEMENTATION pop3d <version>" in CAPA (RFC 2449 §6.9)
+    show_implementation: bool = True
+
+    @field_validator("expire")
+    @classmethod
+    def _check_expire(cls, v: str) -> str:
+        v = v.strip().upper()
+        if v != "NEVER" and not v.isdigit():
+            raise ValueError('must be "NEVER" or a number of days')
+        return v
+
+
+class AuthSettings(_Section):
+    passwd_file: Path = Path("/etc/pop3d/passwd")
+    #: seconds before a failed login is answered (slows guessing without blocking other sessions)
+    failure_delay: float = Field(2.0, ge=0)
+
+
+class StorageSettings(_Section):
+    driver: Literal["maildir"] = "maildir"
+    #: path template; `{user}` is the login name, `{home}` the passwd-file home field
+    location: str = "/srv/mail/{user}/Maildir"
+    #: Maildir: mark retrieved messages Seen (move to cur/ with :2,S) at QUIT, so IMAP readers agree
+    mark_seen: bool = True
+
+    @field_validator("location")
+    @classmethod
+    def _check_location(cls, v: str) -> str:
+        if "{user}" not in v and "{home}" not in v:
+            raise ValueError("must contain {user} or {home}")
+        return v
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text"] = "text"
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build with `load_settings(path)`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="POP3D_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    session: SessionSettings = Field(default_factory=SessionSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = getattr(settings_cls, "__toml_path__", None)
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as one line naming the key."""
+
+
+def _describe(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = len(exc.errors()) - 1
+    return f"{key}: {msg}" + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the TOML file (if any), apply env overrides, validate. Raises ConfigError with one line."""
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found or not a regular file")
+    try:
+        # a throw-away subclass carries the file path into settings_customise_sources, thread-safely
+        cls = type("Settings", (Settings,), {"__toml_path__": Path(path) if path is not None else None})
+        return cls(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise ConfigError(f"config file {path}: {exc}") from None

@@ -1,0 +1,70 @@
+"""Server-wide state shared by every session: configuration, user database, storage, registries.
+
+One object per server process; sessions hold a reference, never a copy, so per-connection memory stays small.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+from pop3d import __version__
+
+if TYPE_CHECKING:
+    from pop3d.auth.base import Authenticator
+    from pop3d.config import Settings
+    from pop3d.handlers import Pop3Handler
+    from pop3d.session import Pop3Session
+    from pop3d.storage.base import Storage
+
+log = logging.getLogger("pop3d")
+
+
+class LoginDelays:
+    """RFC 2449 §6.5 LOGIN-DELAY: the time of each user's last successful login, in this process."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def too_soon(self, user: str, delay: int, now: float) -> bool:
+        last = self._last.get(user)
+        return delay > 0 and last is not None and now - last < delay
+
+    def record(self, user: str, delay: int, now: float) -> None:
+        if delay <= 0:
+            return
+        self._last[user] = now
+        if len(self._last) > 4096:  # forget logins older than the delay so the table stays small
+            self._last = {u: t for u, t in self._last.items() if now - t < delay}
+
+
+class ServerContext:
+    """Everything a session needs from its server."""
+
+    def __init__(self, settings: Settings, auth: Authenticator, storage: Storage) -> None:
+        self.settings = settings
+        self.auth = auth
+        self.storage = storage
+        self.hostname = settings.server.hostname
+        self.implementation = f"pop3d-{__version__}"
+        self.sessions: set[Pop3Session] = set()
+        self.login_delays = LoginDelays()
+        self._counter = itertools.count(1)
+
+    def apop_timestamp(self) -> str:
+        """RFC 1939 §7: a msg-id unique per connection, `<pid.counter.clock@host>`.
+
+        The pid is read each time: worker processes forked after this object was built must differ.
+        """
+        return f"<{os.getpid()}.{next(self._counter)}.{time.time_ns() // 1000}@{self.hostname}>"
+
+    def log_session_end(self, handler: Pop3Handler) -> None:
+        """One line per session end, in the spirit of Dovecot's logout line. Never a password."""
+        user = handler.user.name if handler.user is not None else "-"
+        log.info("session end user=%s rip=%s reason=%s %s", user, handler.peer, handler.end_reason,
+                 handler.summary())

@@ -1,0 +1,304 @@
+"""POP3 command handlers: one method per verb, collected into a dispatch table (aiosmtpd-style).
+
+A handler gets a parsed, state-legal `Command` (pop3d.protocol did the grammar) and returns either the reply
+bytes at once, a `Stream` (a big message body to send with flow control), or a coroutine resolving to one of
+those (password checks, storage I/O). Fast verbs stay synchronous so pipelined STAT/LIST/UIDL/DELE bursts
+need no Task at all. The handler owns the POP3 session semantics: state, the deleted set, LAST, counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Union
+
+from pop3d import wire
+from pop3d.auth.base import User
+from pop3d.context import ServerContext
+from pop3d.protocol import Command, State, err, multiline, ok
+from pop3d.storage.base import SMALL_MESSAGE, InUse, Maildrop, MessageInfo, StorageError
+
+log = logging.getLogger("pop3d.session")
+
+
+@dataclass(slots=True)
+class Stream:
+    """A multi-line reply whose body is streamed from storage: `header` goes out once the first chunk is in."""
+
+    header: bytes
+    chunks: AsyncIterator[bytes]
+    encoder: wire.Encoder
+    index: int
+    lines: int | None  # None for RETR, the TOP line count otherwise
+
+
+Result = Union[bytes, Stream]
+Reply = Union[Result, Awaitable[Result]]
+
+AUTH_FAILED = err("authentication failed", "AUTH")  # RFC 3206 §4; same line for unknown user and bad password
+
+
+class Counters:
+    """Dovecot-like logout counters (top=n/bytes, retr=n/bytes, del=n/total)."""
+
+    __slots__ = ("top", "top_bytes", "retr", "retr_bytes", "dele")
+
+    def __init__(self) -> None:
+        self.top = self.top_bytes = self.retr = self.retr_bytes = self.dele = 0
+
+
+class Pop3Handler:
+    """Per-connection POP3 semantics. The session (pop3d.session) feeds it commands in order."""
+
+    __slots__ = (
+        "ctx", "peer", "state", "timestamp", "user_name", "user", "drop", "messages",
+        "deleted", "retrieved", "last", "counters", "closing", "end_reason",
+    )
+
+    def __init__(self, ctx: ServerContext, peer: str) -> None:
+        self.ctx = ctx
+        self.peer = peer
+        self.state = State.AUTHORIZATION
+        self.timestamp = ctx.apop_timestamp()
+        self.user_name: str | None = None  # from USER, waiting for PASS
+        self.user: User | None = None
+        self.drop: Maildrop | None = None
+        self.messages: list[MessageInfo] = []  # the session snapshot; numbering never changes (RFC 1939 §5)
+        self.deleted: set[int] = set()
+        self.retrieved: set[int] = set()
+        self.last = 0  # RFC 1460 LAST: highest message number touched by RETR/TOP
+        self.counters = Counters()
+        self.closing = False  # the session closes the connection after sending this reply
+        self.end_reason = "disconnected"
+
+    # -- session plumbing ------------------------------------------------------------------------
+
+    def greeting(self) -> bytes:
+        """RFC 1939 §4 greeting with the APOP timestamp (§7)."""
+        return ok(f"pop3d ready {self.timestamp}")
+
+    def dispatch(self, cmd: Command) -> Reply:
+        return DISPATCH[cmd.verb](self, cmd)
+
+    async def abort(self) -> None:
+        """The connection ended without QUIT (drop, timeout, shutdown): release, delete nothing (RFC 1939 §6)."""
+        if self.drop is not None:
+            drop, self.drop = self.drop, None
+            await drop.close()
+
+    def summary(self) -> str:
+        """The logout line's counters."""
+        c = self.counters
+        size = sum(m.size for m in self.messages)
+        return (
+            f"top={c.top}/{c.top_bytes}, retr={c.retr}/{c.retr_bytes}, "
+            f"del={c.dele}/{len(self.messages)}, size={size}"
+        )
+
+    # -- AUTHORIZATION ---------------------------------------------------------------------------
+
+    def do_USER(self, cmd: Command) -> Reply:
+        # RFC 1939 §7: we never say whether the mailbox exists (no user enumeration)
+        self.user_name = cmd.args[0]
+        return ok("send PASS")
+
+    def do_PASS(self, cmd: Command) -> Reply:
+        if self.user_name is None:
+            return err("USER first")
+        name, self.user_name = self.user_name, None  # RFC 1939 §7: a failed PASS needs a new USER
+        return self._pass(name, cmd.args[0])
+
+    async def _pass(self, name: str, password: str) -> Result:
+        user = await self.ctx.auth.verify(name, password)
+        return await self._login(user, name)
+
+    def do_APOP(self, cmd: Command) -> Reply:
+        return self._apop(cmd.args[0], cmd.args[1].lower())
+
+    async def _apop(self, name: str, digest: str) -> Result:
+        creds = await self.ctx.auth.lookup(name)
+        secret = creds.plaintext() if creds else None
+        user = None
+        if creds is not None and secret is not None:
+            # RFC 1939 §7: MD5 of the greeting's timestamp followed by the shared secret
+            expected = hashlib.md5((self.timestamp + secret).encode("utf-8")).hexdigest()
+            if hmac.compare_digest(expected, digest):
+                user = creds.user
+        return await self._login(user, name)
+
+    async def _login(self, user: User | None, name: str) -> Result:
+        """Common tail of every successful or failed authentication: delay, LOGIN-DELAY, lock, snapshot."""
+        ctx = self.ctx
+        if user is None:
+            log.info("auth failed user=%r rip=%s", name, self.peer)
+            await asyncio.sleep(ctx.settings.auth.failure_delay)
+            return AUTH_FAILED
+        delay = ctx.settings.session.login_delay
+        now = time.monotonic()
+        if ctx.login_delays.too_soon(user.name, delay, now):
+            # RFC 2449 §8.1.2
+            return err(f"wait {delay} seconds between logins", "LOGIN-DELAY")
+        drop = ctx.storage.maildrop(user)
+        try:
+            await drop.open()
+        except InUse:
+            await drop.close()
+            log.info("maildrop in use user=%s rip=%s", user.name, self.peer)
+            return err("maildrop already locked by another session", "IN-USE")  # RFC 2449 §8.1.1
+        except StorageError as exc:
+            await drop.close()
+            log.warning("maildrop unavailable user=%s rip=%s: %s", user.name, self.peer, exc)
+            return err("maildrop cannot be opened", exc.code)  # RFC 3206 §4 SYS/TEMP or SYS/PERM
+        except OSError as exc:
+            await drop.close()
+            log.warning("maildrop unavailable user=%s rip=%s: %s", user.name, self.peer, exc)
+            return err("maildrop cannot be opened", "SYS/TEMP")
+        ctx.login_delays.record(user.name, delay, now)
+        self.user, self.drop, self.messages, self.state = user, drop, drop.messages, State.TRANSACTION
+        log.info("login user=%s rip=%s messages=%d", user.name, self.peer, len(drop.messages))
+        count, size = self._totals()
+        return ok(f"{user.name} has {count} message{'s' if count != 1 else ''} ({size} octets)")
+
+    def do_RPOP(self, cmd: Command) -> Reply:
+        return err("RPOP is not offered: trust by source port is unsafe; use PASS, APOP or AUTH")
+
+    def do_CAPA(self, cmd: Command) -> Reply:
+        """RFC 2449 §5-6: the capability list; the same in both states here."""
+        s = self.ctx.settings.session
+        caps = ["TOP", "USER", "UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE",
+                f"EXPIRE {s.expire}", f"LOGIN-DELAY {s.login_delay}"]
+        if s.show_implementation:
+            caps.append(f"IMPLEMENTATION {self.ctx.implementation}")
+        return multiline(ok("Capability list follows"), caps)
+
+    def do_QUIT(self, cmd: Command) -> Reply:
+        self.closing = True
+        self.end_reason = "QUIT"
+        if self.state is State.AUTHORIZATION:
+            return ok("pop3d signing off")
+        self.state = State.UPDATE  # RFC 1939 §6
+        return self._update()
+
+    async def _update(self) -> Result:
+        drop = self.drop
+        assert drop is not None
+        deleted = set(self.deleted)
+        if self.ctx.settings.session.expire == "0":
+            deleted |= self.retrieved  # RFC 2449 §6.7 EXPIRE 0: retrieved mail is not kept on the server
+        try:
+            await drop.commit(deleted, self.retrieved - deleted)
+        except StorageError as exc:
+            log.warning("commit failed user=%s: %s", self.user.name if self.user else "?", exc)
+            self.end_reason = "QUIT, commit failed"
+            return err("some deleted messages were not removed", exc.code)
+        finally:
+            self.drop = None
+            await drop.close()
+        self.counters.dele = len(deleted)
+        left = len(self.messages) - len(deleted)
+        return ok(f"pop3d signing off ({left} message{'s' if left != 1 else ''} left)")
+
+    # -- TRANSACTION -----------------------------------------------------------------------------
+
+    def _totals(self) -> tuple[int, int]:
+        msgs = self.messages
+        deleted = self.deleted
+        size = sum(m.size for i, m in enumerate(msgs) if i not in deleted) if deleted else sum(m.size for m in msgs)
+        return len(msgs) - len(deleted), size
+
+    def _index(self, arg: str) -> int | bytes:
+        """Message number → 0-based index, or the -ERR reply (RFC 1939 §5: deleted messages are invisible)."""
+        n = int(arg)
+        if n > len(self.messages):
+            return err(f"no such message, only {len(self.messages)} in maildrop")
+        if n - 1 in self.deleted:
+            return err(f"message {n} already deleted")
+        return n - 1
+
+    def do_STAT(self, cmd: Command) -> Reply:
+        count, size = self._totals()
+        return ok(f"{count} {size}")
+
+    def do_LIST(self, cmd: Command) -> Reply:
+        if cmd.args:
+            i = self._index(cmd.args[0])
+            return i if isinstance(i, bytes) else ok(f"{i + 1} {self.messages[i].size}")
+        count, size = self._totals()
+        lines = [f"{i + 1} {m.size}" for i, m in enumerate(self.messages) if i not in self.deleted]
+        return multiline(ok(f"{count} messages ({size} octets)"), lines)
+
+    def do_UIDL(self, cmd: Command) -> Reply:
+        if cmd.args:
+            i = self._index(cmd.args[0])
+            return i if isinstance(i, bytes) else ok(f"{i + 1} {self.messages[i].uid}")
+        lines = [f"{i + 1} {m.uid}" for i, m in enumerate(self.messages) if i not in self.deleted]
+        return multiline(ok("unique-id listing follows"), lines)
+
+    def do_DELE(self, cmd: Command) -> Reply:
+        i = self._index(cmd.args[0])
+        if isinstance(i, bytes):
+            return i
+        self.deleted.add(i)
+        return ok(f"message {i + 1} deleted")
+
+    def do_NOOP(self, cmd: Command) -> Reply:
+        return ok()
+
+    def do_RSET(self, cmd: Command) -> Reply:
+        self.deleted.clear()
+        self.last = 0  # RFC 1460: RSET also resets the highest message accessed
+        count, size = self._totals()
+        return ok(f"maildrop has {count} message{'s' if count != 1 else ''} ({size} octets)")
+
+    def do_LAST(self, cmd: Command) -> Reply:
+        return ok(str(self.last))
+
+    def do_RETR(self, cmd: Command) -> Reply:
+        i = self._index(cmd.args[0])
+        if isinstance(i, bytes):
+            return i
+        return self._send(i, None)
+
+    def do_TOP(self, cmd: Command) -> Reply:
+        i = self._index(cmd.args[0])
+        if isinstance(i, bytes):
+            return i
+        return self._send(i, int(cmd.args[1]))
+
+    def _send(self, i: int, lines: int | None) -> Reply:
+        """RETR (lines None) or TOP: small messages in one read and one reply, big ones streamed."""
+        drop = self.drop
+        assert drop is not None
+        info = drop.messages[i]
+        header = ok(f"{info.size} octets") if lines is None else ok("top of message follows")
+        if info.size > SMALL_MESSAGE:
+            return Stream(header, drop.chunks(i), wire.Encoder(lines), i, lines)
+        try:
+            raw = drop.read_small(i)
+        except (StorageError, OSError) as exc:
+            log.warning("read failed user=%s msg=%d: %s", self.user.name if self.user else "?", i + 1, exc)
+            return err(f"message {i + 1} cannot be read now", "SYS/TEMP")
+        body = wire.encode(raw) if lines is None else wire.top(raw, lines)
+        self.note_sent(i, lines, len(body))
+        return header + body
+
+    def note_sent(self, i: int, lines: int | None, octets: int) -> None:
+        """Bookkeeping once a body went out: LAST, the Seen set, the logout counters."""
+        self.last = max(self.last, i + 1)
+        c = self.counters
+        if lines is None:
+            self.retrieved.add(i)
+            c.retr += 1
+            c.retr_bytes += octets
+        else:
+            c.top += 1
+            c.top_bytes += octets
+
+
+DISPATCH: dict[str, Callable[[Pop3Handler, Command], Reply]] = {
+    name[3:]: getattr(Pop3Handler, name) for name in dir(Pop3Handler) if name.startswith("do_")
+}

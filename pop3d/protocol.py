@@ -1,0 +1,270 @@
+"""Sans-IO POP3 core: line splitting, command grammar, state legality, reply formatting.
+
+Rules of this file:
+- No asyncio, no sockets, no files. Feed bytes in, get events out; format replies as bytes.
+- Every protocol rule that does not need a maildrop or a password lives here, as data where possible
+  (the VERBS table), with the RFC section next to it.
+- The receive buffer never rescans bytes it has already looked at, and never grows past the line limit.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Callable, Union
+
+CRLF = b"\r\n"
+
+#: RFC 2449 §4: a command line is at most 255 octets including the terminating CRLF.
+MAX_COMMAND_LINE = 255
+#: RFC 1939 §3: keywords are 3 or 4 characters; arguments up to 40 characters (we are lenient on PASS).
+MAX_ARG_LEN = 40
+
+
+class State(enum.Enum):
+    """RFC 1939 §3 session states."""
+
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+
+
+AUTH = frozenset({State.AUTHORIZATION})
+TRANS = frozenset({State.TRANSACTION})
+BOTH = frozenset({State.AUTHORIZATION, State.TRANSACTION})
+
+
+# ---------------------------------------------------------------------------------------------
+# Events produced by the core
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A well-formed command, legal in the current state. Arguments are already validated."""
+
+    verb: str
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A line that is not a legal command here; `reply` is the complete -ERR line to send."""
+
+    reply: bytes
+
+
+Event = Union[Command, Rejected]
+
+
+# ---------------------------------------------------------------------------------------------
+# Replies
+
+
+def ok(text: str = "") -> bytes:
+    """A single-line positive reply (RFC 1939 §3)."""
+    return b"+OK " + text.encode("utf-8") + CRLF if text else b"+OK" + CRLF
+
+
+def err(text: str, code: str | None = None) -> bytes:
+    """A single-line negative reply, with an RFC 2449 §8 / RFC 3206 response code when given."""
+    if code:
+        return f"-ERR [{code}] {text}".encode("utf-8") + CRLF
+    return b"-ERR " + text.encode("utf-8") + CRLF
+
+
+def multiline(first: bytes, lines: list[str]) -> bytes:
+    """A multi-line reply whose lines are protocol text (LIST, UIDL, CAPA): stuffed and terminated.
+
+    Message bodies do not come through here; they go through pop3d.wire, which handles arbitrary bytes.
+    """
+    body = "".join(("." + line if line.startswith(".") else line) + "\r\n" for line in lines)
+    return first + body.encode("utf-8") + b".\r\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument grammar. Each validator takes the argument list and returns an error text or None.
+
+_MSGNUM = re.compile(r"[0-9]{1,10}\Z")  # RFC 1939 §3: a decimal number; no sign, no spaces, ASCII only
+_HEX32 = re.compile(r"[0-9a-fA-F]{32}\Z")  # RFC 1939 §7: APOP digest is 32 hex digits (lower case; we accept both)
+
+ArgCheck = Callable[[tuple[str, ...]], Union[str, None]]
+
+
+def _count(lo: int, hi: int) -> ArgCheck:
+    def check(args: tuple[str, ...]) -> str | None:
+        if not lo <= len(args) <= hi:
+            if lo == hi == 0:
+                return "no arguments allowed"
+            if lo == hi:
+                return f"exactly {lo} argument{'s' if lo > 1 else ''} required"
+            return f"between {lo} and {hi} arguments allowed"
+        return None
+
+    return check
+
+
+def _msgnums(lo: int, hi: int, n_msg: int) -> ArgCheck:
+    """`n_msg` leading arguments are message numbers (>= 1); TOP's second is a count (>= 0)."""
+    count = _count(lo, hi)
+
+    def check(args: tuple[str, ...]) -> str | None:
+        problem = count(args)
+        if problem:
+            return problem
+        for i, a in enumerate(args):
+            if not _MSGNUM.match(a):
+                return "invalid message number" if i < n_msg else "invalid line count"
+            if i < n_msg and int(a) == 0:
+                return "invalid message number"
+        return None
+
+    return check
+
+
+def _user(args: tuple[str, ...]) -> str | None:
+    if len(args) != 1 or not args[0]:
+        return "exactly 1 argument required"
+    if len(args[0]) > 255:
+        return "user name too long"
+    return None
+
+
+def _apop(args: tuple[str, ...]) -> str | None:
+    if len(args) != 2:
+        return "exactly 2 arguments required"
+    if not _HEX32.match(args[1]):
+        return "digest must be 32 hexadecimal digits"
+    return None
+
+
+def _rest(args: tuple[str, ...]) -> str | None:
+    return None if args and args[0] else "argument required"
+
+
+@dataclass(frozen=True, slots=True)
+class Verb:
+    """Where a verb is legal and what it takes. `rest` verbs keep the rest of the line as one argument."""
+
+    states: frozenset[State]
+    check: ArgCheck
+    rest: bool = False
+
+
+#: The POP3 command table (RFC 1939 §4-7, RFC 2449 §5, RFC 1460 LAST/RPOP, RFC 5034 AUTH, RFC 2595 STLS).
+VERBS: dict[str, Verb] = {
+    "USER": Verb(AUTH, _user, rest=True),  # RFC 1939 §7; names may hold spaces in some directories
+    "PASS": Verb(AUTH, _rest, rest=True),  # RFC 1939 §7: the password may contain spaces
+    "APOP": Verb(AUTH, _apop),  # RFC 1939 §7
+    "RPOP": Verb(AUTH, _count(1, 1)),  # RFC 1460: refused, trust-by-port is unsafe
+    "QUIT": Verb(BOTH, _count(0, 0)),  # RFC 1939 §5, §6
+    "STAT": Verb(TRANS, _count(0, 0)),  # RFC 1939 §5
+    "LIST": Verb(TRANS, _msgnums(0, 1, 1)),
+    "RETR": Verb(TRANS, _msgnums(1, 1, 1)),
+    "DELE": Verb(TRANS, _msgnums(1, 1, 1)),
+    "NOOP": Verb(TRANS, _count(0, 0)),
+    "RSET": Verb(TRANS, _count(0, 0)),
+    "TOP": Verb(TRANS, _msgnums(2, 2, 1)),  # RFC 1939 §7: TOP msg n, n >= 0
+    "UIDL": Verb(TRANS, _msgnums(0, 1, 1)),  # RFC 1939 §7
+    "LAST": Verb(TRANS, _count(0, 0)),  # RFC 1460 (obsolete, still sent by old clients)
+    "CAPA": Verb(BOTH, _count(0, 0)),  # RFC 2449 §5: legal in AUTHORIZATION and TRANSACTION
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Line splitting
+
+
+class LineBuffer:
+    """Splits a byte stream into command lines, enforcing a maximum line length.
+
+    A line longer than `max_line` octets (CRLF included) is dropped as it streams in, so memory stays
+    bounded whatever the peer sends; when its end finally arrives, `None` is yielded in its place so the
+    caller can answer `-ERR`. Bare LF is accepted as a line end (lenient, as most servers are).
+    """
+
+    __slots__ = ("_buf", "_skipping", "max_line")
+
+    def __init__(self, max_line: int = MAX_COMMAND_LINE) -> None:
+        self._buf = b""
+        self._skipping = False
+        self.max_line = max_line
+
+    @property
+    def pending(self) -> int:
+        """Octets of an incomplete line held in memory."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        """Return complete lines (without line end) found in `data`; `None` marks an over-long line."""
+        out: list[bytes | None] = []
+        start = 0
+        # Only the new bytes are searched for LF: the held part is known to contain none.
+        nl = data.find(b"\n")
+        while nl != -1:
+            piece = data[start:nl]
+            if self._skipping:
+                self._skipping = False
+                self._buf = b""
+                out.append(None)
+            else:
+                line = self._buf + piece if self._buf else piece
+                self._buf = b""
+                # limit counts CRLF: content may be at most max_line - 2 octets (a bare LF line gets the same)
+                content = line[:-1] if line.endswith(b"\r") else line
+                out.append(content if len(content) + 2 <= self.max_line else None)
+            start = nl + 1
+            nl = data.find(b"\n", start)
+        rest = data[start:]
+        if rest and not self._skipping:
+            if len(self._buf) + len(rest) > self.max_line:
+                self._buf = b""
+                self._skipping = True
+            else:
+                self._buf += rest
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The command parser
+
+
+class CommandParser:
+    """Turns complete lines into events according to the session state.
+
+    The state itself is owned by the session (it changes after a handler succeeds); the parser is handed
+    it for each line so it can refuse verbs that are illegal here (RFC 1939 §3).
+    """
+
+    __slots__ = ("verbs",)
+
+    def __init__(self, verbs: dict[str, Verb] | None = None) -> None:
+        # a copy, so extensions (AUTH, STLS, UTF8...) can register verbs per server without touching VERBS
+        self.verbs = dict(VERBS if verbs is None else verbs)
+
+    def parse(self, line: bytes | None, state: State) -> Event:
+        if line is None:
+            return Rejected(err("command line too long (limit 255 octets, RFC 2449)"))
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return Rejected(err("command is not valid UTF-8"))
+        verb_text, sep, rest = text.partition(" ")
+        verb = verb_text.upper()  # RFC 1939 §3: keywords are case-insensitive
+        spec = self.verbs.get(verb) if verb.isascii() and verb.isalpha() else None
+        if spec is None:
+            if not verb_text:
+                return Rejected(err("empty command"))
+            return Rejected(err("unknown command"))
+        if state not in spec.states:
+            if state is State.AUTHORIZATION:
+                return Rejected(err(f"{verb} not allowed before login"))
+            return Rejected(err(f"{verb} not allowed after login"))
+        if spec.rest:
+            args: tuple[str, ...] = (rest,) if sep else ()
+        else:
+            args = tuple(rest.split()) if sep else ()
+        problem = spec.check(args)
+        if problem:
+            return Rejected(err(f"{verb}: {problem}"))
+        return Command(verb, args)

@@ -1,0 +1,261 @@
+"""The asyncio.Protocol adapter: bytes in, bytes out, timers, flow control.
+
+Why a Protocol and not streams: no Task per idle connection and no drain() per line (DESIGN.md rules 1, 5).
+Pipelining (RFC 2449 §6.6): every complete line in a segment is queued; lines are parsed one at a time *when
+their turn comes* (an earlier PASS may change the state), synchronous replies are batched into one write,
+and while an async handler runs, reading pauses and the rest of the queue waits, so replies stay in order.
+Big bodies stream in slices and wait on pause_writing/resume_writing, so a reader that does not read holds
+at most about `server.write_buffer` plus one slice in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from typing import Any
+
+from pop3d.context import ServerContext
+from pop3d.handlers import Pop3Handler, Result, Stream
+from pop3d.protocol import CommandParser, LineBuffer, Rejected, State, err
+from pop3d.storage.base import StorageError
+
+log = logging.getLogger("pop3d.session")
+
+_PARSER = CommandParser()
+
+
+class Pop3Session(asyncio.Protocol):
+    """One POP3 connection."""
+
+    __slots__ = (
+        "ctx", "transport", "handler", "parser", "_lines", "_queue", "_busy", "_task", "_out",
+        "_write_paused", "_resume", "_timer", "_last_active", "_bad", "_closed", "_loop",
+    )
+
+    def __init__(self, ctx: ServerContext, parser: CommandParser = _PARSER) -> None:
+        self.ctx = ctx
+        self.parser = parser
+        self.transport: Any = None
+        self.handler: Pop3Handler | None = None
+        self._lines = LineBuffer()
+        self._queue: collections.deque[bytes | None] = collections.deque()
+        self._busy = False
+        self._task: asyncio.Task[None] | None = None
+        self._write_paused = False
+        self._resume: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_active = 0.0
+        self._bad = 0
+        self._closed = False
+        self._loop = asyncio.get_running_loop()
+
+    # -- transport callbacks ---------------------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        rip = peer[0] if isinstance(peer, tuple) else str(peer)
+        transport.set_write_buffer_limits(high=self.ctx.settings.server.write_buffer)
+        self.handler = Pop3Handler(self.ctx, rip)
+        self.ctx.sessions.add(self)
+        self._last_active = self._loop.time()
+        self._arm_timer()
+        transport.write(self.handler.greeting())
+
+    def data_received(self, data: bytes) -> None:
+        self._last_active = self._loop.time()
+        lines = self._lines.feed(data)
+        if lines:
+            self._queue.extend(lines)
+            if not self._busy:
+                self._run()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; a half-closed POP3 client is gone
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._last_active = self._loop.time()  # the peer is reading: not idle
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._resume is not None and not self._resume.done():
+            self._resume.set_result(None)
+        handler = self.handler
+        assert handler is not None
+        if self._task is not None and not self._task.done():
+            if handler.state is not State.UPDATE:  # never interrupt a commit half-way
+                self._task.cancel()
+            self._task.add_done_callback(lambda _t: self._loop.create_task(self._finish()))
+        else:
+            self._loop.create_task(self._finish())
+
+    # -- command processing ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Answer queued lines in order until one needs to wait; one transport.write for the batch."""
+        handler = self.handler
+        assert handler is not None
+        out: list[bytes] = []
+        max_bad = self.ctx.settings.session.max_bad_commands
+        while self._queue and not handler.closing and not self._closed:
+            event = self.parser.parse(self._queue.popleft(), handler.state)
+            if isinstance(event, Rejected):
+                out.append(event.reply)
+                self._bad += 1
+                if self._bad >= max_bad:
+                    out.append(err("too many bad commands, closing connection"))
+                    handler.closing = True
+                    handler.end_reason = "too many bad commands"
+                continue
+            self._bad = 0
+            reply = handler.dispatch(event)
+            if isinstance(reply, bytes):
+                out.append(reply)
+                continue
+            # an async reply: flush what we have, stop reading, continue when it is done
+            if out:
+                self.transport.write(b"".join(out))
+            self._busy = True
+            self.transport.pause_reading()
+            self._task = self._loop.create_task(self._complete(reply))
+            return
+        if out:
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if handler.closing:
+            self.transport.close()
+
+    async def _complete(self, reply: Any) -> None:
+        handler = self.handler
+        assert handler is not None
+        before = handler.state
+        try:
+            result: Result = reply if isinstance(reply, Stream) else await reply
+            if isinstance(result, Stream):
+                await self._stream(result)
+            else:
+                self._write(result)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("internal error in session user=%s", self._user())
+            self._write(err("internal server error", "SYS/TEMP"))
+        self._busy = False
+        if self._closed or self.transport.is_closing():
+            return
+        if handler.state is not before and self._timer is not None:
+            self._timer.cancel()  # the idle limit depends on the state (login changes it)
+            self._arm_timer()
+        self.transport.resume_reading()
+        self._run()
+
+    def _write(self, data: bytes) -> None:
+        if not self._closed and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _close(self, reply: bytes) -> None:
+        """Send a last line and close; a peer that stopped reading cannot hold the close up."""
+        if self._closed or self.transport.is_closing():
+            return
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.write(reply)
+            self.transport.close()
+
+    async def _stream(self, s: Stream) -> None:
+        """Send a big body slice by slice, waiting whenever the transport asks us to pause."""
+        handler = self.handler
+        assert handler is not None
+        chunks = s.chunks
+        try:
+            first = await anext(chunks, b"")
+        except (StorageError, OSError) as exc:
+            log.warning("read failed user=%s msg=%d: %s", self._user(), s.index + 1, exc)
+            self._write(err(f"message {s.index + 1} cannot be read now", "SYS/TEMP"))
+            return
+        enc = s.encoder
+        sent = 0
+        try:
+            data = s.header + enc.feed(first)
+            while True:
+                if self._closed or self.transport.is_closing():
+                    return
+                self.transport.write(data)
+                sent += len(data)
+                if self._write_paused:
+                    self._resume = self._loop.create_future()
+                    await self._resume
+                    self._resume = None
+                if enc.done:
+                    break
+                chunk = await anext(chunks, None)
+                if chunk is None:
+                    break
+                data = enc.feed(chunk)
+        except (StorageError, OSError) as exc:
+            # the +OK is out; the only honest thing left is to cut the connection (the client sees no '.')
+            log.warning("read failed mid-message user=%s msg=%d: %s", self._user(), s.index + 1, exc)
+            self.transport.abort()
+            return
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+        tail = enc.finish()
+        self._write(tail)
+        handler.note_sent(s.index, s.lines, sent + len(tail) - len(s.header))
+
+    # -- timers and the end ----------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        handler = self.handler
+        assert handler is not None
+        s = self.ctx.settings.session
+        limit = s.timeout_authorization if handler.state is State.AUTHORIZATION else s.timeout
+        due = self._last_active + limit
+        # one timer per connection, re-armed lazily when it fires (no cancel/re-create per line)
+        self._timer = self._loop.call_at(due, self._on_timer, limit)
+
+    def _on_timer(self, limit: float) -> None:
+        if self._closed:
+            return
+        handler = self.handler
+        assert handler is not None
+        s = self.ctx.settings.session
+        current = s.timeout_authorization if handler.state is State.AUTHORIZATION else s.timeout
+        idle = self._loop.time() - self._last_active
+        if idle < current or (self._busy and handler.state is State.UPDATE):
+            self._arm_timer()
+            return
+        # RFC 1939 §3: autologout; the session does not enter UPDATE, nothing is deleted
+        handler.end_reason = "autologout"
+        self._close(err("autologout: idle for too long"))
+
+    async def _finish(self) -> None:
+        handler = self.handler
+        assert handler is not None
+        try:
+            await handler.abort()
+        except Exception:
+            log.exception("releasing maildrop failed user=%s", self._user())
+        finally:
+            self.ctx.sessions.discard(self)
+        self.ctx.log_session_end(handler)
+
+    def _user(self) -> str:
+        h = self.handler
+        return h.user.name if h is not None and h.user is not None else "-"
+
+    def shutdown(self) -> None:
+        """Server stopping and the grace period is over: cut the session (deletes nothing)."""
+        if not self._closed:
+            if self.handler is not None and self.handler.end_reason == "disconnected":
+                self.handler.end_reason = "server shutdown"
+            self._close(err("server shutting down", "SYS/TEMP"))

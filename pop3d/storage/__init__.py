@@ -1,0 +1,18 @@
+"""Storage drivers behind the Maildrop interface (pop3d.storage.base)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pop3d.config import StorageSettings
+    from pop3d.storage.base import Storage
+
+
+def build_storage(cfg: StorageSettings) -> Storage:
+    """The driver named by `storage.driver`."""
+    if cfg.driver == "maildir":
+        from pop3d.storage.maildir import MaildirStorage
+
+        return MaildirStorage(cfg.location, mark_seen=cfg.mark_seen)
+    raise ValueError(f"storage.driver: unknown driver {cfg.driver!r}")  # pragma: no cover - config validates

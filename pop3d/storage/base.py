@@ -1,0 +1,94 @@
+"""The maildrop interface every storage driver implements (Maildir now, mbox next).
+
+The seam is Twisted-like (list, read, delete-at-sync) but asynchronous and explicit about locking:
+
+    drop = storage.maildrop(user)       # no I/O yet
+    await drop.open()                   # take the exclusive POP3 lock, then snapshot the message list
+    drop.messages                       # fixed list for the whole session: numbering never changes
+    drop.read_small(i) / drop.chunks(i) # stored octets; pop3d.wire turns them into the network form
+    await drop.commit(deleted, seen)    # UPDATE state only (RFC 1939 §6)
+    await drop.close()                  # always; releases the lock, deletes nothing by itself
+
+Sizes in `MessageInfo.size` are network-form octets (pop3d.wire.network_size), the value LIST advertises.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from pop3d.auth.base import User
+
+#: Messages at most this large are read with one direct read on the event loop; larger ones stream
+#: through a thread in chunks (DESIGN.md performance rule 2 and 3).
+SMALL_MESSAGE = 128 * 1024
+CHUNK = 256 * 1024
+
+
+class StorageError(Exception):
+    """The maildrop cannot be used. `code` is the RFC 2449/3206 response code to answer with."""
+
+    code = "SYS/TEMP"
+
+
+class TemporaryError(StorageError):
+    code = "SYS/TEMP"  # RFC 3206 §4: try again later (I/O error, lock timeout, changed underneath)
+
+
+class PermanentError(StorageError):
+    code = "SYS/PERM"  # RFC 3206 §4: will not go away by retrying (bad path, permissions, corrupt)
+
+
+class InUse(StorageError):
+    code = "IN-USE"  # RFC 2449 §8.1.1: another session holds the maildrop lock
+
+
+class MessageGone(StorageError):
+    """One message vanished under the session (deleted or moved by another program)."""
+
+    code = "SYS/TEMP"
+
+
+@dataclass(slots=True)
+class MessageInfo:
+    """One message of the session snapshot. `key` is the driver's own handle (file name, offset...)."""
+
+    size: int
+    uid: str
+    key: str
+
+
+class Maildrop(abc.ABC):
+    """One user's maildrop for one session."""
+
+    messages: list[MessageInfo]
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Lock exclusively (raise InUse if held elsewhere) and snapshot the messages."""
+
+    @abc.abstractmethod
+    def read_small(self, index: int) -> bytes:
+        """Stored octets of a message of at most SMALL_MESSAGE network octets, read directly."""
+
+    @abc.abstractmethod
+    def chunks(self, index: int, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        """Stored octets of any message, in chunks, without blocking the event loop."""
+
+    @abc.abstractmethod
+    async def commit(self, deleted: set[int], seen: set[int]) -> None:
+        """UPDATE state: remove `deleted`, mark `seen` as read where the format has flags.
+
+        Raise StorageError if some deletion could not be done; what was done stays done.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the lock. Idempotent; called on every session end, QUIT or not."""
+
+
+class Storage(Protocol):
+    """Factory for maildrops; one per server, built from the `[storage]` configuration."""
+
+    def maildrop(self, user: User) -> Maildrop: ...

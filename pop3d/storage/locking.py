@@ -1,0 +1,135 @@
+"""Exclusive, non-blocking advisory locks for maildrops (RFC 1939 §4, RFC 2449 §8.1.1 `[IN-USE]`).
+
+RFC 1939 §4 wants the maildrop locked exclusively from a successful login until the end of the session.
+pop3d can run several worker processes (one per core, DESIGN.md performance rule 4) *and* many sessions
+inside one process, so the lock must exclude:
+
+* another session of the same process (a second file descriptor on the lock file), and
+* a session of another worker process,
+
+and it must vanish when its holder dies, so a `kill -9` leaves no stale lock behind.
+
+Why Linux open-file-description (OFD) locks, `fcntl(F_OFD_SETLK)`:
+
+* classic POSIX record locks (`F_SETLK`) belong to the *process*: a second fd in the same process "gets"
+  the lock again, and closing *any* fd on the file silently drops it. Useless inside one server process.
+* OFD locks belong to the open file description, so two `open()`s in one process conflict exactly like two
+  processes do; the kernel drops the lock when the last fd of that description is closed, including at
+  process death. They are byte-range locks, the kind NFS carries to the server.
+* `flock(LOCK_EX | LOCK_NB)` has the same per-description semantics on local file systems; it is the
+  fallback where `F_OFD_SETLK` does not exist (non-Linux, kernel < 3.15). The two kinds do not see each
+  other on Linux, which is fine: every pop3d process runs this same code and picks the same kind.
+
+Only a non-blocking attempt is ever made, so a held lock answers `[IN-USE]` at once and never blocks the
+event loop. The lock file itself is left in place on release: unlinking it would race with a process that
+has just opened it and would then lock an orphaned inode.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+from types import TracebackType
+
+from pop3d.storage.base import InUse, PermanentError, TemporaryError
+
+# struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid; } with native
+# alignment and a 64-bit off_t (CPython is built with large-file support), padded to the alignment of
+# off_t. fcntl(2) copies the buffer into the kernel; trailing zero padding is harmless.
+_FLOCK = struct.Struct("@hhqqi")
+_FLOCK_SIZE = -(-_FLOCK.size // struct.calcsize("@q")) * struct.calcsize("@q")
+
+#: Whether to try OFD locks at all; tests turn this off to exercise the flock fallback.
+_USE_OFD: bool = hasattr(fcntl, "F_OFD_SETLK")
+
+_BUSY = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+
+
+def _flock_struct(lock_type: int) -> bytes:
+    """A whole-file struct flock (start 0, length 0 = to EOF and beyond); l_pid must be 0 for OFD locks."""
+    packed = _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0)
+    return packed + b"\0" * (_FLOCK_SIZE - len(packed))
+
+
+class MaildropLock:
+    """An exclusive advisory lock on `path`, held from `acquire()` until `release()` or process death.
+
+    `acquire` raises InUse when anyone else holds it (another process or another MaildropLock of this
+    process), PermanentError when the lock file cannot be opened for lack of rights or a bad path, and
+    TemporaryError for other I/O errors. Both methods only make non-blocking system calls.
+    """
+
+    __slots__ = ("path", "_fd")
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> None:
+        """Take the lock or fail at once. Acquiring a lock this object already holds is a no-op."""
+        if self._fd is not None:
+            return
+        try:
+            # O_CLOEXEC: a child process (e.g. a spawned helper) must not inherit and keep the lock.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        except (PermissionError, NotADirectoryError, FileNotFoundError, IsADirectoryError) as exc:
+            raise PermanentError(f"cannot open lock file {self.path}: {exc.strerror}") from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink: refuse to follow it, by policy
+                raise PermanentError(f"lock file {self.path} is a symbolic link") from exc
+            raise TemporaryError(f"cannot open lock file {self.path}: {exc.strerror}") from exc
+        try:
+            self._lock_fd(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+
+    def _lock_fd(self, fd: int) -> None:
+        global _USE_OFD
+        if _USE_OFD:
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock_struct(fcntl.F_WRLCK))
+                return
+            except OSError as exc:
+                if exc.errno in _BUSY:
+                    raise InUse("maildrop is locked by another session") from exc
+                if exc.errno != errno.EINVAL:
+                    raise TemporaryError(f"cannot lock {self.path}: {exc.strerror}") from exc
+                _USE_OFD = False  # constant known to Python but not to this kernel: use flock from now on
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _BUSY:
+                raise InUse("maildrop is locked by another session") from exc
+            raise TemporaryError(f"cannot lock {self.path}: {exc.strerror}") from exc
+
+    def release(self) -> None:
+        """Drop the lock (closing our only fd on the description releases it). Idempotent."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> MaildropLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        # Last resort if a session forgot close(): the kernel would release it with the fd anyway.
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,147 @@
+"""Pure byte transforms between stored messages and the POP3 wire (RFC 1939 §3).
+
+Stored mail may end lines in LF (Maildir, mbox) or CRLF; the wire always carries CRLF. The advertised size
+of a message (LIST, STAT, RETR's +OK) is the number of octets of its *network form*: every line ending CRLF,
+stored CRLF not doubled, bare CR kept as it is, and a CRLF added after a last line that had none. Dot-stuffing
+(a `.` doubled at the start of a line) is applied on top and does not count in the size.
+
+Everything here works on whole messages or on a stream of chunks with state carried across chunk boundaries
+(a CRLF split over two chunks, a `.` starting a chunk that starts a line), and both give the same octets.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+TERMINATOR = b".\r\n"
+
+
+def network_size(raw: bytes) -> int:
+    """Octets of the network form of `raw`, computed without building it."""
+    if not raw:
+        return 0
+    lf = raw.count(b"\n")
+    size = len(raw) + lf - raw.count(b"\r\n")
+    if not raw.endswith(b"\n"):
+        size += 2
+    return size
+
+
+def to_network(raw: bytes) -> bytes:
+    """CRLF-normalise a whole message (no dot-stuffing)."""
+    if not raw:
+        return b""
+    net = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if not net.endswith(b"\r\n"):
+        net += b"\r\n"
+    return net
+
+
+def unstuff(stuffed: bytes) -> bytes:
+    """Inverse of dot-stuffing for a body without its terminator (what a client does, RFC 1939 §3)."""
+    if stuffed.startswith(b".."):
+        stuffed = stuffed[1:]
+    return stuffed.replace(b"\r\n..", b"\r\n.")
+
+
+class Encoder:
+    """Streaming network-form + dot-stuffing encoder for one message body.
+
+    `feed(chunk)` returns wire octets for stored octets; `finish()` returns the tail: a CRLF if the last line
+    had none, then the `.` terminator line. `size` counts network-form octets (what LIST advertised), stuffing
+    excluded, so a sender can check the promise it made.
+
+    `max_lines` turns it into the TOP cutter (RFC 1939 §7): headers, the blank line, then at most that many
+    body lines; `done` says when no further input is wanted.
+    """
+
+    __slots__ = ("_cr", "_bol", "_last2", "size", "_header", "_lines_left", "done")
+
+    def __init__(self, max_lines: int | None = None) -> None:
+        self._cr = False  # a stored chunk ended in CR whose LF may start the next chunk
+        self._bol = True  # next output octet starts a line
+        self._last2 = b""  # last two network octets emitted, to find the end of the headers across chunks
+        self.size = 0
+        self._header = max_lines is not None
+        self._lines_left = -1 if max_lines is None else max_lines
+        self.done = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.done or not chunk:
+            return b""
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._cr = True
+            if not chunk:
+                return b""
+        net = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if self._header or self._lines_left >= 0:
+            net = self._cut(net)
+        return self._emit(net)
+
+    def _emit(self, net: bytes) -> bytes:
+        if not net:
+            return b""
+        self.size += len(net)
+        out = net.replace(b"\r\n.", b"\r\n..")
+        if self._bol and net[:1] == b".":
+            out = b"." + out
+        self._bol = net.endswith(b"\r\n")
+        self._last2 = (self._last2 + net)[-2:]
+        return out
+
+    def _cut(self, net: bytes) -> bytes:
+        """Keep the header block and at most `_lines_left` body lines of this network-form piece."""
+        pos = 0
+        if self._header:
+            # end of headers: the first empty line, i.e. CRLF at start of message or CRLFCRLF
+            if self.size == 0 and net.startswith(b"\r\n"):
+                pos = 2
+                self._header = False
+            else:
+                seam = self._last2 + net
+                found = seam.find(b"\r\n\r\n")
+                if found == -1:
+                    return net
+                pos = found + 4 - len(self._last2)
+                self._header = False
+        while self._lines_left > 0:
+            nl = net.find(b"\r\n", pos)
+            if nl == -1:
+                return net
+            pos = nl + 2
+            self._lines_left -= 1
+        self.done = True
+        return net[:pos]
+
+    def finish(self) -> bytes:
+        """The tail of the body: pending CR, missing final CRLF, then the terminator."""
+        tail = b""
+        if self._cr and not self.done:
+            self._cr = False
+            tail = self._emit(b"\r")
+        if self.size and not self._bol:
+            tail += self._emit(b"\r\n")
+        return tail + TERMINATOR
+
+
+def encode(raw: bytes) -> bytes:
+    """Whole-message RETR body: network form, dot-stuffed, terminated."""
+    enc = Encoder()
+    return enc.feed(raw) + enc.finish()
+
+
+def encode_chunks(chunks: Iterable[bytes], max_lines: int | None = None) -> bytes:
+    """Encode a chunked message in one go (tests and small messages); same octets as `encode`."""
+    enc = Encoder(max_lines)
+    out = [enc.feed(c) for c in chunks]
+    out.append(enc.finish())
+    return b"".join(out)
+
+
+def top(raw: bytes, lines: int) -> bytes:
+    """Whole-message TOP body: headers, blank line, `lines` body lines; stuffed and terminated."""
+    return encode_chunks([raw], max_lines=lines)
