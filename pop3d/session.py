@@ -30,7 +30,7 @@ class Pop3Session(asyncio.Protocol):
 
     __slots__ = (
         "ctx", "transport", "handler", "parser", "_lines", "_queue", "_busy", "_task", "_out",
-        "_write_paused", "_resume", "_timer", "_last_active", "_bad", "_closed", "_loop",
+        "_write_paused", "_resume", "_timer", "_last_active", "_bad", "_closed", "_eof", "_loop",
     )
 
     def __init__(self, ctx: ServerContext, parser: CommandParser = _PARSER) -> None:
@@ -48,6 +48,7 @@ class Pop3Session(asyncio.Protocol):
         self._last_active = 0.0
         self._bad = 0
         self._closed = False
+        self._eof = False
         self._loop = asyncio.get_running_loop()
 
     # -- transport callbacks ---------------------------------------------------------------------
@@ -72,7 +73,12 @@ class Pop3Session(asyncio.Protocol):
                 self._run()
 
     def eof_received(self) -> bool:
-        return False  # close our side too; a half-closed POP3 client is gone
+        # A scripted client (`printf ... | nc`) may half-close right after its last command: answer every
+        # queued line first (QUIT included, so its deletions are committed), then close.
+        self._eof = True
+        if not self._busy:
+            self._run()
+        return True
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -117,20 +123,24 @@ class Pop3Session(asyncio.Protocol):
                     handler.end_reason = "too many bad commands"
                 continue
             self._bad = 0
-            reply = handler.dispatch(event)
+            try:
+                reply = handler.dispatch(event)
+            except Exception:
+                log.exception("internal error in session user=%s", self._user())
+                reply = err("internal server error", "SYS/TEMP")
             if isinstance(reply, bytes):
                 out.append(reply)
                 continue
             # an async reply: flush what we have, stop reading, continue when it is done
             if out:
-                self.transport.write(b"".join(out))
+                self._write(b"".join(out))
             self._busy = True
             self.transport.pause_reading()
             self._task = self._loop.create_task(self._complete(reply))
             return
         if out:
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
-        if handler.closing:
+            self._write(b"".join(out) if len(out) > 1 else out[0])
+        if handler.closing or self._eof:
             self.transport.close()
 
     async def _complete(self, reply: Any) -> None:

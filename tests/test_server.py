@@ -485,3 +485,18 @@ def test_passwd_file_change_picked_up(env, server, alice):
     p.user("alice")
     assert p.pass_("changed").startswith(b"+OK")
     p.quit()
+
+
+def test_half_closed_scripted_client_gets_every_reply_and_quit_commits(server, alice):
+    """`printf 'USER..PASS..DELE 1..QUIT' | nc`: the client shuts its write side right after sending."""
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    s.sendall(b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nQUIT\r\n")
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    s.close()
+    lines = data.split(b"\r\n")
+    assert [ln[:3] for ln in lines[:5]] == [b"+OK"] * 5, data
+    server.wait_idle()
+    assert len(list((alice / "new").iterdir())) + len(list((alice / "cur").iterdir())) == 2
