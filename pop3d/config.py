@@ -7,12 +7,13 @@ Unknown keys are errors: a typo in a config file must not silently fall back to 
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})$")
@@ -41,8 +42,10 @@ class ServerSettings(_Section):
     shutdown_grace: float = Field(10.0, ge=0)
     #: bytes buffered per connection before the session stops producing (pause_writing)
     write_buffer: int = Field(256 * 1024, ge=16 * 1024)
+    #: implicit-TLS listeners (RFC 8314 §3.3, usually ":995"); need tls.cert and tls.key
+    tls_listen: list[str] = Field(default_factory=list)
 
-    @field_validator("listen")
+    @field_validator("listen", "tls_listen")
     @classmethod
     def _check_listen(cls, v: list[str]) -> list[str]:
         for item in v:
@@ -73,10 +76,52 @@ class SessionSettings(_Section):
         return v
 
 
+_MECHANISMS = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN", "EXTERNAL")  # pop3d.auth.sasl.KNOWN
+
+
 class AuthSettings(_Section):
     passwd_file: Path = Path("/etc/pop3d/passwd")
-    #: seconds before a failed login is answered (slows guessing without blocking other sessions)
+    #: seconds before the first failed login from an address is answered; doubles with each consecutive
+    #: failure from that address up to failure_delay_max, reset by a success (Dovecot: 2 s to 15 s); 0 = off
     failure_delay: float = Field(2.0, ge=0)
+    failure_delay_max: float = Field(15.0, ge=0)
+    #: SASL mechanisms AUTH offers (RFC 5034); CAPA lists those usable on each connection
+    mechanisms: list[str] = Field(default_factory=lambda: ["PLAIN", "LOGIN"])
+    #: like Dovecot's disable_plaintext_auth: USER/PASS, PLAIN and LOGIN only over TLS or from secure_networks
+    disable_plaintext_auth: bool = True
+    #: client networks treated as secure without TLS (loopback by default; [] makes loopback insecure too)
+    secure_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+    @field_validator("mechanisms")
+    @classmethod
+    def _check_mechanisms(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for m in v:
+            name = m.strip().upper()
+            if name not in _MECHANISMS:
+                raise ValueError(f"unknown mechanism {m!r} (known: {', '.join(_MECHANISMS)})")
+            if name not in out:
+                out.append(name)
+        return out
+
+    @field_validator("secure_networks")
+    @classmethod
+    def _check_networks(cls, v: list[str]) -> list[str]:
+        for item in v:
+            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
+        return v
+
+
+class TlsSettings(_Section):
+    #: PEM certificate chain and private key; with both set, STLS is offered on plain listeners
+    cert: Path | None = None
+    key: Path | None = None
+    #: PEM CA bundle for client certificates (optional; enables SASL EXTERNAL)
+    client_ca: Path | None = None
+    #: how a client certificate maps to a login name for EXTERNAL: "cn", "email" or "email-localpart"
+    client_identity: Literal["cn", "email", "email-localpart"] = "cn"
+    #: seconds a TLS handshake may take
+    handshake_timeout: float = Field(30.0, gt=0)
 
 
 class StorageSettings(_Section):
@@ -111,7 +156,18 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
+    @model_validator(mode="after")
+    def _check_tls(self) -> "Settings":
+        t = self.tls
+        if (t.cert is None) != (t.key is None):
+            raise ValueError("tls.cert and tls.key: set both or neither")
+        if self.server.tls_listen and t.cert is None:
+            raise ValueError("server.tls_listen needs tls.cert and tls.key")
+        if "EXTERNAL" in self.auth.mechanisms and t.client_ca is None:
+            raise ValueError("auth.mechanisms: EXTERNAL needs tls.client_ca (client certificates)")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -135,12 +191,15 @@ class ConfigError(Exception):
 
 def _describe(exc: ValidationError) -> str:
     first = exc.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    key = ".".join(str(p) for p in first["loc"])
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = len(exc.errors()) - 1
-    return f"{key}: {msg}" + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    if not key:  # cross-key checks name their keys themselves
+        return msg.removeprefix("Value error, ") + tail
+    return f"{key}: {msg}{tail}"
 
 
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:

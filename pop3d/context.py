@@ -5,6 +5,7 @@ One object per server process; sessions hold a reference, never a copy, so per-c
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
 import os
@@ -12,6 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pop3d import __version__
+from pop3d.auth.penalty import Penalty
 
 if TYPE_CHECKING:
     from pop3d.auth.base import Authenticator
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     from pop3d.handlers import Pop3Handler
     from pop3d.session import Pop3Session
     from pop3d.storage.base import Storage
+    from pop3d.tls import TlsManager
 
 log = logging.getLogger("pop3d")
 
@@ -46,8 +49,13 @@ class LoginDelays:
 class ServerContext:
     """Everything a session needs from its server."""
 
-    def __init__(self, settings: Settings, auth: Authenticator, storage: Storage) -> None:
+    def __init__(self, settings: Settings, auth: Authenticator, storage: Storage,
+                 tls: TlsManager | None = None) -> None:
         self.settings = settings
+        self.tls = tls  # None: no TLS configured (no STLS, no implicit-TLS listeners)
+        a = settings.auth
+        self.penalty = Penalty(a.failure_delay, a.failure_delay_max)
+        self.secure_networks = [ipaddress.ip_network(n, strict=False) for n in a.secure_networks]
         self.auth = auth
         self.storage = storage
         self.hostname = settings.server.hostname
@@ -55,6 +63,16 @@ class ServerContext:
         self.sessions: set[Pop3Session] = set()
         self.login_delays = LoginDelays()
         self._counter = itertools.count(1)
+
+    def is_secure_network(self, address: str) -> bool:
+        """True when `address` is in auth.secure_networks (cleartext passwords allowed without TLS)."""
+        try:
+            ip = ipaddress.ip_address(address.split("%", 1)[0])
+        except ValueError:
+            return False  # e.g. a UNIX socket path: not an address we can vouch for
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self.secure_networks)
 
     def apop_timestamp(self) -> str:
         """RFC 1939 §7: a msg-id unique per connection, `<pid.counter.clock@host>`.

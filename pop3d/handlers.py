@@ -9,6 +9,8 @@ need no Task at all. The handler owns the POP3 session semantics: state, the del
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
 import logging
@@ -17,9 +19,10 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Union
 
 from pop3d import wire
+from pop3d.auth import sasl
 from pop3d.auth.base import User
 from pop3d.context import ServerContext
-from pop3d.protocol import Command, State, err, multiline, ok
+from pop3d.protocol import CRLF, MAX_SASL_LINE, Command, State, err, multiline, ok
 from pop3d.storage.base import SMALL_MESSAGE, InUse, Maildrop, MessageInfo, StorageError
 
 log = logging.getLogger("pop3d.session")
@@ -40,6 +43,9 @@ Result = Union[bytes, Stream]
 Reply = Union[Result, Awaitable[Result]]
 
 AUTH_FAILED = err("authentication failed", "AUTH")  # RFC 3206 §4; same line for unknown user and bad password
+#: Dovecot's wording; RFC 3206 §4 [AUTH]: the client should not retry the same way
+PLAINTEXT_REFUSED = err("plaintext authentication disallowed on non-secure connections (use STLS or port 995)",
+                        "AUTH")
 
 
 class Counters:
@@ -57,6 +63,7 @@ class Pop3Handler:
     __slots__ = (
         "ctx", "peer", "state", "timestamp", "user_name", "user", "drop", "messages",
         "deleted", "retrieved", "last", "counters", "closing", "end_reason",
+        "secure", "tls", "external_identity", "sasl", "starttls",
     )
 
     def __init__(self, ctx: ServerContext, peer: str) -> None:
@@ -74,6 +81,36 @@ class Pop3Handler:
         self.counters = Counters()
         self.closing = False  # the session closes the connection after sending this reply
         self.end_reason = "disconnected"
+        self.secure = ctx.is_secure_network(peer)  # cleartext passwords allowed (TLS sets it too)
+        self.tls = False
+        self.external_identity: str | None = None  # login name from a verified TLS client certificate
+        self.sasl: sasl.Mechanism | None = None  # set while a SASL exchange waits for the client's next line
+        self.starttls = False  # set by STLS: the session starts the handshake after sending the +OK
+
+    def tls_established(self, identity: str | None) -> None:
+        """The connection is now encrypted (STLS done or an implicit-TLS listener)."""
+        self.tls = self.secure = True
+        self.external_identity = identity
+        self.starttls = False
+
+    @property
+    def plaintext_ok(self) -> bool:
+        """Cleartext passwords (USER/PASS, PLAIN, LOGIN) allowed here? Like Dovecot's disable_plaintext_auth."""
+        return self.secure or not self.ctx.settings.auth.disable_plaintext_auth
+
+    def mechanisms(self) -> list[str]:
+        """The SASL mechanisms usable on this connection right now, in CAPA order."""
+        configured = self.ctx.settings.auth.mechanisms
+        usable = []
+        for name in sasl.KNOWN:
+            if name not in configured:
+                continue
+            if name in sasl.PLAINTEXT and not self.plaintext_ok:
+                continue
+            if name == "EXTERNAL" and self.external_identity is None:
+                continue
+            usable.append(name)
+        return usable
 
     # -- session plumbing ------------------------------------------------------------------------
 
@@ -102,11 +139,15 @@ class Pop3Handler:
     # -- AUTHORIZATION ---------------------------------------------------------------------------
 
     def do_USER(self, cmd: Command) -> Reply:
+        if not self.plaintext_ok:
+            return PLAINTEXT_REFUSED
         # RFC 1939 §7: we never say whether the mailbox exists (no user enumeration)
         self.user_name = cmd.args[0]
         return ok("send PASS")
 
     def do_PASS(self, cmd: Command) -> Reply:
+        if not self.plaintext_ok:
+            return PLAINTEXT_REFUSED
         if self.user_name is None:
             return err("USER first")
         name, self.user_name = self.user_name, None  # RFC 1939 §7: a failed PASS needs a new USER
@@ -134,9 +175,8 @@ class Pop3Handler:
         """Common tail of every successful or failed authentication: delay, LOGIN-DELAY, lock, snapshot."""
         ctx = self.ctx
         if user is None:
-            log.info("auth failed user=%r rip=%s", name, self.peer)
-            await asyncio.sleep(ctx.settings.auth.failure_delay)
-            return AUTH_FAILED
+            return await self._failed(name)
+        ctx.penalty.succeed(self.peer)
         delay = ctx.settings.session.login_delay
         now = time.monotonic()
         if ctx.login_delays.too_soon(user.name, delay, now):
@@ -163,14 +203,105 @@ class Pop3Handler:
         count, size = self._totals()
         return ok(f"{user.name} has {count} message{'s' if count != 1 else ''} ({size} octets)")
 
+    async def _failed(self, name: str | None, why: str = "") -> Result:
+        """A failed authentication: the per-address penalty (pop3d.auth.penalty) delays only this session."""
+        wait = self.ctx.penalty.fail(self.peer, time.monotonic())
+        log.info("auth failed user=%r rip=%s%s delay=%.1fs", name, self.peer, f" ({why})" if why else "", wait)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return AUTH_FAILED
+
+    # -- STLS (RFC 2595) and AUTH (RFC 5034) ------------------------------------------------------
+
+    def do_STLS(self, cmd: Command) -> Reply:
+        if self.tls:
+            return err("already using TLS")  # RFC 2595 §4: STLS once, never after a TLS layer is up
+        if self.ctx.tls is None:
+            return err("TLS is not configured")
+        self.user_name = None  # RFC 2595 §4: nothing from before the handshake carries over
+        self.starttls = True
+        return ok("Begin TLS negotiation")
+
+    def do_AUTH(self, cmd: Command) -> Reply:
+        usable = self.mechanisms()
+        if not cmd.args:
+            return multiline(ok("SASL mechanisms follow"), usable)  # pre-RFC 5034 clients (Outlook) ask this way
+        name = cmd.args[0].upper()
+        if name not in usable:
+            if name in sasl.PLAINTEXT and name in self.ctx.settings.auth.mechanisms:
+                return PLAINTEXT_REFUSED
+            if name == "EXTERNAL" and name in self.ctx.settings.auth.mechanisms:
+                return err("EXTERNAL needs a verified TLS client certificate", "AUTH")
+            return err(f"unsupported authentication mechanism {name}", "AUTH")
+        initial: bytes | None = None
+        if len(cmd.args) == 2:  # RFC 5034 §4: "=" is an empty initial response
+            initial = b"" if cmd.args[1] == "=" else self._b64(cmd.args[1].encode("ascii"))
+            if initial is None:
+                return err("initial response is not valid base64", "AUTH")
+        mech = sasl.create(name, hostname=self.ctx.hostname, external_identity=self.external_identity)
+        return self._sasl_advance(mech, mech.start(initial))
+
+    @staticmethod
+    def _b64(data: bytes) -> bytes | None:
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    def sasl_line(self, line: bytes | None) -> Reply:
+        """The client's answer to a `+ ` challenge (the session routes it here instead of the parser)."""
+        mech, self.sasl = self.sasl, None
+        assert mech is not None
+        if line is None:
+            return err(f"SASL response too long (limit {MAX_SASL_LINE} octets)", "AUTH")
+        line = line.strip()
+        if line == b"*":  # RFC 5034 §4: the client cancels; -ERR, and the session goes on
+            return err("authentication cancelled", "AUTH")
+        data = self._b64(line)
+        if data is None:
+            return err("SASL response is not valid base64", "AUTH")  # RFC 5034 §4: reject, exchange over
+        return self._sasl_advance(mech, mech.step(data))
+
+    def _sasl_advance(self, mech: sasl.Mechanism, step: sasl.Step) -> Reply:
+        if isinstance(step, sasl.Challenge):
+            self.sasl = mech
+            return b"+ " + base64.b64encode(step.data) + CRLF  # RFC 5034 §4 continuation
+        return self._sasl_async(mech, step)
+
+    async def _sasl_async(self, mech: sasl.Mechanism, step: sasl.Step) -> Result:
+        while True:
+            if isinstance(step, sasl.Lookup):
+                creds = await self.ctx.auth.lookup(step.authcid)
+                step = await asyncio.to_thread(mech.resume, creds)  # SCRAM from {PLAIN} runs PBKDF2
+            elif isinstance(step, sasl.CheckPassword):
+                user = await self.ctx.auth.verify(step.authcid, step.password)
+                return await self._login(user, step.authcid)
+            elif isinstance(step, sasl.Success):
+                return await self._login(step.user, step.user.name)
+            elif isinstance(step, sasl.Failure):
+                return await self._failed(step.authcid, f"{mech.name}: {step.reason}")
+            else:
+                self.sasl = mech
+                return b"+ " + base64.b64encode(step.data) + CRLF
+
     def do_RPOP(self, cmd: Command) -> Reply:
         return err("RPOP is not offered: trust by source port is unsafe; use PASS, APOP or AUTH")
 
     def do_CAPA(self, cmd: Command) -> Reply:
-        """RFC 2449 §5-6: the capability list; the same in both states here."""
+        """RFC 2449 §5-6: the capability list. USER, SASL and STLS only where they can be used now:
+        before login, USER and PLAIN/LOGIN only if cleartext is allowed here, STLS only before TLS
+        (RFC 2595 §4), SASL exactly the mechanisms this connection accepts."""
         s = self.ctx.settings.session
-        caps = ["TOP", "USER", "UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE",
+        caps = ["TOP", "UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE",
                 f"EXPIRE {s.expire}", f"LOGIN-DELAY {s.login_delay}"]
+        if self.state is State.AUTHORIZATION:
+            if self.plaintext_ok:
+                caps.insert(1, "USER")
+            mechs = self.mechanisms()
+            if mechs:
+                caps.append("SASL " + " ".join(mechs))
+            if self.ctx.tls is not None and not self.tls:
+                caps.append("STLS")
         if s.show_implementation:
             caps.append(f"IMPLEMENTATION {self.ctx.implementation}")
         return multiline(ok("Capability list follows"), caps)

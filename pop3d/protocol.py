@@ -18,6 +18,10 @@ CRLF = b"\r\n"
 
 #: RFC 2449 §4: a command line is at most 255 octets including the terminating CRLF.
 MAX_COMMAND_LINE = 255
+#: RFC 5034 §4: SASL responses are not commands and may be longer than 255 octets ("clients and servers MUST
+#: be able to handle the maximum encoded size of challenges and responses" of their mechanisms); ours are
+#: small, so 8 KiB bounds memory while leaving room for long names and tokens.
+MAX_SASL_LINE = 8192
 #: RFC 1939 §3: keywords are 3 or 4 characters; arguments up to 40 characters (we are lenient on PASS).
 MAX_ARG_LEN = 40
 
@@ -138,6 +142,21 @@ def _apop(args: tuple[str, ...]) -> str | None:
     return None
 
 
+_MECH = re.compile(r"[A-Za-z0-9_-]{1,20}\Z")  # RFC 4422 §3.1 mechanism names (matched case-insensitively)
+_B64 = re.compile(r"(?:[A-Za-z0-9+/]*={0,2}|=)\Z")
+
+
+def _auth(args: tuple[str, ...]) -> str | None:
+    """RFC 5034 §4: AUTH mechanism [initial-response]; bare AUTH lists mechanisms (pre-RFC 5034 clients)."""
+    if len(args) > 2:
+        return "at most a mechanism and an initial response allowed"
+    if args and not _MECH.match(args[0]):
+        return "invalid mechanism name"
+    if len(args) == 2 and not _B64.match(args[1]):
+        return "initial response is not base64"
+    return None
+
+
 def _rest(args: tuple[str, ...]) -> str | None:
     return None if args and args[0] else "argument required"
 
@@ -169,6 +188,10 @@ VERBS: dict[str, Verb] = {
     "LAST": Verb(TRANS, _count(0, 0)),  # RFC 1460 (obsolete, still sent by old clients)
     "CAPA": Verb(BOTH, _count(0, 0)),  # RFC 2449 §5: legal in AUTHORIZATION and TRANSACTION
 }
+
+#: Extensions registered per server by `CommandParser.with_extensions` (the base table stays RFC 1939).
+AUTH_VERB = Verb(AUTH, _auth)  # RFC 5034 §4: AUTHORIZATION state only
+STLS_VERB = Verb(AUTH, _count(0, 0))  # RFC 2595 §4: AUTHORIZATION state only, no arguments
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,8 +265,18 @@ class CommandParser:
         # a copy, so extensions (AUTH, STLS, UTF8...) can register verbs per server without touching VERBS
         self.verbs = dict(VERBS if verbs is None else verbs)
 
+    @classmethod
+    def with_extensions(cls, *, stls: bool) -> CommandParser:
+        """The table plus AUTH, and STLS when this server has TLS configured (else STLS is unknown)."""
+        parser = cls()
+        parser.verbs["AUTH"] = AUTH_VERB
+        if stls:
+            parser.verbs["STLS"] = STLS_VERB
+        return parser
+
     def parse(self, line: bytes | None, state: State) -> Event:
-        if line is None:
+        # the line buffer admits MAX_SASL_LINE for SASL responses; commands keep RFC 2449's 255
+        if line is None or len(line) + 2 > MAX_COMMAND_LINE:
             return Rejected(err("command line too long (limit 255 octets, RFC 2449)"))
         try:
             text = line.decode("utf-8")

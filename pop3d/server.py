@@ -14,6 +14,7 @@ from typing import Callable
 
 from pop3d.config import Settings, parse_hostport
 from pop3d.context import ServerContext
+from pop3d.protocol import CommandParser
 from pop3d.session import Pop3Session
 
 log = logging.getLogger("pop3d")
@@ -25,7 +26,12 @@ def build_context(settings: Settings) -> ServerContext:
     from pop3d.storage import build_storage
 
     auth = PasswdFileAuthenticator(settings.auth.passwd_file)
-    return ServerContext(settings, auth, build_storage(settings.storage))
+    tls = None
+    if settings.tls.cert is not None:
+        from pop3d.tls import TlsManager
+
+        tls = TlsManager(settings.tls)
+    return ServerContext(settings, auth, build_storage(settings.storage), tls)
 
 
 class Pop3Server:
@@ -34,22 +40,32 @@ class Pop3Server:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.servers: list[asyncio.base_events.Server] = []
+        self.tls_servers: list[asyncio.base_events.Server] = []  # the implicit-TLS subset of `servers`
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.ctx.settings.server
-        for item in cfg.listen:
+        # AUTH always; STLS only when TLS is configured (RFC 2595 §4: otherwise it is an unknown command)
+        parser = CommandParser.with_extensions(stls=self.ctx.tls is not None)
+        listeners = [(item, False) for item in cfg.listen] + [(item, True) for item in cfg.tls_listen]
+        for item, implicit in listeners:
             host, port = parse_hostport(item)
+            # implicit TLS: the session runs start_tls itself, so every handshake uses the current context
             srv = await loop.create_server(
-                lambda: Pop3Session(self.ctx), host or None, port,
-                backlog=cfg.backlog, reuse_address=True,
+                lambda implicit=implicit: Pop3Session(self.ctx, parser, implicit_tls=implicit),  # type: ignore[misc]
+                host or None, port, backlog=cfg.backlog, reuse_address=True,
             )
             self.servers.append(srv)
+            if implicit:
+                self.tls_servers.append(srv)
         log.info("listening on %s", ", ".join(self.addresses_text()))
 
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) pairs; with port 0 in the config, the ports the kernel chose."""
         return [s.getsockname()[:2] for srv in self.servers for s in srv.sockets]
+
+    def tls_addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for srv in self.tls_servers for s in srv.sockets]
 
     def addresses_text(self) -> list[str]:
         return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.addresses()]
@@ -85,6 +101,8 @@ async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if ctx.tls is not None:  # SIGHUP: new certificates for new handshakes; live sessions keep theirs
+        loop.add_signal_handler(signal.SIGHUP, ctx.tls.reload)
     if on_ready is not None:
         on_ready(server)
     await stop.wait()

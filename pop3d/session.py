@@ -6,6 +6,16 @@ their turn comes* (an earlier PASS may change the state), synchronous replies ar
 and while an async handler runs, reading pauses and the rest of the queue waits, so replies stay in order.
 Big bodies stream in slices and wait on pause_writing/resume_writing, so a reader that does not read holds
 at most about `server.write_buffer` plus one slice in memory.
+
+SASL (RFC 5034): while the handler has an exchange open (`handler.sasl`), the next queued line is the
+client's response and goes to `handler.sasl_line`, not to the command parser; routing happens when the line's
+turn comes, so pipelined order holds. The line buffer admits MAX_SASL_LINE octets for that; the parser still
+refuses commands over 255 octets.
+
+STLS (RFC 2595) and implicit TLS (RFC 8314): the handshake runs on the same transport with loop.start_tls
+(asyncio and uvloop), with the SSLContext current at that moment (SIGHUP swaps it, see pop3d.tls). Whatever
+the client sent after STLS and before the handshake is discarded unread, never executed (the STARTTLS
+command-injection class of bugs, CVE-2011-0411 and kin); the line buffer starts empty under TLS.
 """
 
 from __future__ import annotations
@@ -13,11 +23,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 from typing import Any
 
 from pop3d.context import ServerContext
 from pop3d.handlers import Pop3Handler, Result, Stream
-from pop3d.protocol import CommandParser, LineBuffer, Rejected, State, err
+from pop3d.protocol import MAX_SASL_LINE, CommandParser, LineBuffer, Rejected, State, err
+from pop3d.tls import peer_identity
 from pop3d.storage.base import StorageError
 
 log = logging.getLogger("pop3d.session")
@@ -31,14 +43,17 @@ class Pop3Session(asyncio.Protocol):
     __slots__ = (
         "ctx", "transport", "handler", "parser", "_lines", "_queue", "_busy", "_task", "_out",
         "_write_paused", "_resume", "_timer", "_last_active", "_bad", "_closed", "_eof", "_loop",
+        "implicit_tls", "_handshaking",
     )
 
-    def __init__(self, ctx: ServerContext, parser: CommandParser = _PARSER) -> None:
+    def __init__(self, ctx: ServerContext, parser: CommandParser = _PARSER, implicit_tls: bool = False) -> None:
         self.ctx = ctx
         self.parser = parser
+        self.implicit_tls = implicit_tls
+        self._handshaking = False  # between STLS (or accept on :995) and the end of the handshake
         self.transport: Any = None
         self.handler: Pop3Handler | None = None
-        self._lines = LineBuffer()
+        self._lines = LineBuffer(MAX_SASL_LINE)
         self._queue: collections.deque[bytes | None] = collections.deque()
         self._busy = False
         self._task: asyncio.Task[None] | None = None
@@ -62,10 +77,15 @@ class Pop3Session(asyncio.Protocol):
         self.ctx.sessions.add(self)
         self._last_active = self._loop.time()
         self._arm_timer()
+        if self.implicit_tls:  # RFC 8314 §3.3: TLS first, then the greeting
+            self._start_tls()
+            return
         transport.write(self.handler.greeting())
 
     def data_received(self, data: bytes) -> None:
         self._last_active = self._loop.time()
+        if self._handshaking:
+            return  # plaintext after STLS, before the handshake: discarded, never executed (RFC 2595 §4)
         lines = self._lines.feed(data)
         if lines:
             self._queue.extend(lines)
@@ -90,6 +110,8 @@ class Pop3Session(asyncio.Protocol):
             self._resume.set_result(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._closed:
+            return  # a failed handshake may report the loss twice
         self._closed = True
         if self._timer is not None:
             self._timer.cancel()
@@ -113,7 +135,19 @@ class Pop3Session(asyncio.Protocol):
         out: list[bytes] = []
         max_bad = self.ctx.settings.session.max_bad_commands
         while self._queue and not handler.closing and not self._closed:
-            event = self.parser.parse(self._queue.popleft(), handler.state)
+            line = self._queue.popleft()
+            if handler.sasl is not None:  # RFC 5034 §4: a response inside an exchange, not a command
+                reply = handler.sasl_line(line)
+                if isinstance(reply, bytes):
+                    out.append(reply)
+                    continue
+                if out:
+                    self._write(b"".join(out))
+                self._busy = True
+                self.transport.pause_reading()
+                self._task = self._loop.create_task(self._complete(reply))
+                return
+            event = self.parser.parse(line, handler.state)
             if isinstance(event, Rejected):
                 out.append(event.reply)
                 self._bad += 1
@@ -130,6 +164,10 @@ class Pop3Session(asyncio.Protocol):
                 reply = err("internal server error", "SYS/TEMP")
             if isinstance(reply, bytes):
                 out.append(reply)
+                if handler.starttls:  # STLS +OK: send it, drop everything pipelined after it, handshake
+                    self._write(b"".join(out))
+                    self._start_tls()
+                    return
                 continue
             # an async reply: flush what we have, stop reading, continue when it is done
             if out:
@@ -165,6 +203,48 @@ class Pop3Session(asyncio.Protocol):
             self._timer.cancel()  # the idle limit depends on the state (login changes it)
             self._arm_timer()
         self.transport.resume_reading()
+        self._run()
+
+    def _start_tls(self) -> None:
+        tls = self.ctx.tls
+        assert tls is not None
+        self._handshaking = True
+        self._queue.clear()
+        self._lines = LineBuffer(MAX_SASL_LINE)
+        self._busy = True
+        self.transport.pause_reading()
+        self._task = self._loop.create_task(self._handshake(tls.context))
+
+    async def _handshake(self, context: ssl.SSLContext) -> None:
+        handler = self.handler
+        assert handler is not None
+        raw = self.transport
+        try:
+            tls_transport = await self._loop.start_tls(
+                raw, self, context, server_side=True,
+                ssl_handshake_timeout=self.ctx.settings.tls.handshake_timeout,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any handshake failure ends this connection only
+            log.info("TLS handshake failed rip=%s: %s", handler.peer, exc)
+            handler.end_reason = "TLS handshake failed"
+            raw.abort()
+            self._task = None  # this task is ending: connection_lost must not wait for it
+            self.connection_lost(exc)
+            return
+        if tls_transport is None or self._closed:
+            return
+        self.transport = tls_transport
+        tls_transport.set_write_buffer_limits(high=self.ctx.settings.server.write_buffer)
+        identity = peer_identity(tls_transport.get_extra_info("ssl_object"),
+                                 self.ctx.settings.tls.client_identity)
+        handler.tls_established(identity)
+        self._handshaking = False
+        self._busy = False
+        self._last_active = self._loop.time()
+        if self.implicit_tls:  # the only handshake of such a session (STLS is refused under TLS)
+            tls_transport.write(handler.greeting())
         self._run()
 
     def _write(self, data: bytes) -> None:

@@ -44,7 +44,9 @@ def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def test_public_constants() -> None:
-    assert SCHEMES == ("PLAIN", "SHA512-CRYPT", "SHA256-CRYPT", "BLF-CRYPT", "ARGON2ID")
+    assert SCHEMES == (
+        "PLAIN", "SHA512-CRYPT", "SHA256-CRYPT", "BLF-CRYPT", "ARGON2ID", "CRAM-MD5", "SCRAM-SHA-256",
+    )
     assert DEFAULT_SCHEME == "ARGON2ID" and DEFAULT_SCHEME in SCHEMES
     assert issubclass(UnknownScheme, ValueError)
 

@@ -42,7 +42,9 @@ VerifyFn = Callable[[str, str], bool]
 HashFn = Callable[[str], str]
 
 #: Schemes `pop3d passwd --scheme` offers for new hashes (verification knows more, e.g. CRYPT, ARGON2I).
-SCHEMES: Final[tuple[str, ...]] = ("PLAIN", "SHA512-CRYPT", "SHA256-CRYPT", "BLF-CRYPT", "ARGON2ID")
+SCHEMES: Final[tuple[str, ...]] = (
+    "PLAIN", "SHA512-CRYPT", "SHA256-CRYPT", "BLF-CRYPT", "ARGON2ID", "CRAM-MD5", "SCRAM-SHA-256",
+)
 DEFAULT_SCHEME: Final[str] = "ARGON2ID"
 
 #: bcrypt only looks at the first 72 bytes; bcrypt>=5 refuses longer input instead of truncating silently.
@@ -225,3 +227,7 @@ register("BLF-CRYPT", _bcrypt_verify, _bcrypt_hash)
 register("ARGON2ID", _argon2id_verify, lambda pw: _argon2_id.hash(_b(pw)))
 register("ARGON2I", _argon2i_verify, lambda pw: _argon2_i.hash(_b(pw)))
 register("CRYPT", _crypt_verify)
+
+# The SASL schemes live next to their mechanisms; importing them here (last, once register() exists) makes
+# every user of this module see them: passwd-file verification and `pop3d passwd --scheme`.
+from pop3d.auth import sasl_schemes as _sasl_schemes  # noqa: E402,F401

@@ -1,0 +1,318 @@
+"""SASL mechanism state machines (RFC 4422) for POP3 AUTH (RFC 5034): pure, no I/O, no asyncio.
+
+A mechanism is fed the client's decoded responses and answers with one `Step`:
+- `Challenge(data)`: send `+ base64(data)` and route the next client line back here;
+- `Lookup(authcid)`: the caller fetches the stored credentials and hands them to `resume()`;
+- `CheckPassword(authcid, password)`: the caller verifies a clear password (hashes run off the loop);
+- `Success(user)` or `Failure(reason)`.
+So every mechanism is tested with bytes in, steps out (tests/test_sasl.py), and the user database stays
+behind pop3d.auth.base.Authenticator. No mechanism ever says whether a user exists: unknown user and wrong
+secret end in the same Failure, at the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable, Final, Protocol, Union
+
+import scramp
+
+from pop3d.auth import cram_md5
+from pop3d.auth.base import Credentials, User
+from pop3d.auth.sasl_schemes import ScramKeys
+
+#: Mechanisms this server implements, in the order CAPA lists them (strongest first helps naive clients).
+KNOWN: Final[tuple[str, ...]] = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN", "EXTERNAL")
+#: RFC 4616 §2 / LOGIN: the password travels in clear inside the exchange; refused on insecure connections.
+PLAINTEXT: Final[frozenset[str]] = frozenset({"PLAIN", "LOGIN"})
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    authcid: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckPassword:
+    authcid: str
+    password: str
+
+
+@dataclass(frozen=True, slots=True)
+class Success:
+    user: User
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """`reason` is for the log; the client gets the same `-ERR [AUTH]` line whatever it is."""
+
+    reason: str
+    authcid: str | None = None
+
+
+Step = Union[Challenge, Lookup, CheckPassword, Success, Failure]
+
+
+class Mechanism(Protocol):
+    name: str
+
+    def start(self, initial: bytes | None) -> Step:
+        """Begin; `initial` is the RFC 5034 §4 initial response (b"" for "="), None when absent."""
+        ...
+
+    def step(self, response: bytes) -> Step:
+        """The client's next (base64-decoded) response."""
+        ...
+
+    def resume(self, creds: Credentials | None) -> Step:
+        """Continue after a `Lookup` with what the user database has (None: no such user)."""
+        ...
+
+
+def _text(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class _Base:
+    name = ""
+
+    def resume(self, creds: Credentials | None) -> Step:
+        return Failure(f"{self.name}: unexpected lookup")
+
+
+class Plain(_Base):
+    """RFC 4616: one message `authzid NUL authcid NUL passwd`; empty challenge when there is no initial one."""
+
+    name = "PLAIN"
+
+    def start(self, initial: bytes | None) -> Step:
+        return Challenge(b"") if initial is None else self.step(initial)
+
+    def step(self, response: bytes) -> Step:
+        parts = response.split(b"\0")
+        if len(parts) != 3:
+            return Failure("PLAIN: message is not authzid NUL authcid NUL passwd")
+        authz, authc, passwd = (_text(p) for p in parts)
+        if authz is None or authc is None or passwd is None or not authc or not passwd:
+            return Failure("PLAIN: empty or non-UTF-8 field")
+        if authz and authz != authc:  # RFC 4616 §2: no proxy authorization here
+            return Failure("PLAIN: authorization identity differs from authentication identity", authc)
+        return CheckPassword(authc, passwd)
+
+
+class Login(_Base):
+    """The (never standardised, widely used) LOGIN mechanism: "Username:", then "Password:" challenges."""
+
+    name = "LOGIN"
+
+    def __init__(self) -> None:
+        self._user: str | None = None
+
+    def start(self, initial: bytes | None) -> Step:
+        return Challenge(b"Username:") if initial is None else self.step(initial)
+
+    def step(self, response: bytes) -> Step:
+        text = _text(response)
+        if not text:
+            return Failure("LOGIN: empty or non-UTF-8 response", self._user)
+        if self._user is None:
+            self._user = text
+            return Challenge(b"Password:")
+        return CheckPassword(self._user, text)
+
+
+class CramMd5(_Base):
+    """RFC 2195: the server sends `<unique@host>`, the client answers `user hex(HMAC-MD5(secret, challenge))`."""
+
+    name = "CRAM-MD5"
+
+    def __init__(self, hostname: str) -> None:
+        # RFC 2195 §2: a msg-id, unique per exchange
+        self.challenge = f"<{secrets.randbits(64)}.{time.time_ns() // 1000}@{hostname}>".encode("ascii")
+        self._user: str | None = None
+        self._digest = ""
+
+    def start(self, initial: bytes | None) -> Step:
+        if initial:
+            return Failure("CRAM-MD5: the server speaks first, no initial response")
+        return Challenge(self.challenge)
+
+    def step(self, response: bytes) -> Step:
+        text = _text(response)
+        user, _, digest = (text or "").rpartition(" ")
+        if not user or len(digest) != 32:
+            return Failure("CRAM-MD5: response is not 'user digest'")
+        self._user, self._digest = user, digest.lower()
+        return Lookup(user)
+
+    def resume(self, creds: Credentials | None) -> Step:
+        expected = None
+        if creds is not None:
+            secret = creds.plaintext()
+            try:
+                if secret is not None:
+                    expected = cram_md5.digest_from_password(secret, self.challenge)
+                elif creds.scheme == "CRAM-MD5":
+                    expected = cram_md5.digest_from_context(creds.secret, self.challenge)
+            except ValueError:
+                expected = None
+            if expected is None:
+                return Failure(f"CRAM-MD5: stored {{{creds.scheme}}} secret cannot answer CRAM-MD5", self._user)
+        # compare even for an unknown user, so both paths do the same work
+        ok = hmac.compare_digest(expected or "0" * 32, self._digest) and expected is not None
+        if ok and creds is not None:
+            return Success(creds.user)
+        return Failure("CRAM-MD5: wrong digest or unknown user", self._user)
+
+
+#: Per-process key for deterministic fake salts (RFC 5802 §9: an unknown user must look like a known one).
+_FAKE_KEY: Final[bytes] = os.urandom(32)
+_SCRAM = scramp.ScramMechanism("SCRAM-SHA-256")
+
+
+def _unescape_saslname(value: str) -> str | None:
+    """RFC 5802 §5.1: ',' is sent as '=2C' and '=' as '=3D'; any other '=' is an error."""
+    out = value.replace("=2C", ",").replace("=3D", "=")
+    return None if "=" in value.replace("=2C", "").replace("=3D", "") else out
+
+
+class ScramSha256(_Base):
+    """RFC 5802 / RFC 7677 via scramp. Keys come from a {SCRAM-SHA-256} entry or are derived from {PLAIN}.
+
+    No channel binding (-PLUS is not offered). After the client proof checks out, server-final goes out as
+    one more challenge and the client's empty response completes the exchange (RFC 5034 §4: POP3 has no way
+    to carry additional data with +OK).
+    """
+
+    name = "SCRAM-SHA-256"
+
+    def __init__(self) -> None:
+        self._client_first = ""
+        self._user: str | None = None
+        self._creds: Credentials | None = None
+        self._server: scramp.core.ScramServer | None = None
+        self._done: User | None = None
+
+    def start(self, initial: bytes | None) -> Step:
+        return Challenge(b"") if not initial else self.step(initial)
+
+    def step(self, response: bytes) -> Step:
+        if self._done is not None:  # the client acknowledges server-final with an empty response
+            return Success(self._done) if response == b"" else Failure("SCRAM: data after server-final", self._user)
+        text = _text(response)
+        if text is None:
+            return Failure("SCRAM: message is not UTF-8", self._user)
+        if self._server is None:
+            return self._first(text)
+        return self._final(text)
+
+    def _first(self, text: str) -> Step:
+        parts = text.split(",", 3)
+        if len(parts) < 4 or parts[0] not in ("n", "y") or not parts[2].startswith("n="):
+            return Failure("SCRAM: bad client-first message (channel binding is not offered)")
+        user = _unescape_saslname(parts[2][2:])
+        if not user:
+            return Failure("SCRAM: bad user name")
+        authz = _unescape_saslname(parts[1][2:]) if parts[1].startswith("a=") else ("" if not parts[1] else None)
+        if authz is None or (authz and authz != user):
+            return Failure("SCRAM: authorization identity differs from user", user)
+        self._client_first, self._user = text, user
+        return Lookup(user)
+
+    def _keys(self, creds: Credentials | None) -> ScramKeys | None:
+        if creds is None:
+            return None
+        try:
+            if creds.scheme == "SCRAM-SHA-256":
+                return ScramKeys.decode(creds.secret)
+            secret = creds.plaintext()
+            if secret is not None:
+                salt = hmac.new(_FAKE_KEY, b"salt\0" + creds.user.name.encode(), hashlib.sha256).digest()[:16]
+                return ScramKeys.from_password(secret, salt=salt)
+        except ValueError:
+            return None
+        return None
+
+    def resume(self, creds: Credentials | None) -> Step:
+        keys = self._keys(creds)
+        if keys is not None:
+            self._creds = creds
+        else:  # unknown user or no usable secret: go on with keys nobody can match, fail at the proof
+            name = (self._user or "").encode()
+            fake = hmac.new(_FAKE_KEY, b"fake\0" + name, hashlib.sha256).digest()
+            keys = ScramKeys(4096, fake[:16], os.urandom(32), os.urandom(32))
+        info = (keys.salt, keys.stored_key, keys.server_key, keys.iterations)
+        server = _SCRAM.make_server(lambda _name: info)
+        try:
+            server.set_client_first(self._client_first)
+            first = server.get_server_first()
+        except scramp.ScramException as exc:
+            return Failure(f"SCRAM: {exc}", self._user)
+        self._server = server
+        return Challenge(first.encode("utf-8"))
+
+    def _final(self, text: str) -> Step:
+        server = self._server
+        assert server is not None
+        try:
+            server.set_client_final(text)
+        except scramp.ScramException:
+            return Failure("SCRAM: wrong proof or unknown user", self._user)
+        if self._creds is None:  # cannot happen with random keys, but never let a fake user in
+            return Failure("SCRAM: unknown user", self._user)
+        self._done = self._creds.user
+        return Challenge(server.get_server_final().encode("utf-8"))
+
+
+class External(_Base):
+    """RFC 4422 Appendix A: the identity comes from the TLS client certificate (pop3d.tls maps it).
+
+    The client may send an authorization identity; it must be empty or equal to the certificate's user.
+    """
+
+    name = "EXTERNAL"
+
+    def __init__(self, identity: str | None) -> None:
+        self.identity = identity
+
+    def start(self, initial: bytes | None) -> Step:
+        return Challenge(b"") if initial is None else self.step(initial)
+
+    def step(self, response: bytes) -> Step:
+        if self.identity is None:
+            return Failure("EXTERNAL: no verified client certificate")
+        authz = _text(response)
+        if authz is None or (authz and authz != self.identity):
+            return Failure(f"EXTERNAL: certificate is for {self.identity!r}, not {authz!r}", self.identity)
+        return Lookup(self.identity)
+
+    def resume(self, creds: Credentials | None) -> Step:
+        if creds is None:
+            return Failure("EXTERNAL: certificate user is not in the user database", self.identity)
+        return Success(creds.user)
+
+
+def create(name: str, *, hostname: str, external_identity: str | None = None) -> Mechanism:
+    """A fresh state machine for one exchange. KeyError for a name not in KNOWN."""
+    factories: dict[str, Callable[[], Mechanism]] = {
+        "PLAIN": Plain,
+        "LOGIN": Login,
+        "CRAM-MD5": lambda: CramMd5(hostname),
+        "SCRAM-SHA-256": ScramSha256,
+        "EXTERNAL": lambda: External(external_identity),
+    }
+    return factories[name]()
