@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Callable
+from typing import Any, Callable
 
 from pop3d.config import Settings, parse_hostport
 from pop3d.context import ServerContext
@@ -50,10 +50,14 @@ class Pop3Server:
         listeners = [(item, False) for item in cfg.listen] + [(item, True) for item in cfg.tls_listen]
         for item, implicit in listeners:
             host, port = parse_hostport(item)
-            # implicit TLS: the session runs start_tls itself, so every handshake uses the current context
+            tls: dict[str, Any] = {}
+            if implicit:
+                assert self.ctx.tls is not None  # config validation guarantees it
+                tls = {"ssl": self.ctx.tls.listener_context(),
+                       "ssl_handshake_timeout": self.ctx.settings.tls.handshake_timeout}
             srv = await loop.create_server(
-                lambda implicit=implicit: Pop3Session(self.ctx, parser, implicit_tls=implicit),  # type: ignore[misc]
-                host or None, port, backlog=cfg.backlog, reuse_address=True,
+                lambda: Pop3Session(self.ctx, parser), host or None, port,
+                backlog=cfg.backlog, reuse_address=True, **tls,
             )
             self.servers.append(srv)
             if implicit:

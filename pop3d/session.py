@@ -12,8 +12,9 @@ client's response and goes to `handler.sasl_line`, not to the command parser; ro
 turn comes, so pipelined order holds. The line buffer admits MAX_SASL_LINE octets for that; the parser still
 refuses commands over 255 octets.
 
-STLS (RFC 2595) and implicit TLS (RFC 8314): the handshake runs on the same transport with loop.start_tls
-(asyncio and uvloop), with the SSLContext current at that moment (SIGHUP swaps it, see pop3d.tls). Whatever
+STLS (RFC 2595): the handshake runs on the same transport with loop.start_tls (asyncio and uvloop), with the
+SSLContext current at that moment (SIGHUP swaps it, see pop3d.tls). Implicit-TLS listeners hand us a transport
+that is already encrypted. Whatever
 the client sent after STLS and before the handshake is discarded unread, never executed (the STARTTLS
 command-injection class of bugs, CVE-2011-0411 and kin); the line buffer starts empty under TLS.
 """
@@ -43,13 +44,12 @@ class Pop3Session(asyncio.Protocol):
     __slots__ = (
         "ctx", "transport", "handler", "parser", "_lines", "_queue", "_busy", "_task", "_out",
         "_write_paused", "_resume", "_timer", "_last_active", "_bad", "_closed", "_eof", "_loop",
-        "implicit_tls", "_handshaking",
+        "_handshaking",
     )
 
-    def __init__(self, ctx: ServerContext, parser: CommandParser = _PARSER, implicit_tls: bool = False) -> None:
+    def __init__(self, ctx: ServerContext, parser: CommandParser = _PARSER) -> None:
         self.ctx = ctx
         self.parser = parser
-        self.implicit_tls = implicit_tls
         self._handshaking = False  # between STLS (or accept on :995) and the end of the handshake
         self.transport: Any = None
         self.handler: Pop3Handler | None = None
@@ -77,9 +77,9 @@ class Pop3Session(asyncio.Protocol):
         self.ctx.sessions.add(self)
         self._last_active = self._loop.time()
         self._arm_timer()
-        if self.implicit_tls:  # RFC 8314 §3.3: TLS first, then the greeting
-            self._start_tls()
-            return
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # an implicit-TLS listener: the handshake is already done (RFC 8314 §3.3)
+            self.handler.tls_established(peer_identity(ssl_object, self.ctx.settings.tls.client_identity))
         transport.write(self.handler.greeting())
 
     def data_received(self, data: bytes) -> None:
@@ -243,8 +243,6 @@ class Pop3Session(asyncio.Protocol):
         self._handshaking = False
         self._busy = False
         self._last_active = self._loop.time()
-        if self.implicit_tls:  # the only handshake of such a session (STLS is refused under TLS)
-            tls_transport.write(handler.greeting())
         self._run()
 
     def _write(self, data: bytes) -> None:

@@ -1,9 +1,13 @@
 """TLS for STLS (RFC 2595) and implicit-TLS listeners (RFC 8314): the server SSLContext and its reload.
 
-One `TlsManager` per process holds the current SSLContext. Every handshake (STLS or a :995 accept) takes
-`manager.context` at that moment, so SIGHUP can swap in a context built from re-read certificate files:
-sessions already encrypted keep theirs, new handshakes get the new one, and a reload that fails (missing
-file, key not matching the certificate) keeps the old context and says why in the log.
+One `TlsManager` per process holds the current SSLContext, so SIGHUP can swap in a context built from
+re-read files: sessions already encrypted keep theirs, new handshakes get the new one, and a reload that
+fails (missing file, key not matching the certificate) keeps the old context and says why in the log.
+STLS hands `manager.context` to loop.start_tls. Implicit-TLS listeners are created once with a listener
+context whose servername callback (OpenSSL calls it for every ClientHello, with or without SNI) moves the
+connection onto the current context before the certificate is chosen: SSL_set_SSL_CTX takes the new
+certificate, key, chain and client-CA store. (Starting TLS from connection_made instead is not possible on
+uvloop: its transport delivers the ClientHello before a pause_reading there takes effect.)
 
 Client certificates (`tls.client_ca`) are optional (CERT_OPTIONAL): a client without one still connects,
 and one with a certificate the CA did not sign fails the handshake (OpenSSL cannot "ignore" a bad one).
@@ -45,6 +49,18 @@ class TlsManager:
         self.settings = settings
         self.context = build_context(settings)
         self.generation = 1
+
+    def listener_context(self) -> ssl.SSLContext:
+        """A context for an implicit-TLS listener that always hands out the current certificate."""
+        base = build_context(self.settings)
+
+        def switch(ssl_object: ssl.SSLObject, _server_name: str | None, _ctx: ssl.SSLContext) -> None:
+            current = self.context
+            if ssl_object.context is not current:
+                ssl_object.context = current
+
+        base.sni_callback = switch
+        return base
 
     def reload(self) -> bool:
         """Re-read cert/key/CA files; keep the old context if that fails. Returns True on success."""
