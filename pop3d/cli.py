@@ -38,6 +38,16 @@ def _check_runtime(settings: Settings) -> None:
             pass
     except OSError as exc:
         raise ConfigError(f"auth.passwd_file: cannot read {path}: {exc.strerror}") from None
+    if settings.tls.cert is not None:  # load the PEM files now: a bad key must not wait for the first client
+        import ssl
+
+        from pop3d.tls import build_context
+
+        try:
+            build_context(settings.tls)
+        except (OSError, ssl.SSLError) as exc:
+            reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+            raise ConfigError(f"tls.cert/tls.key/tls.client_ca: cannot load: {reason}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

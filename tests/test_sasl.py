@@ -1,0 +1,214 @@
+"""SASL state machines, CRAM-MD5 contexts, SCRAM keys, the penalty table, certificate mapping: no sockets."""
+
+from __future__ import annotations
+
+import hmac
+
+import pytest
+import scramp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pop3d.auth import cram_md5, sasl, schemes
+from pop3d.auth.base import Credentials, User
+from pop3d.auth.penalty import Penalty
+from pop3d.auth.sasl_schemes import ScramKeys
+from pop3d.protocol import MAX_SASL_LINE, Command, CommandParser, LineBuffer, Rejected, State
+from pop3d.tls import client_identity
+
+ALICE = User("alice")
+
+
+def creds(scheme: str, password: str, name: str = "alice") -> Credentials:
+    stored = schemes.hash_password(scheme, password)
+    s, secret = schemes.split_scheme(stored)
+    return Credentials(User(name), s, secret)
+
+
+# -- CRAM-MD5 contexts ----------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=90), st.binary(max_size=200))
+def test_cram_context_matches_stdlib_hmac(password, challenge):
+    expected = hmac.new(password.encode("utf-8", "surrogateescape"), challenge, "md5").hexdigest()
+    assert cram_md5.digest_from_context(cram_md5.context(password), challenge) == expected
+
+
+def test_cram_context_is_dovecots_encoding():
+    # 32 octets = outer (a,b,c,d) then inner state; for the empty key the states are MD5 after 64×0x5c / 64×0x36
+    ctx = cram_md5.context("")
+    assert len(ctx) == 64 and int(ctx, 16) >= 0
+    assert cram_md5.verify_password(ctx, "") and not cram_md5.verify_password(ctx, "x")
+    with pytest.raises(ValueError):
+        cram_md5.digest_from_context("abcd", b"x")
+
+
+def test_scram_keys_round_trip_and_reject_malformed():
+    keys = ScramKeys.from_password("pw")
+    assert ScramKeys.decode(keys.encode()) == keys
+    assert keys.iterations == 4096
+    stored = schemes.hash_password("SCRAM-SHA-256", "pw")
+    assert stored.startswith("{SCRAM-SHA-256}4096,")
+    for bad in ["", "4096,a,b", "x,AAAA,AAAA,AAAA", "4096,!!,AAAA,AAAA", "4096,AAAA,AAAA,AAAA"]:
+        with pytest.raises(ValueError):
+            ScramKeys.decode(bad)
+        assert not schemes.verify("SCRAM-SHA-256", bad, "pw")  # a corrupt entry is a failed login
+
+
+# -- mechanisms -----------------------------------------------------------------------------------
+
+
+def test_plain():
+    m = sasl.Plain()
+    assert m.start(None) == sasl.Challenge(b"")
+    assert m.step(b"\0alice\0pw") == sasl.CheckPassword("alice", "pw")
+    assert sasl.Plain().start(b"alice\0alice\0pw") == sasl.CheckPassword("alice", "pw")
+    for bad in [b"alice\0pw", b"\0\0pw", b"\0alice\0", b"\0\xff\0pw", b"bob\0alice\0pw"]:
+        assert isinstance(sasl.Plain().start(bad), sasl.Failure)
+
+
+def test_login():
+    m = sasl.Login()
+    assert m.start(None) == sasl.Challenge(b"Username:")
+    assert m.step(b"alice") == sasl.Challenge(b"Password:")
+    assert m.step(b"a pw") == sasl.CheckPassword("alice", "a pw")
+    m = sasl.Login()
+    assert m.start(b"alice") == sasl.Challenge(b"Password:")
+    assert isinstance(m.step(b""), sasl.Failure)
+
+
+@pytest.mark.parametrize("scheme", ["PLAIN", "CRAM-MD5"])
+def test_cram_md5_from_plain_and_context(scheme):
+    m = sasl.CramMd5("test.invalid")
+    ch = m.start(None)
+    assert isinstance(ch, sasl.Challenge) and ch.data.endswith(b"@test.invalid>")
+    digest = hmac.new(b"pw", ch.data, "md5").hexdigest()
+    assert m.step(f"alice {digest}".encode()) == sasl.Lookup("alice")
+    assert m.resume(creds(scheme, "pw")) == sasl.Success(ALICE)
+
+
+def test_cram_md5_failures():
+    assert isinstance(sasl.CramMd5("h").start(b"early"), sasl.Failure)
+    m = sasl.CramMd5("h")
+    m.start(None)
+    assert isinstance(m.step(b"nodigest"), sasl.Failure)
+    for c in [None, creds("PLAIN", "other"), creds("ARGON2ID", "pw")]:
+        m = sasl.CramMd5("h")
+        ch = m.start(None)
+        assert isinstance(ch, sasl.Challenge)
+        m.step(f"alice {hmac.new(b'pw', ch.data, 'md5').hexdigest()}".encode())
+        assert isinstance(m.resume(c), sasl.Failure)
+    assert len({sasl.CramMd5("h").challenge for _ in range(20)}) == 20  # unique per exchange
+
+
+def run_scram(stored: Credentials | None, user: str, password: str) -> sasl.Step:
+    client = scramp.ScramClient(["SCRAM-SHA-256"], user, password)
+    m = sasl.ScramSha256()
+    assert m.start(None) == sasl.Challenge(b"")
+    assert m.step(client.get_client_first().encode()) == sasl.Lookup(user)
+    first = m.resume(stored)
+    assert isinstance(first, sasl.Challenge)
+    client.set_server_first(first.data.decode())
+    final = m.step(client.get_client_final().encode())
+    if isinstance(final, sasl.Failure):
+        return final
+    assert isinstance(final, sasl.Challenge)
+    client.set_server_final(final.data.decode())  # verifies the server signature
+    return m.step(b"")
+
+
+@pytest.mark.parametrize("scheme", ["PLAIN", "SCRAM-SHA-256"])
+def test_scram_with_scramp_client(scheme):
+    assert run_scram(creds(scheme, "pässword"), "alice", "pässword") == sasl.Success(ALICE)
+
+
+@pytest.mark.parametrize("stored", [None, "wrong", "argon"])
+def test_scram_failures(stored):
+    c = {None: None, "wrong": creds("PLAIN", "other"), "argon": creds("ARGON2ID", "pw")}[stored]
+    assert isinstance(run_scram(c, "alice", "pw"), sasl.Failure)
+
+
+def test_scram_rejects_channel_binding_and_bad_messages():
+    m = sasl.ScramSha256()
+    assert isinstance(m.start(b"p=tls-unique,,n=alice,r=abc"), sasl.Failure)
+    assert isinstance(sasl.ScramSha256().start(b"n,a=bob,n=alice,r=abc"), sasl.Failure)
+    assert isinstance(sasl.ScramSha256().start(b"garbage"), sasl.Failure)
+    assert sasl.ScramSha256().start(b"n,,n=a=2Cb=3Dc,r=abc") == sasl.Lookup("a,b=c")  # RFC 5802 §5.1
+
+
+def test_external():
+    m = sasl.External("alice")
+    assert m.start(None) == sasl.Challenge(b"")
+    assert m.step(b"") == sasl.Lookup("alice")
+    assert m.resume(creds("PLAIN", "x")) == sasl.Success(ALICE)
+    assert sasl.External("alice").start(b"alice") == sasl.Lookup("alice")
+    assert isinstance(sasl.External("alice").start(b"bob"), sasl.Failure)
+    assert isinstance(sasl.External(None).start(b""), sasl.Failure)
+    m = sasl.External("zed")
+    m.start(b"")
+    assert isinstance(m.resume(None), sasl.Failure)
+
+
+# -- grammar and line limits ------------------------------------------------------------------------
+
+
+def test_auth_grammar():
+    p = CommandParser.with_extensions(stls=False)
+    A = State.AUTHORIZATION
+    assert p.parse(b"auth plain AGEAYg==", A) == Command("AUTH", ("plain", "AGEAYg=="))
+    assert p.parse(b"AUTH", A) == Command("AUTH", ())
+    assert p.parse(b"AUTH PLAIN =", A) == Command("AUTH", ("PLAIN", "="))
+    for bad in [b"AUTH PLAIN a b", b"AUTH PL@IN", b"AUTH PLAIN a!b", b"AUTH " + b"X" * 21]:
+        assert isinstance(p.parse(bad, A), Rejected)
+    assert isinstance(p.parse(b"AUTH PLAIN", State.TRANSACTION), Rejected)
+    assert isinstance(p.parse(b"STLS", A), Rejected)  # unknown without TLS
+    assert CommandParser.with_extensions(stls=True).parse(b"stls", A) == Command("STLS", ())
+
+
+def test_commands_keep_255_limit_while_buffer_admits_sasl_lines():
+    lb = LineBuffer(MAX_SASL_LINE)
+    long = b"A" * 1000
+    assert lb.feed(long + b"\r\n") == [long]  # a SASL response may be this long (RFC 5034 §4)
+    assert isinstance(CommandParser().parse(long, State.AUTHORIZATION), Rejected)  # a command may not
+    assert lb.feed(b"B" * (MAX_SASL_LINE + 10) + b"\r\n") == [None]
+    assert lb.pending == 0
+
+
+# -- penalty ----------------------------------------------------------------------------------------
+
+
+def test_penalty_doubles_caps_and_resets():
+    p = Penalty(2.0, 15.0)
+    assert [p.fail("192.0.2.1", 0.0) for _ in range(6)] == [2, 4, 8, 15, 15, 15]
+    assert p.fail("192.0.2.2", 0.0) == 2  # per address
+    p.succeed("192.0.2.1")
+    assert p.fail("192.0.2.1", 1.0) == 2
+    assert p.failures("192.0.2.1", 1.0 + 7200) == 0  # forgotten after an idle hour
+    assert Penalty(0, 15).fail("x", 0) == 0
+
+
+def test_penalty_table_is_bounded():
+    p = Penalty(1, 8, max_entries=100)
+    for i in range(1000):
+        p.fail(f"10.0.{i // 256}.{i % 256}", float(i))
+    assert len(p) == 100
+
+
+# -- certificate → user ----------------------------------------------------------------------------
+
+CERT = {
+    "subject": ((("organizationName", "x"),), (("commonName", "alice"),)),
+    "subjectAltName": (("DNS", "h.example"), ("email", "al.ice@example.org")),
+}
+
+
+def test_client_identity_mapping():
+    assert client_identity(CERT, "cn") == "alice"
+    assert client_identity(CERT, "email") == "al.ice@example.org"
+    assert client_identity(CERT, "email-localpart") == "al.ice"
+    assert client_identity({}, "cn") is None
+    assert client_identity(None, "email") is None
+    subject_email = {"subject": ((("emailAddress", "bob@example.org"),),)}
+    assert client_identity(subject_email, "email-localpart") == "bob"
+    assert client_identity(subject_email, "cn") is None
