@@ -18,9 +18,11 @@ CRLF = b"\r\n"
 
 #: RFC 2449 §4: a command line is at most 255 octets including the terminating CRLF.
 MAX_COMMAND_LINE = 255
-#: RFC 5034 §4: SASL responses are not commands and may be longer than 255 octets ("clients and servers MUST
-#: be able to handle the maximum encoded size of challenges and responses" of their mechanisms); ours are
-#: small, so 8 KiB bounds memory while leaving room for long names and tokens.
+#: RFC 5034 §4: the 255-octet limit binds the AUTH command itself, initial response included (a client whose
+#: initial response would not fit sends AUTH without it and waits for the "+ " continuation); the client's
+#: responses inside the exchange are not commands, and servers must accept responses as long as their
+#: mechanisms produce (the same rule as RFC 4954 §4 for SMTP, which suggests 12288). Ours are small, so
+#: 8 KiB bounds memory per connection while leaving room for long names and passwords.
 MAX_SASL_LINE = 8192
 #: RFC 1939 §3: keywords are 3 or 4 characters; arguments up to 40 characters (we are lenient on PASS).
 MAX_ARG_LEN = 40
