@@ -98,7 +98,8 @@ class Pop3Session(asyncio.Protocol):
         self._eof = True
         if not self._busy:
             self._run()
-        return True
+        # TLS transports cannot stay half-open (asyncio/uvloop would only log a warning): they close anyway
+        return self.handler is None or not self.handler.tls
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -137,7 +138,11 @@ class Pop3Session(asyncio.Protocol):
         while self._queue and not handler.closing and not self._closed:
             line = self._queue.popleft()
             if handler.sasl is not None:  # RFC 5034 §4: a response inside an exchange, not a command
-                reply = handler.sasl_line(line)
+                try:
+                    reply = handler.sasl_line(line)
+                except Exception:
+                    log.exception("internal error in SASL exchange rip=%s", handler.peer)
+                    reply = err("internal server error", "SYS/TEMP")
                 if isinstance(reply, bytes):
                     out.append(reply)
                     continue
