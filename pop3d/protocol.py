@@ -170,6 +170,8 @@ class Verb:
     states: frozenset[State]
     check: ArgCheck
     rest: bool = False
+    #: response code on grammar errors (AUTH: RFC 3206 §4 [AUTH], promised by the AUTH-RESP-CODE capability)
+    code: str | None = None
 
 
 #: The POP3 command table (RFC 1939 §4-7, RFC 2449 §5, RFC 1460 LAST/RPOP, RFC 5034 AUTH, RFC 2595 STLS).
@@ -192,7 +194,7 @@ VERBS: dict[str, Verb] = {
 }
 
 #: Extensions registered per server by `CommandParser.with_extensions` (the base table stays RFC 1939).
-AUTH_VERB = Verb(AUTH, _auth)  # RFC 5034 §4: AUTHORIZATION state only
+AUTH_VERB = Verb(AUTH, _auth, code="AUTH")  # RFC 5034 §4: AUTHORIZATION state only
 STLS_VERB = Verb(AUTH, _count(0, 0))  # RFC 2595 §4: AUTHORIZATION state only, no arguments
 
 
@@ -301,5 +303,5 @@ class CommandParser:
             args = tuple(rest.split()) if sep else ()
         problem = spec.check(args)
         if problem:
-            return Rejected(err(f"{verb}: {problem}"))
+            return Rejected(err(f"{verb}: {problem}", spec.code))
         return Command(verb, args)

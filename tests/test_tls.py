@@ -275,7 +275,8 @@ def test_sasl_protocol_errors_keep_session(sasl_srv, pki):
     assert r.cmd(b"*") == b"-ERR [AUTH] authentication cancelled"
     assert r.cmd(b"AUTH LOGIN") == b"+ " + base64.b64encode(b"Username:")
     assert r.cmd(b"!!notbase64!!") == b"-ERR [AUTH] SASL response is not valid base64"
-    assert r.cmd(b"AUTH PLAIN !!") .startswith(b"-ERR AUTH: initial response is not base64")
+    assert r.cmd(b"AUTH PLAIN !!") == b"-ERR [AUTH] AUTH: initial response is not base64"
+    assert r.cmd(b"AUTH PL@IN") == b"-ERR [AUTH] AUTH: invalid mechanism name"
     assert r.cmd(b"AUTH KERBEROS_V4") == b"-ERR [AUTH] unsupported authentication mechanism KERBEROS_V4"
     assert r.cmd(b"AUTH EXTERNAL") == b"-ERR [AUTH] EXTERNAL needs a verified TLS client certificate"
     assert r.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0nope")) == b"-ERR [AUTH] authentication failed"
@@ -299,6 +300,17 @@ def test_external_with_client_certificate(sasl_srv, pki):
     r = TlsRaw(tls_port(sasl_srv), pki.client_context(stranger))
     assert r.cmd(b"AUTH EXTERNAL") == b"+ "
     assert r.cmd(b"") == b"-ERR [AUTH] authentication failed"
+
+
+def test_external_after_stls(sasl_srv, pki):
+    cert = pki.client_cert("alice-stls.pem", common_name="alice")
+    r = TlsRaw(sasl_srv.port)
+    assert b"EXTERNAL" not in b" ".join(r.capa())
+    assert r.cmd(b"STLS").startswith(b"+OK")
+    r.starttls(pki.client_context(cert))
+    assert b"EXTERNAL" in b" ".join(r.capa())
+    assert r.cmd(b"AUTH EXTERNAL").startswith(b"+ ")
+    assert r.cmd(b"").startswith(b"+OK alice")
 
 
 def test_external_email_localpart_mapping(start_server, pki, alice):

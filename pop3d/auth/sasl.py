@@ -254,6 +254,7 @@ class ScramSha256(_Base):
         else:  # unknown user or no usable secret: go on with keys nobody can match, fail at the proof
             name = (self._user or "").encode()
             fake = hmac.new(_FAKE_KEY, b"fake\0" + name, hashlib.sha256).digest()
+            ScramKeys.from_password(fake.hex(), salt=fake[:16])  # the PBKDF2 a {PLAIN} user costs: no timing tell
             keys = ScramKeys(4096, fake[:16], os.urandom(32), os.urandom(32))
         info = (keys.salt, keys.stored_key, keys.server_key, keys.iterations)
         server = _SCRAM.make_server(lambda _name: info)
