@@ -79,8 +79,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args)
     _check_runtime(settings)
-    print(f"configuration OK: listening on {', '.join(settings.server.listen)}, "
-          f"storage {settings.storage.driver} at {settings.storage.location}")
+    tls = ""
+    if settings.tls.cert is not None:
+        implicit = f", implicit TLS on {', '.join(settings.server.tls_listen)}" if settings.server.tls_listen else ""
+        tls = f" (STLS offered{implicit})"
+    print(f"configuration OK: listening on {', '.join(settings.server.listen)}{tls}, "
+          f"storage {settings.storage.driver} at {settings.storage.location}, "
+          f"SASL {' '.join(settings.auth.mechanisms) or 'off'}")
     return 0
 
 

@@ -13,10 +13,10 @@ import subprocess
 
 import pytest
 import scramp
-
 from conftest import deliver
-from pop3d.auth import schemes
 from tls_helpers import Pki, TlsRaw, challenge
+
+from pop3d.auth import schemes
 
 MSG = b"From: a@example.org\nSubject: hi\n\nhello\n"
 

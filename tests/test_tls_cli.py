@@ -12,7 +12,6 @@ import time
 
 import pytest
 import scramp
-
 from conftest import deliver
 from test_cli import POP3D, free_port, start, write_config
 from tls_helpers import Pki, TlsRaw, challenge
@@ -66,6 +65,7 @@ def test_check_config_reports_bad_tls_files(env, tmp_path):
     cfg = make_config(env, pki, free_port(), free_port())
     ok = subprocess.run([*POP3D, "check-config", "--config", str(cfg)], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+    assert "STLS offered, implicit TLS on 127.0.0.1:" in ok.stdout
     pki.server_pem.write_text("not a pem\n")
     bad = subprocess.run([*POP3D, "check-config", "--config", str(cfg)], capture_output=True, text=True)
     assert bad.returncode == 2

@@ -17,8 +17,9 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Final, Protocol, Union
+from typing import Final, Protocol, Union
 
 import scramp
 

@@ -37,7 +37,7 @@ class ScramKeys:
     server_key: bytes
 
     def encode(self) -> str:
-        b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
+        b64 = lambda b: base64.b64encode(b).decode("ascii")
         return f"{self.iterations},{b64(self.salt)},{b64(self.stored_key)},{b64(self.server_key)}"
 
     @classmethod
