@@ -267,6 +267,13 @@ def test_plain_login_and_long_sasl_response(sasl_srv, pki):
     assert r.respond(b"p" * 300).startswith(b"+OK frank")
 
 
+def test_oversized_sasl_response_rejected_session_intact(sasl_srv, pki):
+    r = TlsRaw(tls_port(sasl_srv), pki.client_context())
+    assert r.cmd(b"AUTH PLAIN") == b"+ "
+    assert r.cmd(b"A" * 20_000) == b"-ERR [AUTH] SASL response too long (limit 8192 octets)"
+    assert r.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0alice\0wonderland")).startswith(b"+OK")
+
+
 def test_sasl_protocol_errors_keep_session(sasl_srv, pki):
     r = TlsRaw(tls_port(sasl_srv), pki.client_context())
     assert r.cmd(b"AUTH") == b"+OK SASL mechanisms follow"
