@@ -288,20 +288,20 @@ class Pop3Handler:
         return err("RPOP is not offered: trust by source port is unsafe; use PASS, APOP or AUTH")
 
     def do_CAPA(self, cmd: Command) -> Reply:
-        """RFC 2449 §5-6: the capability list. USER, SASL and STLS only where they can be used now:
-        before login, USER and PLAIN/LOGIN only if cleartext is allowed here, STLS only before TLS
-        (RFC 2595 §4), SASL exactly the mechanisms this connection accepts."""
+        """RFC 2449 §5-6: the capability list, the same in both states ("capabilities available in the
+        AUTHORIZATION state MUST be announced in both states", §5; USER and SASL: "both / no", §6.3, §6.4;
+        STLS likewise, RFC 2595 §4). What it contains depends on the connection: USER and PLAIN/LOGIN only
+        where cleartext is allowed, STLS only until TLS is on, SASL exactly what this connection accepts."""
         s = self.ctx.settings.session
         caps = ["TOP", "UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE",
                 f"EXPIRE {s.expire}", f"LOGIN-DELAY {s.login_delay}"]
-        if self.state is State.AUTHORIZATION:
-            if self.plaintext_ok:
-                caps.insert(1, "USER")
-            mechs = self.mechanisms()
-            if mechs:
-                caps.append("SASL " + " ".join(mechs))
-            if self.ctx.tls is not None and not self.tls:
-                caps.append("STLS")
+        if self.plaintext_ok:
+            caps.insert(1, "USER")
+        mechs = self.mechanisms()
+        if mechs:
+            caps.append("SASL " + " ".join(mechs))
+        if self.ctx.tls is not None and not self.tls:
+            caps.append("STLS")
         if s.show_implementation:
             caps.append(f"IMPLEMENTATION {self.ctx.implementation}")
         return multiline(ok("Capability list follows"), caps)
