@@ -238,3 +238,117 @@ def test_poplib_apop(srv, drop):
     p.apop("alice", PASSWORD)
     assert_same(poplib_fetch(p), EDGE_MESSAGES)
     p.quit()
+
+
+# -- TLS and SASL ----------------------------------------------------------------------------------
+# Loopback is made *insecure* here (auth.secure_networks = []), so every cleartext mechanism must go
+# through STLS or implicit TLS, exactly as for a remote client.
+
+SASL_ALL = ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"]
+
+
+@pytest.fixture
+def pki(tmp_path):
+    from tls_helpers import Pki
+
+    pki = Pki.make(tmp_path)
+    # fetchmail 6.4 wants the host name in the subject CN as well as in subjectAltName
+    pki.ca.issue_cert("localhost", "127.0.0.1", common_name="localhost") \
+        .private_key_and_cert_chain_pem.write_to_path(str(pki.server_pem))
+    return pki
+
+
+@pytest.fixture
+def tls_srv(start_server, drop, pki):
+    return start_server(tls=pki.tls_section(), server={"tls_listen": ["127.0.0.1:0"]},
+                        auth={"mechanisms": SASL_ALL, "secure_networks": []})
+
+
+def tls_port(srv) -> int:
+    return srv.server.tls_addresses()[0][1]
+
+
+def test_fetchmail_cram_md5(tmp_path, tls_srv, drop):
+    inbox = Inbox(tmp_path)
+    out = fetchmail(tmp_path, tls_srv.port, inbox, extra="keep fetchall", server_opts="auth cram-md5")
+    assert "AUTH CRAM-MD5" in out
+    assert_same(inbox.messages(), EDGE_MESSAGES)
+
+
+def test_fetchmail_stls(tmp_path, tls_srv, drop, pki):
+    inbox = Inbox(tmp_path)
+    out = fetchmail(tmp_path, tls_srv.port, inbox, extra="keep fetchall", server_opts="auth password",
+                    tls=f"sslproto 'TLS1.2+' sslcertck sslcertfile '{pki.cafile}' sslcommonname localhost")
+    assert "STLS" in out and "USER alice" in out
+    assert_same(inbox.messages(), EDGE_MESSAGES)
+
+
+def test_fetchmail_implicit_tls(tmp_path, tls_srv, drop, pki):
+    inbox = Inbox(tmp_path)
+    fetchmail(tmp_path, tls_port(tls_srv), inbox, extra="keep fetchall",
+              tls=f"ssl sslcertck sslcertfile '{pki.cafile}' sslcommonname localhost")
+    assert_same(inbox.messages(), EDGE_MESSAGES)
+
+
+@pytest.mark.parametrize("auth", ["plain", "cram-md5"])
+def test_mpop_sasl_over_stls(tmp_path, tls_srv, drop, pki, auth):
+    inbox = Inbox(tmp_path)
+    out = mpop(tmp_path, tls_srv.port, inbox, auth=auth,
+               tls=f"tls on\ntls_starttls on\ntls_trust_file {pki.cafile}")
+    assert "--> STLS" in out and f"--> AUTH {auth.upper()}" in out
+    assert_same(inbox.messages(), EDGE_MESSAGES)
+
+
+def test_mpop_cram_md5_without_tls(tmp_path, tls_srv, drop):
+    inbox = Inbox(tmp_path)
+    out = mpop(tmp_path, tls_srv.port, inbox, auth="cram-md5")
+    assert "--> AUTH CRAM-MD5" in out
+    assert_same(inbox.messages(), EDGE_MESSAGES)
+
+
+def test_mpop_implicit_tls(tmp_path, tls_srv, drop, pki):
+    inbox = Inbox(tmp_path)
+    mpop(tmp_path, tls_port(tls_srv), inbox, auth="user",
+         tls=f"tls on\ntls_starttls off\ntls_trust_file {pki.cafile}")
+    assert_same(inbox.messages(), EDGE_MESSAGES)
+
+
+def test_getmail_implicit_tls(tmp_path, tls_srv, drop, pki):
+    inbox = Inbox(tmp_path)
+    getmail(tmp_path, tls_port(tls_srv), inbox, retriever="SimplePOP3SSLRetriever",
+            extra=f"ca_certs = {pki.cafile}")
+    assert_same(inbox.messages(), EDGE_MESSAGES, GETMAIL_ADDS)
+
+
+@pytest.mark.parametrize("mech", ["PLAIN", "LOGIN", "CRAM-MD5"])
+def test_curl_sasl_over_stls(tls_srv, drop, pki, mech):
+    got = curl(f"pop3://127.0.0.1:{tls_srv.port}/2", "--ssl-reqd", "--cacert", str(pki.cafile),
+               "-u", f"alice:{PASSWORD}", "--login-options", f"AUTH={mech}")
+    assert got == wire_form(EDGE_MESSAGES[1])
+
+
+def test_curl_pop3s_uidl_and_top(tls_srv, drop, pki):
+    base = f"pop3s://127.0.0.1:{tls_port(tls_srv)}/"
+    cred = ["--cacert", str(pki.cafile), "-u", f"alice:{PASSWORD}"]
+    uidl = curl(base, *cred, "-X", "UIDL").decode().split("\r\n")
+    assert len([ln for ln in uidl if ln]) == len(EDGE_MESSAGES)
+    top = curl(base, *cred, "-X", "TOP 3 0")
+    assert top == wire_form(EDGE_MESSAGES[2]).split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    assert curl(base + "7", *cred) == wire_form(EDGE_MESSAGES[6])
+
+
+def test_poplib_stls(tls_srv, drop, pki):
+    p = poplib.POP3("127.0.0.1", tls_srv.port, timeout=30)
+    p.stls(pki.client_context())
+    p.user("alice")
+    p.pass_(PASSWORD)
+    assert_same(poplib_fetch(p), EDGE_MESSAGES)
+    p.quit()
+
+
+def test_poplib_pop3_ssl(tls_srv, drop, pki):
+    p = poplib.POP3_SSL("127.0.0.1", tls_port(tls_srv), context=pki.client_context(), timeout=30)
+    p.user("alice")
+    p.pass_(PASSWORD)
+    assert_same(poplib_fetch(p), EDGE_MESSAGES)
+    p.quit()
