@@ -124,12 +124,33 @@ class TlsSettings(_Section):
     handshake_timeout: float = Field(30.0, gt=0)
 
 
+SpoolLockMethod = Literal["dotlock", "fcntl", "flock"]
+
+
 class StorageSettings(_Section):
-    driver: Literal["maildir"] = "maildir"
+    driver: Literal["maildir", "mbox"] = "maildir"
     #: path template; `{user}` is the login name, `{home}` the passwd-file home field
     location: str = "/srv/mail/{user}/Maildir"
     #: Maildir: mark retrieved messages Seen (move to cur/ with :2,S) at QUIT, so IMAP readers agree
     mark_seen: bool = True
+    #: mbox: "mboxrd" removes one ">" from ">+From " lines on delivery, "mboxo" leaves them
+    mbox_dialect: Literal["mboxrd", "mboxo"] = "mboxrd"
+    #: mbox: spool locks taken, in this order, while reading the snapshot / while committing deletions
+    mbox_lock_read: list[SpoolLockMethod] = Field(default_factory=lambda: ["fcntl"])
+    mbox_lock_write: list[SpoolLockMethod] = Field(default_factory=lambda: ["dotlock", "fcntl"])
+    #: mbox: seconds to wait for the spool locks before answering -ERR [SYS/TEMP]
+    mbox_lock_timeout: float = Field(30.0, ge=0)
+    #: mbox: a dotlock naming no live pid and untouched this many seconds is stale and removed
+    mbox_dotlock_stale: float = Field(300.0, gt=0)
+    #: mbox: directory for pop3d's per-user index, session lock and commit journal; "" = beside the spool
+    mbox_index_dir: str = "/var/lib/pop3d/mbox"
+
+    @field_validator("mbox_lock_read", "mbox_lock_write")
+    @classmethod
+    def _check_locks(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a lock method is listed twice")
+        return v
 
     @field_validator("location")
     @classmethod

@@ -15,4 +15,8 @@ def build_storage(cfg: StorageSettings) -> Storage:
         from pop3d.storage.maildir import MaildirStorage
 
         return MaildirStorage(cfg.location, mark_seen=cfg.mark_seen)
+    if cfg.driver == "mbox":
+        from pop3d.storage.mbox import MboxStorage
+
+        return MboxStorage(cfg)
     raise ValueError(f"storage.driver: unknown driver {cfg.driver!r}")  # pragma: no cover - config validates

@@ -1,0 +1,374 @@
+"""mbox spools (/var/mail/USER) behind the Maildrop interface, safe beside a running MTA.
+
+Two locks, on purpose (RFC 1939 §4 wants exclusive access for the session, the MTA wants to keep
+delivering during it):
+
+* the session lock (`[IN-USE]`, RFC 2449 §8.1.1): locking.MaildropLock on `USER.pop3d-lock` in
+  `storage.mbox_index_dir`, held from login to the end of the session. MTAs never see it.
+* the spool lock (spool_lock.SpoolLock: dotlock/fcntl/flock as configured), held only while the snapshot
+  is read (`mbox_lock_read`) and while deletions are committed (`mbox_lock_write`), each wait bounded by
+  `mbox_lock_timeout` and answered with `[SYS/TEMP]` (RFC 3206 §4) when it runs out.
+
+The snapshot is the list of messages present at login (mbox_format.scan, made cheap by mbox_index). The
+spool fd stays open for the session; every read re-checks the message's digest, so a spool rewritten
+underneath gives `[SYS/TEMP]` instead of the wrong message. At QUIT, the deletions are applied in place by
+mbox_commit (crash-safe, undo journal) keeping everything appended after the snapshot; if the spool was
+rewritten rather than appended to during the session, nothing is deleted and the commit answers
+`[SYS/TEMP]`. The `seen` set is not written back: an mbox has no flags without rewriting the message
+(`Status:` headers), which would change sizes and UIDLs other readers depend on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import re
+import stat
+from collections import defaultdict, deque
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Sequence, TypeVar
+
+from pop3d.auth.base import User
+from pop3d.storage import mbox_commit
+from pop3d.storage.base import CHUNK, Maildrop, MessageGone, MessageInfo, PermanentError, TemporaryError
+from pop3d.storage.locking import MaildropLock
+from pop3d.storage.mbox_format import HEAD, Entry, NotMbox, Unquoter, digest, scan, unquote
+from pop3d.storage.mbox_index import TAIL, SpoolIndex
+from pop3d.storage.spool_lock import Method, SpoolLock
+
+if TYPE_CHECKING:
+    from pop3d.config import StorageSettings
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_TEMPLATE_FIELD = re.compile(r"\{(user|home)\}")
+
+
+def expand(template: str, user: User) -> str:
+    """`{user}`/`{home}` substituted in one pass; PermanentError for names that could escape the template."""
+    name = user.name
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise PermanentError("user name not usable as a spool path")
+    if "{home}" in template and (not user.home or "\0" in user.home):
+        raise PermanentError("user has no home directory for the spool location")
+    return _TEMPLATE_FIELD.sub(lambda m: name if m.group(1) == "user" else user.home or "", template)
+
+
+class MboxStorage:
+    """Factory of MboxDrop from the `[storage]` settings."""
+
+    def __init__(self, cfg: StorageSettings) -> None:
+        self.location = cfg.location
+        self.mboxrd = cfg.mbox_dialect == "mboxrd"
+        self.read_locks: tuple[Method, ...] = tuple(cfg.mbox_lock_read)
+        self.write_locks: tuple[Method, ...] = tuple(cfg.mbox_lock_write)
+        self.timeout = cfg.mbox_lock_timeout
+        self.stale = cfg.mbox_dotlock_stale
+        self.index_dir = cfg.mbox_index_dir
+
+    def maildrop(self, user: User) -> MboxDrop:
+        spool = expand(self.location, user)
+        base = os.path.join(self.index_dir, user.name) if self.index_dir else spool
+        return MboxDrop(spool, base, self)
+
+
+class MboxDrop(Maildrop):
+    """One session on one spool. Not thread-safe; every call comes from the session's event loop."""
+
+    def __init__(self, spool: str, base: str, cfg: MboxStorage) -> None:
+        self.spool = spool
+        self.cfg = cfg
+        self.messages: list[MessageInfo] = []
+        self.index_path = base + ".pop3d-index"
+        self.journal = base + ".pop3d-journal"
+        self._session_lock = MaildropLock(base + ".pop3d-lock")
+        self._fd: int | None = None
+        self._writable = False
+        self._entries: list[Entry] = []
+        self._snap_size = 0
+        self._index: SpoolIndex | None = None
+        self._locks: list[SpoolLock] = []
+        self._running: asyncio.Future[object] | None = None  # the file-work thread in flight, if any
+
+    def _spool_lock(self, write: bool) -> SpoolLock:
+        lock = SpoolLock(self.spool, self.cfg.write_locks if write else self.cfg.read_locks, write=write,
+                         timeout=self.cfg.timeout, stale=self.cfg.stale)  # fmt: skip
+        self._locks.append(lock)
+        return lock
+
+    async def _in_thread(self, func: Callable[[], _T]) -> _T:
+        """Blocking file work off the loop. A cancelled session cannot stop the thread, so whatever must
+        not happen under it (releasing the spool lock, closing the fd) waits for it: see _after_thread."""
+        fut = asyncio.ensure_future(asyncio.to_thread(func))
+        self._running = fut  # type: ignore[assignment]
+        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed even if nobody awaits
+        return await asyncio.shield(fut)
+
+    def _after_thread(self, action: Callable[[], None]) -> None:
+        """Run `action` now, or once the file-work thread in flight has finished."""
+        running = self._running
+        if running is not None and not running.done():
+            running.add_done_callback(lambda f: action())
+        else:
+            action()
+
+    async def _locked(self, write: bool, func: Callable[[], _T]) -> _T:
+        """`func` in a thread while holding the spool's read or write locks (waited for without blocking)."""
+        assert self._fd is not None
+        lock = self._spool_lock(write)
+
+        def release() -> None:
+            lock.release()
+            if lock in self._locks:
+                self._locks.remove(lock)
+
+        try:
+            await lock.acquire(self._fd)
+            return await self._in_thread(func)
+        finally:
+            self._after_thread(release)
+
+    # ---- open -------------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Session lock (InUse if held), finish an interrupted commit, snapshot under the read lock."""
+        try:
+            await self._in_thread(self._open_files)
+            if self._fd is None:
+                return  # no spool yet: an empty maildrop; nothing is created
+            if os.path.exists(self.journal) or os.path.exists(self.journal + ".tmp"):
+                if not self._writable:
+                    raise PermanentError(f"{self.spool}: interrupted commit, but the spool is not writable")
+                await self._locked(True, lambda: mbox_commit.recover(self._fd_or_fail(), self.journal))
+            await self._locked(False, self._snapshot)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _fd_or_fail(self) -> int:
+        if self._fd is None:
+            raise TemporaryError("maildrop closed")
+        return self._fd
+
+    def _open_files(self) -> None:
+        index_dir = os.path.dirname(self.index_path)
+        if self.cfg.index_dir and not os.path.isdir(index_dir):
+            try:
+                os.makedirs(index_dir, 0o750, exist_ok=True)
+            except OSError as exc:
+                raise PermanentError(f"cannot create mbox index directory {index_dir}: {exc.strerror}") from exc
+        self._session_lock.acquire()
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            try:
+                self._fd = os.open(self.spool, os.O_RDWR | flags)
+                self._writable = True
+            except PermissionError:
+                self._fd = os.open(self.spool, os.O_RDONLY | flags)
+                log.warning("spool %s is read-only for pop3d: deletions will fail", self.spool)
+        except FileNotFoundError:
+            self._fd = None
+            return
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PermanentError(f"spool {self.spool} is a symbolic link") from exc
+            cls = PermanentError if isinstance(exc, (PermissionError, NotADirectoryError, IsADirectoryError)) else TemporaryError
+            raise cls(f"cannot open spool {self.spool}: {exc.strerror}") from exc
+        st = os.fstat(self._fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise PermanentError(f"spool {self.spool} is not a regular file")
+
+    def _pread(self, offset: int, length: int) -> bytes:
+        assert self._fd is not None
+        return os.pread(self._fd, length, offset)
+
+    def _tail(self, size: int) -> str:
+        start = max(0, size - TAIL)
+        return digest(self._pread(start, size - start), size)
+
+    def _snapshot(self) -> None:
+        """Under the read lock: reuse, extend or rebuild the index, then fix the session's message list."""
+        assert self._fd is not None
+        st = os.fstat(self._fd)
+        size = st.st_size
+        dialect = "mboxrd" if self.cfg.mboxrd else "mboxo"
+        idx = SpoolIndex(self.index_path)
+        idx.load()
+        same_file = idx.loaded and (idx.dev, idx.ino, idx.dialect) == (st.st_dev, st.st_ino, dialect)
+        try:
+            if same_file and size == idx.size and st.st_mtime_ns == idx.mtime_ns and self._tail(size) == idx.tail:
+                entries, uids, changed = idx.entries, idx.uids, False
+            elif (same_file and size > idx.size and self._tail(idx.size) == idx.tail
+                  and (idx.size == 0 or self._pread(idx.size, 5) == b"From ")):  # fmt: skip
+                new = scan(self._pread, idx.size, size, self.cfg.mboxrd)
+                taken = set(idx.uids)
+                entries, uids, changed = idx.entries + new, idx.uids + self._assign(new, idx, taken, {}), True
+            else:
+                entries = scan(self._pread, 0, size, self.cfg.mboxrd) if size else []
+                pool: dict[str, deque[str]] = defaultdict(deque)
+                for e, uid in zip(idx.entries, idx.uids):
+                    pool[e.digest].append(uid)
+                if idx.loaded:
+                    log.info("spool %s changed outside pop3d; rescanned", self.spool)
+                uids, changed = self._assign(entries, idx, set(), pool), True
+        except NotMbox as exc:
+            raise PermanentError(f"{self.spool} is not an mbox file: {exc}") from exc
+        except EOFError as exc:
+            raise TemporaryError(f"{self.spool} shrank while being read") from exc
+        self._entries, self._snap_size = entries, size
+        self.messages = list(map(MessageInfo, (e.size for e in entries), uids, uids))
+        idx.entries, idx.uids = entries, uids
+        if changed or (idx.dev, idx.ino, idx.size, idx.mtime_ns) != (st.st_dev, st.st_ino, size, st.st_mtime_ns):
+            idx.dev, idx.ino, idx.size, idx.mtime_ns, idx.dialect = st.st_dev, st.st_ino, size, st.st_mtime_ns, dialect
+            idx.tail = self._tail(size)
+            idx.save()
+        self._index = idx
+
+    @staticmethod
+    def _assign(entries: Sequence[Entry], idx: SpoolIndex, taken: set[str], pool: dict[str, deque[str]]) -> list[str]:
+        """UIDLs for newly seen messages: a valid unused `X-UIDL:` (qpopper), else the uid a message with the
+        same digest had before an outside rewrite, else a fresh `<uidv>.<n>` (never reused)."""
+        out: list[str] = []
+        for e in entries:
+            uid = e.xuidl if e.xuidl and e.xuidl not in taken else None
+            if uid is None:
+                olds = pool.get(e.digest)
+                while olds:
+                    cand = olds.popleft()
+                    if cand not in taken:
+                        uid = cand
+                        break
+            if uid is None:
+                uid = idx.new_uid()
+                while uid in taken:
+                    uid = idx.new_uid()
+            taken.add(uid)
+            out.append(uid)
+        return out
+
+    # ---- read -------------------------------------------------------------------------------------------
+
+    def _check(self, index: int, data: bytes) -> None:
+        e = self._entries[index]
+        if digest(data, e.next - e.start) != e.digest:
+            raise MessageGone(f"message {index + 1}: the spool was rewritten by another program")
+
+    def read_small(self, index: int) -> bytes:
+        e = self._entries[index]
+        try:
+            data = self._pread(e.start, e.next - e.start)
+        except OSError as exc:
+            raise TemporaryError(f"cannot read spool: {exc.strerror}") from exc
+        if len(data) != e.next - e.start:
+            raise MessageGone(f"message {index + 1}: the spool was truncated by another program")
+        self._check(index, data[:HEAD])
+        body = data[e.body - e.start : e.end - e.start]
+        return unquote(body) if self.cfg.mboxrd else body
+
+    async def chunks(self, index: int, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        """Stream [body, end) through threads on a dup of the spool fd (a session cut mid-stream closes the
+        original; the dup keeps the pread from ever hitting a reused fd number)."""
+        e = self._entries[index]
+        fd = os.dup(self._fd_or_fail())
+        try:
+            head = await asyncio.to_thread(os.pread, fd, min(HEAD, e.next - e.start), e.start)
+            self._check(index, head)
+            unq = Unquoter() if self.cfg.mboxrd else None
+            pos = e.body
+            while pos < e.end:
+                try:
+                    data = await asyncio.to_thread(os.pread, fd, min(chunk_size, e.end - pos), pos)
+                except OSError as exc:
+                    raise TemporaryError(f"cannot read spool: {exc.strerror}") from exc
+                if not data:
+                    raise MessageGone(f"message {index + 1}: the spool was truncated by another program")
+                pos += len(data)
+                yield unq.feed(data) if unq else data
+            if unq:
+                yield unq.finish()
+        finally:
+            os.close(fd)
+
+    # ---- update -----------------------------------------------------------------------------------------
+
+    async def commit(self, deleted: set[int], seen: set[int]) -> None:
+        """UPDATE (RFC 1939 §6): remove `deleted` under the write lock, keeping appended mail; all or nothing."""
+        if not deleted:
+            return
+        if self._fd is None:
+            raise TemporaryError("maildrop closed")
+        if not self._writable:
+            raise PermanentError(f"spool {self.spool} is not writable by pop3d")
+        await self._locked(True, lambda: self._commit_sync(deleted))
+
+    def _commit_sync(self, deleted: set[int]) -> None:
+        fd = self._fd_or_fail()
+        mbox_commit.recover(fd, self.journal)  # a previous process died mid-commit: settle that first
+        st = os.fstat(fd)
+        try:
+            pst = os.stat(self.spool, follow_symlinks=False)
+        except OSError as exc:
+            raise TemporaryError(f"spool {self.spool} vanished during the session") from exc
+        if (pst.st_dev, pst.st_ino) != (st.st_dev, st.st_ino):
+            raise TemporaryError(f"spool {self.spool} was replaced during the session; nothing deleted")
+        size, snap = st.st_size, self._snap_size
+        entries = self._entries
+        first = min(deleted)
+        if size < snap or (size > snap and self._pread(snap, 5) != b"From "):
+            raise TemporaryError(f"spool {self.spool} was rewritten during the session; nothing deleted")
+        for i in range(max(0, first - 1), len(entries)):
+            e = entries[i]
+            if digest(self._pread(e.start, min(HEAD, e.next - e.start)), e.next - e.start) != e.digest:
+                raise TemporaryError(f"spool {self.spool} was rewritten during the session; nothing deleted")
+        x = entries[first].start
+        keep = [(e.start, e.next) for i, e in enumerate(entries[first:], first) if i not in deleted]
+        if size > snap:
+            keep.append((snap, size))
+        try:
+            mbox_commit.rewrite(fd, self.journal, keep, x, size)
+        except OSError as exc:
+            raise TemporaryError(f"commit to {self.spool} failed: {exc.strerror}; nothing deleted") from exc
+        self._update_index(deleted)
+
+    def _update_index(self, deleted: set[int]) -> None:
+        """The kept snapshot messages at their new offsets; the appended tail is scanned at the next login."""
+        idx = self._index
+        if idx is None:
+            return
+        shift = 0
+        entries: list[Entry] = []
+        uids: list[str] = []
+        for i, (e, m) in enumerate(zip(self._entries, self.messages)):
+            length = e.next - e.start
+            if i in deleted:
+                shift += length
+                continue
+            entries.append(Entry(e.start - shift, e.body - shift, e.end - shift, e.next - shift, e.size, e.digest, None))
+            uids.append(m.uid)
+        st = os.fstat(self._fd_or_fail())
+        idx.entries, idx.uids = entries, uids
+        idx.size = self._snap_size - shift
+        idx.dev, idx.ino, idx.mtime_ns = st.st_dev, st.st_ino, st.st_mtime_ns
+        idx.tail = self._tail(idx.size)
+        idx.save()
+
+    # ---- end --------------------------------------------------------------------------------------------
+
+    def _abort(self) -> None:
+        """Spool locks, fd and session lock released, after any file-work thread still in flight."""
+
+        def cleanup() -> None:
+            for lock in self._locks:
+                lock.release()
+            self._locks.clear()
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+            self._session_lock.release()
+
+        self._after_thread(cleanup)
+
+    async def close(self) -> None:
+        """Release everything. Idempotent; deletes nothing (a session that did not QUIT changes nothing)."""
+        self._abort()
