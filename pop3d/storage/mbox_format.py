@@ -25,7 +25,6 @@ from typing import Callable
 
 BLOCK = 4 * 1024 * 1024
 HEAD = 32 * 1024  # octets at the start of a message's range that its digest and X-UIDL lookup cover
-_SEP = re.compile(rb"^From ", re.M)
 _QUOTED = re.compile(rb"^>+From ", re.M)
 _QUOTED_ONE = re.compile(rb"^>(>*From )", re.M)
 _XUIDL = re.compile(rb"^X-UIDL:[ \t]*([\x21-\x7e]{1,70})[ \t]*\r?$", re.M | re.I)
@@ -60,19 +59,20 @@ def digest(head: bytes, length: int) -> str:
 
 def find_xuidl(head: bytes) -> str | None:
     """The `X-UIDL:` value in the header block of a range that starts with its separator line."""
+    if b"IDL:" not in head and b"idl:" not in head:  # cheap pre-check: X-UIDL, x-uidl, X-Uidl
+        return None
+    m = _XUIDL.search(head)
+    if m is None:
+        return None
     nl = head.find(b"\n")
-    if nl < 0:
-        return None
-    headers = head[nl + 1 :]
-    if headers.startswith((b"\n", b"\r\n")):
-        return None
-    end = len(headers)
+    end = len(head)
     for blank in (b"\n\n", b"\n\r\n"):
-        i = headers.find(blank)
+        i = head.find(blank, nl)
         if 0 <= i < end:
             end = i + 1
-    m = _XUIDL.search(headers, 0, end)
-    return m.group(1).decode("ascii") if m else None
+    while m is not None and m.start() <= nl:  # on the separator line itself
+        m = _XUIDL.search(head, nl + 1)
+    return m.group(1).decode("ascii") if m is not None and m.start() < end else None
 
 
 class _Acc:
@@ -92,8 +92,8 @@ class _Acc:
         self.lf += seg.count(b"\n")
         self.crlf += seg.count(b"\r\n") + (1 if self.prev_cr and seg[:1] == b"\n" else 0)
         self.prev_cr = seg[-1:] == b"\r"
-        if mboxrd and b"From " in seg:
-            self.quoted += sum(1 for m in _QUOTED.finditer(seg) if bol or m.start())
+        if mboxrd:
+            self.quoted += _count_quoted(seg, 0, len(seg)) - (1 if not bol and _QUOTED.match(seg) else 0)
         self.tail = (self.tail + seg[-3:])[-3:]
         if len(self.head) < HEAD:
             self.head += seg[: HEAD - len(self.head)]
@@ -115,14 +115,62 @@ class _Acc:
         return Entry(self.start, self.body, end, next_, size, digest(head, next_ - self.start), find_xuidl(head))
 
 
+def _whole(data: bytes, s: int, t: int, base: int, mboxrd: bool) -> Entry:
+    """A message whose separator and content [s, t) lie in one block: the common case, no _Acc object."""
+    eol = data.find(b"\n", s, t)
+    body = eol + 1
+    if eol < 0 or body == t:
+        return Entry(base + s, base + t, base + t, base + t, 0, digest(data[s:t], t - s), None)
+    total = t - body
+    lf = data.count(b"\n", body, t)
+    crlf = data.count(b"\r\n", body, t)
+    if data[t - 1] == 0x0A and data[t - 2] == 0x0A:  # index t-2 >= eol: the padding line is LF
+        total, lf = total - 1, lf - 1
+    elif total >= 2 and data.startswith(b"\n\r\n", t - 3):
+        total, lf, crlf = total - 2, lf - 1, crlf - 1
+    if total == 0:
+        size = 0
+    else:
+        quoted = _count_quoted(data, body, body + total) if mboxrd else 0
+        size = total - quoted + lf - crlf + (0 if data[body + total - 1] == 0x0A else 2)
+    head = data[s : min(t, s + HEAD)]
+    return Entry(base + s, base + body, base + body + total, base + t, size, digest(head, t - s), find_xuidl(head))
+
+
+def _count_quoted(data: bytes, start: int, end: int) -> int:
+    """Lines of data[start:end] (start at a line start) matching `>+From `; bytes.find, no regex pass."""
+    n = 0
+    p = data.find(b">From ", start, end)
+    while p >= 0:
+        q = p
+        while q > start and data[q - 1] == 0x3E:  # more '>' before it
+            q -= 1
+        if q == start or data[q - 1] == 0x0A:
+            n += 1
+        p = data.find(b">From ", p + 6, end)
+    return n
+
+
+def _separators(data: bytes, bol: bool) -> list[int]:
+    """Offsets of `From ` at line starts (offset 0 only if the block starts a line); memchr-speed finds."""
+    seps = [0] if bol and data.startswith(b"From ") else []
+    p = data.find(b"\nFrom ")
+    while p >= 0:
+        seps.append(p + 1)
+        p = data.find(b"\nFrom ", p + 6)
+    return seps
+
+
 def scan(pread: Callable[[int, int], bytes], start: int, stop: int, mboxrd: bool, block: int = BLOCK) -> list[Entry]:
     """Messages in [start, stop) of a file read with `pread(offset, length)`; `start` must be a separator.
 
     Blocks are cut after their last LF, so a line (and a separator) never spans two blocks unless it is
-    longer than a block. Raises NotMbox if the range does not start with `From `, EOFError if the file is
-    shorter than `stop`.
+    longer than a block. Messages inside one block are measured with C-level counts on the block itself;
+    only a message that spans blocks is accumulated piecewise (_Acc). Raises NotMbox if the range does not
+    start with `From `, EOFError if the file is shorter than `stop`.
     """
     entries: list[Entry] = []
+    append = entries.append
     cur: _Acc | None = None
     pos, bol = start, True
     while pos < stop:
@@ -133,18 +181,21 @@ def scan(pread: Callable[[int, int], bytes], start: int, stop: int, mboxrd: bool
             nl = data.rfind(b"\n")
             if nl >= 0:
                 data = data[: nl + 1]
+        seps = _separators(data, bol)
         i = 0
-        for m in _SEP.finditer(data):
-            s = m.start()
-            if s == 0 and not bol:
-                continue
+        if seps:
+            s = seps[0]
             if cur is None:
                 if pos + s != start:
                     raise NotMbox(f"no From line at offset {start}")
             else:
-                if s > i:
-                    cur.feed(data[i:s], bol or i > 0, mboxrd)
-                entries.append(cur.finish(pos + s))
+                if s > 0:
+                    cur.feed(data[:s], bol, mboxrd)
+                append(cur.finish(pos + s))
+                cur = None
+            for k in range(len(seps) - 1):  # every message that ends inside this block
+                append(_whole(data, seps[k], seps[k + 1], pos, mboxrd))
+            s = seps[-1]
             eol = data.find(b"\n", s)
             if eol < 0:
                 if pos + len(data) < stop:
@@ -152,14 +203,14 @@ def scan(pread: Callable[[int, int], bytes], start: int, stop: int, mboxrd: bool
                 eol = len(data) - 1
             cur = _Acc(pos + s, pos + eol + 1, data[s : eol + 1])
             i = eol + 1
-        if cur is None:
+        elif cur is None:
             raise NotMbox(f"no From line at offset {start}")
         if i < len(data):
             cur.feed(data[i:], bol or i > 0, mboxrd)
         bol = data.endswith(b"\n")
         pos += len(data)
     if cur is not None:
-        entries.append(cur.finish(stop))
+        append(cur.finish(stop))
     return entries
 
 
