@@ -6,6 +6,7 @@ Not a test. Runs a real `python -m pop3d serve` on loopback and times the client
   first   no index yet: the whole spool is scanned (sizes, digests, UIDLs) and the index is written
   second  unchanged spool: the index is reused, the spool is not read (one 4 KiB tail check)
   append  after N more messages were appended: only the new part is scanned
+  commit  DELE 1 + QUIT: the worst case of the in-place commit (journal and move of the whole spool)
 
 Baseline, measured in the same run: one sequential read of the spool file (page-cached, 1 MiB reads),
 the least any scan of it could cost. Results are printed as seconds and as ratios to that baseline.
@@ -74,6 +75,16 @@ def login_stat(port: int) -> tuple[float, tuple[int, int]]:
     return elapsed, stat
 
 
+def dele_first_quit(port: int) -> float:
+    c = poplib.POP3("127.0.0.1", port, timeout=600)
+    c.user("bench")
+    c.pass_("bench")
+    c.dele(1)
+    t = time.perf_counter()
+    c.quit()
+    return time.perf_counter() - t
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--messages", type=int, default=100_000)
@@ -106,6 +117,8 @@ def main() -> None:
             second = min(login_stat(port)[0] for _ in range(3))
             make_spool(spool, args.append, args.size, first=args.messages)
             append, stat3 = login_stat(port)
+            commit = dele_first_quit(port)
+            after_commit = login_stat(port)[0]
         finally:
             proc.terminate()
             proc.wait()
@@ -117,6 +130,8 @@ def main() -> None:
     print(f"second login + STAT (index):      {second:8.3f} s  {second / base:5.2f}x baseline,"
           f" {first / second:.0f}x faster than first")  # fmt: skip
     print(f"login after {args.append} appended:     {append:8.3f} s  {append / base:5.2f}x baseline")
+    print(f"QUIT committing DELE 1 (worst):   {commit:8.3f} s  {commit / base:5.2f}x baseline")
+    print(f"login after that commit:          {after_commit:8.3f} s  {after_commit / base:5.2f}x baseline")
 
 
 if __name__ == "__main__":

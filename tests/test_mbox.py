@@ -257,3 +257,24 @@ async def test_kill_during_commit_recovers(tmp_path: Path, spool: Path, phase: s
     assert ids(spool.read_bytes()) == expected
     assert [p.name for p in (tmp_path / "idx").iterdir() if "journal" in p.name] == []
 
+
+
+async def test_index_beside_the_spool(tmp_path: Path, spool: Path) -> None:
+    spool.write_bytes(msg(1))
+    d = await opened(tmp_path, mbox_index_dir="")
+    assert len(d.messages) == 1
+    await d.close()
+    assert sorted(p.name for p in spool.parent.iterdir()) == ["alice", "alice.pop3d-index", "alice.pop3d-lock"]
+    assert not (tmp_path / "idx").exists()
+
+
+def test_mbox_settings_validated() -> None:
+    from pop3d.config import ConfigError
+
+    s = load_settings(None, storage={"driver": "mbox", "location": "/var/mail/{user}"})
+    assert (s.storage.mbox_dialect, s.storage.mbox_lock_read, s.storage.mbox_lock_write) == (
+        "mboxrd", ["fcntl"], ["dotlock", "fcntl"])
+    for bad in ({"mbox_dialect": "mboxcl2"}, {"mbox_lock_write": ["dotlock", "dotlock"]},
+                {"mbox_lock_read": ["lockf"]}, {"mbox_lock_timeout": -1}):  # fmt: skip
+        with pytest.raises(ConfigError, match="storage.mbox_"):
+            load_settings(None, storage={"driver": "mbox", "location": "/var/mail/{user}", **bad})
