@@ -237,3 +237,35 @@ def test_kill_9_during_commit_of_large_spool(env: Env) -> None:
         assert found in (old + [appended], new + [appended]), f"kill at {trigger!r}: lost or doubled mail"
         survivors = set(found)
         appended += 1
+
+
+HOLD_FCNTL = """
+import fcntl, sys
+f = open(sys.argv[1], "r+b")
+fcntl.lockf(f, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_login_answers_sys_temp_while_an_mta_writes_and_in_use_for_a_second_session(env: Env, start_server: Any) -> None:
+    spool = env.mail / "alice"
+    spool.write_bytes(b"From x\nMessage-ID: <1@t>\n\nbody\n\n")
+    srv = start_server(storage=mbox_settings(env, mbox_lock_timeout=0.3))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FCNTL, str(spool)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout and holder.stdout.readline() == "locked\n"
+        c = Raw(srv.port)
+        c.cmd(b"USER alice")
+        assert c.cmd(b"PASS wonderland").startswith(b"-ERR [SYS/TEMP]")  # RFC 3206: try again later
+        c.close()
+    finally:
+        holder.communicate("")
+    srv.wait_idle()
+    a = login(srv.port)
+    b = Raw(srv.port)
+    b.cmd(b"USER alice")
+    assert b.cmd(b"PASS wonderland").startswith(b"-ERR [IN-USE]")  # RFC 2449 §8.1.1
+    assert a.cmd(b"STAT") == b"+OK 1 " + str(len(b"Message-ID: <1@t>\r\n\r\nbody\r\n")).encode()
+    assert a.cmd(b"QUIT").startswith(b"+OK")
