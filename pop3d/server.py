@@ -41,6 +41,7 @@ class Pop3Server:
         self.ctx = ctx
         self.servers: list[asyncio.base_events.Server] = []
         self.tls_servers: list[asyncio.base_events.Server] = []  # the implicit-TLS subset of `servers`
+        self._background: set[asyncio.Future[object]] = set()
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -63,6 +64,11 @@ class Pop3Server:
             if implicit:
                 self.tls_servers.append(srv)
         log.info("listening on %s", ", ".join(self.addresses_text()))
+        # storage drivers with crash journals (mbox) settle interrupted commits without waiting for a login
+        recover = getattr(self.ctx.storage, "recover_interrupted", None)
+        if recover is not None:
+            self._background.add(task := asyncio.ensure_future(recover()))
+            task.add_done_callback(self._background.discard)
 
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) pairs; with port 0 in the config, the ports the kernel chose."""

@@ -278,3 +278,17 @@ def test_mbox_settings_validated() -> None:
                 {"mbox_lock_read": ["lockf"]}, {"mbox_lock_timeout": -1}):  # fmt: skip
         with pytest.raises(ConfigError, match="storage.mbox_"):
             load_settings(None, storage={"driver": "mbox", "location": "/var/mail/{user}", **bad})
+
+
+async def test_server_start_settles_interrupted_commits(tmp_path: Path, spool: Path) -> None:
+    spool.write_bytes(b"".join(msg(i, body=b"x" * 5000 + b"\n") for i in range(1, 7)))
+    r = subprocess.run([sys.executable, "-c", CRASHER.format(root=str(ROOT)), "moving", str(tmp_path)], cwd=ROOT,
+                       capture_output=True)  # fmt: skip
+    assert r.returncode == -9, r.stderr.decode()
+    assert any("journal" in p.name for p in (tmp_path / "idx").iterdir())
+    busy = await opened(tmp_path, mbox_index_dir=str(tmp_path / "other"))  # an unrelated open session
+    assert await storage(tmp_path).recover_interrupted() == ["alice"]  # no login of alice needed
+    await busy.close()
+    assert ids(spool.read_bytes()) == [1, 2, 3, 4, 5, 6]
+    assert not any("journal" in p.name for p in (tmp_path / "idx").iterdir())
+    assert await storage(tmp_path).recover_interrupted() == []

@@ -33,7 +33,16 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Sequence, T
 
 from pop3d.auth.base import User
 from pop3d.storage import mbox_commit
-from pop3d.storage.base import CHUNK, Maildrop, MessageGone, MessageInfo, PermanentError, TemporaryError
+from pop3d.storage.base import (
+    CHUNK,
+    InUse,
+    Maildrop,
+    MessageGone,
+    MessageInfo,
+    PermanentError,
+    StorageError,
+    TemporaryError,
+)
 from pop3d.storage.locking import MaildropLock
 from pop3d.storage.mbox_format import HEAD, Entry, NotMbox, Unquoter, digest, scan, unquote
 from pop3d.storage.mbox_index import TAIL, SpoolIndex
@@ -86,6 +95,40 @@ class MboxStorage:
         spool = expand(self.location, user)
         base = os.path.join(self.index_dir, user.name) if self.index_dir else spool
         return MboxDrop(spool, base, self)
+
+    async def recover_interrupted(self) -> list[str]:
+        """At server start: settle every commit a crash interrupted, so a spool does not stay half-moved
+        until its owner's next login. Returns the users whose spools were checked.
+
+        Journals are found in `mbox_index_dir` (or in the spool directory when that is "" and the
+        location's directory has no `{user}`); a user whose session is open is skipped (its own open did
+        it), and so is a `{home}` location (no home without a user lookup: done at that user's login).
+        """
+        directory = self.index_dir or os.path.dirname(self.location)
+        if _TEMPLATE_FIELD.search(directory):
+            return []
+        try:
+            names = await asyncio.to_thread(os.listdir, directory)
+        except OSError:
+            return []
+        users = sorted({n.split(".pop3d-journal")[0] for n in names if n.endswith((".pop3d-journal", ".pop3d-journal.tmp"))})
+        done: list[str] = []
+        for name in users:
+            try:
+                drop = self.maildrop(User(name))
+            except PermanentError as exc:
+                log.warning("interrupted commit for %s left for its next login: %s", name, exc)
+                continue
+            try:
+                await drop.open()
+                done.append(name)
+            except InUse:
+                pass
+            except (StorageError, OSError) as exc:
+                log.warning("interrupted commit for %s not settled yet: %s", name, exc)
+            finally:
+                await drop.close()
+        return done
 
 
 class MboxDrop(Maildrop):

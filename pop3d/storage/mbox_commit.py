@@ -13,7 +13,8 @@ The commit, under the spool's write lock (every step is fsynced before the next)
 2. the kept messages (and whatever the MTA appended after the session's snapshot) are moved down to `x`;
 3. the spool is truncated to `new_end`; 4. the journal is removed.
 
-Recovery (`recover`, at the next open of that spool, under the write lock): no journal means nothing to do.
+Recovery (`recover`, under the write lock, at server start via MboxStorage.recover_interrupted and at every
+open of the spool): no journal means nothing to do.
 With one, the spool was old (before 2), half-moved (during 2) or new (after 3), plus anything an MTA
 appended since the crash. Before the truncation the file never got shorter than `old_size`, and its bytes
 [new_end, old_size) were still the old ones; so: size < old_size, or those bytes differ from the journal's,
