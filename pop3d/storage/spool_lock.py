@@ -124,8 +124,10 @@ class SpoolLock:
             raise cls(f"cannot create dotlock {lock}: {exc.strerror} (pop3d needs write access to "
                       f"{directory or '.'}, usually group mail)") from exc  # fmt: skip
         try:
-            os.write(tfd, f"{os.getpid()}\n".encode())
-            os.close(tfd)
+            try:
+                os.write(tfd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(tfd)
             try:
                 os.link(unique, lock)
             except FileExistsError:
