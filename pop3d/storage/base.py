@@ -1,4 +1,4 @@
-"""The maildrop interface every storage driver implements (Maildir now, mbox next).
+"""The maildrop interface every storage driver implements (maildir.py, mbox.py).
 
 The seam is Twisted-like (list, read, delete-at-sync) but asynchronous and explicit about locking:
 
@@ -89,6 +89,10 @@ class Maildrop(abc.ABC):
 
 
 class Storage(Protocol):
-    """Factory for maildrops; one per server, built from the `[storage]` configuration."""
+    """Factory for maildrops; one per server, built from the `[storage]` configuration.
+
+    A driver may also offer `async recover_interrupted()`, which the server runs once after it starts
+    listening (mbox uses it to settle commits a crash interrupted).
+    """
 
     def maildrop(self, user: User) -> Maildrop: ...
