@@ -292,3 +292,44 @@ async def test_server_start_settles_interrupted_commits(tmp_path: Path, spool: P
     assert ids(spool.read_bytes()) == [1, 2, 3, 4, 5, 6]
     assert not any("journal" in p.name for p in (tmp_path / "idx").iterdir())
     assert await storage(tmp_path).recover_interrupted() == []
+
+
+async def test_journal_failure_deletes_nothing(tmp_path: Path, spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = msg(1) + msg(2) + msg(3)
+    spool.write_bytes(original)
+    d = await opened(tmp_path)
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).endswith(".tmp"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(TemporaryError, match="nothing deleted"):
+        await d.commit({0}, set())
+    await d.close()
+    assert spool.read_bytes() == original
+    assert [p.name for p in (tmp_path / "idx").iterdir() if "journal" in p.name] == []
+
+
+async def test_io_error_while_moving_is_undone_at_once(tmp_path: Path, spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pop3d.storage import mbox_commit
+
+    original = b"".join(msg(i) for i in range(1, 6))
+    spool.write_bytes(original)
+    d = await opened(tmp_path)
+    calls = [0]
+
+    def failing(phase: str) -> None:
+        if phase == "moving":
+            calls[0] += 1
+            if calls[0] == 2:  # one kept range already moved down: the spool is half-moved
+                raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(mbox_commit, "_checkpoint", failing)
+    with pytest.raises(TemporaryError, match="nothing deleted"):
+        await d.commit({0, 2}, set())
+    await d.close()
+    assert spool.read_bytes() == original
+    assert [p.name for p in (tmp_path / "idx").iterdir() if "journal" in p.name] == []

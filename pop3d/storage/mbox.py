@@ -390,7 +390,15 @@ class MboxDrop(Maildrop):
         try:
             mbox_commit.rewrite(fd, self.journal, keep, x, size)
         except OSError as exc:
-            raise TemporaryError(f"commit to {self.spool} failed: {exc.strerror}; nothing deleted") from exc
+            # an I/O error mid-way (EIO, ENOSPC on a sparse file...): settle it now from the journal, as a
+            # restart would; if even that fails, the journal stays and the next start or open settles it
+            try:
+                outcome = mbox_commit.recover(fd, self.journal)
+            except (OSError, TemporaryError) as again:
+                log.error("spool %s: commit failed (%s) and could not be undone yet (%s)", self.spool, exc, again)
+                outcome = None
+            if outcome is None or not outcome.startswith("commit had completed"):
+                raise TemporaryError(f"commit to {self.spool} failed: {exc.strerror}; nothing deleted") from exc
         with _no_gc():
             self._update_index(deleted)
 

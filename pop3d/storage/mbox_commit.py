@@ -73,17 +73,24 @@ def rewrite(fd: int, journal: str, keep: Sequence[tuple[int, int]], x: int, old_
     new_end = x + sum(b - a for a, b in keep)
     header = {"magic": MAGIC, "dev": st.st_dev, "ino": st.st_ino, "x": x, "old_size": old_size, "new_end": new_end}
     tmp = journal + ".tmp"
-    with open(tmp, "wb") as j:
-        j.write(json.dumps(header).encode() + b"\n")
-        pos = x
-        while pos < old_size:
-            data = os.pread(fd, min(BLOCK, old_size - pos), pos)
-            if not data:
-                raise TemporaryError("spool shorter than expected during commit")
-            j.write(data)
-            pos += len(data)
-        j.flush()
-        os.fsync(j.fileno())
+    try:
+        with open(tmp, "wb") as j:
+            j.write(json.dumps(header).encode() + b"\n")
+            pos = x
+            while pos < old_size:
+                data = os.pread(fd, min(BLOCK, old_size - pos), pos)
+                if not data:
+                    raise TemporaryError("spool shorter than expected during commit")
+                j.write(data)
+                pos += len(data)
+            j.flush()
+            os.fsync(j.fileno())
+    except BaseException:  # e.g. ENOSPC: the spool is untouched; do not leave a large partial journal
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     os.replace(tmp, journal)
     _fsync_dir(journal)
     _checkpoint("journal")
