@@ -8,22 +8,21 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from pop3d import __version__
-from pop3d.config import ConfigError, Settings, load_settings
+from pop3d.config import ConfigError, Settings, load_settings, parse_hostport
 
 log = logging.getLogger("pop3d")
 
 
 def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log.level,
-        stream=sys.stdout,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from pop3d import logfmt
+
+    logfmt.configure(settings.log)
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -52,6 +51,7 @@ def _check_runtime(settings: Settings) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from pop3d.server import Pop3Server, run, serve
+    from pop3d.systemd import ActivationError
 
     if args.demo:
         from pop3d import demo
@@ -68,8 +68,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             print(demo.banner(server.addresses_text()), flush=True)
 
+    load = None if args.demo else (lambda: _load(args))
     try:
-        run(lambda: serve(settings, ready))
+        run(lambda: serve(settings, ready, load))
+    except ActivationError as exc:
+        print(f"pop3d: socket activation: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. address in use, permission denied on a low port
         print(f"pop3d: cannot listen: {exc}", file=sys.stderr)
         return 1
@@ -87,6 +91,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
           f"storage {settings.storage.driver} at {settings.storage.location}, "
           f"SASL {' '.join(settings.auth.mechanisms) or 'off'}")
     return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from pop3d.health import check
+
+    try:
+        host, port = parse_hostport(args.address)
+    except ValueError as exc:
+        raise ConfigError(f"address: {exc}") from None
+    ok, message = check(host or "127.0.0.1", port, args.timeout, proxy=args.proxy)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
@@ -116,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the server")
-    s.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file")
+    s.add_argument("--config", "-c", metavar="FILE", default=os.environ.get("POP3D_CONFIG_FILE") or None,
+                   help="TOML configuration file (default: $POP3D_CONFIG_FILE, else none: defaults + env)")
     s.add_argument("--demo", action="store_true",
                    help="create a demo user and Maildir and listen on 127.0.0.1:8110")
     s.add_argument("--demo-dir", default="pop3d-demo", metavar="DIR",
@@ -124,8 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check-config", help="validate a configuration file and exit")
-    c.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file")
+    c.add_argument("--config", "-c", metavar="FILE", default=os.environ.get("POP3D_CONFIG_FILE") or None,
+                   help="TOML configuration file (default: $POP3D_CONFIG_FILE)")
     c.set_defaults(func=cmd_check_config)
+
+    h = sub.add_parser("health", help="exit 0 only if a POP3 server at HOST:PORT greets with +OK")
+    h.add_argument("address", nargs="?", default="127.0.0.1:110", metavar="HOST:PORT",
+                   help="default 127.0.0.1:110")
+    h.add_argument("--timeout", type=float, default=5.0, help="seconds for connect + greeting (default 5)")
+    h.add_argument("--proxy", action="store_true",
+                   help="send a PROXY v1 UNKNOWN header first (for a server with server.proxy_protocol on)")
+    h.set_defaults(func=cmd_health)
 
     w = sub.add_parser("passwd", help="print a passwd-file entry with a strong hash (password on stdin)")
     w.add_argument("user", nargs="?", help="user name to prefix the entry with")

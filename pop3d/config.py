@@ -44,6 +44,20 @@ class ServerSettings(_Section):
     write_buffer: int = Field(256 * 1024, ge=16 * 1024)
     #: implicit-TLS listeners (RFC 8314 §3.3, usually ":995"); need tls.cert and tls.key
     tls_listen: list[str] = Field(default_factory=list)
+    #: expect a HAProxy PROXY v1/v2 header first on every connection (pop3d.proxy); live on SIGHUP
+    proxy_protocol: bool = False
+    #: peers allowed to send that header (CIDRs); anyone else is disconnected
+    proxy_trusted: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+
+    @field_validator("proxy_trusted")
+    @classmethod
+    def _check_proxy_trusted(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or CIDR network") from None
+        return v
 
     @field_validator("listen", "tls_listen")
     @classmethod
@@ -162,7 +176,20 @@ class StorageSettings(_Section):
 
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["text"] = "text"
+    #: "text" for people, "json" (one object per line) for log shippers
+    format: Literal["text", "json"] = "text"
+
+
+class MetricsSettings(_Section):
+    #: "host:port" of the Prometheus endpoint (GET /metrics); None = no endpoint
+    listen: str | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str | None) -> str | None:
+        if v is not None and v != "":
+            parse_hostport(v)
+        return v or None
 
 
 class Settings(BaseSettings):
@@ -178,6 +205,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @model_validator(mode="after")
     def _check_tls(self) -> "Settings":
@@ -188,6 +216,10 @@ class Settings(BaseSettings):
             raise ValueError("server.tls_listen needs tls.cert and tls.key")
         if "EXTERNAL" in self.auth.mechanisms and t.client_ca is None:
             raise ValueError("auth.mechanisms: EXTERNAL needs tls.client_ca (client certificates)")
+        if self.server.proxy_protocol and self.server.tls_listen:
+            # the header would precede the TLS ClientHello, which the TLS listener reads first
+            raise ValueError("server.proxy_protocol: not supported with server.tls_listen yet "
+                             "(use STLS on a plain listener, or terminate TLS at the proxy)")
         return self
 
     @classmethod

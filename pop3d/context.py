@@ -10,7 +10,7 @@ import itertools
 import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from pop3d import __version__
 from pop3d.auth.penalty import Penalty
@@ -63,6 +63,11 @@ class ServerContext:
         self.sessions: set[Pop3Session] = set()
         self.login_delays = LoginDelays()
         self._counter = itertools.count(1)
+        from pop3d.metrics import build
+
+        self.metrics = build(settings.metrics.listen)
+        #: called as hook(old, new) after a SIGHUP reload swapped `settings` (TLS plugs its certificates in here)
+        self.reload_hooks: list[Callable[[Settings, Settings], None]] = []
 
     def is_secure_network(self, address: str) -> bool:
         """True when `address` is in auth.secure_networks (cleartext passwords allowed without TLS)."""
@@ -84,5 +89,9 @@ class ServerContext:
     def log_session_end(self, handler: Pop3Handler) -> None:
         """One line per session end, in the spirit of Dovecot's logout line. Never a password."""
         user = handler.user.name if handler.user is not None else "-"
+        c = handler.counters
+        fields = {"event": "session_end", "user": user, "rip": handler.peer, "reason": handler.end_reason,
+                  "top": c.top, "top_bytes": c.top_bytes, "retr": c.retr, "retr_bytes": c.retr_bytes,
+                  "del": c.dele, "messages": len(handler.messages), "size": sum(m.size for m in handler.messages)}
         log.info("session end user=%s rip=%s reason=%s %s", user, handler.peer, handler.end_reason,
-                 handler.summary())
+                 handler.summary(), extra={"fields": fields})

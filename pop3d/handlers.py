@@ -181,6 +181,7 @@ class Pop3Handler:
         now = time.monotonic()
         if ctx.login_delays.too_soon(user.name, delay, now):
             # RFC 2449 §8.1.2
+            ctx.metrics.login("login_delay")
             return err(f"wait {delay} seconds between logins", "LOGIN-DELAY")
         drop = ctx.storage.maildrop(user)
         try:
@@ -188,16 +189,23 @@ class Pop3Handler:
         except InUse:
             await drop.close()
             log.info("maildrop in use user=%s rip=%s", user.name, self.peer)
+            ctx.metrics.login("in_use")
+            ctx.metrics.lock_conflict()
             return err("maildrop already locked by another session", "IN-USE")  # RFC 2449 §8.1.1
         except StorageError as exc:
             await drop.close()
             log.warning("maildrop unavailable user=%s rip=%s: %s", user.name, self.peer, exc)
+            ctx.metrics.login("unavailable")
+            ctx.metrics.storage_error("open")
             return err("maildrop cannot be opened", exc.code)  # RFC 3206 §4 SYS/TEMP or SYS/PERM
         except OSError as exc:
             await drop.close()
             log.warning("maildrop unavailable user=%s rip=%s: %s", user.name, self.peer, exc)
+            ctx.metrics.login("unavailable")
+            ctx.metrics.storage_error("open")
             return err("maildrop cannot be opened", "SYS/TEMP")
         ctx.login_delays.record(user.name, delay, now)
+        ctx.metrics.login("ok")
         self.user, self.drop, self.messages, self.state = user, drop, drop.messages, State.TRANSACTION
         log.info("login user=%s rip=%s messages=%d", user.name, self.peer, len(drop.messages))
         count, size = self._totals()
@@ -206,6 +214,7 @@ class Pop3Handler:
     async def _failed(self, name: str | None, why: str = "") -> Result:
         """A failed authentication: the per-address penalty (pop3d.auth.penalty) delays only this session."""
         wait = self.ctx.penalty.fail(self.peer, time.monotonic())
+        self.ctx.metrics.login("failed")
         log.info("auth failed user=%r rip=%s%s delay=%.1fs", name, self.peer, f" ({why})" if why else "", wait)
         if wait > 0:
             await asyncio.sleep(wait)
@@ -324,6 +333,7 @@ class Pop3Handler:
             await drop.commit(deleted, self.retrieved - deleted)
         except StorageError as exc:
             log.warning("commit failed user=%s: %s", self.user.name if self.user else "?", exc)
+            self.ctx.metrics.storage_error("commit")
             self.end_reason = "QUIT, commit failed"
             return err("some deleted messages were not removed", exc.code)
         finally:
@@ -412,6 +422,7 @@ class Pop3Handler:
             raw = drop.read_small(i)
         except (StorageError, OSError) as exc:
             log.warning("read failed user=%s msg=%d: %s", self.user.name if self.user else "?", i + 1, exc)
+            self.ctx.metrics.storage_error("read")
             return err(f"message {i + 1} cannot be read now", "SYS/TEMP")
         body = wire.encode(raw) if lines is None else wire.top(raw, lines)
         self.note_sent(i, lines, len(body))

@@ -15,7 +15,9 @@ from typing import Any, Callable
 from pop3d.config import Settings, parse_hostport
 from pop3d.context import ServerContext
 from pop3d.protocol import CommandParser
+from pop3d.proxy_gate import ProxyGate
 from pop3d.session import Pop3Session
+from pop3d.systemd import ActivationError, Inherited
 
 log = logging.getLogger("pop3d")
 
@@ -37,28 +39,49 @@ def build_context(settings: Settings) -> ServerContext:
 class Pop3Server:
     """The listening sockets of one process and the sessions they accepted."""
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: ServerContext, inherited: list[Inherited] | None = None) -> None:
+        """`inherited`: listening sockets from systemd socket activation; they replace `server.listen`."""
         self.ctx = ctx
         self.servers: list[asyncio.base_events.Server] = []
         self.tls_servers: list[asyncio.base_events.Server] = []  # the implicit-TLS subset of `servers`
         self._background: set[asyncio.Future[object]] = set()
+        self.inherited = inherited or []
+        # AUTH always; STLS only when TLS is configured (RFC 2595 §4: otherwise it is an unknown command)
+        self.parser = CommandParser.with_extensions(stls=ctx.tls is not None)
+
+    def protocol(self) -> asyncio.Protocol:
+        """A new connection's protocol: the PROXY gate when `server.proxy_protocol` is on (read per connection,
+        so a reload switches it), else the POP3 session itself."""
+        ctx = self.ctx
+        cfg = ctx.settings.server
+        if cfg.proxy_protocol:
+            parser = self.parser
+            return ProxyGate(lambda rip: Pop3Session(ctx, parser, peer=rip), tuple(cfg.proxy_trusted),
+                             ctx.settings.session.timeout_authorization)
+        return Pop3Session(ctx, self.parser)
+
+    def tls_protocol(self) -> asyncio.Protocol:
+        """Implicit-TLS listeners: the TLS layer reads first, so no PROXY gate here (config refuses both)."""
+        return Pop3Session(self.ctx, self.parser)
+
+    def _tls_options(self) -> dict[str, Any]:
+        assert self.ctx.tls is not None  # config validation guarantees it
+        return {"ssl": self.ctx.tls.listener_context(),
+                "ssl_handshake_timeout": self.ctx.settings.tls.handshake_timeout}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.ctx.settings.server
-        # AUTH always; STLS only when TLS is configured (RFC 2595 §4: otherwise it is an unknown command)
-        parser = CommandParser.with_extensions(stls=self.ctx.tls is not None)
+        self.ctx.metrics.start_flushing(loop)
+        if self.inherited:
+            await self._start_inherited()
+            return
         listeners = [(item, False) for item in cfg.listen] + [(item, True) for item in cfg.tls_listen]
         for item, implicit in listeners:
             host, port = parse_hostport(item)
-            tls: dict[str, Any] = {}
-            if implicit:
-                assert self.ctx.tls is not None  # config validation guarantees it
-                tls = {"ssl": self.ctx.tls.listener_context(),
-                       "ssl_handshake_timeout": self.ctx.settings.tls.handshake_timeout}
             srv = await loop.create_server(
-                lambda: Pop3Session(self.ctx, parser), host or None, port,
-                backlog=cfg.backlog, reuse_address=True, **tls,
+                self.tls_protocol if implicit else self.protocol, host or None, port,
+                backlog=cfg.backlog, reuse_address=True, **(self._tls_options() if implicit else {}),
             )
             self.servers.append(srv)
             if implicit:
@@ -69,6 +92,22 @@ class Pop3Server:
         if recover is not None:
             self._background.add(task := asyncio.ensure_future(recover()))
             task.add_done_callback(self._background.discard)
+
+    async def _start_inherited(self) -> None:
+        loop = asyncio.get_running_loop()
+        for inh in self.inherited:
+            if inh.kind == "tls":
+                if self.ctx.tls is None:
+                    raise ActivationError(f"systemd passed a {inh.name!r} socket but tls.cert/tls.key are not set")
+                if self.ctx.settings.server.proxy_protocol:
+                    raise ActivationError(f"{inh.name!r} socket: PROXY protocol on implicit TLS is not supported")
+                srv = await loop.create_server(self.tls_protocol, sock=inh.sock, **self._tls_options())
+                self.servers.append(srv)
+                self.tls_servers.append(srv)
+            else:
+                self.servers.append(await loop.create_server(self.protocol, sock=inh.sock))
+        log.info("listening on %s (sockets from systemd; server.listen is not used)",
+                 ", ".join(self.addresses_text()))
 
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) pairs; with port 0 in the config, the ports the kernel chose."""
@@ -102,22 +141,73 @@ class Pop3Server:
         log.info("stopped")
 
 
-async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | None = None) -> None:
-    """Run a server until SIGTERM or SIGINT."""
+async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | None = None,
+                load: Callable[[], Settings] | None = None) -> None:
+    """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.reload).
+
+    Under systemd: sockets come from LISTEN_FDS when socket-activated, and the manager hears READY=1 once
+    we listen, RELOADING=1/READY=1 around a reload, STOPPING=1 when we drain, WATCHDOG=1 if asked.
+    """
+    from pop3d import metrics, systemd
+    from pop3d.reload import reload
+
     ctx = build_context(settings)
-    server = Pop3Server(ctx)
+    server = Pop3Server(ctx, systemd.listen_fds())
     await server.start()
+    endpoint = None
+    if settings.metrics.listen and isinstance(ctx.metrics, metrics.Metrics) and not metrics.multiprocess_dir():
+        endpoint = metrics.start_endpoint(settings.metrics.listen, ctx.metrics.registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if ctx.tls is not None:  # SIGHUP: new certificates for new handshakes; live sessions keep theirs
-        loop.add_signal_handler(signal.SIGHUP, ctx.tls.reload)
+
+    def on_hup() -> None:
+        if load is None:
+            log.info("SIGHUP: no configuration file to re-read")
+            if ctx.tls is not None:  # still re-read the certificates
+                ctx.tls.reload()
+            return
+        log.info("SIGHUP: re-reading the configuration")
+        systemd.notify(*systemd.reloading_states())
+        reload(ctx, load)
+        systemd.notify("READY=1", _status(server))
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    interval = systemd.watchdog_interval()
+    watchdog = _Watchdog(loop, interval) if interval is not None else None
     if on_ready is not None:
         on_ready(server)
+    systemd.notify("READY=1", _status(server))
     await stop.wait()
-    log.info("signal received, stopping (grace %.0f s)", settings.server.shutdown_grace)
+    systemd.notify("STOPPING=1", "STATUS=draining sessions")
+    log.info("signal received, stopping (grace %.0f s)", ctx.settings.server.shutdown_grace)
     await server.stop()
+    if watchdog is not None:
+        watchdog.cancel()
+    if endpoint is not None:
+        endpoint.shutdown()
+
+
+def _status(server: Pop3Server) -> str:
+    return f"STATUS=listening on {', '.join(server.addresses_text())}"
+
+
+class _Watchdog:
+    """WATCHDOG=1 from the event loop itself, so a stuck loop (not just a live process) trips WatchdogSec=."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        self._loop, self._interval = loop, interval
+        self._handle = loop.call_soon(self._ping)
+
+    def _ping(self) -> None:
+        from pop3d import systemd
+
+        systemd.notify("WATCHDOG=1")
+        self._handle = self._loop.call_later(self._interval, self._ping)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
 
 
 def run(coro_factory: Callable[[], "asyncio.Future[None] | object"]) -> None:

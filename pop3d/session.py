@@ -25,6 +25,7 @@ import asyncio
 import collections
 import logging
 import ssl
+from time import perf_counter
 from typing import Any
 
 from pop3d.context import ServerContext
@@ -44,11 +45,16 @@ class Pop3Session(asyncio.Protocol):
     __slots__ = (
         "ctx", "transport", "handler", "parser", "_lines", "_queue", "_busy", "_task", "_out",
         "_write_paused", "_resume", "_timer", "_last_active", "_bad", "_closed", "_eof", "_loop",
-        "_handshaking",
+        "_handshaking", "_peer", "_sent", "_verb", "_t0",
     )
 
-    def __init__(self, ctx: ServerContext, parser: CommandParser = _PARSER) -> None:
+    def __init__(self, ctx: ServerContext, parser: CommandParser = _PARSER, peer: str | None = None) -> None:
+        """`peer`: the client address when a proxy told us (pop3d.proxy_gate), else the socket's peer."""
         self.ctx = ctx
+        self._peer = peer
+        self._sent = 0  # octets written, for the metrics (added once at session end)
+        self._verb = ""  # the command an async reply belongs to, and when it started (metrics)
+        self._t0 = 0.0
         self.parser = parser
         self._handshaking = False  # between STLS (or accept on :995) and the end of the handshake
         self.transport: Any = None
@@ -71,7 +77,7 @@ class Pop3Session(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         self.transport = transport
         peer = transport.get_extra_info("peername")
-        rip = peer[0] if isinstance(peer, tuple) else str(peer)
+        rip = self._peer or (peer[0] if isinstance(peer, tuple) else str(peer))
         transport.set_write_buffer_limits(high=self.ctx.settings.server.write_buffer)
         self.handler = Pop3Handler(self.ctx, rip)
         self.ctx.sessions.add(self)
@@ -80,7 +86,10 @@ class Pop3Session(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:  # an implicit-TLS listener: the handshake is already done (RFC 8314 §3.3)
             self.handler.tls_established(peer_identity(ssl_object, self.ctx.settings.tls.client_identity))
-        transport.write(self.handler.greeting())
+        greeting = self.handler.greeting()
+        self._sent += len(greeting)
+        self.ctx.metrics.session_opened()
+        transport.write(greeting)
 
     def data_received(self, data: bytes) -> None:
         self._last_active = self._loop.time()
@@ -135,6 +144,7 @@ class Pop3Session(asyncio.Protocol):
         assert handler is not None
         out: list[bytes] = []
         max_bad = self.ctx.settings.session.max_bad_commands
+        metrics = self.ctx.metrics if self.ctx.metrics.enabled else None
         while self._queue and not handler.closing and not self._closed:
             line = self._queue.popleft()
             if handler.sasl is not None:  # RFC 5034 §4: a response inside an exchange, not a command
@@ -162,11 +172,17 @@ class Pop3Session(asyncio.Protocol):
                     handler.end_reason = "too many bad commands"
                 continue
             self._bad = 0
+            t0 = perf_counter() if metrics is not None else 0.0
             try:
                 reply = handler.dispatch(event)
             except Exception:
                 log.exception("internal error in session user=%s", self._user())
                 reply = err("internal server error", "SYS/TEMP")
+            if metrics is not None:
+                if isinstance(reply, bytes):
+                    metrics.command(event.verb, perf_counter() - t0)
+                else:
+                    self._verb, self._t0 = event.verb, t0
             if isinstance(reply, bytes):
                 out.append(reply)
                 if handler.starttls:  # STLS +OK: send it, drop everything pipelined after it, handshake
@@ -201,6 +217,9 @@ class Pop3Session(asyncio.Protocol):
         except Exception:
             log.exception("internal error in session user=%s", self._user())
             self._write(err("internal server error", "SYS/TEMP"))
+        if self._verb:
+            self.ctx.metrics.command(self._verb, perf_counter() - self._t0)
+            self._verb = ""
         self._busy = False
         if self._closed or self.transport.is_closing():
             return
@@ -252,6 +271,7 @@ class Pop3Session(asyncio.Protocol):
 
     def _write(self, data: bytes) -> None:
         if not self._closed and not self.transport.is_closing():
+            self._sent += len(data)
             self.transport.write(data)
 
     def _close(self, reply: bytes) -> None:
@@ -273,6 +293,7 @@ class Pop3Session(asyncio.Protocol):
             first = await anext(chunks, b"")
         except (StorageError, OSError) as exc:
             log.warning("read failed user=%s msg=%d: %s", self._user(), s.index + 1, exc)
+            self.ctx.metrics.storage_error("read")
             self._write(err(f"message {s.index + 1} cannot be read now", "SYS/TEMP"))
             return
         enc = s.encoder
@@ -284,6 +305,7 @@ class Pop3Session(asyncio.Protocol):
                     return
                 self.transport.write(data)
                 sent += len(data)
+                self._sent += len(data)
                 if self._write_paused:
                     self._resume = self._loop.create_future()
                     await self._resume
@@ -297,6 +319,7 @@ class Pop3Session(asyncio.Protocol):
         except (StorageError, OSError) as exc:
             # the +OK is out; the only honest thing left is to cut the connection (the client sees no '.')
             log.warning("read failed mid-message user=%s msg=%d: %s", self._user(), s.index + 1, exc)
+            self.ctx.metrics.storage_error("read")
             self.transport.abort()
             return
         finally:
@@ -340,6 +363,7 @@ class Pop3Session(asyncio.Protocol):
             log.exception("releasing maildrop failed user=%s", self._user())
         finally:
             self.ctx.sessions.discard(self)
+        self.ctx.metrics.session_closed(self._sent)
         self.ctx.log_session_end(handler)
 
     def _user(self) -> str:

@@ -1,0 +1,48 @@
+"""`pop3d health HOST:PORT`: a real greeting check for container HEALTHCHECKs and monitoring.
+
+Connects, reads one line, and passes only on `+OK` (RFC 1939 §4: the greeting is positive when the server
+accepts the session). Then it says QUIT politely. The whole exchange shares one deadline, so a server that
+accepts but never greets fails in `timeout` seconds instead of hanging the health checker.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from pop3d.proxy import encode_v1
+
+
+def check(host: str, port: int, timeout: float, proxy: bool = False) -> tuple[bool, str]:
+    """(healthy, one line to print)."""
+    deadline = time.monotonic() + timeout
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            if proxy:
+                sock.sendall(encode_v1(None, None))  # UNKNOWN: "use the socket's own addresses"
+            buf = b""
+            while b"\n" not in buf and len(buf) < 512:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no greeting")
+                sock.settimeout(left)
+                chunk = sock.recv(512)
+                if not chunk:
+                    break
+                buf += chunk
+            line = buf.split(b"\n", 1)[0].rstrip(b"\r")
+            if line.startswith(b"+OK"):
+                try:
+                    sock.settimeout(max(0.1, deadline - time.monotonic()))
+                    sock.sendall(b"QUIT\r\n")
+                    sock.recv(512)
+                except OSError:
+                    pass  # healthy either way: the greeting was positive
+                return True, f"healthy: {line.decode('utf-8', 'replace')}"
+            if not line:
+                return False, f"unhealthy: {host}:{port} closed the connection without a greeting"
+            return False, f"unhealthy: {host}:{port} greeted {line[:80].decode('utf-8', 'replace')!r}"
+    except (TimeoutError, socket.timeout):
+        return False, f"unhealthy: {host}:{port} sent no greeting within {timeout:g} s"
+    except OSError as exc:
+        return False, f"unhealthy: {host}:{port}: {exc.strerror or exc}"

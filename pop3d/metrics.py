@@ -1,0 +1,169 @@
+"""Prometheus metrics (prometheus-client), off unless `metrics.listen` is set.
+
+Cost on the hot path: one `perf_counter` pair and one call per command into label children bound at start
+(`Metrics.verb`: no `labels()` lookup per command); bytes sent are summed in the session and added once
+at session end. With metrics off, `ctx.metrics` is a `NullMetrics` whose `enabled` is False and the
+session skips the timing altogether.
+
+Several worker processes: prometheus-client's multiprocess mode. Each process writes its samples into
+mmap files named by its pid in `PROMETHEUS_MULTIPROC_DIR`; the endpoint (served by one process, e.g. the
+supervisor) sums them with `MultiProcessCollector`. `enable_multiprocess()` must run before the workers
+fork; the supervisor calls `process_dead(pid)` when it reaps one so its open-session gauge stops counting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+from pop3d.config import parse_hostport
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+log = logging.getLogger("pop3d")
+
+#: seconds; POP3 commands range from a dict lookup (STAT) to an Argon2 check (PASS) or a 50 MiB RETR
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0)
+LOGIN_RESULTS = ("ok", "failed", "in_use", "login_delay", "unavailable")
+STORAGE_OPS = ("open", "read", "commit")
+
+
+def enable_multiprocess(directory: str | None = None) -> str:
+    """Switch prometheus-client to multiprocess mode (call before forking workers); returns the directory.
+
+    Files left by an earlier run in that directory are removed: their pids are gone and would be summed.
+    """
+    path = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="pop3d-metrics-")
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(path):
+        if name.endswith(".db"):
+            os.unlink(os.path.join(path, name))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()  # chosen at import time; re-pick now that the dir is set
+    return path
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def process_dead(pid: int) -> None:
+    """A worker exited: drop its live gauges (sessions open) from the sum."""
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
+
+
+class NullMetrics:
+    """Metrics off: every hook is a no-op, and `enabled` lets the session skip timing."""
+
+    enabled = False
+
+    def session_opened(self) -> None: ...
+    def session_closed(self, sent: int) -> None: ...
+    def login(self, result: str) -> None: ...
+    def lock_conflict(self) -> None: ...
+    def storage_error(self, op: str) -> None: ...
+    def command(self, verb: str, seconds: float) -> None: ...
+    def verb(self, verb: str) -> Any: return None
+
+
+class Metrics(NullMetrics):
+    """The live instruments of one process."""
+
+    enabled = True
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        # our own registry: several servers in one process (tests) must not collide in the global one
+        reg = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry = reg
+        self.sessions_open = Gauge("pop3d_sessions_open", "POP3 sessions currently connected",
+                                   registry=reg, multiprocess_mode="livesum")
+        self.sessions_total = Counter("pop3d_sessions", "POP3 sessions accepted", registry=reg)
+        self.logins = Counter("pop3d_logins", "Login attempts by result", ["result"], registry=reg)
+        self.auth_failures = Counter("pop3d_auth_failures", "Failed authentications (bad user or password)",
+                                     registry=reg)
+        self.commands = Counter("pop3d_commands", "Commands answered, by verb", ["verb"], registry=reg)
+        self.latency = Histogram("pop3d_command_duration_seconds", "Time from command to complete reply",
+                                 ["verb"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.bytes_sent = Counter("pop3d_sent_bytes", "Octets sent to clients (added at session end)",
+                                  registry=reg)
+        self.lock_conflicts = Counter("pop3d_lock_conflicts", "Logins refused because the maildrop was locked",
+                                      registry=reg)
+        self.storage_errors = Counter("pop3d_storage_errors", "Storage failures by operation", ["operation"],
+                                      registry=reg)
+        # bind label children once: the per-event cost is then one dict get at most
+        self._logins = {r: self.logins.labels(r) for r in LOGIN_RESULTS}
+        self._storage = {op: self.storage_errors.labels(op) for op in STORAGE_OPS}
+        self._verbs: dict[str, tuple[Any, Any]] = {}
+        from pop3d.protocol import VERBS
+
+        for v in VERBS:
+            self.verb(v)
+
+    def session_opened(self) -> None:
+        self.sessions_open.inc()
+        self.sessions_total.inc()
+
+    def session_closed(self, sent: int) -> None:
+        self.sessions_open.dec()
+        if sent:
+            self.bytes_sent.inc(sent)
+
+    def login(self, result: str) -> None:
+        self._logins[result].inc()
+        if result == "failed":
+            self.auth_failures.inc()
+
+    def lock_conflict(self) -> None:
+        self.lock_conflicts.inc()
+
+    def storage_error(self, op: str) -> None:
+        self._storage[op].inc()
+
+    def verb(self, verb: str) -> tuple[Any, Any]:
+        """(counter, histogram) children for a verb; extensions' verbs (AUTH, STLS) are bound on first use."""
+        pair = self._verbs.get(verb)
+        if pair is None:
+            pair = self._verbs[verb] = (self.commands.labels(verb), self.latency.labels(verb))
+        return pair
+
+    def command(self, verb: str, seconds: float) -> None:
+        count, hist = self.verb(verb)
+        count.inc()
+        hist.observe(seconds)
+
+
+def exposition_registry(own: CollectorRegistry | None) -> CollectorRegistry:
+    """What the endpoint serves: the sum over every process's files in multiprocess mode, else our own."""
+    if multiprocess_dir():
+        from prometheus_client import CollectorRegistry, multiprocess
+
+        reg = CollectorRegistry()
+        multiprocess.MultiProcessCollector(reg)
+        return reg
+    assert own is not None
+    return own
+
+
+def build(listen: str | None) -> NullMetrics:
+    return Metrics() if listen else NullMetrics()
+
+
+def start_endpoint(listen: str, registry: CollectorRegistry) -> Any:
+    """Serve GET /metrics on `listen` ("host:port") from a daemon thread; returns the WSGI server."""
+    from prometheus_client import start_http_server
+
+    host, port = parse_hostport(listen)
+    server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
+    log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", server.server_port)
+    return server

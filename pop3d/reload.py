@@ -1,0 +1,120 @@
+"""SIGHUP: re-read the configuration, apply what can change live, keep every session, name what cannot.
+
+Live keys take effect for new sessions and, where sessions read the shared context each time (timeouts,
+limits), for running ones too: sessions hold `ctx`, never a copy of the settings. Keys that only matter
+when sockets are bound or processes forked keep their running value, and the log says a restart is
+needed, so `ctx.settings` always tells what is in effect. Unknown (newly added) keys are treated as
+"restart needed" until they are listed here: the safe default.
+A configuration that fails to load or validate changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from pop3d.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from pop3d.context import ServerContext
+
+log = logging.getLogger("pop3d")
+
+#: section → keys applied live ("*" = the whole section)
+LIVE: dict[str, set[str]] = {
+    "server": {"hostname", "shutdown_grace", "write_buffer", "proxy_protocol", "proxy_trusted"},
+    "session": {"*"},
+    "auth": {"*"},
+    "storage": {"location", "mark_seen"},
+    "log": {"*"},
+    "tls": {"*"},  # certificates and protocol settings: applied by the TLS reload hook
+}
+
+
+@dataclass
+class Plan:
+    """The outcome of comparing the running and the new configuration."""
+
+    settings: Settings  # the new configuration with restart-only keys kept at their running values
+    live: list[str] = field(default_factory=list)
+    restart: list[str] = field(default_factory=list)
+
+
+def _is_live(section: str, key: str) -> bool:
+    keys = LIVE.get(section, set())
+    return "*" in keys or key in keys
+
+
+def plan(old: Settings, new: Settings) -> Plan:
+    """Which dotted keys changed, split into live and restart-needed; pure, for testing without signals."""
+    result = Plan(new)
+    updates: dict[str, Any] = {}
+    for section in type(new).model_fields:
+        o, n = getattr(old, section), getattr(new, section)
+        keep: dict[str, Any] = {}
+        for key in type(n).model_fields:
+            before, after = getattr(o, key, None), getattr(n, key)
+            if before == after:
+                continue
+            name = f"{section}.{key}"
+            if _is_live(section, key):
+                result.live.append(name)
+            else:
+                result.restart.append(name)
+                keep[key] = before
+        if keep:
+            updates[section] = n.model_copy(update=keep)
+    if updates:
+        result.settings = new.model_copy(update=updates)
+    return result
+
+
+def apply(ctx: ServerContext, new: Settings) -> Plan:
+    """Swap the context's settings (and what hangs off them) for `new`; returns what changed."""
+    from pop3d import logfmt
+
+    old = ctx.settings
+    p = plan(old, new)
+    s = p.settings
+    for hook in list(ctx.reload_hooks):  # first: a hook that refuses (a bad certificate) leaves all unchanged
+        hook(old, s)
+    if old.auth.passwd_file != s.auth.passwd_file:
+        from pop3d.auth.passwd_file import PasswdFileAuthenticator
+
+        ctx.auth = PasswdFileAuthenticator(s.auth.passwd_file)
+    else:
+        again = getattr(ctx.auth, "reload_soon", None)  # re-read users now, even if the mtime did not move
+        if callable(again):
+            again()
+    if (old.storage.location, old.storage.mark_seen) != (s.storage.location, s.storage.mark_seen):
+        from pop3d.storage import build_storage
+
+        ctx.storage = build_storage(s.storage)  # running sessions keep their open maildrop
+    ctx.settings = s
+    ctx.hostname = s.server.hostname
+    if old.log != s.log:
+        logfmt.configure(s.log)
+    return p
+
+
+def reload(ctx: ServerContext, load: Callable[[], Settings]) -> Plan | None:
+    """Load with `load`, apply, log the outcome; on any load error keep running as before (returns None)."""
+    try:
+        new = load()
+        try:
+            with open(new.auth.passwd_file, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"auth.passwd_file: cannot read {new.auth.passwd_file}: {exc.strerror}") from None
+        p = apply(ctx, new)
+    except ConfigError as exc:
+        log.error("reload failed, configuration unchanged: %s", exc)
+        return None
+    except Exception as exc:  # a hook (e.g. a certificate that does not load) refused the new settings
+        log.error("reload failed, configuration unchanged: %s", exc)
+        return None
+    log.info("configuration reloaded: %s", ", ".join(p.live) if p.live else "no live setting changed")
+    if p.restart:
+        log.warning("changed but needs a restart to take effect: %s", ", ".join(p.restart))
+    return p
