@@ -1,0 +1,85 @@
+"""A real HAProxy on loopback in front of pop3d, speaking PROXY v1 (send-proxy) and v2 (send-proxy-v2).
+
+The client connects from 127.0.0.5; HAProxy connects to pop3d from 127.0.0.1, the only trusted peer. If
+pop3d reports 127.0.0.5, it parsed the header HAProxy wrote. Skipped (with the reason) when HAProxy is not
+installed; `.ci/run` installs it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+HAPROXY = shutil.which("haproxy") or (Path("/usr/sbin/haproxy") if Path("/usr/sbin/haproxy").exists() else None)
+pytestmark = pytest.mark.skipif(HAPROXY is None, reason="HAProxy NOT INSTALLED: apt-get install -y haproxy")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"haproxy exited: {proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError("haproxy did not listen")
+
+
+def test_haproxy_v1_and_v2(start_server, tmp_path):
+    st_ = start_server(server={"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"]})
+    front1, front2 = _free_port(), _free_port()
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(f"""
+global
+    maxconn 50
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 20s
+    timeout server 20s
+frontend v1
+    bind 127.0.0.1:{front1}
+    default_backend v1
+frontend v2
+    bind 127.0.0.1:{front2}
+    default_backend v2
+backend v1
+    server pop 127.0.0.1:{st_.port} send-proxy
+backend v2
+    server pop 127.0.0.1:{st_.port} send-proxy-v2
+""")
+    proc = subprocess.Popen([str(HAPROXY), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        _wait_port(front1, proc)
+        _wait_port(front2, proc)
+        st_.wait_idle()  # the readiness probes above went through HAProxy too; let those sessions end
+        for front in (front1, front2):
+            c = socket.create_connection(("127.0.0.1", front), timeout=10, source_address=("127.0.0.5", 0))
+            f = c.makefile("rb")
+            assert f.readline().startswith(b"+OK pop3d ready")
+            c.sendall(b"USER alice\r\nPASS wonderland\r\n")
+            assert f.readline().startswith(b"+OK")
+            assert f.readline().startswith(b"+OK alice has")
+            assert {s.handler.peer for s in st_.ctx.sessions} == {"127.0.0.5"}
+            c.sendall(b"QUIT\r\n")
+            assert f.readline().startswith(b"+OK")
+            f.close()
+            c.close()
+            st_.wait_idle()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,0 +1,305 @@
+"""systemd integration, with systemd emulated: a unix datagram socket as NOTIFY_SOCKET, listening sockets
+passed as fds 3+ with LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES, signals for reload and stop.
+
+The end-to-end test runs `python -m pop3d serve` as a real process, which also covers reload (SIGHUP),
+metrics over HTTP, JSON logs and the drain on SIGTERM in the way an operator sees them.
+"""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pop3d import systemd
+from conftest import USERS, deliver
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Puts the given fds at 3, 4, ... (as systemd does), sets LISTEN_PID to its own pid, then execs pop3d:
+# the pid survives exec, so LISTEN_PID names the server process.
+WRAPPER = """
+import fcntl, os, sys
+fds = [int(x) for x in sys.argv[1].split(",") if x]
+high = [fcntl.fcntl(f, fcntl.F_DUPFD, 100) for f in fds]
+for i, f in enumerate(high):
+    os.dup2(f, 3 + i)
+    os.close(f)
+os.environ["LISTEN_FDS"] = str(len(fds))
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.executable, [sys.executable, "-m", "pop3d"] + sys.argv[2:])
+"""
+
+
+class FakeSystemd:
+    """The manager's side of sd_notify: an abstract-namespace datagram socket."""
+
+    def __init__(self) -> None:
+        self.name = f"pop3d-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + self.name)
+        self.seen: list[str] = []
+
+    @property
+    def address(self) -> str:
+        return "@" + self.name
+
+    def wait_for(self, state: str, timeout: float = 20) -> str:
+        """The first datagram (after those already seen) containing the line `state`."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self.sock.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                msg = self.sock.recv(4096).decode()
+            except TimeoutError:
+                break
+            self.seen.append(msg)
+            if state in msg.split("\n"):
+                return msg
+        raise AssertionError(f"no {state} from the service; got {self.seen}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _listener() -> socket.socket:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(args: list[str], socks: list[socket.socket], names: str, notify: FakeSystemd | None,
+           log: Path, **env: str) -> subprocess.Popen[bytes]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("POP3D_", "LISTEN_", "PROMETHEUS_"))}
+    full.update(PYTHONPATH=str(ROOT), LISTEN_FDNAMES=names, **env)
+    if notify is not None:
+        full["NOTIFY_SOCKET"] = notify.address
+    fds = [s.fileno() for s in socks]
+    return subprocess.Popen(
+        [sys.executable, "-c", WRAPPER, ",".join(map(str, fds)), *args],
+        pass_fds=fds, env=full, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+
+
+def _pop(port: int) -> tuple[socket.socket, "object"]:
+    c = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return c, c.makefile("rb")
+
+
+def _config(path: Path, root: Path, passwd: Path, metrics_port: int, extra: str = "") -> None:
+    path.write_text(f"""
+[server]
+listen = ["127.0.0.1:1"]   # ignored: the sockets come from systemd
+hostname = "test.invalid"
+shutdown_grace = 0.5
+[auth]
+passwd_file = "{passwd}"
+failure_delay = 0
+[storage]
+location = "{root}/mail/{{user}}/Maildir"
+[log]
+format = "json"
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+{extra}
+""")
+
+
+def test_notify_socket_activation_reload_metrics_and_drain(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.write_text("".join(f"{u}:{{PLAIN}}{p}\n" for u, p in USERS.items()))
+    deliver(tmp_path / "mail" / "alice" / "Maildir", b"Subject: hi\r\n\r\nhello\r\n")
+    cfg = tmp_path / "pop3d.toml"
+    mport = _free_port()
+    _config(cfg, tmp_path, passwd, mport)
+    lsock = _listener()
+    port = lsock.getsockname()[1]
+    fake = FakeSystemd()
+    log = tmp_path / "out.log"
+    proc = _spawn(["serve", "--config", str(cfg)], [lsock], "pop3", fake, log, WATCHDOG_USEC="100000")
+    lsock.close()  # the child has its copy; the parent's must not accept
+    try:
+        ready = fake.wait_for("READY=1")
+        assert f"STATUS=listening on 127.0.0.1:{port}" in ready.split("\n")
+        fake.wait_for("WATCHDOG=1")
+
+        c, f = _pop(port)
+        assert f.readline().startswith(b"+OK pop3d ready")
+        c.sendall(b"USER alice\r\nPASS wonderland\r\n")
+        assert f.readline().startswith(b"+OK") and f.readline().startswith(b"+OK alice has 1 message")
+
+        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+        assert 'pop3d_logins_total{result="ok"} 1.0' in body
+        assert "pop3d_sessions_open 1.0" in body
+        assert 'pop3d_commands_total{verb="PASS"} 1.0' in body
+
+        # reload: a new passwd-file with a new user, a new listen address (needs a restart), debug logs
+        passwd2 = tmp_path / "passwd2"
+        passwd2.write_text("carol:{PLAIN}c4rol\n")
+        _config(cfg, tmp_path, passwd2, mport, extra="")
+        text = cfg.read_text().replace('listen = ["127.0.0.1:1"]', 'listen = ["127.0.0.1:2"]')
+        cfg.write_text(text.replace('format = "json"', 'format = "json"\nlevel = "DEBUG"'))
+        proc.send_signal(signal.SIGHUP)
+        reloading = fake.wait_for("RELOADING=1")
+        assert any(line.startswith("MONOTONIC_USEC=") for line in reloading.split("\n"))
+        fake.wait_for("READY=1")
+
+        c2, f2 = _pop(port)
+        assert f2.readline().startswith(b"+OK")
+        c2.sendall(b"USER carol\r\nPASS c4rol\r\nQUIT\r\n")
+        assert f2.readline().startswith(b"+OK") and f2.readline().startswith(b"+OK carol has 0")
+        c2.close()
+        c.sendall(b"STAT\r\n")  # the session from before the reload carries on
+        assert f.readline() == b"+OK 1 22\r\n"
+
+        proc.send_signal(signal.SIGTERM)
+        fake.wait_for("STOPPING=1")
+        assert proc.wait(20) == 0
+        assert f.readline().startswith(b"-ERR [SYS/TEMP]")  # cut after shutdown_grace, deletes nothing
+        c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        fake.close()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    msgs = [rec["msg"] for rec in lines]
+    assert any("server.listen" in m and "restart" in m for m in msgs), msgs
+    assert any(m.startswith("configuration reloaded: ") and "auth.passwd_file" in m for m in msgs), msgs
+    ends = [rec for rec in lines if rec.get("event") == "session_end"]
+    assert {(e["user"], e["rip"]) for e in ends} == {("alice", "127.0.0.1"), ("carol", "127.0.0.1")}
+    assert next(e for e in ends if e["user"] == "alice")["reason"] == "server shutdown"
+    assert (tmp_path / "mail" / "alice" / "Maildir" / "new").iterdir().__next__()  # nothing deleted
+
+
+@pytest.mark.parametrize("names,message", [("pop3s", "TLS is not available"), ("imap", "must be pop3 or pop3s")])
+def test_socket_names_are_checked(tmp_path, names, message):
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}x\n")
+    cfg = tmp_path / "pop3d.toml"
+    _config(cfg, tmp_path, passwd, _free_port())
+    lsock = _listener()
+    log = tmp_path / "out.log"
+    proc = _spawn(["serve", "--config", str(cfg)], [lsock], names, None, log)
+    lsock.close()
+    assert proc.wait(20) == 2
+    assert message in log.read_text()
+
+
+def test_two_sockets_two_names(tmp_path):
+    """pop3 + unnamed: both serve plain POP3 (an unnamed socket is "unknown" to systemd)."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}x\n")
+    cfg = tmp_path / "pop3d.toml"
+    _config(cfg, tmp_path, passwd, _free_port())
+    socks = [_listener(), _listener()]
+    ports = [s.getsockname()[1] for s in socks]
+    fake = FakeSystemd()
+    proc = _spawn(["serve", "--config", str(cfg)], socks, "pop3", fake, tmp_path / "out.log")
+    for s in socks:
+        s.close()
+    try:
+        fake.wait_for("READY=1")
+        for p in ports:
+            c, f = _pop(p)
+            assert f.readline().startswith(b"+OK")
+            c.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        fake.close()
+
+
+# -- pure pieces ------------------------------------------------------------------------------------------
+
+
+def test_notify_datagram_and_absence(monkeypatch):
+    fake = FakeSystemd()
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", fake.address)
+        assert systemd.notify("READY=1", "STATUS=x")
+        assert fake.wait_for("READY=1", 5) == "READY=1\nSTATUS=x"
+        monkeypatch.delenv("NOTIFY_SOCKET")
+        assert not systemd.notify("READY=1")
+    finally:
+        fake.close()
+
+
+def test_watchdog_interval(monkeypatch):
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    assert systemd.watchdog_interval() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))
+    assert systemd.watchdog_interval() is None
+    monkeypatch.delenv("WATCHDOG_USEC")
+    assert systemd.watchdog_interval() is None
+
+
+def test_listen_fds_for_another_process_or_bad(monkeypatch):
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid() + 1))
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    assert systemd.listen_fds() == []
+    assert "LISTEN_FDS" not in os.environ  # unset so children do not take them
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "two")
+    with pytest.raises(systemd.ActivationError, match="not a number"):
+        systemd.listen_fds()
+
+
+# -- the unit files ---------------------------------------------------------------------------------------
+
+
+def _unit(name: str) -> configparser.ConfigParser:
+    cp = configparser.ConfigParser(strict=False, interpolation=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read(ROOT / "contrib" / "systemd" / name)
+    return cp
+
+
+def test_unit_files():
+    svc = _unit("pop3d.service")["Service"]
+    assert svc["Type"] == "notify"
+    assert "kill -HUP $MAINPID" in svc["ExecReload"]
+    assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict" and svc["PrivateTmp"] == "yes"
+    assert "/srv/mail" in svc["ReadWritePaths"].split()
+    assert svc["User"] == "pop3d" and svc["Group"] == "mail"
+    assert "pop3d serve" in svc["ExecStart"] and "WatchdogSec" in svc
+    for name, fdname, port in (("pop3d.socket", "pop3", "110"), ("pop3d-tls.socket", "pop3s", "995")):
+        sock = _unit(name)["Socket"]
+        assert sock["FileDescriptorName"] == fdname and sock["ListenStream"] == port
+        assert fdname in systemd.FD_KINDS
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+def test_units_verify(tmp_path):
+    """systemd's own parser: no unknown keys or bad values (the binary path is swapped for one that exists)."""
+    for name in ("pop3d.service", "pop3d.socket", "pop3d-tls.socket"):
+        text = (ROOT / "contrib" / "systemd" / name).read_text()
+        (tmp_path / name).write_text(text.replace("/usr/local/bin/pop3d", "/bin/true"))
+    out = subprocess.run(["systemd-analyze", "verify", "--man=no", *(str(tmp_path / n) for n in
+                          ("pop3d.service", "pop3d.socket", "pop3d-tls.socket"))],
+                         capture_output=True, text=True, timeout=60)
+    problems = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
+    assert not problems, problems
