@@ -1,0 +1,89 @@
+"""SIGHUP reload: which keys apply live, which wait for a restart, sessions kept, bad configs change nothing."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from conftest import Raw
+
+from pop3d.config import ConfigError, Settings
+from pop3d.reload import plan, reload
+
+
+def test_plan_splits_live_and_restart(env):
+    old = env.settings()
+    new = env.settings(server={"listen": ["127.0.0.1:2"], "backlog": 7, "proxy_protocol": True},
+                       session={"login_delay": 30}, log={"level": "DEBUG"}, storage={"mark_seen": False},
+                       metrics={"listen": "127.0.0.1:9"})
+    p = plan(old, new)
+    assert sorted(p.live) == ["log.level", "server.proxy_protocol", "session.login_delay", "storage.mark_seen"]
+    assert sorted(p.restart) == ["metrics.listen", "server.backlog", "server.listen"]
+    # what needs a restart keeps its running value, so ctx.settings tells what is in effect
+    assert p.settings.server.listen == old.server.listen and p.settings.server.backlog == old.server.backlog
+    assert p.settings.metrics.listen is None
+    assert p.settings.server.proxy_protocol is True and p.settings.session.login_delay == 30
+
+
+def test_plan_no_change(env):
+    p = plan(env.settings(), env.settings())
+    assert p.live == [] and p.restart == []
+
+
+def _reload(st: Any, load: Any) -> Any:
+    async def go() -> Any:
+        return reload(st.ctx, load)
+
+    return st.call(go())
+
+
+def test_live_reload_keeps_sessions_and_applies(start_server, env, caplog):
+    caplog.set_level(logging.INFO, logger="pop3d")
+    st = start_server()
+    old = Raw(st.port)
+    assert old.cmd(b"USER alice").startswith(b"+OK")
+    assert old.cmd(b"PASS wonderland").startswith(b"+OK")
+
+    users2 = env.root / "passwd2"
+    users2.write_text("carol:{PLAIN}c4rol\n")
+    new: Settings = env.settings(auth={"passwd_file": str(users2)}, session={"login_delay": 0,
+                                 "max_bad_commands": 2}, server={"listen": ["127.0.0.1:1"]})
+    p = _reload(st, lambda: new)
+    assert p is not None and "auth.passwd_file" in p.live and p.restart == ["server.listen"]
+    assert "needs a restart to take effect: server.listen" in caplog.text
+
+    assert old.cmd(b"STAT").startswith(b"+OK")  # the running session is untouched
+    c = Raw(st.port)
+    assert c.cmd(b"USER carol").startswith(b"+OK") and c.cmd(b"PASS c4rol").startswith(b"+OK carol")
+    d = Raw(st.port)  # alice is gone from the new user database
+    assert d.cmd(b"USER alice").startswith(b"+OK") and d.cmd(b"PASS wonderland").startswith(b"-ERR [AUTH]")
+    # a new limit applies to new commands: two bad ones now close the connection
+    d.cmd(b"BOGUS")
+    assert d.cmd(b"BOGUS").startswith(b"-ERR")
+    assert d.line().startswith(b"-ERR too many bad commands")
+    for r in (old, c, d):
+        r.close()
+
+
+def test_bad_config_changes_nothing(start_server, env, caplog):
+    caplog.set_level(logging.INFO, logger="pop3d")
+    st = start_server()
+    before = st.ctx.settings
+
+    def broken() -> Settings:
+        raise ConfigError("session.timeout: Input should be greater than or equal to 600")
+
+    assert _reload(st, broken) is None
+    assert st.ctx.settings is before
+    assert "reload failed, configuration unchanged: session.timeout" in caplog.text
+
+    missing = env.settings(auth={"passwd_file": str(env.root / "nope")})
+    assert _reload(st, lambda: missing) is None
+    assert st.ctx.settings is before and "cannot read" in caplog.text
+
+    def refuse(old: Settings, new: Settings) -> None:
+        raise ValueError("certificate does not match key")
+
+    st.ctx.reload_hooks.append(refuse)
+    assert _reload(st, lambda: env.settings(session={"login_delay": 5})) is None
+    assert st.ctx.settings is before and "certificate does not match key" in caplog.text
