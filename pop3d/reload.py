@@ -42,6 +42,8 @@ class Plan:
 
 
 def _is_live(section: str, key: str) -> bool:
+    if key.startswith("listen"):
+        return False  # sockets are bound once, in whatever section they are configured (tls.listen, ...)
     keys = LIVE.get(section, set())
     return "*" in keys or key in keys
 

@@ -142,11 +142,12 @@ class Pop3Server:
 
 
 async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | None = None,
-                load: Callable[[], Settings] | None = None) -> None:
+                load: Callable[[], Settings] | None = None, metrics_endpoint: bool = True) -> None:
     """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.reload).
 
     Under systemd: sockets come from LISTEN_FDS when socket-activated, and the manager hears READY=1 once
     we listen, RELOADING=1/READY=1 around a reload, STOPPING=1 when we drain, WATCHDOG=1 if asked.
+    `metrics_endpoint=False` in worker processes: their supervisor serves the summed metrics.
     """
     from pop3d import metrics, systemd
     from pop3d.reload import reload
@@ -155,8 +156,8 @@ async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | Non
     server = Pop3Server(ctx, systemd.listen_fds())
     await server.start()
     endpoint = None
-    if settings.metrics.listen and isinstance(ctx.metrics, metrics.Metrics) and not metrics.multiprocess_dir():
-        endpoint = metrics.start_endpoint(settings.metrics.listen, ctx.metrics.registry)
+    if metrics_endpoint and settings.metrics.listen and isinstance(ctx.metrics, metrics.Metrics):
+        endpoint = metrics.start_endpoint(settings.metrics.listen, metrics.exposition_registry(ctx.metrics.registry))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
