@@ -138,6 +138,7 @@ class Pop3Server:
                 await asyncio.sleep(0.01)
         for srv in self.servers:
             await srv.wait_closed()
+        self.ctx.metrics.stop_flushing()
         log.info("stopped")
 
 

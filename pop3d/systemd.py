@@ -32,10 +32,14 @@ def notify(*states: str) -> bool:
     if addr[0] == "@":
         addr = "\0" + addr[1:]
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        # non-blocking: this runs on the event loop, and a manager that stops reading must not stall it
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as s:
             s.connect(addr)
-            s.sendall("\n".join(states).encode("utf-8"))
+            s.send("\n".join(states).encode("utf-8"))
         return True
+    except BlockingIOError:
+        log.debug("sd_notify: %s is full, dropped %s", addr.lstrip("\0"), states)
+        return False
     except OSError as exc:
         log.warning("sd_notify to %s failed: %s", addr.lstrip("\0"), exc)
         return False

@@ -50,6 +50,12 @@ def test_session_counters(start_server, env):
     for r in (a, b, c):
         r.close()
     st.wait_idle()
+    assert v("pop3d_commands_total", verb="STAT") == 0  # accumulated in the loop, not yet flushed
+
+    async def flush() -> None:
+        m.flush()
+
+    st.call(flush())
 
     assert v("pop3d_logins_total", result="ok") == 1
     assert v("pop3d_logins_total", result="in_use") == 1
@@ -63,6 +69,32 @@ def test_session_counters(start_server, env):
     assert v("pop3d_command_duration_seconds_count", verb="PASS") == 3  # async replies are timed too
     assert v("pop3d_sessions_total") == 3 and v("pop3d_sessions_open") == 0
     assert v("pop3d_sent_bytes_total") > len(b"Subject: 1\r\n\r\none\r\n") + 3 * len(a.greeting)
+
+
+def test_latency_buckets_match_observe():
+    """The batched flush must produce exactly the series Histogram.observe() would have."""
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.utils import floatToGoString
+
+    from pop3d.metrics import LATENCY_BUCKETS
+
+    m = Metrics()
+    ref_reg = CollectorRegistry()
+    ref = Histogram("ref", "reference", buckets=LATENCY_BUCKETS, registry=ref_reg)
+    samples = [0.0, 1e-9, 0.0001, 0.00010001, 0.003, 0.5, 1.0, 29.9, 30.0, 31.0, *LATENCY_BUCKETS]
+    for x in samples:
+        m.command("RETR", x)
+        ref.observe(x)
+    m.flush()
+    m.flush()  # idempotent: nothing is counted twice
+    for bound in [*LATENCY_BUCKETS, float("inf")]:
+        le = floatToGoString(bound)
+        got = m.registry.get_sample_value("pop3d_command_duration_seconds_bucket", {"verb": "RETR", "le": le})
+        assert got == ref_reg.get_sample_value("ref_bucket", {"le": le}), le
+    assert m.registry.get_sample_value("pop3d_command_duration_seconds_sum", {"verb": "RETR"}) == \
+        ref_reg.get_sample_value("ref_sum")
+    assert m.registry.get_sample_value("pop3d_command_duration_seconds_count", {"verb": "RETR"}) == len(samples)
+    assert m.registry.get_sample_value("pop3d_commands_total", {"verb": "RETR"}) == len(samples)
 
 
 def test_http_endpoint():
@@ -92,6 +124,7 @@ for _ in range(3):
         for _ in range(5):
             m.session_opened(); m.login("ok"); m.command("STAT", 0.002)
         m.session_closed(100)
+        m.flush()
         os._exit(0)
     pids.append(pid)
 for p in pids:

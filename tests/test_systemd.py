@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -43,34 +44,54 @@ os.execv(sys.executable, [sys.executable, "-m", "pop3d"] + sys.argv[2:])
 
 
 class FakeSystemd:
-    """The manager's side of sd_notify: an abstract-namespace datagram socket."""
+    """The manager's side of sd_notify: an abstract-namespace datagram socket, read by a thread (as systemd
+    reads it at once), so watchdog pings never fill its queue."""
 
     def __init__(self) -> None:
         self.name = f"pop3d-test-{uuid.uuid4().hex}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind("\0" + self.name)
         self.seen: list[str] = []
+        self._next = 0
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.sock.recv(4096).decode()
+            except OSError:
+                return
+            if not msg:
+                return
+            with self._cond:
+                self.seen.append(msg)
+                self._cond.notify_all()
 
     @property
     def address(self) -> str:
         return "@" + self.name
 
     def wait_for(self, state: str, timeout: float = 20) -> str:
-        """The first datagram (after those already seen) containing the line `state`."""
+        """The first datagram (after those already consumed) containing the line `state`."""
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            self.sock.settimeout(max(0.01, end - time.monotonic()))
-            try:
-                msg = self.sock.recv(4096).decode()
-            except TimeoutError:
-                break
-            self.seen.append(msg)
-            if state in msg.split("\n"):
-                return msg
-        raise AssertionError(f"no {state} from the service; got {self.seen}")
+        with self._cond:
+            while True:
+                while self._next < len(self.seen):
+                    msg = self.seen[self._next]
+                    self._next += 1
+                    if state in msg.split("\n"):
+                        return msg
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {state} from the service; got {self.seen[-20:]}")
+                self._cond.wait(left)
 
     def close(self) -> None:
+        self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
+        self._reader.join(5)
 
 
 def _listener() -> socket.socket:
@@ -147,7 +168,11 @@ def test_notify_socket_activation_reload_metrics_and_drain(tmp_path):
         c.sendall(b"USER alice\r\nPASS wonderland\r\n")
         assert f.readline().startswith(b"+OK") and f.readline().startswith(b"+OK alice has 1 message")
 
-        body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
+        body = ""
+        end = time.monotonic() + 10  # command counts reach the endpoint at the next flush (1 s)
+        while 'pop3d_commands_total{verb="PASS"} 1.0' not in body and time.monotonic() < end:
+            time.sleep(0.2)
+            body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=10).read().decode()
         assert 'pop3d_logins_total{result="ok"} 1.0' in body
         assert "pop3d_sessions_open 1.0" in body
         assert 'pop3d_commands_total{verb="PASS"} 1.0' in body
@@ -303,3 +328,13 @@ def test_units_verify(tmp_path):
                          capture_output=True, text=True, timeout=60)
     problems = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     assert not problems, problems
+
+
+def test_notify_never_blocks_on_a_full_queue(monkeypatch):
+    """A manager that stops reading must not stall the event loop: datagrams are dropped instead."""
+    name = f"pop3d-test-{uuid.uuid4().hex}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sink:
+        sink.bind("\0" + name)
+        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
+        results = [systemd.notify("WATCHDOG=1") for _ in range(2000)]
+    assert results[0] is True and False in results
