@@ -6,6 +6,12 @@ then see the real client. The session then takes the transport over with `transp
 this gate costs nothing after the first packet. A peer outside `server.proxy_trusted`, a malformed header
 or none within `session.timeout_authorization` seconds: the connection is closed without a word, because
 an untrusted peer could otherwise claim any address.
+
+Implicit TLS (port 995) behind a proxy: the header comes before the TLS ClientHello, so such a listener must
+be created without `ssl=` and upgraded with `loop.start_tls` once the gate is done; `make_session` is the
+seam for that. Octets after the header in the same segment (`ProxyHeader.rest`) would then be the start of
+the ClientHello and must reach the TLS layer, which `start_tls` cannot take: that listener needs its own
+`asyncio.BufferedProtocol`/`ssl.MemoryBIO` feed (left to the TLS feature).
 """
 
 from __future__ import annotations

@@ -11,12 +11,16 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 
 HAPROXY = shutil.which("haproxy") or (Path("/usr/sbin/haproxy") if Path("/usr/sbin/haproxy").exists() else None)
 pytestmark = pytest.mark.skipif(HAPROXY is None, reason="HAProxy NOT INSTALLED: apt-get install -y haproxy")
+if HAPROXY is None:  # say so in every run's summary, not only with -rs
+    warnings.warn("HAProxy is not installed: the real PROXY-protocol interop test is SKIPPED "
+                  "(.ci/run installs it with apt-get)", stacklevel=1)
 
 
 def _free_port() -> int:

@@ -87,3 +87,22 @@ def test_bad_config_changes_nothing(start_server, env, caplog):
     st.ctx.reload_hooks.append(refuse)
     assert _reload(st, lambda: env.settings(session={"login_delay": 5})) is None
     assert st.ctx.settings is before and "certificate does not match key" in caplog.text
+
+
+def test_proxy_protocol_switches_live(start_server, env):
+    import socket
+
+    from pop3d.proxy import encode_v1
+
+    st = start_server()
+    before = Raw(st.port)  # a session from before the switch is not asked for a header
+    assert before.greeting.startswith(b"+OK")
+    p = _reload(st, lambda: env.settings(server={"proxy_protocol": True}))
+    assert p is not None and p.live == ["server.proxy_protocol"]
+    s = socket.create_connection(("127.0.0.1", st.port), timeout=10)
+    s.sendall(encode_v1(("198.51.100.9", 1), ("127.0.0.1", st.port)))
+    assert s.makefile("rb").readline().startswith(b"+OK pop3d ready")
+    assert "198.51.100.9" in {x.handler.peer for x in st.ctx.sessions}
+    assert before.cmd(b"NOOP").startswith(b"-ERR")  # still alive (NOOP is not legal before login)
+    s.close()
+    before.close()
