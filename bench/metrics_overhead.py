@@ -17,10 +17,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pop3d.config import load_settings  # noqa: E402
-from pop3d.metrics import Metrics, NullMetrics  # noqa: E402
-from pop3d.server import build_context  # noqa: E402
-from pop3d.session import Pop3Session  # noqa: E402
+from pop3d.config import load_settings
+from pop3d.metrics import Metrics, NullMetrics
+from pop3d.server import build_context
+from pop3d.session import Pop3Session
 
 
 class Sink:

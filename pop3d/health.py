@@ -42,7 +42,7 @@ def check(host: str, port: int, timeout: float, proxy: bool = False) -> tuple[bo
             if not line:
                 return False, f"unhealthy: {host}:{port} closed the connection without a greeting"
             return False, f"unhealthy: {host}:{port} greeted {line[:80].decode('utf-8', 'replace')!r}"
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False, f"unhealthy: {host}:{port} sent no greeting within {timeout:g} s"
     except OSError as exc:
         return False, f"unhealthy: {host}:{port}: {exc.strerror or exc}"

@@ -86,7 +86,7 @@ class NullMetrics:
 class _VerbStats:
     """One verb's commands since the last flush: count, latency sum, non-cumulative bucket counts."""
 
-    __slots__ = ("count", "total", "buckets", "counter", "hist")
+    __slots__ = ("buckets", "count", "counter", "hist", "total")
 
     def __init__(self, counter: Any, hist: Any) -> None:
         self.count = 0

@@ -20,7 +20,8 @@ import asyncio
 import functools
 import ipaddress
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pop3d.proxy import ProxyError, ProxyParser
 
@@ -49,7 +50,7 @@ def is_trusted(host: str, cidrs: tuple[str, ...]) -> bool:
 class ProxyGate(asyncio.Protocol):
     """Waits for the PROXY header, then replaces itself by `make_session(client_host)`."""
 
-    __slots__ = ("_make", "_trusted", "_timeout", "_parser", "_transport", "_timer", "_peer")
+    __slots__ = ("_make", "_parser", "_peer", "_timeout", "_timer", "_transport", "_trusted")
 
     def __init__(self, make_session: Callable[[str], asyncio.Protocol], trusted: tuple[str, ...],
                  timeout: float) -> None:

@@ -11,8 +11,9 @@ A configuration that fails to load or validate changes nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pop3d.config import ConfigError, Settings
 
@@ -110,10 +111,8 @@ def reload(ctx: ServerContext, load: Callable[[], Settings]) -> Plan | None:
         except OSError as exc:
             raise ConfigError(f"auth.passwd_file: cannot read {new.auth.passwd_file}: {exc.strerror}") from None
         p = apply(ctx, new)
-    except ConfigError as exc:
-        log.error("reload failed, configuration unchanged: %s", exc)
-        return None
-    except Exception as exc:  # a hook (e.g. a certificate that does not load) refused the new settings
+    except Exception as exc:  # noqa: BLE001 - ConfigError, or a hook refusing (a certificate that does not load):
+        # a reload must never take the running server down
         log.error("reload failed, configuration unchanged: %s", exc)
         return None
     log.info("configuration reloaded: %s", ", ".join(p.live) if p.live else "no live setting changed")

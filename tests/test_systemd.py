@@ -22,9 +22,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import USERS, deliver
 
 from pop3d import systemd
-from conftest import USERS, deliver
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -121,7 +121,7 @@ def _spawn(args: list[str], socks: list[socket.socket], names: str, notify: Fake
     )
 
 
-def _pop(port: int) -> tuple[socket.socket, "object"]:
+def _pop(port: int) -> tuple[socket.socket, object]:
     c = socket.create_connection(("127.0.0.1", port), timeout=10)
     return c, c.makefile("rb")
 
