@@ -10,8 +10,10 @@ by at most that long. Bytes sent are summed in the session and added at session 
 
 Several worker processes: prometheus-client's multiprocess mode. Each process writes its samples into
 mmap files named by its pid in `PROMETHEUS_MULTIPROC_DIR`; the endpoint (served by one process, e.g. the
-supervisor) sums them with `MultiProcessCollector`. `enable_multiprocess()` must run before the workers
-fork; the supervisor calls `process_dead(pid)` when it reaps one so its open-session gauge stops counting.
+supervisor) sums them with `MultiProcessCollector`. A supervisor does three things:
+`start_for_supervisor(listen)` before it forks (multiprocess mode on, endpoint up), `serve(...,
+metrics_endpoint=False)` in each worker, and `process_dead(pid)` when it reaps a worker so that worker's
+open-session gauge stops counting (its counters stay: they count what happened).
 """
 
 from __future__ import annotations
@@ -223,3 +225,9 @@ def start_endpoint(listen: str, registry: CollectorRegistry) -> Any:
     server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
     log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", server.server_port)
     return server
+
+
+def start_for_supervisor(listen: str, directory: str | None = None) -> Any:
+    """Multiprocess mode plus the summing endpoint, in the parent of the workers, before they fork."""
+    enable_multiprocess(directory)
+    return start_endpoint(listen, exposition_registry(None))

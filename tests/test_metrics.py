@@ -110,12 +110,13 @@ def test_http_endpoint():
     assert "# TYPE pop3d_command_duration_seconds histogram" in body
 
 
-# Three forked "workers" count into one directory; the endpoint's registry sums them. Run in a fresh
-# interpreter because multiprocess mode is process-wide.
+# A "supervisor" starts the endpoint, three forked "workers" count into one directory, the endpoint sums
+# them over HTTP. Run in a fresh interpreter because multiprocess mode is process-wide.
 WORKERS = r"""
-import os, sys
+import os, sys, urllib.request
 from pop3d import metrics
-metrics.enable_multiprocess(sys.argv[1])
+endpoint = metrics.start_for_supervisor("127.0.0.1:0", sys.argv[1])
+url = f"http://127.0.0.1:{endpoint.server_port}/metrics"
 pids = []
 for _ in range(3):
     pid = os.fork()
@@ -129,12 +130,11 @@ for _ in range(3):
     pids.append(pid)
 for p in pids:
     os.waitpid(p, 0)
-from prometheus_client import generate_latest
-reg = metrics.exposition_registry(None)
-print(generate_latest(reg).decode())
+print(urllib.request.urlopen(url, timeout=10).read().decode())
 metrics.process_dead(pids[0])
 print("AFTER")
-print(generate_latest(reg).decode())
+print(urllib.request.urlopen(url, timeout=10).read().decode())
+endpoint.shutdown()
 """
 
 
