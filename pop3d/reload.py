@@ -10,6 +10,7 @@ A configuration that fails to load or validate changes nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ LIVE: dict[str, set[str]] = {
     "auth": {"*"},
     "storage": {"location", "mark_seen"},
     "log": {"*"},
-    "tls": {"*"},  # certificates and protocol settings: applied by the TLS reload hook
+    "tls": {"*"},  # re-read by TlsManager.reload for new handshakes; sessions keep theirs
 }
 
 
@@ -42,9 +43,11 @@ class Plan:
     restart: list[str] = field(default_factory=list)
 
 
-def _is_live(section: str, key: str) -> bool:
-    if key.startswith("listen"):
-        return False  # sockets are bound once, in whatever section they are configured (tls.listen, ...)
+def _is_live(section: str, key: str, before: Any, after: Any) -> bool:
+    if "listen" in key:
+        return False  # sockets are bound once (server.listen, server.tls_listen, metrics.listen)
+    if section == "tls" and key in ("cert", "key") and (before is None) != (after is None):
+        return False  # turning TLS on or off changes listeners and the STLS verb
     keys = LIVE.get(section, set())
     return "*" in keys or key in keys
 
@@ -61,7 +64,7 @@ def plan(old: Settings, new: Settings) -> Plan:
             if before == after:
                 continue
             name = f"{section}.{key}"
-            if _is_live(section, key):
+            if _is_live(section, key, before, after):
                 result.live.append(name)
             else:
                 result.restart.append(name)
@@ -80,8 +83,14 @@ def apply(ctx: ServerContext, new: Settings) -> Plan:
     old = ctx.settings
     p = plan(old, new)
     s = p.settings
-    for hook in list(ctx.reload_hooks):  # first: a hook that refuses (a bad certificate) leaves all unchanged
+    for hook in list(ctx.reload_hooks):  # first: a hook that refuses leaves everything unchanged
         hook(old, s)
+    tls = ctx.tls
+    if tls is not None:  # re-read the certificate files even when the paths did not change (renewals)
+        previous, tls.settings = tls.settings, s.tls
+        if not tls.reload():
+            tls.settings = previous
+            raise ConfigError("tls: the certificates do not load (see above); nothing changed")
     if old.auth.passwd_file != s.auth.passwd_file:
         from pop3d.auth.passwd_file import PasswdFileAuthenticator
 
@@ -94,6 +103,11 @@ def apply(ctx: ServerContext, new: Settings) -> Plan:
         from pop3d.storage import build_storage
 
         ctx.storage = build_storage(s.storage)  # running sessions keep their open maildrop
+    if (old.auth.failure_delay, old.auth.failure_delay_max) != (s.auth.failure_delay, s.auth.failure_delay_max):
+        ctx.penalty.base = s.auth.failure_delay  # the penalty keeps its per-address history
+        ctx.penalty.maximum = max(s.auth.failure_delay, s.auth.failure_delay_max)
+    if old.auth.secure_networks != s.auth.secure_networks:
+        ctx.secure_networks = [ipaddress.ip_network(n, strict=False) for n in s.auth.secure_networks]
     ctx.settings = s
     ctx.hostname = s.server.hostname
     if old.log != s.log:

@@ -167,7 +167,8 @@ def _closed_without_greeting(sock: socket.socket) -> bool:
 
 def test_real_client_address_in_logs_and_session(start_server, caplog):
     caplog.set_level(logging.INFO, logger="pop3d")
-    st_ = start_server(server={"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"]})
+    st_ = start_server(server={"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"]},
+                       auth={"secure_networks": ["203.0.113.0/24"]})
     s = _connect(st_.port)
     # header, then pipelined commands in the same segment: nothing is lost
     s.sendall(encode_v1(("203.0.113.7", 40001), ("127.0.0.1", st_.port)) + b"USER alice\r\nPASS wonderland\r\n")
@@ -242,3 +243,16 @@ def test_off_by_default_header_is_just_a_bad_command(server):
     s.sendall(encode_v1(("192.0.2.1", 1), ("192.0.2.2", 2)))
     assert _read_line(s).startswith(b"-ERR")
     s.close()
+
+
+def test_cleartext_policy_and_penalty_see_the_client_not_the_proxy(start_server, caplog):
+    """The TCP peer is loopback (a secure network); the proxied client is not, so USER/PASS is refused."""
+    caplog.set_level(logging.INFO, logger="pop3d")
+    st_ = start_server(server={"proxy_protocol": True})
+    s = _connect(st_.port)
+    s.sendall(encode_v2(("198.51.100.1", 5555), ("127.0.0.1", st_.port)) + b"USER alice\r\n")
+    assert _read_line(s).startswith(b"+OK pop3d ready")
+    assert _read_line(s).startswith(b"-ERR [AUTH] plaintext authentication disallowed")
+    s.close()
+    st_.wait_idle()
+    assert "session end user=- rip=198.51.100.1" in caplog.text

@@ -106,3 +106,34 @@ def test_proxy_protocol_switches_live(start_server, env):
     assert before.cmd(b"NOOP").startswith(b"-ERR")  # still alive (NOOP is not legal before login)
     s.close()
     before.close()
+
+
+def test_plan_tls_on_off_needs_restart_but_new_files_are_live(env, tmp_path):
+    from tls_helpers import Pki
+
+    a, b = Pki.make(tmp_path, "a"), Pki.make(tmp_path, "b")
+    off = env.settings()
+    on_a = env.settings(tls=a.tls_section())
+    on_b = env.settings(tls=b.tls_section(), server={"tls_listen": ["127.0.0.1:0"]})
+    assert sorted(plan(off, on_a).restart) == ["tls.cert", "tls.key"]
+    p = plan(on_a, on_b)
+    assert sorted(p.live) == ["tls.cert", "tls.key"] and p.restart == ["server.tls_listen"]
+
+
+def test_bad_certificate_on_reload_changes_nothing(start_server, env, tmp_path, caplog):
+    from tls_helpers import Pki
+
+    caplog.set_level(logging.INFO)
+    pki = Pki.make(tmp_path)
+    st = start_server(tls=pki.tls_section())
+    before, context = st.ctx.settings, st.ctx.tls.context
+    broken = tmp_path / "broken.pem"
+    broken.write_text("not a certificate\n")
+    assert _reload(st, lambda: env.settings(tls={"cert": str(broken), "key": str(broken)},
+                                            session={"login_delay": 9})) is None
+    assert st.ctx.settings is before and st.ctx.tls.context is context
+    assert st.ctx.tls.settings.cert == pki.server_pem
+    assert "TLS reload failed" in caplog.text and "reload failed, configuration unchanged: tls" in caplog.text
+    fresh = Pki.make(tmp_path, "fresh")
+    p = _reload(st, lambda: env.settings(tls=fresh.tls_section()))
+    assert p is not None and st.ctx.tls.context is not context and st.ctx.tls.settings.cert == fresh.server_pem

@@ -216,7 +216,7 @@ def test_notify_socket_activation_reload_metrics_and_drain(tmp_path):
     assert (tmp_path / "mail" / "alice" / "Maildir" / "new").iterdir().__next__()  # nothing deleted
 
 
-@pytest.mark.parametrize("names,message", [("pop3s", "TLS is not available"), ("imap", "must be pop3 or pop3s")])
+@pytest.mark.parametrize("names,message", [("pop3s", "tls.cert/tls.key are not set"), ("imap", "must be pop3 or pop3s")])
 def test_socket_names_are_checked(tmp_path, names, message):
     passwd = tmp_path / "passwd"
     passwd.write_text("alice:{PLAIN}x\n")
@@ -230,24 +230,32 @@ def test_socket_names_are_checked(tmp_path, names, message):
     assert message in log.read_text()
 
 
-def test_two_sockets_two_names(tmp_path):
-    """pop3 + unnamed: both serve plain POP3 (an unnamed socket is "unknown" to systemd)."""
+def test_plain_and_tls_sockets_told_apart_by_name(tmp_path):
+    """LISTEN_FDNAMES=pop3:pop3s: the first socket speaks plain POP3, the second implicit TLS (RFC 8314)."""
+    from tls_helpers import Pki
+
+    pki = Pki.make(tmp_path)
     passwd = tmp_path / "passwd"
     passwd.write_text("alice:{PLAIN}x\n")
     cfg = tmp_path / "pop3d.toml"
-    _config(cfg, tmp_path, passwd, _free_port())
+    _config(cfg, tmp_path, passwd, _free_port(),
+            extra=f'[tls]\ncert = "{pki.server_pem}"\nkey = "{pki.server_pem}"\n')
     socks = [_listener(), _listener()]
-    ports = [s.getsockname()[1] for s in socks]
+    plain_port, tls_port = (s.getsockname()[1] for s in socks)
     fake = FakeSystemd()
-    proc = _spawn(["serve", "--config", str(cfg)], socks, "pop3", fake, tmp_path / "out.log")
+    proc = _spawn(["serve", "--config", str(cfg)], socks, "pop3:pop3s", fake, tmp_path / "out.log")
     for s in socks:
         s.close()
     try:
         fake.wait_for("READY=1")
-        for p in ports:
-            c, f = _pop(p)
-            assert f.readline().startswith(b"+OK")
-            c.close()
+        c, f = _pop(plain_port)
+        assert f.readline().startswith(b"+OK")
+        c.sendall(b"CAPA\r\n")
+        assert b"STLS\r\n" in b"".join(iter(f.readline, b".\r\n"))
+        c.close()
+        raw = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+        with pki.client_context().wrap_socket(raw, server_hostname="localhost") as t:
+            assert t.makefile("rb").readline().startswith(b"+OK pop3d ready")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
