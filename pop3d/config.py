@@ -216,10 +216,6 @@ class Settings(BaseSettings):
             raise ValueError("server.tls_listen needs tls.cert and tls.key")
         if "EXTERNAL" in self.auth.mechanisms and t.client_ca is None:
             raise ValueError("auth.mechanisms: EXTERNAL needs tls.client_ca (client certificates)")
-        if self.server.proxy_protocol and self.server.tls_listen:
-            # the header would precede the TLS ClientHello, which the TLS listener reads first
-            raise ValueError("server.proxy_protocol: not supported with server.tls_listen yet "
-                             "(use STLS on a plain listener, or terminate TLS at the proxy)")
         return self
 
     @classmethod

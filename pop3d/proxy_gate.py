@@ -7,11 +7,8 @@ this gate costs nothing after the first packet. A peer outside `server.proxy_tru
 or none within `session.timeout_authorization` seconds: the connection is closed without a word, because
 an untrusted peer could otherwise claim any address.
 
-Implicit TLS (port 995) behind a proxy: the header comes before the TLS ClientHello, so such a listener must
-be created without `ssl=` and upgraded with `loop.start_tls` once the gate is done; `make_session` is the
-seam for that. Octets after the header in the same segment (`ProxyHeader.rest`) would then be the start of
-the ClientHello and must reach the TLS layer, which `start_tls` cannot take: that listener needs its own
-`asyncio.BufferedProtocol`/`ssl.MemoryBIO` feed (left to the TLS feature).
+Implicit TLS (port 995) behind a proxy uses pop3d.proxy_tls instead: there the header precedes the TLS
+ClientHello, so it has to be read off the socket before the TLS layer exists.
 """
 
 from __future__ import annotations

@@ -43,11 +43,13 @@ class Plan:
     restart: list[str] = field(default_factory=list)
 
 
-def _is_live(section: str, key: str, before: Any, after: Any) -> bool:
+def _is_live(section: str, key: str, before: Any, after: Any, tls_listeners: bool = False) -> bool:
     if "listen" in key:
         return False  # sockets are bound once (server.listen, server.tls_listen, metrics.listen)
     if section == "tls" and key in ("cert", "key") and (before is None) != (after is None):
         return False  # turning TLS on or off changes listeners and the STLS verb
+    if section == "server" and key == "proxy_protocol" and tls_listeners:
+        return False  # implicit-TLS listeners pick their accept path (pop3d.proxy_tls) when they are made
     keys = LIVE.get(section, set())
     return "*" in keys or key in keys
 
@@ -64,7 +66,7 @@ def plan(old: Settings, new: Settings) -> Plan:
             if before == after:
                 continue
             name = f"{section}.{key}"
-            if _is_live(section, key, before, after):
+            if _is_live(section, key, before, after, bool(old.server.tls_listen)):
                 result.live.append(name)
             else:
                 result.restart.append(name)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from typing import Any, Callable
 
 from pop3d.config import Settings, parse_hostport
 from pop3d.context import ServerContext
 from pop3d.protocol import CommandParser
 from pop3d.proxy_gate import ProxyGate
+from pop3d.proxy_tls import ProxiedTlsListener, bind
 from pop3d.session import Pop3Session
 from pop3d.systemd import ActivationError, Inherited
 
@@ -61,8 +63,16 @@ class Pop3Server:
         return Pop3Session(ctx, self.parser)
 
     def tls_protocol(self) -> asyncio.Protocol:
-        """Implicit-TLS listeners: the TLS layer reads first, so no PROXY gate here (config refuses both)."""
+        """Implicit-TLS listeners without PROXY protocol: the session right behind the TLS layer."""
         return Pop3Session(self.ctx, self.parser)
+
+    def _proxied_tls(self, sock: socket.socket) -> ProxiedTlsListener:
+        """Implicit TLS behind a proxy: the header is read from the socket before TLS starts (proxy_tls)."""
+        ctx, parser = self.ctx, self.parser
+        return ProxiedTlsListener(
+            sock, lambda rip: Pop3Session(ctx, parser, peer=rip),
+            lambda: tuple(ctx.settings.server.proxy_trusted), lambda: ctx.settings.session.timeout_authorization,
+            self._tls_options())
 
     def _tls_options(self) -> dict[str, Any]:
         assert self.ctx.tls is not None  # config validation guarantees it
@@ -79,6 +89,12 @@ class Pop3Server:
         listeners = [(item, False) for item in cfg.listen] + [(item, True) for item in cfg.tls_listen]
         for item, implicit in listeners:
             host, port = parse_hostport(item)
+            if implicit and cfg.proxy_protocol:
+                for sock in bind(host, port, cfg.backlog):
+                    listener = self._proxied_tls(sock)
+                    self.servers.append(listener)  # type: ignore[arg-type]
+                    self.tls_servers.append(listener)  # type: ignore[arg-type]
+                continue
             srv = await loop.create_server(
                 self.tls_protocol if implicit else self.protocol, host or None, port,
                 backlog=cfg.backlog, reuse_address=True, **(self._tls_options() if implicit else {}),
@@ -100,8 +116,9 @@ class Pop3Server:
                 if self.ctx.tls is None:
                     raise ActivationError(f"systemd passed a {inh.name!r} socket but tls.cert/tls.key are not set")
                 if self.ctx.settings.server.proxy_protocol:
-                    raise ActivationError(f"{inh.name!r} socket: PROXY protocol on implicit TLS is not supported")
-                srv = await loop.create_server(self.tls_protocol, sock=inh.sock, **self._tls_options())
+                    srv: Any = self._proxied_tls(inh.sock)
+                else:
+                    srv = await loop.create_server(self.tls_protocol, sock=inh.sock, **self._tls_options())
                 self.servers.append(srv)
                 self.tls_servers.append(srv)
             else:
