@@ -121,14 +121,14 @@ class ProxiedTlsListener:
                 log.warning("bad PROXY header from %s: %s", peer, exc)
                 conn.close()
                 return
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 log.warning("no PROXY header from %s within %.0f s", peer, self._timeout())
                 conn.close()
                 return
             client = header.source[0] if header.source is not None else peer
             try:
                 await self._loop.connect_accepted_socket(lambda: self._make(client), conn, **self._tls)
-            except (OSError, asyncio.TimeoutError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
                 log.info("TLS handshake failed rip=%s: %s", client, exc)
                 conn.close()
         except asyncio.CancelledError:
