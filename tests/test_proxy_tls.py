@@ -122,3 +122,19 @@ def test_implicit_tls_untrusted_peer(start_server, tmp_path, caplog):
         pass
     s.close()
     assert "peer 127.0.0.1 is not in server.proxy_trusted" in caplog.text
+
+
+def test_implicit_tls_header_timeout(start_server, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="pop3d")
+    pki = Pki.make(tmp_path)
+    st = start_server(server={"proxy_protocol": True, "tls_listen": ["127.0.0.1:0"]},
+                      session={"timeout_authorization": 0.3}, tls=pki.tls_section())
+    (tls_port,) = [p for _h, p in st.server.tls_addresses()]
+    s = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+    s.sendall(b"PROXY TCP4 192.0.2.1")  # and then silence
+    try:
+        assert s.recv(10) == b""
+    except ConnectionResetError:
+        pass
+    s.close()
+    assert "no PROXY header from 127.0.0.1" in caplog.text
