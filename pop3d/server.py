@@ -80,12 +80,21 @@ class Pop3Server:
                 "ssl_handshake_timeout": self.ctx.settings.tls.handshake_timeout}
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        cfg = self.ctx.settings.server
-        self.ctx.metrics.start_flushing(loop)
+        self.ctx.metrics.start_flushing(asyncio.get_running_loop())
         if self.inherited:
             await self._start_inherited()
-            return
+        else:
+            await self._start_configured()
+        # storage drivers with crash journals (mbox) settle interrupted commits without waiting for a login
+        recover = getattr(self.ctx.storage, "recover_interrupted", None)
+        if recover is not None:
+            self._background.add(task := asyncio.ensure_future(recover()))
+            task.add_done_callback(self._background.discard)
+
+    async def _start_configured(self) -> None:
+        """Listeners from `server.listen` (plain) and `server.tls_listen` (implicit TLS)."""
+        loop = asyncio.get_running_loop()
+        cfg = self.ctx.settings.server
         listeners = [(item, False) for item in cfg.listen] + [(item, True) for item in cfg.tls_listen]
         for item, implicit in listeners:
             host, port = parse_hostport(item)
@@ -103,11 +112,6 @@ class Pop3Server:
             if implicit:
                 self.tls_servers.append(srv)
         log.info("listening on %s", ", ".join(self.addresses_text()))
-        # storage drivers with crash journals (mbox) settle interrupted commits without waiting for a login
-        recover = getattr(self.ctx.storage, "recover_interrupted", None)
-        if recover is not None:
-            self._background.add(task := asyncio.ensure_future(recover()))
-            task.add_done_callback(self._background.discard)
 
     async def _start_inherited(self) -> None:
         loop = asyncio.get_running_loop()
