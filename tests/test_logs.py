@@ -67,31 +67,42 @@ def test_session_end_line_fields(server, env, caplog):
 
 
 def test_no_password_or_auth_payload_in_logs(start_server, caplog):
-    """Every way a secret can arrive, at DEBUG, rendered by both formatters."""
+    """Every way a secret can arrive (USER/PASS, APOP, SASL initial responses and continuation lines, good
+    and bad), at DEBUG, rendered by both formatters."""
     caplog.set_level(logging.DEBUG)
     st = start_server(log={"level": "DEBUG"})
-    secrets = ["wonderland", "Wr0ng-Secret!", "builder pass"]
-    plain = base64.b64encode(b"\0alice\0wonderland").decode()
-    secrets.append(plain)
+    b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
+    plain_bad, plain_good = b64(b"\0alice\0Wr0ng-Plain!"), b64(b"\0alice\0wonderland")
+    login_pw = b64(b"Wr0ng-Login!")
+    secrets = ["wonderland", "Wr0ng-Secret!", "Wr0ng-Plain!", "Wr0ng-Login!", "builder pass",
+               plain_bad, plain_good, login_pw]
     r = Raw(st.port)
-    r.cmd(b"USER alice")
-    r.cmd(b"PASS Wr0ng-Secret!")  # failed login: logged, but never with the password
-    r.cmd(b"AUTH PLAIN " + plain.encode())  # SASL initial response
-    r.cmd(b"AUTH PLAIN")
-    r.cmd(plain.encode())  # a continuation line carrying the payload
+    assert r.cmd(b"USER alice").startswith(b"+OK")
+    assert r.cmd(b"PASS Wr0ng-Secret!").startswith(b"-ERR [AUTH]")  # logged, never with the password
+    assert r.cmd(b"AUTH PLAIN " + plain_bad.encode()).startswith(b"-ERR [AUTH]")
+    assert r.cmd(b"AUTH LOGIN").startswith(b"+ ")
+    assert r.cmd(b64(b"alice").encode()).startswith(b"+ ")
+    assert r.cmd(login_pw.encode()).startswith(b"-ERR [AUTH]")
+    assert r.cmd(b"AUTH PLAIN").startswith(b"+")
+    assert r.cmd(plain_good.encode()).startswith(b"+OK")  # the payload as a continuation line
+    assert r.cmd(b"QUIT").startswith(b"+OK")
+    r.close()
+    st.wait_idle()
+    r = Raw(st.port)
     ts = r.greeting.decode().split()[-1]
     digest = hashlib.md5((ts + "wonderland").encode()).hexdigest()
     secrets.append(digest)
-    r.cmd(f"APOP alice {digest}".encode())
+    assert r.cmd(f"APOP alice {digest}".encode()).startswith(b"+OK")
     r.cmd(b"QUIT")
     r.close()
     r = Raw(st.port)
     r.cmd(b"USER bob")
-    r.cmd(b"PASS builder pass")
+    assert r.cmd(b"PASS builder pass").startswith(b"+OK")
     r.cmd(b"QUIT")
     r.close()
     st.wait_idle()
-    assert any("login user=alice" in x.getMessage() for x in caplog.records)  # the logins did log
+    messages = [x.getMessage() for x in caplog.records]
+    assert sum("login user=alice" in m for m in messages) == 2 and any("auth failed" in m for m in messages)
     text, js = logging.Formatter(logfmt.TEXT_FORMAT), logfmt.JsonFormatter()
     rendered = "\n".join(text.format(x) + js.format(x) for x in caplog.records)
     for s in secrets:
