@@ -100,7 +100,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         host, port = parse_hostport(args.address)
     except ValueError as exc:
         raise ConfigError(f"address: {exc}") from None
-    ok, message = check(host or "127.0.0.1", port, args.timeout, proxy=args.proxy)
+    ok, message = check(host or "127.0.0.1", port, args.timeout, proxy=args.proxy, tls=args.tls)
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--timeout", type=float, default=5.0, help="seconds for connect + greeting (default 5)")
     h.add_argument("--proxy", action="store_true",
                    help="send a PROXY v1 UNKNOWN header first (for a server with server.proxy_protocol on)")
+    h.add_argument("--tls", action="store_true", help="implicit TLS first (a server.tls_listen port, e.g. 995)")
     h.set_defaults(func=cmd_health)
 
     w = sub.add_parser("passwd", help="print a passwd-file entry with a strong hash (password on stdin)")

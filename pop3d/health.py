@@ -3,23 +3,34 @@
 Connects, reads one line, and passes only on `+OK` (RFC 1939 §4: the greeting is positive when the server
 accepts the session). Then it says QUIT politely. The whole exchange shares one deadline, so a server that
 accepts but never greets fails in `timeout` seconds instead of hanging the health checker.
+`--tls` speaks implicit TLS (port 995) first; the certificate is not verified, because the question is
+"does this server answer", and a health check must not fail on a name mismatch with 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import time
 
 from pop3d.proxy import encode_v1
 
 
-def check(host: str, port: int, timeout: float, proxy: bool = False) -> tuple[bool, str]:
+def _unverified() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def check(host: str, port: int, timeout: float, proxy: bool = False, tls: bool = False) -> tuple[bool, str]:
     """(healthy, one line to print)."""
     deadline = time.monotonic() + timeout
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
             if proxy:
-                sock.sendall(encode_v1(None, None))  # UNKNOWN: "use the socket's own addresses"
+                raw.sendall(encode_v1(None, None))  # UNKNOWN: "use the socket's own addresses"
+            sock = _unverified().wrap_socket(raw, server_hostname=host) if tls else raw
             buf = b""
             while b"\n" not in buf and len(buf) < 512:
                 left = deadline - time.monotonic()
@@ -44,5 +55,7 @@ def check(host: str, port: int, timeout: float, proxy: bool = False) -> tuple[bo
             return False, f"unhealthy: {host}:{port} greeted {line[:80].decode('utf-8', 'replace')!r}"
     except TimeoutError:
         return False, f"unhealthy: {host}:{port} sent no greeting within {timeout:g} s"
+    except ssl.SSLError as exc:
+        return False, f"unhealthy: {host}:{port}: TLS: {exc.reason or exc}"
     except OSError as exc:
         return False, f"unhealthy: {host}:{port}: {exc.strerror or exc}"

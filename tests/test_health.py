@@ -62,3 +62,16 @@ def test_refused_and_bad_address(capsys):
         assert main(["health", f"127.0.0.1:{port}", "--timeout", "2"]) == 1
     assert "unhealthy" in capsys.readouterr().err
     assert main(["health", "nonsense"]) == 2
+
+
+def test_implicit_tls_with_and_without_proxy(start_server, tmp_path):
+    from tls_helpers import Pki
+
+    pki = Pki.make(tmp_path)
+    st = start_server(server={"tls_listen": ["127.0.0.1:0"]}, tls=pki.tls_section())
+    (tls_port,) = [p for _h, p in st.server.tls_addresses()]
+    assert main(["health", f"127.0.0.1:{tls_port}", "--tls"]) == 0
+    assert main(["health", f"127.0.0.1:{st.port}", "--tls", "--timeout", "2"]) == 1  # plain port: no TLS
+    st2 = start_server(server={"proxy_protocol": True, "tls_listen": ["127.0.0.1:0"]}, tls=pki.tls_section())
+    (tls_port2,) = [p for _h, p in st2.server.tls_addresses()]
+    assert check("127.0.0.1", tls_port2, 5, proxy=True, tls=True)[0]
