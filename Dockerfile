@@ -22,7 +22,7 @@ FROM python:${PYTHON_VERSION}-slim
 # a dedicated unprivileged user in group mail (gid 8 in Debian), so Maildirs owned by group mail work
 RUN useradd --system --uid 110 --gid mail --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin pop3d
 COPY --from=build /wheels /wheels
-RUN python -m pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+RUN python -m pip install --no-cache-dir --no-index --find-links=/wheels pop3d && rm -rf /wheels
 COPY contrib/docker/pop3d.toml /etc/pop3d/pop3d.toml
 RUN mkdir -p /srv/mail && chown pop3d:mail /srv/mail
 
