@@ -50,7 +50,7 @@ def _check_runtime(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pop3d.server import Pop3Server, run, serve
+    from pop3d.server import serve_forever
     from pop3d.systemd import ActivationError
 
     if args.demo:
@@ -62,22 +62,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_runtime(settings)
     _setup_logging(settings)
 
-    def ready(server: Pop3Server) -> None:
+    def ready(addresses: list[str]) -> None:
         if args.demo:
             from pop3d import demo
 
-            print(demo.banner(server.addresses_text()), flush=True)
+            print(demo.banner(addresses), flush=True)
 
     load = None if args.demo else (lambda: _load(args))
     try:
-        run(lambda: serve(settings, ready, load))
+        return serve_forever(settings, ready, load)
     except ActivationError as exc:
         print(f"pop3d: socket activation: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. address in use, permission denied on a low port
         print(f"pop3d: cannot listen: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -56,8 +56,9 @@ async def read_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> P
     return header
 
 
-def bind(host: str, port: int, backlog: int) -> list[socket.socket]:
-    """Listening sockets for "host:port" as asyncio's create_server makes them (every address, v6-only)."""
+def bind(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
+    """Listening sockets for "host:port" as asyncio's create_server makes them (every address, v6-only);
+    `reuse_port`: SO_REUSEPORT, for worker processes sharing the port (pop3d.workers)."""
     out: list[socket.socket] = []
     try:
         for family, type_, proto, _name, addr in socket.getaddrinfo(
@@ -65,6 +66,8 @@ def bind(host: str, port: int, backlog: int) -> list[socket.socket]:
             s = socket.socket(family, type_, proto)
             out.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.bind(addr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 from typing import Any, Callable
@@ -41,9 +42,14 @@ def build_context(settings: Settings) -> ServerContext:
 class Pop3Server:
     """The listening sockets of one process and the sessions they accepted."""
 
-    def __init__(self, ctx: ServerContext, inherited: list[Inherited] | None = None) -> None:
-        """`inherited`: listening sockets from systemd socket activation; they replace `server.listen`."""
+    def __init__(self, ctx: ServerContext, inherited: list[Inherited] | None = None,
+                 addresses: list[tuple[str, int, bool]] | None = None, reuse_port: bool = False) -> None:
+        """`inherited`: listening sockets from systemd socket activation; they replace `server.listen`.
+        `addresses`: (host, port, implicit TLS) to listen on instead of `server.listen`/`tls_listen` (a
+        worker gets the ports its supervisor resolved); `reuse_port`: SO_REUSEPORT, so workers share them."""
         self.ctx = ctx
+        self._addresses = addresses
+        self._reuse_port = reuse_port
         self.servers: list[asyncio.base_events.Server] = []
         self.tls_servers: list[asyncio.base_events.Server] = []  # the implicit-TLS subset of `servers`
         self._background: set[asyncio.Future[object]] = set()
@@ -95,18 +101,23 @@ class Pop3Server:
         """Listeners from `server.listen` (plain) and `server.tls_listen` (implicit TLS)."""
         loop = asyncio.get_running_loop()
         cfg = self.ctx.settings.server
-        listeners = [(item, False) for item in cfg.listen] + [(item, True) for item in cfg.tls_listen]
-        for item, implicit in listeners:
-            host, port = parse_hostport(item)
+        if self._addresses is not None:
+            listeners = self._addresses
+        else:
+            listeners = [(*parse_hostport(item), False) for item in cfg.listen]
+            listeners += [(*parse_hostport(item), True) for item in cfg.tls_listen]
+        reuse_port = self._reuse_port or None
+        for host, port, implicit in listeners:
             if implicit and cfg.proxy_protocol:
-                for sock in bind(host, port, cfg.backlog):
+                for sock in bind(host, port, cfg.backlog, reuse_port=bool(reuse_port)):
                     listener = self._proxied_tls(sock)
                     self.servers.append(listener)  # type: ignore[arg-type]
                     self.tls_servers.append(listener)  # type: ignore[arg-type]
                 continue
             srv = await loop.create_server(
                 self.tls_protocol if implicit else self.protocol, host or None, port,
-                backlog=cfg.backlog, reuse_address=True, **(self._tls_options() if implicit else {}),
+                backlog=cfg.backlog, reuse_address=True, reuse_port=reuse_port,
+                **(self._tls_options() if implicit else {}),
             )
             self.servers.append(srv)
             if implicit:
@@ -164,18 +175,25 @@ class Pop3Server:
 
 
 async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | None = None,
-                load: Callable[[], Settings] | None = None, metrics_endpoint: bool = True) -> None:
+                load: Callable[[], Settings] | None = None, metrics_endpoint: bool = True,
+                worker: tuple[list[Inherited], list[tuple[str, int, bool]]] | None = None) -> None:
     """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.reload).
 
     Under systemd: sockets come from LISTEN_FDS when socket-activated, and the manager hears READY=1 once
     we listen, RELOADING=1/READY=1 around a reload, STOPPING=1 when we drain, WATCHDOG=1 if asked.
     `metrics_endpoint=False` in worker processes: their supervisor serves the summed metrics.
+    `worker`: (inherited sockets, addresses) from a Supervisor (pop3d.workers); listeners then use
+    SO_REUSEPORT, and systemd hears from the supervisor, not from us.
     """
     from pop3d import metrics, systemd
     from pop3d.reload import reload
 
     ctx = build_context(settings)
-    server = Pop3Server(ctx, systemd.listen_fds())
+    if worker is None:
+        server = Pop3Server(ctx, systemd.listen_fds())
+    else:
+        inherited, addresses = worker
+        server = Pop3Server(ctx, inherited, None if inherited else addresses, reuse_port=True)
     await server.start()
     endpoint = None
     if metrics_endpoint and settings.metrics.listen and isinstance(ctx.metrics, metrics.Metrics):
@@ -191,12 +209,17 @@ async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | Non
             if ctx.tls is not None:  # still re-read the certificates
                 ctx.tls.reload()
             return
+        reload_users = getattr(ctx.auth, "reload_soon", None)
+        if reload_users is not None:  # the passwd-file too, even if its stat looks unchanged
+            reload_users()
         log.info("SIGHUP: re-reading the configuration")
         systemd.notify(*systemd.reloading_states())
         reload(ctx, load)
         systemd.notify("READY=1", _status(server))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    # a forked worker starts with these blocked (pop3d.workers): from here on they are handled, not fatal
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
     interval = systemd.watchdog_interval()
     watchdog = _Watchdog(loop, interval) if interval is not None else None
     if on_ready is not None:
@@ -231,6 +254,34 @@ class _Watchdog:
 
     def cancel(self) -> None:
         self._handle.cancel()
+
+
+def serve_forever(settings: Settings, on_ready: Callable[[list[str]], None] | None = None,
+                  load: Callable[[], Settings] | None = None) -> int:
+    """The `pop3d serve` main: in this process for `server.workers = 1`, else under a Supervisor.
+
+    Raises the open-files limit first (each connection is a descriptor). Returns the exit status.
+    """
+    from pop3d import workers
+
+    soft, hard = workers.raise_nofile_limit()
+    log.info("open-files limit %d (hard %d)", soft, hard)
+    if settings.server.workers == 1:
+        run(lambda: serve(settings, (lambda srv: on_ready(srv.addresses_text())) if on_ready else None, load))
+        return 0
+
+    def worker_main(inherited: list[Inherited], addresses: list[tuple[str, int, bool]], ready_fd: int) -> None:
+        """One forked worker: its own loop and listeners; tells the supervisor once it listens."""
+
+        def ready(server: Pop3Server) -> None:
+            if ready_fd >= 0:
+                os.write(ready_fd, b"r")
+                os.close(ready_fd)
+
+        run(lambda: serve(settings, ready, load, metrics_endpoint=False, worker=(inherited, addresses)))
+
+    sup = workers.Supervisor(settings, worker_main)
+    return sup.run((lambda s: on_ready(s.addresses_text())) if on_ready else None)
 
 
 def run(coro_factory: Callable[[], "asyncio.Future[None] | object"]) -> None:

@@ -47,6 +47,17 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 15) -> None:
     raise AssertionError("server did not start")
 
 
+def wait_port_closed(port: int, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"port {port} still accepting: orphaned workers?")
+
+
 def start(cfg: Path, port: int, **kw) -> subprocess.Popen:
     proc = subprocess.Popen([*POP3D, "serve", "--config", str(cfg)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
@@ -166,6 +177,7 @@ def test_kill_9_leaves_no_stale_lock(env):
     p.pass_(USERS["alice"])  # holds the maildrop lock
     proc.kill()
     proc.wait()
+    wait_port_closed(port)  # workers die with their supervisor (PR_SET_PDEATHSIG), within milliseconds
     proc = start(cfg, port)
     try:
         q = poplib.POP3("127.0.0.1", port, timeout=10)

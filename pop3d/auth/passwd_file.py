@@ -247,6 +247,11 @@ class PasswdFileAuthenticator:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor or _hash_pool(), functools.partial(fn, *args))
 
+    def reload_soon(self) -> None:
+        """Re-read the file at the next lookup even if its stat looks unchanged (SIGHUP)."""
+        self._last_check = float("-inf")
+        self._file_id = None  # type: ignore[assignment]
+
     async def _refresh(self) -> None:
         """Re-read the file if it changed; rate-limited, and one reload at a time."""
         if time.monotonic() - self._last_check < self._min_check_interval:

@@ -1,0 +1,284 @@
+"""Several worker processes, one uvloop event loop each (DESIGN.md performance rule 4).
+
+`server.workers = 1` never forks: the server runs in the calling process (pop3d.server.serve).
+With more workers a small synchronous supervisor (this module) stays in the parent:
+
+* it first binds one *non-listening* SO_REUSEPORT socket per listen address. That reports "address in use"
+  before anything forks, turns a configured port 0 into one concrete port that every worker shares, and
+  keeps the port reserved across worker restarts. A socket that never calls listen() receives no
+  connections, so it takes no share of the load;
+* it forks the workers; each creates its own SO_REUSEPORT listeners *after* fork and runs its own loop, so
+  the kernel spreads new connections over the workers' accept queues (no thundering herd, no shared
+  accept lock);
+* a worker that dies is logged with its exit status and replaced (at most one restart per second per
+  slot, so a worker that crashes at start cannot fork-bomb the machine);
+* SIGTERM/SIGINT are forwarded as SIGTERM (each worker drains for `server.shutdown_grace`, then cuts its
+  sessions), SIGHUP is forwarded as is (workers re-read the user database at once). The parent exits when
+  every worker has;
+* workers ask the kernel for SIGKILL when the parent dies (PR_SET_PDEATHSIG), so a `kill -9` of the
+  supervisor never leaves orphans holding ports and maildrop locks;
+* under systemd the supervisor is the main process: it takes socket-activated sockets (then every worker
+  accepts on those same inherited sockets), sends READY/RELOADING/STOPPING and the watchdog pings; workers
+  do not talk to the manager. With `metrics.listen` it serves the metrics summed over the workers
+  (prometheus-client multiprocess mode) and tells the collector when a worker died.
+
+Maildrop locks are OFD fcntl locks (storage/locking.py): they exclude sessions in other workers too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Callable
+
+from pop3d.config import Settings, parse_hostport
+from pop3d.systemd import Inherited
+
+log = logging.getLogger("pop3d")
+
+_PR_SET_PDEATHSIG = 1
+_RESTART_INTERVAL = 1.0
+_FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGHUP}
+_WATCHED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+
+
+class ListenError(OSError):
+    """A listen address cannot be bound (in use, no permission): reported before any worker starts."""
+
+
+def reserve(listen: list[str], tls_listen: list[str] = []) -> tuple[list[socket.socket], list[tuple[str, int, bool]]]:
+    """Bind (without listen) one SO_REUSEPORT socket per address; return them and the concrete
+    (host, port, implicit TLS) addresses.
+
+    Port 0 becomes the port the kernel chose for the first address family, shared by all workers.
+    """
+    held: list[socket.socket] = []
+    resolved: list[tuple[str, int, bool]] = []
+    item = ""
+    try:
+        for item, implicit in [(i, False) for i in listen] + [(i, True) for i in tls_listen]:
+            host, port = parse_hostport(item)
+            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            for family, stype, proto, _, addr in infos:
+                s = socket.socket(family, stype, proto)
+                held.append(s)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio's create_server
+                s.bind((addr[0], port, *addr[2:]))
+                port = s.getsockname()[1]  # the next family of a port-0 address reuses the chosen port
+            resolved.append((host, port, implicit))
+    except OSError as exc:
+        for s in held:
+            s.close()
+        raise ListenError(exc.errno, f"{item}: {exc.strerror}") from None
+    return held, resolved
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit: every connection is a file descriptor. Returns (soft, hard)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # e.g. RLIM_INFINITY refused on some systems
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, hard, exc)
+    return soft, hard
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the parent dies. Elsewhere a no-op (orphans then exit on SIGTERM)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:  # pragma: no cover - no libc found
+        pass
+
+
+class Supervisor:
+    """Forks `settings.server.workers` workers and keeps that many alive until told to stop."""
+
+    def __init__(self, settings: Settings,
+                 worker_main: Callable[[list[Inherited], list[tuple[str, int, bool]], int], None]) -> None:
+        """`worker_main(inherited, addresses, ready_fd)` runs one worker; it writes a byte to `ready_fd`
+        once it listens and returns when the worker should exit."""
+        from pop3d import systemd
+
+        self.settings = settings
+        self.count = settings.server.workers
+        self.worker_main = worker_main
+        self.inherited = systemd.listen_fds()
+        self.held: list[socket.socket] = []
+        self.addresses: list[tuple[str, int, bool]] = []
+        if self.inherited:
+            self.addresses = [(*i.sock.getsockname()[:2], i.kind == "tls") for i in self.inherited]
+        else:
+            self.held, self.addresses = reserve(settings.server.listen, settings.server.tls_listen)
+        self.metrics_endpoint = None
+        if settings.metrics.listen:
+            from pop3d import metrics
+
+            self.metrics_endpoint = metrics.start_for_supervisor(settings.metrics.listen)
+        self.pids: dict[int, int] = {}  # pid -> slot
+        self.started: dict[int, float] = {}  # slot -> monotonic time of its last start
+        self.stopping = False
+
+    def addresses_text(self) -> list[str]:
+        return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p, _ in self.addresses]
+
+    def _spawn(self, slot: int, ready_w: int | None) -> int:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 0
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                for sig in _WATCHED:
+                    signal.signal(sig, signal.SIG_DFL)
+                _die_with_parent()
+                if os.getppid() != parent:  # the parent died before prctl took effect
+                    os._exit(1)
+                for s in self.held:
+                    s.close()
+                for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor speaks
+                    os.environ.pop(var, None)
+                self.worker_main(self.inherited, self.addresses, -1 if ready_w is None else ready_w)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # noqa: BLE001 - report anything and exit non-zero; the parent restarts us
+                log.exception("worker %d crashed", slot)
+                code = 1
+            finally:
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.pids[pid] = slot
+        self.started[slot] = time.monotonic()
+        return pid
+
+    def run(self, on_ready: Callable[[Supervisor], None] | None = None) -> int:
+        """Start the workers, supervise them until SIGTERM/SIGINT, return the exit status."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, _WATCHED)
+        ready_r, ready_w = os.pipe()
+        try:
+            for slot in range(self.count):
+                self._spawn(slot, ready_w)
+            os.close(ready_w)
+            if not self._wait_ready(ready_r):
+                self._stop_all(signal.SIGTERM)
+                self._reap_all()
+                return 1
+        finally:
+            os.close(ready_r)
+        log.info("%d workers listening on %s", self.count, ", ".join(self.addresses_text()))
+        if on_ready is not None:
+            on_ready(self)
+        from pop3d import systemd
+
+        systemd.notify("READY=1", f"STATUS={self.count} workers listening on {', '.join(self.addresses_text())}")
+        return self._supervise()
+
+    def _wait_ready(self, ready_r: int) -> bool:
+        """Every worker wrote its ready byte; False (and logged) if one died first or it took too long."""
+        import select
+
+        got = 0
+        deadline = time.monotonic() + 60
+        while got < self.count:
+            if time.monotonic() > deadline:
+                log.error("workers did not start within 60 s")
+                return False
+            if select.select([ready_r], [], [], 0.1)[0]:
+                got += len(os.read(ready_r, self.count - got))
+                continue
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                self.pids.pop(pid, None)
+                log.error("a worker %s during start-up", _describe_status(status))
+                return False
+        return True
+
+    def _supervise(self) -> int:
+        from pop3d import systemd
+
+        watchdog = systemd.watchdog_interval()
+        next_ping = time.monotonic()
+        while self.pids:
+            if watchdog is not None and time.monotonic() >= next_ping:
+                systemd.notify("WATCHDOG=1")
+                next_ping = time.monotonic() + watchdog
+            info = signal.sigtimedwait(_WATCHED, min(1.0, watchdog or 1.0))
+            if info is not None and info.si_signo in _FORWARDED:
+                if info.si_signo == signal.SIGHUP:
+                    log.info("SIGHUP: forwarding to workers")
+                    systemd.notify(*systemd.reloading_states())
+                    self._stop_all(signal.SIGHUP)
+                    systemd.notify("READY=1")
+                elif not self.stopping:
+                    log.info("signal %d: stopping workers", info.si_signo)
+                    self.stopping = True
+                    systemd.notify("STOPPING=1", "STATUS=draining sessions")
+                if self.stopping:
+                    self._stop_all(signal.SIGTERM)
+            self._reap()
+        for s in self.held:
+            s.close()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.shutdown()
+        log.info("all workers stopped")
+        return 0
+
+    def _stop_all(self, sig: int) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self) -> None:
+        while self.pids:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.pids.clear()
+                return
+            if pid == 0:
+                return
+            slot = self.pids.pop(pid, None)
+            if slot is None:
+                continue
+            if self.metrics_endpoint is not None:
+                from pop3d import metrics
+
+                metrics.process_dead(pid)
+            if self.stopping:
+                continue
+            log.error("worker %d (pid %d) %s; restarting it", slot, pid, _describe_status(status))
+            wait = self.started[slot] + _RESTART_INTERVAL - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            self._spawn(slot, None)
+
+    def _reap_all(self) -> None:
+        for pid in list(self.pids):
+            os.waitpid(pid, 0)
+        self.pids.clear()
+
+
+def _describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"

@@ -1,0 +1,151 @@
+"""`server.workers > 1`: forked workers sharing the port, the lock across them, restarts, signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import USERS, Raw, deliver
+from test_cli import POP3D, free_port, start, write_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker_pids(parent: int) -> set[int]:
+    text = Path(f"/proc/{parent}/task/{parent}/children").read_text()
+    return {int(p) for p in text.split()}
+
+
+def greeting_pid(c: Raw) -> int:
+    m = re.search(rb"<(\d+)\.", c.greeting)
+    assert m, c.greeting
+    return int(m[1])
+
+
+def one_per_worker(port: int, want: int = 2, tries: int = 200) -> dict[int, Raw]:
+    """Open connections until `want` distinct workers answered (SO_REUSEPORT hashes per connection)."""
+    found: dict[int, Raw] = {}
+    for _ in range(tries):
+        c = Raw(port)
+        pid = greeting_pid(c)
+        if pid in found:
+            c.close()
+        else:
+            found[pid] = c
+            if len(found) == want:
+                return found
+    raise AssertionError(f"only workers {sorted(found)} answered in {tries} connections")
+
+
+def config_with_workers(env, port: int, n: int) -> Path:
+    cfg = write_config(env, port)
+    cfg.write_text(cfg.read_text().replace("[server]\n", f"[server]\nworkers = {n}\n", 1))
+    return cfg
+
+
+def test_lock_holds_across_workers(env):
+    deliver(env.maildir("alice"), b"Subject: x\n\nx\n")
+    port = free_port()
+    proc = start(config_with_workers(env, port, 2), port)
+    try:
+        assert len(worker_pids(proc.pid)) == 2
+        conns = list(one_per_worker(port).values())
+        a, b = conns
+        assert a.cmd(b"USER alice").startswith(b"+OK")
+        assert a.cmd(b"PASS " + USERS["alice"].encode()).startswith(b"+OK")
+        assert b.cmd(b"USER alice").startswith(b"+OK")
+        assert b.cmd(b"PASS " + USERS["alice"].encode()).startswith(b"-ERR [IN-USE]")
+        assert a.cmd(b"QUIT").startswith(b"+OK")
+        a.close()
+        c = next(iter(one_per_worker(port, want=1).values()))
+        assert c.cmd(b"USER alice").startswith(b"+OK")
+        assert c.cmd(b"PASS " + USERS["alice"].encode()).startswith(b"+OK")  # released at QUIT
+        c.cmd(b"QUIT")
+        b.close()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert "2 workers listening on" in out
+
+
+def test_dead_worker_is_restarted_and_signals_are_forwarded(env):
+    port = free_port()
+    proc = start(config_with_workers(env, port, 2), port)
+    try:
+        first = worker_pids(proc.pid)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            now = worker_pids(proc.pid)
+            if len(now) == 2 and victim not in now:
+                break
+            time.sleep(0.05)
+        now = worker_pids(proc.pid)
+        assert len(now) == 2 and victim not in now and (first - {victim}) <= now
+        replacement = (now - first).pop()
+        seen = set()
+        for _ in range(200):  # the replacement listens too
+            c = Raw(port)
+            seen.add(greeting_pid(c))
+            c.close()
+            if replacement in seen:
+                break
+        assert replacement in seen
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None  # SIGHUP does not stop anything
+        assert worker_pids(proc.pid) == now
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert f"(pid {victim}) killed by signal {int(signal.SIGKILL)}; restarting it" in out
+    assert out.count("SIGHUP: re-reading the user database") == 2
+    assert out.count("signal received, stopping") == 2  # SIGINT reached both workers as SIGTERM
+
+
+def test_workers_one_does_not_fork(env):
+    port = free_port()
+    proc = start(config_with_workers(env, port, 1), port)
+    try:
+        assert worker_pids(proc.pid) == set()
+        c = Raw(port)
+        assert greeting_pid(c) == proc.pid
+        c.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+
+
+def test_port_in_use_fails_before_forking(env):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run([*POP3D, "serve", "--config", str(config_with_workers(env, port, 2))],
+                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 1
+    assert "cannot listen" in r.stderr and str(port) in r.stderr
+
+
+def test_open_files_limit_is_raised_to_hard():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard < 256:
+        pytest.skip("needs a finite hard limit")
+    code = "from pop3d.workers import raise_nofile_limit; import resource; raise_nofile_limit(); " \
+           "print(*resource.getrlimit(resource.RLIMIT_NOFILE))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard)))
+    assert r.stdout.split() == [str(hard), str(hard)], r.stderr
