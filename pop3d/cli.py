@@ -1,4 +1,4 @@
-"""The `pop3d` command: serve, check-config, passwd.
+"""The `pop3d` command: serve, check-config, passwd, bench, mkmaildrops.
 
 Exit status 2 with one line on stderr for every configuration or usage problem; no tracebacks for those.
 """
@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("user", nargs="?", help="user name to prefix the entry with")
     w.add_argument("--scheme", default=DEFAULT_SCHEME, help=f"hash scheme (default {DEFAULT_SCHEME})")
     w.set_defaults(func=cmd_passwd)
+
+    from pop3d.bench.cli import add_parsers as add_bench_parsers
+
+    add_bench_parsers(sub)  # bench, mkmaildrops
     return p
 
 
