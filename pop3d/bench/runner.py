@@ -102,7 +102,6 @@ async def _run(rc: RunConfig, users: list[tuple[str, str]], duration: float, rat
     async def arrivals(rate: float) -> None:
         free = deque(users)  # round robin: every user gets sessions, not only the last one freed
         interval = 1.0 / rate
-        nxt = loop.time()
 
         async def one(user: str, password: str) -> None:
             try:
@@ -110,15 +109,14 @@ async def _run(rc: RunConfig, users: list[tuple[str, str]], duration: float, rat
             finally:
                 free.append((user, password))
 
-        while nxt < rc.deadline:
+        for k in range(max(1, round(duration * rate))):  # exactly duration x rate arrivals
+            await asyncio.sleep(max(0.0, start + k * interval - loop.time()))
             if free:
                 t = loop.create_task(one(*free.popleft()))
                 tasks.add(t)
                 t.add_done_callback(tasks.discard)
             else:
                 stats.errors["dropped: every user busy"] += 1
-            nxt += interval
-            await asyncio.sleep(max(0.0, nxt - loop.time()))
 
     async def ticker() -> None:
         while True:
