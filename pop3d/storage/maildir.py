@@ -34,6 +34,8 @@ import json
 import logging
 import os
 import re
+import time
+from collections import OrderedDict
 from itertools import repeat
 from operator import itemgetter
 from typing import AsyncIterator, Callable, TypeVar, cast
@@ -71,6 +73,29 @@ _first = itemgetter(0)
 # and "/": then the uid is the base name itself and plain string order is (time, name) order.
 _NAME = r"[0-9]{10}\.[\x22-\x24\x26-\x2e\x30-\x3a\x3c-\x7e]{0,59}"
 _STANDARD_NAMES = re.compile(f"{_NAME}(?:/{_NAME})*")
+
+# Directory stamps younger than this (seconds) are not trusted to reveal later changes (see _stamps).
+_STAMP_TRUST = 2.0
+# In-process memo of big snapshots: path -> (stamps, messages). A worker answers the next login of a
+# 100,000-message maildrop with two stat() calls and a list copy. Bounded by total messages kept; small
+# maildrops are cheap to scan and are not kept (10,000 idle users must not grow the worker).
+_MEMO: OrderedDict[str, tuple[list[int], list[MessageInfo]]] = OrderedDict()
+_MEMO_MIN = 2_000
+_MEMO_MAX_MESSAGES = 400_000
+
+
+def _remember(path: str, stamps: list[int] | None, messages: list[MessageInfo]) -> None:
+    """Keep a snapshot for the next login; MessageInfo objects are shared between successive sessions,
+    which is safe because a session only changes a key to where the file really is (and any rename
+    changes the directory stamps, which invalidates the entry)."""
+    if stamps is None or len(messages) > _MEMO_MAX_MESSAGES:
+        return
+    _MEMO[path] = (stamps, list(messages))
+    total = sum(len(m) for _, m in _MEMO.values())
+    while total > _MEMO_MAX_MESSAGES:
+        _, (_, dropped) = _MEMO.popitem(last=False)
+        total -= len(dropped)
+
 
 # OSErrors that retrying will not cure (RFC 3206 SYS/PERM); anything else is SYS/TEMP.
 _PERMANENT = (PermissionError, NotADirectoryError, FileNotFoundError, IsADirectoryError)
@@ -145,16 +170,18 @@ def measure(path: str, chunk_size: int = _MEASURE_CHUNK) -> tuple[int, int]:
 class SizeCache:
     """`.pop3d.sizes`: network sizes (and mtimes where the name carries no time) keyed by uid.
 
-    Four lines: a version header; the uids of the last snapshot, in order, joined by "/" (a uid never
+    Six lines: a version header; the uids of the last snapshot, in order, joined by "/" (a uid never
     contains "/" or white space); a JSON list of their sizes; a JSON object uid -> mtime for names without
-    a delivery time. When nothing changed since the last login, the listing joined the same way compares
+    a delivery time; the JSON stamps of new/ and cur/ when the snapshot was listed (see _stamps; `null`
+    when they could not be trusted); the snapshot's keys joined by NUL (no file name contains NUL), or
+    empty. With trusted, unchanged stamps a login in any process skips listdir and sort altogether. When nothing changed since the last login, the listing joined the same way compares
     equal to line 2 in one memcmp and the sizes come from one json.loads: no per-message Python code.
     Anything that does not parse makes the whole file ignored and rebuilt (it is only a cache). Rewritten
     atomically (temporary file + os.replace) and only when its content changed; callers hold the maildrop
     lock, so there is one writer.
     """
 
-    MAGIC = "pop3d-sizes 3"
+    MAGIC = "pop3d-sizes 4"
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -162,9 +189,13 @@ class SizeCache:
         self.size_list: list[int] = []
         self.mtimes: dict[str, int] = {}
         self._sizes: dict[str, int] | None = None
+        self.stamps: list[int] | None = None  # stamps of the listing the keys come from
+        self.keys_text = ""
+        self._dirty = False
 
     def load(self) -> None:
         self.order_text, self.size_list, self.mtimes, self._sizes = None, [], {}, {}
+        self.stamps, self.keys_text, self._dirty = None, "", False
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -174,7 +205,7 @@ class SizeCache:
             log.warning("size cache %s ignored: %s", self.path, exc)
             return
         try:
-            magic, order_text, size_text, mtime_text, end = data.decode("ascii").split("\n")
+            magic, order_text, size_text, mtime_text, stamp_text, keys_text, end = data.decode("ascii").split("\n")
             if magic != self.MAGIC or end:
                 raise ValueError("unknown version or truncated")
             sizes = json.loads(size_text)
@@ -186,10 +217,36 @@ class SizeCache:
                 raise ValueError("sizes do not match uids")
             if not set(map(type, mtimes.values())) <= {int}:
                 raise ValueError("bad mtimes")
+            stamps = json.loads(stamp_text)
+            if stamps is not None and (type(stamps) is not list or not set(map(type, stamps)) <= {int}):
+                raise ValueError("bad stamps")
+            if keys_text and keys_text.count("\0") + 1 != count:
+                raise ValueError("keys do not match uids")
         except (ValueError, RecursionError) as exc:  # Unicode/JSONDecodeError are ValueErrors
             log.warning("size cache %s is corrupt (%s), rebuilding it", self.path, exc)
             return
         self.order_text, self.size_list, self.mtimes, self._sizes = order_text, sizes, mtimes, None
+        self.stamps, self.keys_text = (stamps, keys_text) if stamps is not None and keys_text else (None, "")
+
+    def snapshot_for(self, stamps: list[int]) -> tuple[list[int], list[str], list[str]] | None:
+        """(sizes, uids, keys) of the cached listing if it was taken with exactly these trusted stamps."""
+        if self.stamps != stamps or not self.keys_text or self.order_text is None:
+            return None
+        return self.size_list, self.order_text.split("/"), self.keys_text.split("\0")
+
+    def remember(self, stamps: list[int] | None, keys: list[str]) -> None:
+        """Record the listing's stamps and keys (trusted stamps only); written by the next flush()."""
+        keys_text = "\0".join(keys) if stamps is not None and keys and all(map(str.isascii, keys)) else ""
+        if keys_text and "\n" in keys_text:
+            keys_text = ""
+        stamps = stamps if keys_text else None
+        if (stamps, keys_text) != (self.stamps, self.keys_text):
+            self.stamps, self.keys_text, self._dirty = stamps, keys_text, True
+
+    def flush(self) -> None:
+        if self._dirty:
+            self._dirty = False
+            self._write()
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -207,19 +264,22 @@ class SizeCache:
         if order_text == self.order_text and sizes == self.size_list and mtimes == self.mtimes:
             return
         self.order_text, self.size_list, self.mtimes, self._sizes = order_text, sizes, mtimes, kept
-        self._write()
+        self.stamps, self.keys_text, self._dirty = None, "", True  # keys of another listing: forget them
 
     def discard(self, uids: list[str]) -> None:
         """Forget deleted messages (commit)."""
         gone = set(uids)
         if gone & self.sizes.keys():
             self.update({uid: size for uid, size in self.sizes.items() if uid not in gone}, {})
+        self.remember(None, [])  # commit renamed or unlinked files: the listing is stale
+        self.flush()
 
     def _write(self) -> None:
         """A failure (read-only file system, quota) is logged: it only costs a slower next login."""
         text = "\n".join(
             (self.MAGIC, self.order_text or "", json.dumps(self.size_list, separators=(",", ":")),
-             json.dumps(self.mtimes, separators=(",", ":")), "")
+             json.dumps(self.mtimes, separators=(",", ":")), json.dumps(self.stamps, separators=(",", ":")),
+             self.keys_text, "")
         )  # fmt: skip
         tmp = f"{self.path}.{os.getpid()}.tmp"
         try:
@@ -363,29 +423,69 @@ class MaildirDrop(Maildrop):
             found.update(zip(map(_first, map(str.partition, names, repeat(":2,"))), map(f"{sub}/".__add__, names)))
         return found
 
+    def _stamps(self) -> tuple[list[int] | None, bool]:
+        """(device, inode, mtime, ctime, size of new/ and cur/), taken *before* listing them, and whether
+        they can be trusted to reveal any later change.
+
+        Every entry added, removed or renamed sets the directory's mtime and ctime to the current time,
+        but that clock is coarse: a change in the same tick as our stat could leave the stamps unchanged.
+        So stamps are only trusted when both directories were last changed more than _STAMP_TRUST seconds
+        before they were read; any later change then shows as a newer time. (ctime cannot be set back.)
+        """
+        out: list[int] = []
+        newest = 0
+        for sub in ("new", "cur"):
+            try:
+                st = os.stat(os.path.join(self.path, sub))
+            except OSError:
+                return None, False
+            out += (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+            newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+        return out, time.time_ns() - newest > _STAMP_TRUST * 1_000_000_000
+
     def _scan(self) -> list[MessageInfo]:
         """The snapshot; runs on every login, so per-message Python work is kept out of the common cases:
-        nothing changed since the cached snapshot (one string compare), or only standard names."""
-        found = self._list()
+        directories unchanged since the last listing (no listdir: the in-process memo, else the cache
+        file's keys), nothing renamed (one string compare), or only standard names."""
+        stamps, trusted = self._stamps()
+        key = self.path
+        memo = _MEMO.get(key)
+        if trusted and memo is not None and memo[0] == stamps:
+            _MEMO.move_to_end(key)
+            return list(memo[1])
+        _MEMO.pop(key, None)
         cache = self._cache
-        cache.load()
         gc_was_enabled = gc.isenabled()
         # 100k new objects would trigger repeated collections that free nothing. Process-wide, but it only
         # postpones collection for the few milliseconds of the scan, and the previous state is restored.
         gc.disable()
         try:
-            order = sorted(found)
-            joined = "/".join(order)
-            if joined == cache.order_text:
-                # The cached snapshot lists exactly these base names as uids, in this order: so each uid is
-                # its base name and plain sorted order was the right (time, name) order. Nothing to compute.
-                return list(map(MessageInfo, cache.size_list, order, map(found.__getitem__, order)))
-            if _STANDARD_NAMES.fullmatch(joined):
-                return self._scan_standard(found, order)
-            return self._scan_general(found)
+            cache.load()
+            cached = cache.snapshot_for(stamps) if trusted and stamps is not None else None
+            if cached is not None:
+                messages = list(map(MessageInfo, *cached))
+            else:
+                messages = self._scan_listing(cache)
+                cache.remember(stamps if trusted else None, [m.key for m in messages])
+            cache.flush()
         finally:
             if gc_was_enabled:
                 gc.enable()
+        if trusted and len(messages) >= _MEMO_MIN:
+            _remember(key, stamps, messages)
+        return messages
+
+    def _scan_listing(self, cache: SizeCache) -> list[MessageInfo]:
+        found = self._list()
+        order = sorted(found)
+        joined = "/".join(order)
+        if joined == cache.order_text:
+            # The cached snapshot lists exactly these base names as uids, in this order: so each uid is
+            # its base name and plain sorted order was the right (time, name) order. Nothing to compute.
+            return list(map(MessageInfo, cache.size_list, order, map(found.__getitem__, order)))
+        if _STANDARD_NAMES.fullmatch(joined):
+            return self._scan_standard(found, order)
+        return self._scan_general(found)
 
     def _scan_standard(self, found: dict[str, str], order: list[str]) -> list[MessageInfo]:
         """Only standard names (see _STANDARD_NAMES): uid = base, order = sorted bases; new ones measured."""
