@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# pop3d side by side with Dovecot (Debian's dovecot-pop3d), same maildrops, same generator (`pop3d bench`).
+#
+#   bench/compare.sh [WORKDIR]           (as root: installs dovecot-pop3d, runs it as user `mail`)
+#
+# Environment: DURATION (s per run, 10), CONCURRENCY (clients, 50), PROCS (generator processes, 1),
+# WORKERS (pop3d workers, nproc), IDLE (sessions held against both, 1000), IDLE_BIG (held against pop3d
+# alone, 10000; 0 skips), HUGE (messages of the one-user Maildir for the second-login test, 100000; 0 skips).
+#
+# Both servers read the same passwd-file with {PLAIN} secrets (equal hashing cost), listen on loopback,
+# and get their own copy of the maildrops. Dovecot runs in its high-performance login mode
+# (`service pop3-login { service_count = 0 }`, one login process per CPU). Results (JSON per run and a
+# ratio table) land in WORKDIR/results. Not part of CI or the tests: it takes minutes and needs root.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+W=${1:-/tmp/pop3d-compare}
+PY=${PYTHON:-python3}
+DURATION=${DURATION:-10}
+CONCURRENCY=${CONCURRENCY:-50}
+PROCS=${PROCS:-1}
+WORKERS=${WORKERS:-$(nproc)}
+IDLE=${IDLE:-1000}
+IDLE_BIG=${IDLE_BIG:-10000}
+HUGE=${HUGE:-100000}
+P_PORT=${P_PORT:-11110}
+D_PORT=${D_PORT:-11111}
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+pop3d() { "$PY" -m pop3d "$@"; }
+
+# ---- Dovecot -----------------------------------------------------------------------------------------
+if ! command -v dovecot >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-pop3d >/dev/null
+fi
+# the package may have started (and enabled) the system instance: stop it, we run our own
+(service dovecot stop || systemctl disable --now dovecot || true) >/dev/null 2>&1
+update-rc.d dovecot disable >/dev/null 2>&1 || true
+
+rm -rf "$W"
+mkdir -p "$W/results"
+USERS_N=$(( IDLE_BIG > IDLE ? IDLE_BIG : IDLE ))
+USERS_N=$(( USERS_N > CONCURRENCY ? USERS_N : CONCURRENCY ))
+echo "== maildrops in $W (users: $USERS_N x 10 x 4 KiB, $CONCURRENCY x 10 x 100 KiB, 1 x $HUGE x 1 KiB)"
+pop3d mkmaildrops "$W/small" --users "$USERS_N" --messages 10 --size 4k >/dev/null
+pop3d mkmaildrops "$W/large" --users "$CONCURRENCY" --messages 10 --size 100k >/dev/null
+if [ "$HUGE" -gt 0 ]; then pop3d mkmaildrops "$W/huge" --users 1 --messages "$HUGE" --size 1k >/dev/null; fi
+
+for set in small large huge; do
+  [ -d "$W/$set" ] || continue
+  mkdir -p "$W/dovecot/$set"
+  cp -a "$W/$set/mail" "$W/dovecot/$set/mail"
+  chown -R mail:mail "$W/dovecot/$set/mail"
+done
+
+# one Dovecot and one pop3d per maildrop set, so every set is served the same way
+start_servers() {  # $1 = set name; sets P_PID, D_PID
+  local set=$1 d="$W/dovecot/$set"
+  mkdir -p "$d/run" "$d/state"
+  cat > "$d/dovecot.conf" <<EOF
+protocols = pop3
+listen = 127.0.0.1
+base_dir = $d/run
+state_dir = $d/state
+log_path = $d/dovecot.log
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+mail_location = maildir:$d/mail/%u/Maildir
+first_valid_uid = 8
+first_valid_gid = 8
+default_process_limit = 20000
+default_client_limit = 20000
+default_vsz_limit = 1G
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN $W/$set/passwd
+}
+userdb {
+  driver = static
+  args = uid=mail gid=mail home=$d/mail/%u
+}
+service pop3-login {
+  inet_listener pop3 {
+    address = 127.0.0.1
+    port = $D_PORT
+  }
+  service_count = 0
+  process_min_avail = $(nproc)
+}
+service pop3 {
+  process_limit = 20000
+}
+service auth {
+  client_limit = 40000
+}
+EOF
+  chmod o+r "$W/$set/passwd"
+  dovecot -c "$d/dovecot.conf" -F >"$d/stdout.log" 2>&1 &
+  D_PID=$!
+  sed -e "s/127.0.0.1:1110/127.0.0.1:$P_PORT/" -e "s/^\[server\]/[server]\nworkers = $WORKERS\nbacklog = 4096/" \
+    "$W/$set/pop3d.toml" > "$W/$set/pop3d-bench.toml"
+  "$PY" -m pop3d serve --config "$W/$set/pop3d-bench.toml" >"$W/$set/pop3d.log" 2>&1 &
+  P_PID=$!
+  for port in $P_PORT $D_PORT; do
+    for _ in $(seq 100); do
+      (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+      sleep 0.1
+    done
+  done
+  sleep 1
+}
+
+stop_servers() {
+  kill -TERM "$P_PID" 2>/dev/null || true
+  doveadm -c "$W/dovecot/$1/dovecot.conf" stop 2>/dev/null || kill -TERM "$D_PID" 2>/dev/null || true
+  wait "$P_PID" 2>/dev/null || true
+  wait "$D_PID" 2>/dev/null || true
+}
+
+P_PID=""
+D_PID=""
+cleanup() { kill -TERM $P_PID $D_PID 2>/dev/null || true; }
+trap cleanup EXIT
+
+run_pair() {  # name set scenario concurrency extra-args...
+  local name=$1 set=$2 scenario=$3 conc=$4
+  shift 4
+  for server in pop3d dovecot; do
+    local port=$P_PORT pid=$P_PID
+    [ "$server" = dovecot ] && port=$D_PORT && pid=$D_PID
+    echo "-- $name: $server" >&2
+    pop3d bench "127.0.0.1:$port" --users "$W/$set/users.txt" --scenario "$scenario" --concurrency "$conc" \
+      --procs "$PROCS" --duration "$DURATION" --server-pid "$pid" --json "$@" > "$W/results/$name-$server.json" \
+      || echo "   (no session completed)" >&2
+  done
+}
+
+echo "== $(uname -srm), $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "== pop3d $(pop3d --version | cut -d' ' -f2) (workers=$WORKERS) vs Dovecot $(dovecot --version | cut -d' ' -f1)"
+
+start_servers small
+# warm-up: first logins build caches on both sides (pop3d's size cache, Dovecot's indexes)
+pop3d bench "127.0.0.1:$P_PORT" --users "$W/small/users.txt" --scenario poll -c "$CONCURRENCY" -d 2 --json >/dev/null
+pop3d bench "127.0.0.1:$D_PORT" --users "$W/small/users.txt" --scenario poll -c "$CONCURRENCY" -d 2 --json >/dev/null
+run_pair poll small poll "$CONCURRENCY"
+run_pair download-4k small download "$CONCURRENCY"
+run_pair pipelined-4k small pipelined "$CONCURRENCY"
+run_pair idle small idle "$IDLE" --noop-interval 5
+stop_servers small
+
+start_servers large
+run_pair download-100k large download "$CONCURRENCY"
+stop_servers large
+
+if [ -d "$W/huge" ]; then
+  start_servers huge
+  for port in $P_PORT $D_PORT; do  # first login of each: builds pop3d's cache / Dovecot's index
+    pop3d bench "127.0.0.1:$port" --users "$W/huge/users.txt" -c 1 -d 0.5 --timeout 120 --json >/dev/null
+  done
+  sleep 2.5  # let the directory stamps age past pop3d's trust window (same-tick changes, see maildir.py)
+  run_pair second-login-100k huge poll 1 --timeout 120
+  stop_servers huge
+fi
+
+if [ "$IDLE_BIG" -gt 0 ]; then
+  start_servers small
+  echo "-- idle-$IDLE_BIG: pop3d only" >&2
+  pop3d bench "127.0.0.1:$P_PORT" --users "$W/small/users.txt" --scenario idle -c "$IDLE_BIG" \
+    --procs "$(( PROCS > 2 ? PROCS : 2 ))" --duration $(( DURATION * 3 )) --noop-interval 5 --server-pid "$P_PID" \
+    --timeout 60 --json > "$W/results/idle-$IDLE_BIG-pop3d.json" || true
+  stop_servers small
+fi
+
+"$PY" - "$W/results" <<'EOF'
+import json, sys
+from pathlib import Path
+
+res = Path(sys.argv[1])
+def load(name, server):
+    p = res / f"{name}-{server}.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+def lat(r, verbs, q="p50"):
+    return sum(r["latency_ms"].get(v, {}).get(q, 0.0) for v in verbs)
+
+rows = [
+    ("poll sessions/s", "poll", lambda r: r["sessions_per_s"]),
+    ("download 10x4KiB MB/s", "download-4k", lambda r: r["mb_per_s"]),
+    ("download 10x4KiB sessions/s", "download-4k", lambda r: r["sessions_per_s"]),
+    ("pipelined 10x4KiB MB/s", "pipelined-4k", lambda r: r["mb_per_s"]),
+    ("download 10x100KiB MB/s", "download-100k", lambda r: r["mb_per_s"]),
+    ("idle: sessions held", "idle", lambda r: r["held_max"]),
+    ("idle: server KiB/session", "idle", lambda r: r.get("server_memory", {}).get("kib_per_session", 0)),
+    ("idle: NOOP p99 ms", "idle", lambda r: r["latency_ms"].get("NOOP", {}).get("p99", 0)),
+    ("100k Maildir: PASS+STAT p50 ms", "second-login-100k", lambda r: lat(r, ("PASS", "STAT"))),
+    ("100k Maildir: PASS+STAT max ms", "second-login-100k", lambda r: lat(r, ("PASS", "STAT"), "max")),
+]
+print(f"\n{'metric':<34} {'pop3d':>12} {'dovecot':>12} {'ratio':>8}")
+for label, name, f in rows:
+    p, d = load(name, "pop3d"), load(name, "dovecot")
+    if p is None or d is None:
+        continue
+    pv, dv = f(p), f(d)
+    errs = f"  errors: pop3d {p['errors_total']}, dovecot {d['errors_total']}" if p["errors_total"] or d["errors_total"] else ""
+    print(f"{label:<34} {pv:>12.2f} {dv:>12.2f} {pv / dv if dv else float('inf'):>7.2f}x{errs}")
+for p in sorted(res.glob("idle-*-pop3d.json")):
+    r = json.loads(p.read_text())
+    m = r.get("server_memory", {})
+    print(f"\npop3d alone, {p.stem}: held {r['held_max']} (errors {r['errors_total']}), "
+          f"{m.get('kib_per_session', 0):.2f} KiB/session, NOOP p99 {r['latency_ms'].get('NOOP', {}).get('p99', 0)} ms, "
+          f"PASS p99 {r['latency_ms'].get('PASS', {}).get('p99', 0)} ms")
+EOF
