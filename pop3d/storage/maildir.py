@@ -271,8 +271,7 @@ class SizeCache:
         gone = set(uids)
         if gone & self.sizes.keys():
             self.update({uid: size for uid, size in self.sizes.items() if uid not in gone}, {})
-        self.remember(None, [])  # commit renamed or unlinked files: the listing is stale
-        self.flush()
+        self.flush()  # stored keys need no invalidation: any rename or unlink changes the directory stamps
 
     def _write(self) -> None:
         """A failure (read-only file system, quota) is logged: it only costs a slower next login."""
