@@ -60,7 +60,9 @@ class Pop3Session(asyncio.Protocol):
         self.transport: Any = None
         self.handler: Pop3Handler | None = None
         self._lines = LineBuffer(MAX_SASL_LINE)
-        self._queue: collections.deque[bytes | None] = collections.deque()
+        # pipelined lines waiting for an async reply; created on demand (an empty deque is ~600 bytes and
+        # per-connection memory of idle sessions is what lets one worker hold thousands)
+        self._queue: collections.deque[bytes | None] | None = None
         self._busy = False
         self._task: asyncio.Task[None] | None = None
         self._write_paused = False
@@ -97,7 +99,10 @@ class Pop3Session(asyncio.Protocol):
             return  # plaintext after STLS, before the handshake: discarded, never executed (RFC 2595 §4)
         lines = self._lines.feed(data)
         if lines:
-            self._queue.extend(lines)
+            if self._queue is None:
+                self._queue = collections.deque(lines)
+            else:
+                self._queue.extend(lines)
             if not self._busy:
                 self._run()
 
@@ -145,8 +150,9 @@ class Pop3Session(asyncio.Protocol):
         out: list[bytes] = []
         max_bad = self.ctx.settings.session.max_bad_commands
         metrics = self.ctx.metrics if self.ctx.metrics.enabled else None
-        while self._queue and not handler.closing and not self._closed:
-            line = self._queue.popleft()
+        queue = self._queue
+        while queue and not handler.closing and not self._closed:
+            line = queue.popleft()
             if handler.sasl is not None:  # RFC 5034 §4: a response inside an exchange, not a command
                 try:
                     reply = handler.sasl_line(line)
@@ -197,6 +203,8 @@ class Pop3Session(asyncio.Protocol):
             self.transport.pause_reading()
             self._task = self._loop.create_task(self._complete(reply))
             return
+        if not queue:
+            self._queue = None
         if out:
             self._write(b"".join(out) if len(out) > 1 else out[0])
         if handler.closing or self._eof:
@@ -221,6 +229,7 @@ class Pop3Session(asyncio.Protocol):
             self.ctx.metrics.command(self._verb, perf_counter() - self._t0)
             self._verb = ""
         self._busy = False
+        self._task = None  # a finished Task kept per idle session would cost ~600 bytes
         if self._closed or self.transport.is_closing():
             return
         if handler.state is not before and self._timer is not None:
@@ -233,7 +242,8 @@ class Pop3Session(asyncio.Protocol):
         tls = self.ctx.tls
         assert tls is not None
         self._handshaking = True
-        self._queue.clear()
+        if self._queue is not None:
+            self._queue.clear()
         self._lines = LineBuffer(MAX_SASL_LINE)
         self._busy = True
         self.transport.pause_reading()

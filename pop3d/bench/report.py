@@ -8,7 +8,7 @@ from typing import Any, TextIO
 from pop3d.bench.scenarios import Stats
 
 #: commands in the order a session sends them, for the table
-_ORDER = ("connect", "STLS", "USER", "PASS", "STAT", "UIDL", "RETR", "DELE", "NOOP", "QUIT")
+_ORDER = ("connect", "STLS", "USER", "PASS", "STAT", "UIDL", "RETR", "DELE", "NOOP-ramp", "NOOP", "QUIT")
 
 
 def result(stats: Stats, elapsed: float, meta: dict[str, Any]) -> dict[str, Any]:

@@ -89,7 +89,7 @@ async def _run(rc: RunConfig, users: list[tuple[str, str]], duration: float, rat
     stats = Stats()
     scenario = BY_NAME[rc.scenario]
     start = loop.time()
-    rc = replace(rc, deadline=start + duration)
+    rc = replace(rc, deadline=start + duration, clients=len(users))
     tasks: set[asyncio.Task[None]] = set()
 
     async def client(user: str, password: str) -> None:

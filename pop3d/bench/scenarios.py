@@ -85,6 +85,7 @@ class RunConfig:
     server_hostname: str | None = None
     noop_interval: float = 5.0
     message_counts: dict[str, int] = field(default_factory=dict)  # pipelined: user -> count seen by STAT
+    clients: int = 0  # concurrent clients of this generator process (idle: "all held" means this many)
 
 
 def _error_kind(verb: str, reply: Reply) -> str:
@@ -101,8 +102,9 @@ async def _wait(fut: Awaitable[Reply], verb: str, timeout: float) -> Reply:
         raise BenchError(f"closed during {verb}") from None
 
 
-async def command(conn: ClientProtocol, stats: Stats, rc: RunConfig, line: bytes, multi: bool = False) -> Reply:
-    verb = line.split(b" ", 1)[0].decode()
+async def command(conn: ClientProtocol, stats: Stats, rc: RunConfig, line: bytes, multi: bool = False,
+                  label: str | None = None) -> Reply:
+    verb = label or line.split(b" ", 1)[0].decode()
     t0 = time.perf_counter()
     (fut,) = conn.send([(line, multi)])
     reply = await _wait(fut, verb, rc.timeout)
@@ -219,7 +221,11 @@ async def pipelined(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str
 
 
 async def idle(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str, password: str) -> None:
-    """Log in, then NOOP every `noop_interval` seconds (first one at a random phase) until the deadline."""
+    """Log in, then NOOP every `noop_interval` seconds (first one at a random phase) until the deadline.
+
+    NOOPs sent while this process is still logging its sessions in are counted as `NOOP-ramp`: `NOOP` is
+    the latency with every session held, the number the idle scenario is about.
+    """
     await _login(conn, stats, rc, user, password)
     loop = asyncio.get_running_loop()
     stats.held += 1
@@ -228,7 +234,8 @@ async def idle(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str, pas
         delay = random.uniform(0, rc.noop_interval)
         while loop.time() + delay < rc.deadline:
             await asyncio.sleep(delay)
-            await command(conn, stats, rc, b"NOOP")
+            held = stats.held >= rc.clients
+            await command(conn, stats, rc, b"NOOP", label="NOOP" if held else "NOOP-ramp")
             delay = rc.noop_interval
         await asyncio.sleep(max(0.0, rc.deadline - loop.time()))
     finally:

@@ -228,6 +228,11 @@ class SizeCache:
         self.order_text, self.size_list, self.mtimes, self._sizes = order_text, sizes, mtimes, None
         self.stamps, self.keys_text = (stamps, keys_text) if stamps is not None and keys_text else (None, "")
 
+    def forget(self) -> None:
+        """Drop the in-memory copy (it can be big); load() brings it back."""
+        self.order_text, self.size_list, self.mtimes, self._sizes = None, [], {}, None
+        self.stamps, self.keys_text, self._dirty = None, "", False
+
     def snapshot_for(self, stamps: list[int]) -> tuple[list[int], list[str], list[str]] | None:
         """(sizes, uids, keys) of the cached listing if it was taken with exactly these trusted stamps."""
         if self.stamps != stamps or not self.keys_text or self.order_text is None:
@@ -380,6 +385,8 @@ class MaildirDrop(Maildrop):
         except BaseException:
             self._lock.release()
             raise
+        finally:
+            self._cache.forget()  # an idle session keeps only its snapshot; commit() reloads the cache
 
     def _ensure_maildir(self) -> None:
         """Create a missing maildir (a new user with no mail yet is normal), mode 0700, below the anchor."""
@@ -652,7 +659,10 @@ class MaildirDrop(Maildrop):
         if self.mark_seen:
             for index in sorted(seen - deleted):
                 self._mark_seen(self.messages[index])
-        self._cache.discard(gone)
+        if gone:
+            self._cache.load()  # we hold the lock: nobody else wrote it since open()
+            self._cache.discard(gone)
+            self._cache.forget()
         return failed
 
     def _mark_seen(self, info: MessageInfo) -> None:
