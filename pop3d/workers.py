@@ -144,7 +144,8 @@ class Supervisor:
         if pid == 0:  # the worker
             code = 0
             try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                # Signals stay blocked until the worker's loop has its handlers (server.serve unblocks
+                # them): a SIGHUP or SIGTERM forwarded during start-up is then handled, not fatal.
                 for sig in _WATCHED:
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent()

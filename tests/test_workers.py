@@ -107,10 +107,14 @@ def test_dead_worker_is_restarted_and_signals_are_forwarded(env):
         assert worker_pids(proc.pid) == now
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=15)
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("supervisor did not stop:\n" + proc.communicate()[0]) from None
     assert proc.returncode == 0
     assert f"(pid {victim}) killed by signal {int(signal.SIGKILL)}; restarting it" in out
-    assert out.count("SIGHUP: re-reading the user database") == 2
+    assert out.count("SIGHUP: re-reading the configuration") == 2
     assert out.count("signal received, stopping") == 2  # SIGINT reached both workers as SIGTERM
 
 
