@@ -153,3 +153,26 @@ def test_open_files_limit_is_raised_to_hard():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30,
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard)))
     assert r.stdout.split() == [str(hard), str(hard)], r.stderr
+
+
+def test_workers_serve_implicit_tls_too(env, tmp_path):
+    import ssl
+    import socket
+
+    from tls_helpers import Pki
+
+    pki = Pki.make(tmp_path)
+    port, tls_port = free_port(), free_port()
+    cfg = config_with_workers(env, port, 2)
+    cfg.write_text(cfg.read_text().replace("[server]\n", f'[server]\ntls_listen = ["127.0.0.1:{tls_port}"]\n', 1)
+                   + f'[tls]\ncert = "{pki.server_pem}"\nkey = "{pki.server_pem}"\n')
+    proc = start(cfg, port)
+    try:
+        ctx = pki.client_context()
+        with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                assert s.recv(100).startswith(b"+OK")
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=15)
+    assert f"127.0.0.1:{tls_port}" in out
