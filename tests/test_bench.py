@@ -243,3 +243,16 @@ def test_tls_and_stls_verified_against_the_ca(tmp_path, mode):
         assert stats.sessions == 0 and list(stats.errors) == ["tls CERTIFICATE_VERIFY_FAILED"]
     finally:
         srv.stop()
+
+
+def test_ramp_starts_clients_gradually(drops):
+    srv, users_file, _ = drops
+    seen: list[int] = []
+    plan = _plan(srv, users_file, "idle", concurrency=5, duration=3.0)
+    plan.ramp = 2.5  # clients start at 0, 0.5, 1, 1.5 and 2 s
+    stats, _ = runner.run(plan, lambda snap: seen.append(snap["held"]))
+    assert not stats.errors and stats.held_max == 5
+    assert seen and seen[0] < 5  # the first progress tick (0.5 s) comes before the last start (2 s)
+    plan.ramp = 3.0
+    with pytest.raises(runner.UsageError, match="ramp"):
+        runner.check(plan)

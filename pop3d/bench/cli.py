@@ -22,6 +22,8 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--concurrency", "-c", type=int, default=10, metavar="N", help="concurrent clients")
     b.add_argument("--duration", "-d", type=float, default=10.0, metavar="S", help="seconds to run")
     b.add_argument("--procs", "-p", type=int, default=1, metavar="P", help="generator processes")
+    b.add_argument("--ramp", type=float, default=0.0, metavar="S",
+                   help="closed loop: start the clients evenly over S seconds instead of all at once")
     b.add_argument("--rate", type=float, metavar="R",
                    help="open loop: R new sessions per second (default: closed loop)")
     tls = b.add_mutually_exclusive_group()
@@ -72,7 +74,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                    server_hostname=args.servername or host, noop_interval=args.noop_interval)
     try:
         plan = runner.Plan(rc, runner.read_users(args.users), args.concurrency, args.duration, args.procs,
-                           args.rate, args.cafile)
+                           args.rate, args.cafile, args.ramp)
         runner.check(plan)
     except runner.UsageError as exc:
         raise ConfigError(str(exc)) from None
@@ -92,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     stats, elapsed = runner.run(plan, progress)
     line.finish()
     meta = {"scenario": args.scenario, "target": args.target, "concurrency": args.concurrency, "procs": args.procs,
-            "duration_s": args.duration, "rate": args.rate, "tls": mode}
+            "duration_s": args.duration, "rate": args.rate, "ramp_s": args.ramp, "tls": mode}
     out = report.result(stats, elapsed or time.monotonic() - t0, meta)
     if memory:
         if not memory["sessions"]:  # not an idle run: memory after the run, per concurrent client

@@ -59,6 +59,7 @@ class Plan:
     procs: int = 1
     rate: float | None = None
     cafile: str | None = None
+    ramp: float = 0.0  # closed loop: client i starts at i * ramp / concurrency seconds
 
 
 def check(plan: Plan) -> None:
@@ -66,6 +67,8 @@ def check(plan: Plan) -> None:
         raise UsageError("--concurrency and --procs must be >= 1, --duration > 0")
     if plan.rate is not None and plan.rate <= 0:
         raise UsageError("--rate must be > 0")
+    if plan.ramp < 0 or plan.ramp >= plan.duration:
+        raise UsageError("--ramp must be >= 0 and shorter than --duration")
     if len({u for u, _ in plan.users}) < plan.concurrency:
         raise UsageError(f"--concurrency {plan.concurrency} needs as many distinct users; "
                          f"the users file has {len({u for u, _ in plan.users})}")
@@ -83,7 +86,7 @@ def raise_nofile() -> None:
 
 
 async def _run(rc: RunConfig, users: list[tuple[str, str]], duration: float, rate: float | None,
-               progress: Progress | None) -> tuple[Stats, float]:
+               progress: Progress | None, ramp: float = 0.0) -> tuple[Stats, float]:
     """Run until `duration` is over and in-flight sessions ended (at most rc.timeout more)."""
     loop = asyncio.get_running_loop()
     stats = Stats()
@@ -92,7 +95,8 @@ async def _run(rc: RunConfig, users: list[tuple[str, str]], duration: float, rat
     rc = replace(rc, deadline=start + duration, clients=len(users))
     tasks: set[asyncio.Task[None]] = set()
 
-    async def client(user: str, password: str) -> None:
+    async def client(user: str, password: str, delay: float) -> None:
+        await asyncio.sleep(delay)
         while loop.time() < rc.deadline:
             errors = sum(stats.errors.values())
             await one_session(scenario, stats, rc, user, password)
@@ -126,7 +130,7 @@ async def _run(rc: RunConfig, users: list[tuple[str, str]], duration: float, rat
 
     tick = loop.create_task(ticker())
     if rate is None:
-        main = [loop.create_task(client(u, p)) for u, p in users]
+        main = [loop.create_task(client(u, p, i * ramp / len(users))) for i, (u, p) in enumerate(users)]
     else:
         main = [loop.create_task(arrivals(rate))]
     await asyncio.wait(main)
@@ -145,21 +149,21 @@ def _snapshot(stats: Stats, elapsed: float) -> dict[str, Any]:
 
 
 def _run_loop(rc: RunConfig, users: list[tuple[str, str]], duration: float, rate: float | None,
-              cafile: str | None, progress: Progress | None) -> tuple[Stats, float]:
+              cafile: str | None, progress: Progress | None, ramp: float = 0.0) -> tuple[Stats, float]:
     if rc.tls:
         rc = replace(rc, ssl_context=client_context(cafile))
     try:
         import uvloop
 
-        return uvloop.run(_run(rc, users, duration, rate, progress))
+        return uvloop.run(_run(rc, users, duration, rate, progress, ramp))
     except ImportError:  # pragma: no cover
-        return asyncio.run(_run(rc, users, duration, rate, progress))
+        return asyncio.run(_run(rc, users, duration, rate, progress, ramp))
 
 
 def _child(conn: Connection, rc: RunConfig, users: list[tuple[str, str]], duration: float,
-           rate: float | None, cafile: str | None) -> None:
+           rate: float | None, cafile: str | None, ramp: float) -> None:
     raise_nofile()
-    stats, elapsed = _run_loop(rc, users, duration, rate, cafile, lambda snap: conn.send(("progress", snap)))
+    stats, elapsed = _run_loop(rc, users, duration, rate, cafile, lambda snap: conn.send(("progress", snap)), ramp)
     conn.send(("result", (stats.to_state(), elapsed)))
     conn.close()
 
@@ -173,7 +177,7 @@ def run(plan: Plan, progress: Progress | None = None) -> tuple[Stats, float]:
     raise_nofile()
     users = plan.users[: plan.concurrency]
     if plan.procs == 1:
-        return _run_loop(plan.rc, users, plan.duration, plan.rate, plan.cafile, progress)
+        return _run_loop(plan.rc, users, plan.duration, plan.rate, plan.cafile, progress, plan.ramp)
     # fork is fast, but unsafe from a process with other threads (a test harness): spawn there
     ctx = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
     rate = plan.rate / plan.procs if plan.rate is not None else None
@@ -181,7 +185,7 @@ def run(plan: Plan, progress: Progress | None = None) -> tuple[Stats, float]:
     procs = []
     for i in range(plan.procs):
         r, w = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(w, plan.rc, users[i :: plan.procs], plan.duration, rate, plan.cafile),
+        p = ctx.Process(target=_child, args=(w, plan.rc, users[i :: plan.procs], plan.duration, rate, plan.cafile, plan.ramp),
                         daemon=True)
         p.start()
         w.close()
