@@ -169,6 +169,12 @@ if [ "$IDLE_BIG" -gt 0 ]; then
     --procs "$(( PROCS > 2 ? PROCS : 2 ))" --duration $(( DURATION * 3 )) --noop-interval 5 --server-pid "$P_PID" \
     --timeout 60 --json > "$W/results/idle-$IDLE_BIG-pop3d.json" || true
   stop_servers small
+  start_servers small  # fresh processes: the same, with logins spread over 15 s instead of all at once
+  echo "-- idle-$IDLE_BIG-ramp: pop3d only" >&2
+  pop3d bench "127.0.0.1:$P_PORT" --users "$W/small/users.txt" --scenario idle -c "$IDLE_BIG" \
+    --procs "$(( PROCS > 2 ? PROCS : 2 ))" --duration $(( DURATION * 4 )) --ramp 15 --noop-interval 5 \
+    --server-pid "$P_PID" --timeout 60 --json > "$W/results/idle-$IDLE_BIG-ramp-pop3d.json" || true
+  stop_servers small
 fi
 
 "$PY" - "$W/results" <<'EOF'
@@ -203,7 +209,7 @@ for label, name, f in rows:
     pv, dv = f(p), f(d)
     errs = f"  errors: pop3d {p['errors_total']}, dovecot {d['errors_total']}" if p["errors_total"] or d["errors_total"] else ""
     print(f"{label:<34} {pv:>12.2f} {dv:>12.2f} {pv / dv if dv else float('inf'):>7.2f}x{errs}")
-for p in sorted(res.glob("idle-*-pop3d.json")):
+for p in sorted(res.glob("idle-[0-9]*-pop3d.json")):
     r = json.loads(p.read_text())
     m = r.get("server_memory", {})
     print(f"\npop3d alone, {p.stem}: held {r['held_max']} (errors {r['errors_total']}), "
