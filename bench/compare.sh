@@ -45,16 +45,17 @@ pop3d mkmaildrops "$W/small" --users "$USERS_N" --messages 10 --size 4k >/dev/nu
 pop3d mkmaildrops "$W/large" --users "$CONCURRENCY" --messages 10 --size 100k >/dev/null
 if [ "$HUGE" -gt 0 ]; then pop3d mkmaildrops "$W/huge" --users 1 --messages "$HUGE" --size 1k >/dev/null; fi
 
-for set in small large huge; do
-  [ -d "$W/$set" ] || continue
-  mkdir -p "$W/dovecot/$set"
-  cp -a "$W/$set/mail" "$W/dovecot/$set/mail"
-  chown -R mail:mail "$W/dovecot/$set/mail"
+for s in small large huge; do
+  [ -d "$W/$s" ] || continue
+  mkdir -p "$W/dovecot/$s"
+  cp -a "$W/$s/mail" "$W/dovecot/$s/mail"
+  chown -R mail:mail "$W/dovecot/$s/mail"
 done
 
 # one Dovecot and one pop3d per maildrop set, so every set is served the same way
 start_servers() {  # $1 = set name; sets P_PID, D_PID
-  local set=$1 d="$W/dovecot/$set"
+  local set=$1
+  local d="$W/dovecot/$set"
   mkdir -p "$d/run" "$d/state"
   cat > "$d/dovecot.conf" <<EOF
 protocols = pop3
@@ -193,8 +194,12 @@ rows = [
     ("poll sessions/s", "poll", lambda r: r["sessions_per_s"]),
     ("download 10x4KiB MB/s", "download-4k", lambda r: r["mb_per_s"]),
     ("download 10x4KiB sessions/s", "download-4k", lambda r: r["sessions_per_s"]),
+    ("  (check) messages per session", "download-4k", lambda r: r["messages"] / max(1, r["sessions"])),
+    ("  (check) octets per message", "download-4k", lambda r: r["octets"] / max(1, r["messages"])),
     ("pipelined 10x4KiB MB/s", "pipelined-4k", lambda r: r["mb_per_s"]),
     ("download 10x100KiB MB/s", "download-100k", lambda r: r["mb_per_s"]),
+    ("  (check) messages per session", "download-100k", lambda r: r["messages"] / max(1, r["sessions"])),
+    ("  (check) octets per message", "download-100k", lambda r: r["octets"] / max(1, r["messages"])),
     ("idle: sessions held", "idle", lambda r: r["held_max"]),
     ("idle: server KiB/session", "idle", lambda r: r.get("server_memory", {}).get("kib_per_session", 0)),
     ("idle: NOOP p99 ms", "idle", lambda r: r["latency_ms"].get("NOOP", {}).get("p99", 0)),
