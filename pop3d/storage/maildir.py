@@ -635,6 +635,8 @@ class MaildirDrop(Maildrop):
 
     async def commit(self, deleted: set[int], seen: set[int]) -> None:
         """UPDATE state (RFC 1939 §6): unlink `deleted`, flag `seen` as read; raise if a deletion failed."""
+        if not deleted and not (seen and self.mark_seen):
+            return  # nothing to change on disk: no thread hop (a poll session ends here)
         failed = await self._in_thread(lambda: self._commit_sync(deleted, seen))
         if failed:
             raise TemporaryError(f"{failed} message(s) could not be deleted")
