@@ -120,6 +120,10 @@ class Supervisor:
         self.count = settings.server.workers
         self.worker_main = worker_main
         self.inherited = systemd.listen_fds()
+        tls_socket = next((i for i in self.inherited if i.kind == "tls"), None)
+        if tls_socket is not None and settings.tls.cert is None:  # checked here too: exit 2 before forking
+            raise systemd.ActivationError(
+                f"systemd passed a {tls_socket.name!r} socket but tls.cert/tls.key are not set")
         self.held: list[socket.socket] = []
         self.addresses: list[tuple[str, int, bool]] = []
         if self.inherited:
@@ -189,7 +193,7 @@ class Supervisor:
             on_ready(self)
         from pop3d import systemd
 
-        systemd.notify("READY=1", f"STATUS={self.count} workers listening on {', '.join(self.addresses_text())}")
+        systemd.notify("READY=1", self._status())
         return self._supervise()
 
     def _wait_ready(self, ready_r: int) -> bool:
@@ -202,10 +206,14 @@ class Supervisor:
             if time.monotonic() > deadline:
                 log.error("workers did not start within 60 s")
                 return False
+            eof = False
             if select.select([ready_r], [], [], 0.1)[0]:
-                got += len(os.read(ready_r, self.count - got))
-                continue
-            pid, status = os.waitpid(-1, os.WNOHANG)
+                data = os.read(ready_r, self.count - got)
+                got += len(data)
+                eof = not data  # every worker closed its end: they all exited before saying they were ready
+            if got >= self.count:
+                break
+            pid, status = os.waitpid(-1, 0 if eof else os.WNOHANG)
             if pid:
                 self.pids.pop(pid, None)
                 log.error("a worker %s during start-up", _describe_status(status))
@@ -227,7 +235,7 @@ class Supervisor:
                     log.info("SIGHUP: forwarding to workers")
                     systemd.notify(*systemd.reloading_states())
                     self._stop_all(signal.SIGHUP)
-                    systemd.notify("READY=1")
+                    systemd.notify("READY=1", self._status())
                 elif not self.stopping:
                     log.info("signal %d: stopping workers", info.si_signo)
                     self.stopping = True
@@ -241,6 +249,9 @@ class Supervisor:
             self.metrics_endpoint.shutdown()
         log.info("all workers stopped")
         return 0
+
+    def _status(self) -> str:
+        return f"STATUS=listening on {', '.join(self.addresses_text())}"
 
     def _stop_all(self, sig: int) -> None:
         for pid in self.pids:

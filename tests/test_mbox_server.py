@@ -181,7 +181,7 @@ def free_port() -> int:
 def serve(env: Env, port: int) -> subprocess.Popen[bytes]:
     cfg = env.root / "pop3d.toml"
     cfg.write_text(
-        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "test.invalid"\n'
+        f'[server]\nlisten = ["127.0.0.1:{port}"]\nhostname = "test.invalid"\nworkers = 1\n'
         f'[auth]\npasswd_file = "{env.passwd}"\nfailure_delay = 0\n'
         f'[storage]\ndriver = "mbox"\nlocation = "{env.mail}/{{user}}"\nmbox_index_dir = "{env.root}/idx"\n'
     )
