@@ -256,3 +256,19 @@ def test_ramp_starts_clients_gradually(drops):
     plan.ramp = 3.0
     with pytest.raises(runner.UsageError, match="ramp"):
         runner.check(plan)
+
+
+def test_mkmaildrops_mbox_is_served_exactly(tmp_path):
+    """The mbox fixture is what the mbox driver reads back: same count, same octets as the messages."""
+    users_file = mkmaildrops.make(tmp_path / "m", users=2, messages=3, size=700, fmt="mbox")
+    settings = load_settings(tmp_path / "m" / "pop3d.toml", server={"listen": ["127.0.0.1:0"],
+                                                                   "hostname": "t.invalid", "workers": 1})
+    srv = ServerThread(settings).start()
+    try:
+        stats, _ = runner.run(runner.Plan(RunConfig("127.0.0.1", srv.port, "download"),
+                                          runner.read_users(users_file), 2, 0.4))
+    finally:
+        srv.stop()
+    assert not stats.errors and stats.sessions > 0 and stats.messages == 3 * stats.sessions
+    per = len(wire.encode(mkmaildrops.message("user00001", 1, 700))) - 3
+    assert stats.octets == per * stats.messages
