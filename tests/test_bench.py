@@ -272,3 +272,21 @@ def test_mkmaildrops_mbox_is_served_exactly(tmp_path):
     assert not stats.errors and stats.sessions > 0 and stats.messages == 3 * stats.sessions
     per = len(wire.encode(mkmaildrops.message("user00001", 1, 700))) - 3
     assert stats.octets == per * stats.messages
+
+
+def test_progress_line_only_on_a_terminal():
+    import io
+
+    from pop3d.bench.report import ProgressLine
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    for out in (tty, pipe):
+        line = ProgressLine(out)
+        line({"elapsed": 1.0, "sessions": 120, "logins": 120, "octets": 0, "errors": 2, "held": 0})
+        line.finish()
+    assert tty.getvalue().startswith("\r") and "120" in tty.getvalue() and "errors      2" in tty.getvalue()
+    assert pipe.getvalue() == ""
