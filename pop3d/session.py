@@ -162,11 +162,7 @@ class Pop3Session(asyncio.Protocol):
                 if isinstance(reply, bytes):
                     out.append(reply)
                     continue
-                if out:
-                    self._write(b"".join(out))
-                self._busy = True
-                self.transport.pause_reading()
-                self._task = self._loop.create_task(self._complete(reply))
+                self._suspend(out, reply)
                 return
             event = self.parser.parse(line, handler.state)
             if isinstance(event, Rejected):
@@ -196,12 +192,7 @@ class Pop3Session(asyncio.Protocol):
                     self._start_tls()
                     return
                 continue
-            # an async reply: flush what we have, stop reading, continue when it is done
-            if out:
-                self._write(b"".join(out))
-            self._busy = True
-            self.transport.pause_reading()
-            self._task = self._loop.create_task(self._complete(reply))
+            self._suspend(out, reply)
             return
         if not queue:
             self._queue = None
@@ -209,6 +200,14 @@ class Pop3Session(asyncio.Protocol):
             self._write(b"".join(out) if len(out) > 1 else out[0])
         if handler.closing or self._eof:
             self.transport.close()
+
+    def _suspend(self, out: list[bytes], reply: Any) -> None:
+        """An async reply: flush the batch so far, stop reading, go on in `_complete` once it is done."""
+        if out:
+            self._write(b"".join(out))
+        self._busy = True
+        self.transport.pause_reading()
+        self._task = self._loop.create_task(self._complete(reply))
 
     async def _complete(self, reply: Any) -> None:
         handler = self.handler
