@@ -31,8 +31,8 @@ from typing import Any
 from pop3d.context import ServerContext
 from pop3d.handlers import Pop3Handler, Result, Stream
 from pop3d.protocol import MAX_SASL_LINE, CommandParser, LineBuffer, Rejected, State, err
-from pop3d.tls import peer_identity
 from pop3d.storage.base import StorageError
+from pop3d.tls import peer_identity
 
 log = logging.getLogger("pop3d.session")
 

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import Raw, ServerThread
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import Raw, ServerThread
 from pop3d import wire
 from pop3d.bench import mkmaildrops, runner
 from pop3d.bench.client import ClientProtocol

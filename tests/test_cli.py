@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import USERS, deliver
 
 POP3D = [sys.executable, "-m", "pop3d"]

@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from clientkit import EDGE_MESSAGES, Inbox, assert_same, expected_lf, need, run
 from conftest import USERS, deliver
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_maildir import deliver, opened, snapshot
 
 from pop3d.storage import maildir as maildir_mod
-from test_maildir import deliver, opened, snapshot
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ def clean_memo(monkeypatch: pytest.MonkeyPatch) -> None:
 def _fill(md: Path, n: int = 5) -> None:
     for i in range(n):
         deliver(md, f"17000000{i:02d}.M{i}P1.h", b"x\n" * (i + 1), "new" if i % 2 else "cur")
-    deliver(md, f"1700000050.M50P1.h:2,S", b"seen\n", "cur")
+    deliver(md, "1700000050.M50P1.h:2,S", b"seen\n", "cur")
 
 
 async def test_young_stamps_are_never_trusted(md: Path, listings: list[str]) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import Env, Raw
+
 from pop3d.storage.mbox_format import scan
 
 ROOT = Path(__file__).resolve().parent.parent

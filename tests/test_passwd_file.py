@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import collections
-
 import asyncio
+import collections
 import logging
 import os
 import shutil

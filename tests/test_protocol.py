@@ -6,7 +6,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pop3d.protocol import (
-    MAX_COMMAND_LINE, Command, CommandParser, LineBuffer, Rejected, State, err, multiline, ok,
+    MAX_COMMAND_LINE,
+    Command,
+    CommandParser,
+    LineBuffer,
+    Rejected,
+    State,
+    err,
+    multiline,
+    ok,
 )
 
 A, T = State.AUTHORIZATION, State.TRANSACTION

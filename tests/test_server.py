@@ -10,8 +10,8 @@ import threading
 import time
 
 import pytest
-
 from conftest import Raw, deliver
+
 from pop3d import wire
 
 MSG1 = b"From: a@example.org\nSubject: one\n\nline 1\n.dotted\n..two dots\nend\n"

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import USERS, Raw, deliver
 from test_cli import POP3D, free_port, start, write_config
 
@@ -156,7 +155,6 @@ def test_open_files_limit_is_raised_to_hard():
 
 
 def test_workers_serve_implicit_tls_too(env, tmp_path):
-    import ssl
     import socket
 
     from tls_helpers import Pki

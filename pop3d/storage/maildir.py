@@ -43,6 +43,7 @@ from typing import AsyncIterator, Callable, TypeVar, cast
 import aiofiles
 
 from pop3d.auth.base import User
+from pop3d.storage.atomic import replace_text
 from pop3d.storage.base import (
     CHUNK,
     Maildrop,
@@ -285,17 +286,7 @@ class SizeCache:
              json.dumps(self.mtimes, separators=(",", ":")), json.dumps(self.stamps, separators=(",", ":")),
              self.keys_text, "")
         )  # fmt: skip
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w", encoding="ascii") as f:
-                f.write(text)
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            log.warning("cannot write size cache %s: %s", self.path, exc)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        replace_text(str(self.path), text, "size cache")
 
 
 class MaildirStorage:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
 from itertools import repeat
 
+from pop3d.storage.atomic import replace_text
 from pop3d.storage.mbox_format import Entry
 
 log = logging.getLogger(__name__)
@@ -104,16 +104,4 @@ class SpoolIndex:
             " ".join(str(e.end) for e in es), " ".join(str(e.size) for e in es),
             " ".join(e.digest for e in es), " ".join(self.uids), "",
         ))  # fmt: skip
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w", encoding="ascii") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            log.warning("cannot write mbox index %s: %s", self.path, exc)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+        replace_text(str(self.path), text, "mbox index", durable=True)

@@ -1,0 +1,32 @@
+"""Replace a small metadata file atomically (a temp file in the same directory, then rename).
+
+Used for the caches beside maildrops (Maildir size cache, mbox index). A failure is logged and swallowed:
+losing a cache costs a slower next login, never mail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("pop3d.storage")
+
+
+def replace_text(path: str, text: str, what: str, *, durable: bool = False) -> bool:
+    """Write `text` (ASCII) to `path` atomically; `durable` fsyncs before the rename. False on failure."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        log.warning("cannot write %s %s: %s", what, path, exc)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
