@@ -174,3 +174,48 @@ def test_workers_serve_implicit_tls_too(env, tmp_path):
         proc.terminate()
         out, _ = proc.communicate(timeout=15)
     assert f"127.0.0.1:{tls_port}" in out
+
+
+def _sample(body: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", body, re.M)
+    assert m, f"{name} missing from /metrics"
+    return float(m[1])
+
+
+def test_metrics_add_up_across_workers(env):
+    """Counters of both workers are summed by the supervisor's endpoint (issue 7, workers > 1)."""
+    import urllib.request
+
+    port, mport = free_port(), free_port()
+    cfg = config_with_workers(env, port, 2)
+    cfg.write_text(cfg.read_text() + f'[metrics]\nlisten = "127.0.0.1:{mport}"\n')
+    proc = start(cfg, port)
+    try:
+        conns = one_per_worker(port)  # one connection on each worker
+        for c, user in zip(conns.values(), ["alice", "bob"]):
+            assert c.cmd(f"USER {user}".encode()).startswith(b"+OK")
+            assert c.cmd(f"PASS {USERS[user]}".encode()).startswith(b"+OK")
+            assert c.cmd(b"STAT").startswith(b"+OK")
+            assert c.cmd(b"QUIT").startswith(b"+OK")
+            c.close()
+        bad = Raw(port)
+        bad.cmd(b"USER alice")
+        assert bad.cmd(b"PASS wrong").startswith(b"-ERR [AUTH]")
+        bad.cmd(b"QUIT")
+        bad.close()
+        url = f"http://127.0.0.1:{mport}/metrics"
+        deadline = time.monotonic() + 10
+        while True:  # command counters reach the shared files within a second
+            body = urllib.request.urlopen(url, timeout=10).read().decode()
+            try:
+                assert _sample(body, 'pop3d_logins_total{result="ok"}') == 2
+                assert _sample(body, 'pop3d_commands_total{verb="STAT"}') == 2
+                assert _sample(body, "pop3d_auth_failures_total") == 1
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
