@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pop3d import __version__
-from pop3d.config import ConfigError, Settings, load_settings, parse_hostport
+from pop3d.config import ConfigError, Settings, load_settings, target_address
 
 log = logging.getLogger("pop3d")
 
@@ -95,11 +95,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from pop3d.health import check
 
-    try:
-        host, port = parse_hostport(args.address)
-    except ValueError as exc:
-        raise ConfigError(f"address: {exc}") from None
-    ok, message = check(host or "127.0.0.1", port, args.timeout, proxy=args.proxy, tls=args.tls)
+    host, port = target_address(args.address, "address")
+    ok, message = check(host, port, args.timeout, proxy=args.proxy, tls=args.tls)
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 

@@ -31,6 +31,15 @@ def parse_hostport(value: str) -> tuple[str, int]:
     return (m["v6"] if m["v6"] is not None else m["host"]), port
 
 
+def target_address(value: str, what: str) -> tuple[str, int]:
+    """A command-line HOST:PORT to connect to (an empty host means this machine); ConfigError names `what`."""
+    try:
+        host, port = parse_hostport(value)
+    except ValueError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
+    return host or "127.0.0.1", port
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

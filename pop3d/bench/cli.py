@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from pop3d.config import ConfigError, parse_hostport
+from pop3d.config import ConfigError, target_address
 
 
 def add_parsers(sub: Any) -> None:
@@ -64,12 +64,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from pop3d.bench import report, runner
     from pop3d.bench.scenarios import RunConfig
 
-    try:
-        host, port = parse_hostport(args.target)
-    except ValueError as exc:
-        raise ConfigError(f"HOST:PORT: {exc}") from None
+    host, port = target_address(args.target, "HOST:PORT")
     mode = "tls" if args.tls else "stls" if args.stls else None
-    rc = RunConfig(host=host or "127.0.0.1", port=port, scenario=args.scenario, timeout=args.timeout, tls=mode,
+    rc = RunConfig(host=host, port=port, scenario=args.scenario, timeout=args.timeout, tls=mode,
                    server_hostname=args.servername or host, noop_interval=args.noop_interval)
     try:
         plan = runner.Plan(rc, runner.read_users(args.users), args.concurrency, args.duration, args.procs,
