@@ -12,7 +12,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Callable
 
-from pop3d import __version__
+from pop3d import __version__, login_delay
 from pop3d.auth.penalty import Penalty
 
 if TYPE_CHECKING:
@@ -24,26 +24,6 @@ if TYPE_CHECKING:
     from pop3d.tls import TlsManager
 
 log = logging.getLogger("pop3d")
-
-
-class LoginDelays:
-    """RFC 2449 §6.5 LOGIN-DELAY: the time of each user's last successful login, in this process."""
-
-    __slots__ = ("_last",)
-
-    def __init__(self) -> None:
-        self._last: dict[str, float] = {}
-
-    def too_soon(self, user: str, delay: int, now: float) -> bool:
-        last = self._last.get(user)
-        return delay > 0 and last is not None and now - last < delay
-
-    def record(self, user: str, delay: int, now: float) -> None:
-        if delay <= 0:
-            return
-        self._last[user] = now
-        if len(self._last) > 4096:  # forget logins older than the delay so the table stays small
-            self._last = {u: t for u, t in self._last.items() if now - t < delay}
 
 
 class ServerContext:
@@ -61,7 +41,7 @@ class ServerContext:
         self.hostname = settings.server.hostname
         self.implementation = f"pop3d-{__version__}"
         self.sessions: set[Pop3Session] = set()
-        self.login_delays = LoginDelays()
+        self.login_delays = login_delay.for_this_process()
         self._counter = itertools.count(1)
         from pop3d.metrics import build
 

@@ -178,7 +178,7 @@ class Pop3Handler:
             return await self._failed(name)
         ctx.penalty.succeed(self.peer)
         delay = ctx.settings.session.login_delay
-        now = time.monotonic()
+        now = time.time()  # wall clock: worker processes compare it through file mtimes (pop3d.login_delay)
         if ctx.login_delays.too_soon(user.name, delay, now):
             # RFC 2449 §8.1.2
             ctx.metrics.login("login_delay")

@@ -31,12 +31,15 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from typing import Callable
 
+from pop3d import login_delay
 from pop3d.config import Settings, parse_hostport
 from pop3d.systemd import Inherited
 
@@ -135,6 +138,9 @@ class Supervisor:
             from pop3d import metrics
 
             self.metrics_endpoint = metrics.start_for_supervisor(settings.metrics.listen)
+        # RFC 2449 LOGIN-DELAY must hold whichever worker a login lands on: one directory for all of them
+        self.login_delay_dir = tempfile.mkdtemp(prefix="pop3d-login-delay-")
+        os.environ[login_delay.SHARED_DIR_ENV] = self.login_delay_dir
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}  # slot -> monotonic time of its last start
         self.stopping = False
@@ -247,6 +253,7 @@ class Supervisor:
             s.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.shutdown()
+        shutil.rmtree(self.login_delay_dir, ignore_errors=True)
         log.info("all workers stopped")
         return 0
 

@@ -219,3 +219,24 @@ def test_metrics_add_up_across_workers(env):
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+def test_login_delay_holds_across_workers(env):
+    """A second login within LOGIN-DELAY is refused even when it lands on the other worker."""
+    port = free_port()
+    cfg = config_with_workers(env, port, 2)
+    cfg.write_text(cfg.read_text().replace("[server]\n", "[session]\nlogin_delay = 300\n[server]\n", 1))
+    proc = start(cfg, port)
+    try:
+        first, second = one_per_worker(port).values()
+        assert first.cmd(b"USER alice").startswith(b"+OK")
+        assert first.cmd(b"PASS " + USERS["alice"].encode()).startswith(b"+OK")
+        assert first.cmd(b"QUIT").startswith(b"+OK")
+        assert second.cmd(b"USER alice").startswith(b"+OK")
+        assert second.cmd(b"PASS " + USERS["alice"].encode()).startswith(b"-ERR [LOGIN-DELAY]")
+        assert second.cmd(b"USER bob").startswith(b"+OK")  # per user
+        assert second.cmd(b"PASS " + USERS["bob"].encode()).startswith(b"+OK")
+        second.cmd(b"QUIT")
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)

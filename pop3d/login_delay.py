@@ -1,0 +1,73 @@
+"""RFC 2449 §6.5 LOGIN-DELAY: when did this user last log in?
+
+One process keeps a dict. Worker processes (`server.workers` > 1) must agree, or a client would simply land
+on the other worker: the supervisor then hands every worker one directory (`SHARED_DIR_ENV`), and the time
+of a user's last login is the mtime of one empty file per user there (a stat per login, no locking needed:
+two logins of one user cannot both pass the maildrop lock anyway).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+#: set by the worker supervisor before it forks; not a `POP3D_` name, so no config key can collide with it
+SHARED_DIR_ENV = "_POP3D_LOGIN_DELAY_DIR"
+
+
+class LoginDelays:
+    """Last successful login per user, in this process. `now` is wall-clock seconds (time.time())."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+
+    def too_soon(self, user: str, delay: int, now: float) -> bool:
+        last = self._last.get(user)
+        return delay > 0 and last is not None and now - last < delay
+
+    def record(self, user: str, delay: int, now: float) -> None:
+        if delay <= 0:
+            return
+        self._last[user] = now
+        if len(self._last) > 4096:  # forget logins older than the delay so the table stays small
+            self._last = {u: t for u, t in self._last.items() if now - t < delay}
+
+
+class SharedLoginDelays:
+    """The same, shared by the processes that were handed `directory`."""
+
+    __slots__ = ("directory",)
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def _path(self, user: str) -> str:
+        # any user name maps to a safe, fixed-length file name
+        return os.path.join(self.directory, hashlib.sha256(user.encode("utf-8", "surrogateescape")).hexdigest())
+
+    def too_soon(self, user: str, delay: int, now: float) -> bool:
+        if delay <= 0:
+            return False
+        try:
+            last = os.stat(self._path(user)).st_mtime
+        except OSError:
+            return False  # never logged in (or the directory is gone: fail open, the maildrop lock still holds)
+        return now - last < delay
+
+    def record(self, user: str, delay: int, now: float) -> None:
+        if delay <= 0:
+            return
+        path = self._path(user)
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            os.utime(path, (now, now))
+        except OSError:
+            pass  # best effort: a missing record only lets the next login in early
+
+
+def for_this_process() -> LoginDelays | SharedLoginDelays:
+    """Shared when a supervisor handed us a directory, private otherwise."""
+    directory = os.environ.get(SHARED_DIR_ENV)
+    return SharedLoginDelays(directory) if directory else LoginDelays()

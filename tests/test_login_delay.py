@@ -1,0 +1,47 @@
+"""LOGIN-DELAY bookkeeping (RFC 2449 §6.5), private and shared between worker processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from pop3d.login_delay import SHARED_DIR_ENV, LoginDelays, SharedLoginDelays, for_this_process
+
+
+@pytest.fixture(params=["private", "shared"])
+def delays(request, tmp_path):
+    return LoginDelays() if request.param == "private" else SharedLoginDelays(str(tmp_path))
+
+
+def test_delay_per_user(delays):
+    now = 1_800_000_000.0
+    assert not delays.too_soon("alice", 300, now)
+    delays.record("alice", 300, now)
+    assert delays.too_soon("alice", 300, now + 299)
+    assert not delays.too_soon("alice", 300, now + 300)
+    assert not delays.too_soon("bob", 300, now + 1)  # per user
+    assert not delays.too_soon("alice", 0, now + 1)  # 0 disables
+
+
+def test_nothing_recorded_when_disabled(delays):
+    delays.record("alice", 0, 1_800_000_000.0)
+    assert not delays.too_soon("alice", 300, 1_800_000_001.0)
+
+
+def test_shared_directory_is_seen_by_another_process_view(tmp_path):
+    a, b = SharedLoginDelays(str(tmp_path)), SharedLoginDelays(str(tmp_path))
+    a.record("user/with:odd\u00e9chars", 60, 1_800_000_000.0)
+    assert b.too_soon("user/with:odd\u00e9chars", 60, 1_800_000_030.0)
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_shared_directory_gone_fails_open(tmp_path):
+    d = SharedLoginDelays(str(tmp_path / "missing"))
+    d.record("alice", 60, 1_800_000_000.0)  # no exception
+    assert not d.too_soon("alice", 60, 1_800_000_001.0)
+
+
+def test_for_this_process(monkeypatch, tmp_path):
+    monkeypatch.delenv(SHARED_DIR_ENV, raising=False)
+    assert isinstance(for_this_process(), LoginDelays)
+    monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path))
+    assert isinstance(for_this_process(), SharedLoginDelays)
