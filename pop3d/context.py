@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from pop3d import __version__, login_delay
-from pop3d.auth.penalty import Penalty
+from pop3d.auth import penalty
 
 if TYPE_CHECKING:
     from pop3d.auth.base import Authenticator
@@ -34,7 +34,7 @@ class ServerContext:
         self.settings = settings
         self.tls = tls  # None: no TLS configured (no STLS, no implicit-TLS listeners)
         a = settings.auth
-        self.penalty = Penalty(a.failure_delay, a.failure_delay_max)
+        self.penalty = penalty.create(a.failure_delay, a.failure_delay_max)
         self.secure_networks = [ipaddress.ip_network(n, strict=False) for n in a.secure_networks]
         self.auth = auth
         self.storage = storage

@@ -40,6 +40,7 @@ import time
 from typing import Callable
 
 from pop3d import login_delay
+from pop3d.auth import penalty
 from pop3d.config import Settings, parse_hostport
 from pop3d.systemd import Inherited
 
@@ -141,6 +142,7 @@ class Supervisor:
         # RFC 2449 LOGIN-DELAY must hold whichever worker a login lands on: one directory for all of them
         self.login_delay_dir = tempfile.mkdtemp(prefix="pop3d-login-delay-")
         os.environ[login_delay.SHARED_DIR_ENV] = self.login_delay_dir
+        penalty.share_between_processes()  # and the brute-force penalty per address (issue 4)
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}  # slot -> monotonic time of its last start
         self.stopping = False

@@ -240,3 +240,21 @@ def test_login_delay_holds_across_workers(env):
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+def test_failure_penalty_holds_across_workers(env):
+    """The second failure from one address earns the doubled delay even on the other worker."""
+    port = free_port()
+    cfg = config_with_workers(env, port, 2)
+    cfg.write_text(cfg.read_text().replace("failure_delay = 0", "failure_delay = 0.2"))
+    proc = start(cfg, port)
+    try:
+        for c in one_per_worker(port).values():
+            assert c.cmd(b"USER alice").startswith(b"+OK")
+            assert c.cmd(b"PASS wrong").startswith(b"-ERR [AUTH]")
+            c.close()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    delays = re.findall(r"auth failed user='alice' rip=127\.0\.0\.1.* delay=([0-9.]+)s", out)
+    assert delays == ["0.2", "0.4"], out

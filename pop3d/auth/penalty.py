@@ -3,11 +3,17 @@
 Dovecot's numbers (auth penalty): 2 s after the first failure, doubling, at most 15 s. The wait is an
 `asyncio.sleep` in the failing session only, so the loop and other clients never notice. The table is
 bounded: entries idle for `forget_after` seconds are dropped, and past `max_entries` the oldest go first,
-so an attacker cycling addresses costs memory O(max_entries), not O(addresses).
+so an attacker cycling addresses costs memory O(max_entries), not O(addresses). With worker processes the
+history lives in a fixed-size shared-memory table instead (`SharedPenalty`), or a client could spread its
+attempts over the workers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import mmap
+import os
+import struct
 from collections import OrderedDict
 from typing import Final
 
@@ -63,3 +69,88 @@ class Penalty:
                 del table[oldest]
             else:
                 break
+
+
+# --- shared between worker processes -------------------------------------------------------------------------
+
+_SLOT = struct.Struct("<QI4xd")  # keyed hash of the address (0 = empty), failures, monotonic time of the last
+
+
+class SharedTable:
+    """A fixed-size table in anonymous shared memory, created before the workers fork so all of them see it.
+
+    Addresses map to slots by a keyed hash (a per-start random key, so nobody can aim collisions); a collision
+    simply replaces the older entry, like the bounded dict above forgets its oldest. Updates from two workers
+    may race and lose one increment: the penalty is a brake, not an account. CLOCK_MONOTONIC is system-wide,
+    so the times compare across processes.
+    """
+
+    __slots__ = ("buf", "slots", "_key")
+
+    def __init__(self, slots: int = 16384) -> None:
+        self.slots = slots
+        self.buf = mmap.mmap(-1, slots * _SLOT.size, flags=mmap.MAP_SHARED)
+        self._key = os.urandom(16)
+
+    def _where(self, address: str) -> tuple[int, int]:
+        h = int.from_bytes(hashlib.blake2b(address.encode("utf-8", "surrogateescape"), digest_size=8,
+                                           key=self._key).digest(), "little") | 1
+        return h, (h % self.slots) * _SLOT.size
+
+    def get(self, address: str) -> tuple[int, float]:
+        h, off = self._where(address)
+        key, count, last = _SLOT.unpack_from(self.buf, off)
+        return (count, last) if key == h else (0, 0.0)
+
+    def put(self, address: str, count: int, last: float) -> None:
+        h, off = self._where(address)
+        _SLOT.pack_into(self.buf, off, h, min(count, 0xFFFFFFFF), last)
+
+    def clear(self, address: str) -> None:
+        h, off = self._where(address)
+        if _SLOT.unpack_from(self.buf, off)[0] == h:
+            _SLOT.pack_into(self.buf, off, 0, 0, 0.0)
+
+    def used(self) -> int:
+        return sum(1 for i in range(self.slots) if _SLOT.unpack_from(self.buf, i * _SLOT.size)[0])
+
+
+class SharedPenalty(Penalty):
+    """`Penalty` whose history lives in a `SharedTable`, so it holds whichever worker a client reaches."""
+
+    __slots__ = ("table",)
+
+    def __init__(self, base: float, maximum: float, table: SharedTable,
+                 forget_after: float = DEFAULT_FORGET_AFTER) -> None:
+        super().__init__(base, maximum, forget_after)
+        self.table = table
+
+    def failures(self, address: str, now: float) -> int:
+        count, last = self.table.get(address)
+        return 0 if count == 0 or now - last > self.forget_after else count
+
+    def fail(self, address: str, now: float) -> float:
+        count = self.failures(address, now) + 1
+        self.table.put(address, count, now)
+        return self.delay_for(count)
+
+    def succeed(self, address: str) -> None:
+        self.table.clear(address)
+
+    def __len__(self) -> int:
+        return self.table.used()
+
+
+_shared: SharedTable | None = None
+
+
+def share_between_processes() -> None:
+    """Called by the worker supervisor before it forks: penalties made afterwards share one table."""
+    global _shared
+    if _shared is None:
+        _shared = SharedTable()
+
+
+def create(base: float, maximum: float) -> Penalty:
+    """The penalty for this process: shared with the sibling workers when a supervisor set that up."""
+    return SharedPenalty(base, maximum, _shared) if _shared is not None else Penalty(base, maximum)
