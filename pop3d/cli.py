@@ -20,7 +20,7 @@ log = logging.getLogger("pop3d")
 
 
 def _setup_logging(settings: Settings) -> None:
-    from pop3d import logfmt
+    from pop3d.ops import logfmt
 
     logfmt.configure(settings.log)
 
@@ -40,7 +40,7 @@ def _check_runtime(settings: Settings) -> None:
     if settings.tls.cert is not None:  # load the PEM files now: a bad key must not wait for the first client
         import ssl
 
-        from pop3d.tls import build_context
+        from pop3d.net.tls import build_context
 
         try:
             build_context(settings.tls)
@@ -50,8 +50,8 @@ def _check_runtime(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pop3d.server import serve_forever
-    from pop3d.systemd import ActivationError
+    from pop3d.runtime.server import serve_forever
+    from pop3d.runtime.systemd import ActivationError
 
     if args.demo:
         from pop3d import demo
@@ -93,7 +93,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from pop3d.health import check
+    from pop3d.ops.health import check
 
     host, port = target_address(args.address, "address")
     ok, message = check(host, port, args.timeout, proxy=args.proxy, tls=args.tls)

@@ -56,7 +56,7 @@ class ServerSettings(_Section):
     write_buffer: int = Field(256 * 1024, ge=16 * 1024)
     #: implicit-TLS listeners (RFC 8314 §3.3, usually ":995"); need tls.cert and tls.key
     tls_listen: list[str] = Field(default_factory=list)
-    #: expect a HAProxy PROXY v1/v2 header first on every connection (pop3d.proxy); live on SIGHUP
+    #: expect a HAProxy PROXY v1/v2 header first on every connection (pop3d.net.proxy); live on SIGHUP
     proxy_protocol: bool = False
     #: peers allowed to send that header (CIDRs); anyone else is disconnected
     proxy_trusted: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pop3d import wire
+from pop3d.pop3 import wire
 
 #: The edge cases a POP3 server must carry intact (issue 6): dots at line starts, no final newline,
 #: stored CRLF, 8-bit bytes, a 5,000-octet line, and messages large enough to be streamed in slices.

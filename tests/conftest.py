@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import pytest
 
 from pop3d.config import Settings, load_settings
-from pop3d.server import Pop3Server, build_context
+from pop3d.runtime.server import Pop3Server, build_context
 
 USERS = {"alice": "wonderland", "bob": "builder pass"}  # bob's password has a space on purpose
 

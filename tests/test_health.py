@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from pop3d.cli import main
-from pop3d.health import check
+from pop3d.ops.health import check
 
 
 def _fake_server(behaviour: bytes | None) -> tuple[socket.socket, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pop3d.login_delay import SHARED_DIR_ENV, LoginDelays, SharedLoginDelays, for_this_process
+from pop3d.auth.login_delay import SHARED_DIR_ENV, LoginDelays, SharedLoginDelays, for_this_process
 
 
 @pytest.fixture(params=["private", "shared"])

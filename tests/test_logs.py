@@ -10,7 +10,7 @@ import sys
 
 from conftest import Raw, deliver
 
-from pop3d import logfmt
+from pop3d.ops import logfmt
 from pop3d.config import LogSettings
 
 

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop3d.auth.base import User
-from pop3d.storage import maildir as maildir_mod
+from pop3d.storage.maildir import drop as maildir_mod
 from pop3d.storage.base import InUse, MessageGone, PermanentError, TemporaryError
-from pop3d.storage.maildir import MaildirDrop, MaildirStorage, measure, split_name, uid_for
-from pop3d.wire import network_size
+from pop3d.storage.maildir.drop import MaildirDrop, MaildirStorage, measure, split_name, uid_for
+from pop3d.pop3.wire import network_size
 
 ROOT = Path(__file__).resolve().parent.parent
 UID_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")  # RFC 1939 §7

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from test_maildir import deliver, opened, snapshot
 
-from pop3d.storage import maildir as maildir_mod
+from pop3d.storage.maildir import drop as maildir_mod
 
 
 @pytest.fixture

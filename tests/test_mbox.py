@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 
-from pop3d import wire
+from pop3d.pop3 import wire
 from pop3d.auth.base import User
 from pop3d.config import load_settings
-from pop3d.storage import build_storage, mbox
+from pop3d.storage import build_storage
+from pop3d.storage.mbox import drop as mbox
 from pop3d.storage.base import InUse, MessageGone, PermanentError, TemporaryError
-from pop3d.storage.mbox import MboxDrop
-from pop3d.storage.mbox_format import scan
+from pop3d.storage.mbox.drop import MboxDrop
+from pop3d.storage.mbox.format import scan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -221,7 +222,7 @@ async def test_not_an_mbox_and_symlink(tmp_path: Path, spool: Path) -> None:
 CRASHER = """
 import asyncio, os, signal, sys
 sys.path.insert(0, {root!r})
-from pop3d.storage import mbox_commit
+from pop3d.storage.mbox import commit as mbox_commit
 from pop3d.auth.base import User
 from pop3d.config import load_settings
 from pop3d.storage import build_storage
@@ -314,7 +315,7 @@ async def test_journal_failure_deletes_nothing(tmp_path: Path, spool: Path, monk
 
 
 async def test_io_error_while_moving_is_undone_at_once(tmp_path: Path, spool: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pop3d.storage import mbox_commit
+    from pop3d.storage.mbox import commit as mbox_commit
 
     original = b"".join(msg(i) for i in range(1, 6))
     spool.write_bytes(original)

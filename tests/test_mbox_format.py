@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pop3d import wire
-from pop3d.storage.mbox_format import NotMbox, Unquoter, find_xuidl, quote, scan, unquote
+from pop3d.pop3 import wire
+from pop3d.storage.mbox.format import NotMbox, Unquoter, find_xuidl, quote, scan, unquote
 
 
 def reader(data: bytes):  # type: ignore[no-untyped-def]

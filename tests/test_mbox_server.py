@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from conftest import Env, Raw
 
-from pop3d.storage.mbox_format import scan
+from pop3d.storage.mbox.format import scan
 
 ROOT = Path(__file__).resolve().parent.parent
 DOTLOCKFILE = shutil.which("dotlockfile")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import Raw, deliver
 
-from pop3d.metrics import Metrics, NullMetrics, start_endpoint
+from pop3d.ops.metrics import Metrics, NullMetrics, start_endpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ def test_latency_buckets_match_observe():
     from prometheus_client import CollectorRegistry, Histogram
     from prometheus_client.utils import floatToGoString
 
-    from pop3d.metrics import LATENCY_BUCKETS
+    from pop3d.ops.metrics import LATENCY_BUCKETS
 
     m = Metrics()
     ref_reg = CollectorRegistry()
@@ -114,7 +114,7 @@ def test_http_endpoint():
 # them over HTTP. Run in a fresh interpreter because multiprocess mode is process-wide.
 WORKERS = r"""
 import os, sys, urllib.request
-from pop3d import metrics
+from pop3d.ops import metrics
 endpoint = metrics.start_for_supervisor("127.0.0.1:0", sys.argv[1])
 url = f"http://127.0.0.1:{endpoint.server_port}/metrics"
 pids = []

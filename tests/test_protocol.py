@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pop3d.protocol import (
+from pop3d.pop3.protocol import (
     MAX_COMMAND_LINE,
     Command,
     CommandParser,

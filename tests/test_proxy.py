@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pop3d.proxy import V2_SIGNATURE, ProxyError, ProxyHeader, ProxyParser, encode_v1, encode_v2
-from pop3d.proxy_gate import is_trusted
+from pop3d.net.proxy import V2_SIGNATURE, ProxyError, ProxyHeader, ProxyParser, encode_v1, encode_v2
+from pop3d.net.proxy_gate import is_trusted
 
 
 def parse_all(data: bytes, step: int | None = None) -> ProxyHeader | None:

@@ -10,8 +10,8 @@ import ssl
 import pytest
 from tls_helpers import Pki
 
-from pop3d.proxy import ProxyError, encode_v1, encode_v2
-from pop3d.proxy_tls import read_header
+from pop3d.net.proxy import ProxyError, encode_v1, encode_v2
+from pop3d.net.proxy_tls import read_header
 
 
 @pytest.mark.parametrize("header", [

@@ -8,7 +8,7 @@ from typing import Any
 from conftest import Raw
 
 from pop3d.config import ConfigError, Settings
-from pop3d.reload import plan, reload
+from pop3d.runtime.reload import plan, reload
 
 
 def test_plan_splits_live_and_restart(env):
@@ -92,7 +92,7 @@ def test_bad_config_changes_nothing(start_server, env, caplog):
 def test_proxy_protocol_switches_live(start_server, env):
     import socket
 
-    from pop3d.proxy import encode_v1
+    from pop3d.net.proxy import encode_v1
 
     st = start_server()
     before = Raw(st.port)  # a session from before the switch is not asked for a header

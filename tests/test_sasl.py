@@ -13,8 +13,8 @@ from pop3d.auth import cram_md5, sasl, schemes
 from pop3d.auth.base import Credentials, User
 from pop3d.auth.penalty import Penalty
 from pop3d.auth.sasl_schemes import ScramKeys
-from pop3d.protocol import MAX_SASL_LINE, Command, CommandParser, LineBuffer, Rejected, State
-from pop3d.tls import client_identity
+from pop3d.pop3.protocol import MAX_SASL_LINE, Command, CommandParser, LineBuffer, Rejected, State
+from pop3d.net.tls import client_identity
 
 ALICE = User("alice")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pop3d.storage.base import PermanentError, TemporaryError
-from pop3d.storage.spool_lock import SpoolLock
+from pop3d.storage.mbox.spool_lock import SpoolLock
 
 DOTLOCKFILE = shutil.which("dotlockfile")
 needs_dotlockfile = pytest.mark.skipif(DOTLOCKFILE is None, reason="dotlockfile (liblockfile-bin) not installed")

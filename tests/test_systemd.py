@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from conftest import USERS, deliver
 
-from pop3d import systemd
+from pop3d.runtime import systemd
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -147,7 +147,7 @@ def test_open_files_limit_is_raised_to_hard():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard < 256:
         pytest.skip("needs a finite hard limit")
-    code = "from pop3d.workers import raise_nofile_limit; import resource; raise_nofile_limit(); " \
+    code = "from pop3d.runtime.workers import raise_nofile_limit; import resource; raise_nofile_limit(); " \
            "print(*resource.getrlimit(resource.RLIMIT_NOFILE))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30,
                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard)))

@@ -281,7 +281,7 @@ class ScramSha256(_Base):
 
 
 class External(_Base):
-    """RFC 4422 Appendix A: the identity comes from the TLS client certificate (pop3d.tls maps it).
+    """RFC 4422 Appendix A: the identity comes from the TLS client certificate (pop3d.net.tls maps it).
 
     The client may send an authorization identity; it must be empty or equal to the certificate's user.
     """

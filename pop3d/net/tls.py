@@ -25,7 +25,7 @@ from typing import Any
 
 from pop3d.config import TlsSettings
 
-log = logging.getLogger("pop3d.tls")
+log = logging.getLogger("pop3d.net.tls")
 
 
 def build_context(s: TlsSettings) -> ssl.SSLContext:

@@ -1,6 +1,6 @@
 """Several worker processes, one uvloop event loop each (DESIGN.md performance rule 4).
 
-`server.workers = 1` never forks: the server runs in the calling process (pop3d.server.serve).
+`server.workers = 1` never forks: the server runs in the calling process (pop3d.runtime.server.serve).
 With more workers a small synchronous supervisor (this module) stays in the parent:
 
 * it first binds one *non-listening* SO_REUSEPORT socket per listen address. That reports "address in use"
@@ -39,10 +39,10 @@ import tempfile
 import time
 from typing import Callable
 
-from pop3d import login_delay
+from pop3d.auth import login_delay
 from pop3d.auth import penalty
 from pop3d.config import Settings, parse_hostport
-from pop3d.systemd import Inherited
+from pop3d.runtime.systemd import Inherited
 
 log = logging.getLogger("pop3d")
 
@@ -118,7 +118,7 @@ class Supervisor:
                  worker_main: Callable[[list[Inherited], list[tuple[str, int, bool]], int], None]) -> None:
         """`worker_main(inherited, addresses, ready_fd)` runs one worker; it writes a byte to `ready_fd`
         once it listens and returns when the worker should exit."""
-        from pop3d import systemd
+        from pop3d.runtime import systemd
 
         self.settings = settings
         self.count = settings.server.workers
@@ -136,7 +136,7 @@ class Supervisor:
             self.held, self.addresses = reserve(settings.server.listen, settings.server.tls_listen)
         self.metrics_endpoint = None
         if settings.metrics.listen:
-            from pop3d import metrics
+            from pop3d.ops import metrics
 
             self.metrics_endpoint = metrics.start_for_supervisor(settings.metrics.listen)
         # RFC 2449 LOGIN-DELAY must hold whichever worker a login lands on: one directory for all of them
@@ -199,7 +199,7 @@ class Supervisor:
         log.info("%d workers listening on %s", self.count, ", ".join(self.addresses_text()))
         if on_ready is not None:
             on_ready(self)
-        from pop3d import systemd
+        from pop3d.runtime import systemd
 
         systemd.notify("READY=1", self._status())
         return self._supervise()
@@ -229,7 +229,7 @@ class Supervisor:
         return True
 
     def _supervise(self) -> int:
-        from pop3d import systemd
+        from pop3d.runtime import systemd
 
         watchdog = systemd.watchdog_interval()
         next_ping = time.monotonic()
@@ -282,7 +282,7 @@ class Supervisor:
             if slot is None:
                 continue
             if self.metrics_endpoint is not None:
-                from pop3d import metrics
+                from pop3d.ops import metrics
 
                 metrics.process_dead(pid)
             if self.stopping:

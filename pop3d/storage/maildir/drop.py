@@ -12,7 +12,7 @@ Rules this file keeps, and why:
   `;2,` / `!2,`), so flag changes and the new/ -> cur/ move never change it. Names that are not 1-70 octets
   of 0x21-0x7E are %XX-escaped (`%` itself too, so escaping stays injective); if still too long the uid is
   `%H` + sha1 hex of the name, which no escaped name can equal (`H` is not a hex digit).
-* Sizes are network octets (pop3d.wire.network_size) because LIST must promise exactly what RETR sends
+* Sizes are network octets (pop3d.pop3.wire.network_size) because LIST must promise exactly what RETR sends
   (RFC 1939 §5, §7). They come from Dovecot's `,W=<n>` name field, else from reading the body once; then
   they live in `.pop3d.sizes` keyed by uid. Maildir messages are immutable once delivered (only renamed),
   so such a size never goes stale and a second login reads no body and stats no file: two listdirs, one
@@ -54,7 +54,7 @@ from pop3d.storage.base import (
     TemporaryError,
 )
 from pop3d.storage.locking import MaildropLock
-from pop3d.wire import network_size
+from pop3d.pop3.wire import network_size
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _size_field(base: str) -> int | None:
 def measure(path: str, chunk_size: int = _MEASURE_CHUNK) -> tuple[int, int]:
     """(network size, integer mtime) of a stored message, streaming so a 50 MiB message costs no memory.
 
-    Same result as pop3d.wire.network_size on the whole file, with CRLF split across chunks accounted for.
+    Same result as pop3d.pop3.wire.network_size on the whole file, with CRLF split across chunks accounted for.
     """
     with open(path, "rb", buffering=0) as f:
         mtime = int(os.fstat(f.fileno()).st_mtime)

@@ -13,7 +13,7 @@ turn comes, so pipelined order holds. The line buffer admits MAX_SASL_LINE octet
 refuses commands over 255 octets.
 
 STLS (RFC 2595): the handshake runs on the same transport with loop.start_tls (asyncio and uvloop), with the
-SSLContext current at that moment (SIGHUP swaps it, see pop3d.tls). Implicit-TLS listeners hand us a transport
+SSLContext current at that moment (SIGHUP swaps it, see pop3d.net.tls). Implicit-TLS listeners hand us a transport
 that is already encrypted. Whatever
 the client sent after STLS and before the handshake is discarded unread, never executed (the STARTTLS
 command-injection class of bugs, CVE-2011-0411 and kin); the line buffer starts empty under TLS.
@@ -28,13 +28,13 @@ import ssl
 from time import perf_counter
 from typing import Any
 
-from pop3d.context import ServerContext
-from pop3d.handlers import Pop3Handler, Result, Stream
-from pop3d.protocol import MAX_SASL_LINE, CommandParser, LineBuffer, Rejected, State, err
+from pop3d.pop3.context import ServerContext
+from pop3d.pop3.handlers import Pop3Handler, Result, Stream
+from pop3d.pop3.protocol import MAX_SASL_LINE, CommandParser, LineBuffer, Rejected, State, err
 from pop3d.storage.base import StorageError
-from pop3d.tls import peer_identity
+from pop3d.net.tls import peer_identity
 
-log = logging.getLogger("pop3d.session")
+log = logging.getLogger("pop3d.pop3.session")
 
 _PARSER = CommandParser()
 
@@ -49,7 +49,7 @@ class Pop3Session(asyncio.Protocol):
     )
 
     def __init__(self, ctx: ServerContext, parser: CommandParser = _PARSER, peer: str | None = None) -> None:
-        """`peer`: the client address when a proxy told us (pop3d.proxy_gate), else the socket's peer."""
+        """`peer`: the client address when a proxy told us (pop3d.net.proxy_gate), else the socket's peer."""
         self.ctx = ctx
         self._peer = peer
         self._sent = 0  # octets written, for the metrics (added once at session end)

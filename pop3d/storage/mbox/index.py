@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from itertools import repeat
 
 from pop3d.storage.atomic import replace_text
-from pop3d.storage.mbox_format import Entry
+from pop3d.storage.mbox.format import Entry
 
 log = logging.getLogger(__name__)
 

@@ -82,7 +82,7 @@ def err(text: str, code: str | None = None) -> bytes:
 def multiline(first: bytes, lines: list[str]) -> bytes:
     """A multi-line reply whose lines are protocol text (LIST, UIDL, CAPA): stuffed and terminated.
 
-    Message bodies do not come through here; they go through pop3d.wire, which handles arbitrary bytes.
+    Message bodies do not come through here; they go through pop3d.pop3.wire, which handles arbitrary bytes.
     """
     body = "".join(("." + line if line.startswith(".") else line) + "\r\n" for line in lines)
     return first + body.encode("utf-8") + b".\r\n"

@@ -15,12 +15,12 @@ import socket
 from typing import Any, Callable
 
 from pop3d.config import Settings, parse_hostport
-from pop3d.context import ServerContext
-from pop3d.protocol import CommandParser
-from pop3d.proxy_gate import ProxyGate
-from pop3d.proxy_tls import ProxiedTlsListener, bind
-from pop3d.session import Pop3Session
-from pop3d.systemd import ActivationError, Inherited
+from pop3d.pop3.context import ServerContext
+from pop3d.pop3.protocol import CommandParser
+from pop3d.net.proxy_gate import ProxyGate
+from pop3d.net.proxy_tls import ProxiedTlsListener, bind
+from pop3d.pop3.session import Pop3Session
+from pop3d.runtime.systemd import ActivationError, Inherited
 
 log = logging.getLogger("pop3d")
 
@@ -33,7 +33,7 @@ def build_context(settings: Settings) -> ServerContext:
     auth = PasswdFileAuthenticator(settings.auth.passwd_file)
     tls = None
     if settings.tls.cert is not None:
-        from pop3d.tls import TlsManager
+        from pop3d.net.tls import TlsManager
 
         tls = TlsManager(settings.tls)
     return ServerContext(settings, auth, build_storage(settings.storage), tls)
@@ -177,16 +177,17 @@ class Pop3Server:
 async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | None = None,
                 load: Callable[[], Settings] | None = None, metrics_endpoint: bool = True,
                 worker: tuple[list[Inherited], list[tuple[str, int, bool]]] | None = None) -> None:
-    """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.reload).
+    """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.runtime.reload).
 
     Under systemd: sockets come from LISTEN_FDS when socket-activated, and the manager hears READY=1 once
     we listen, RELOADING=1/READY=1 around a reload, STOPPING=1 when we drain, WATCHDOG=1 if asked.
     `metrics_endpoint=False` in worker processes: their supervisor serves the summed metrics.
-    `worker`: (inherited sockets, addresses) from a Supervisor (pop3d.workers); listeners then use
+    `worker`: (inherited sockets, addresses) from a Supervisor (pop3d.runtime.workers); listeners then use
     SO_REUSEPORT, and systemd hears from the supervisor, not from us.
     """
-    from pop3d import metrics, systemd
-    from pop3d.reload import reload
+    from pop3d.ops import metrics
+    from pop3d.runtime import systemd
+    from pop3d.runtime.reload import reload
 
     ctx = build_context(settings)
     if worker is None:
@@ -218,7 +219,7 @@ async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | Non
         systemd.notify("READY=1", _status(server))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    # a forked worker starts with these blocked (pop3d.workers): from here on they are handled, not fatal
+    # a forked worker starts with these blocked (pop3d.runtime.workers): from here on they are handled, not fatal
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
     interval = systemd.watchdog_interval()
     watchdog = _Watchdog(loop, interval) if interval is not None else None
@@ -247,7 +248,7 @@ class _Watchdog:
         self._handle = loop.call_soon(self._ping)
 
     def _ping(self) -> None:
-        from pop3d import systemd
+        from pop3d.runtime import systemd
 
         systemd.notify("WATCHDOG=1")
         self._handle = self._loop.call_later(self._interval, self._ping)
@@ -262,7 +263,7 @@ def serve_forever(settings: Settings, on_ready: Callable[[list[str]], None] | No
 
     Raises the open-files limit first (each connection is a descriptor). Returns the exit status.
     """
-    from pop3d import workers
+    from pop3d.runtime import workers
 
     soft, hard = workers.raise_nofile_limit()
     log.info("open-files limit %d (hard %d)", soft, hard)

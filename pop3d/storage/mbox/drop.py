@@ -32,7 +32,7 @@ from collections import defaultdict, deque
 from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Sequence, TypeVar
 
 from pop3d.auth.base import User
-from pop3d.storage import mbox_commit
+from pop3d.storage.mbox import commit as mbox_commit
 from pop3d.storage.base import (
     CHUNK,
     InUse,
@@ -44,9 +44,9 @@ from pop3d.storage.base import (
     TemporaryError,
 )
 from pop3d.storage.locking import MaildropLock
-from pop3d.storage.mbox_format import HEAD, Entry, NotMbox, Unquoter, digest, scan, unquote
-from pop3d.storage.mbox_index import TAIL, SpoolIndex
-from pop3d.storage.spool_lock import Method, SpoolLock
+from pop3d.storage.mbox.format import HEAD, Entry, NotMbox, Unquoter, digest, scan, unquote
+from pop3d.storage.mbox.index import TAIL, SpoolIndex
+from pop3d.storage.mbox.spool_lock import Method, SpoolLock
 
 if TYPE_CHECKING:
     from pop3d.config import StorageSettings

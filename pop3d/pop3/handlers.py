@@ -1,6 +1,6 @@
 """POP3 command handlers: one method per verb, collected into a dispatch table (aiosmtpd-style).
 
-A handler gets a parsed, state-legal `Command` (pop3d.protocol did the grammar) and returns either the reply
+A handler gets a parsed, state-legal `Command` (pop3d.pop3.protocol did the grammar) and returns either the reply
 bytes at once, a `Stream` (a big message body to send with flow control), or a coroutine resolving to one of
 those (password checks, storage I/O). Fast verbs stay synchronous so pipelined STAT/LIST/UIDL/DELE bursts
 need no Task at all. The handler owns the POP3 session semantics: state, the deleted set, LAST, counters.
@@ -18,14 +18,14 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Union
 
-from pop3d import wire
+from pop3d.pop3 import wire
 from pop3d.auth import sasl
 from pop3d.auth.base import User
-from pop3d.context import ServerContext
-from pop3d.protocol import CRLF, MAX_SASL_LINE, Command, State, err, multiline, ok
+from pop3d.pop3.context import ServerContext
+from pop3d.pop3.protocol import CRLF, MAX_SASL_LINE, Command, State, err, multiline, ok
 from pop3d.storage.base import SMALL_MESSAGE, InUse, Maildrop, MessageInfo, StorageError
 
-log = logging.getLogger("pop3d.session")
+log = logging.getLogger("pop3d.pop3.session")
 
 
 @dataclass(slots=True)
@@ -58,7 +58,7 @@ class Counters:
 
 
 class Pop3Handler:
-    """Per-connection POP3 semantics. The session (pop3d.session) feeds it commands in order."""
+    """Per-connection POP3 semantics. The session (pop3d.pop3.session) feeds it commands in order."""
 
     __slots__ = (
         "ctx", "peer", "state", "timestamp", "user_name", "user", "drop", "messages",
@@ -178,7 +178,7 @@ class Pop3Handler:
             return await self._failed(name)
         ctx.penalty.succeed(self.peer)
         delay = ctx.settings.session.login_delay
-        now = time.time()  # wall clock: worker processes compare it through file mtimes (pop3d.login_delay)
+        now = time.time()  # wall clock: worker processes compare it through file mtimes (pop3d.auth.login_delay)
         if ctx.login_delays.too_soon(user.name, delay, now):
             # RFC 2449 §8.1.2
             ctx.metrics.login("login_delay")

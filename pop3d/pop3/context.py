@@ -12,16 +12,17 @@ import os
 import time
 from typing import TYPE_CHECKING, Callable
 
-from pop3d import __version__, login_delay
+from pop3d import __version__
+from pop3d.auth import login_delay
 from pop3d.auth import penalty
 
 if TYPE_CHECKING:
     from pop3d.auth.base import Authenticator
     from pop3d.config import Settings
-    from pop3d.handlers import Pop3Handler
-    from pop3d.session import Pop3Session
+    from pop3d.pop3.handlers import Pop3Handler
+    from pop3d.pop3.session import Pop3Session
     from pop3d.storage.base import Storage
-    from pop3d.tls import TlsManager
+    from pop3d.net.tls import TlsManager
 
 log = logging.getLogger("pop3d")
 
@@ -43,7 +44,7 @@ class ServerContext:
         self.sessions: set[Pop3Session] = set()
         self.login_delays = login_delay.for_this_process()
         self._counter = itertools.count(1)
-        from pop3d.metrics import build
+        from pop3d.ops.metrics import build
 
         self.metrics = build(settings.metrics.listen)
         #: called as hook(old, new) after a SIGHUP reload swapped `settings` (TLS plugs its certificates in here)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Micro-benchmarks of the hot path, each reported as a ratio against a baseline measured in the same run.
 
-    python bench/micro.py            # all
-    python bench/micro.py wire       # only names containing "wire"
+    python benchmarks/micro.py            # all
+    python benchmarks/micro.py wire       # only names containing "wire"
 
 Baselines are the cheapest thing that does the job in C (bytes.split / bytes.replace / one read()), so
 "x 1.8" means pop3d's code costs 1.8 times that floor. Numbers are best-of-5 timeit rounds.
@@ -19,8 +19,8 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pop3d import wire  # noqa: E402
-from pop3d.protocol import CommandParser, LineBuffer, State  # noqa: E402
+from pop3d.pop3 import wire  # noqa: E402
+from pop3d.pop3.protocol import CommandParser, LineBuffer, State  # noqa: E402
 
 Case = tuple[str, Callable[[], object], Callable[[], object], int]  # name, baseline, subject, octets per call
 

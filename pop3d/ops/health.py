@@ -13,7 +13,7 @@ import socket
 import ssl
 import time
 
-from pop3d.proxy import encode_v1
+from pop3d.net.proxy import encode_v1
 
 
 def _unverified() -> ssl.SSLContext:

@@ -7,7 +7,7 @@ this gate costs nothing after the first packet. A peer outside `server.proxy_tru
 or none within `session.timeout_authorization` seconds: the connection is closed without a word, because
 an untrusted peer could otherwise claim any address.
 
-Implicit TLS (port 995) behind a proxy uses pop3d.proxy_tls instead: there the header precedes the TLS
+Implicit TLS (port 995) behind a proxy uses pop3d.net.proxy_tls instead: there the header precedes the TLS
 ClientHello, so it has to be read off the socket before the TLS layer exists.
 """
 
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from pop3d.proxy import ProxyError, ProxyParser
+from pop3d.net.proxy import ProxyError, ProxyParser
 
 log = logging.getLogger("pop3d")
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pop3d.config import ConfigError, Settings
 
 if TYPE_CHECKING:
-    from pop3d.context import ServerContext
+    from pop3d.pop3.context import ServerContext
 
 log = logging.getLogger("pop3d")
 
@@ -49,7 +49,7 @@ def _is_live(section: str, key: str, before: Any, after: Any, tls_listeners: boo
     if section == "tls" and key in ("cert", "key") and (before is None) != (after is None):
         return False  # turning TLS on or off changes listeners and the STLS verb
     if section == "server" and key == "proxy_protocol" and tls_listeners:
-        return False  # implicit-TLS listeners pick their accept path (pop3d.proxy_tls) when they are made
+        return False  # implicit-TLS listeners pick their accept path (pop3d.net.proxy_tls) when they are made
     keys = LIVE.get(section, set())
     return "*" in keys or key in keys
 
@@ -80,7 +80,7 @@ def plan(old: Settings, new: Settings) -> Plan:
 
 def apply(ctx: ServerContext, new: Settings) -> Plan:
     """Swap the context's settings (and what hangs off them) for `new`; returns what changed."""
-    from pop3d import logfmt
+    from pop3d.ops import logfmt
 
     old = ctx.settings
     p = plan(old, new)

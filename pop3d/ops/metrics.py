@@ -2,7 +2,7 @@
 
 Cost on the hot path: a `perf_counter` pair and a few integer additions per command. prometheus-client's
 own `inc()`/`observe()` take a lock each (≈1.7 µs per command together vs ≈0.26 µs here, measured by
-bench/metrics_overhead.py), so commands are counted in plain per-verb accumulators (`_VerbStats`, bound
+benchmarks/metrics_overhead.py), so commands are counted in plain per-verb accumulators (`_VerbStats`, bound
 per verb: no `labels()` lookup per command) and moved into the Prometheus instruments by `flush()`, which
 the server runs from its event loop every `FLUSH_INTERVAL` seconds and at shutdown; scrapes therefore lag
 by at most that long. Bytes sent are summed in the session and added at session end. With metrics off,
@@ -142,7 +142,7 @@ class Metrics(NullMetrics):
         self._storage = {op: self.storage_errors.labels(op) for op in STORAGE_OPS}
         self._verbs: dict[str, _VerbStats] = {}
         self._timer: asyncio.TimerHandle | None = None
-        from pop3d.protocol import VERBS
+        from pop3d.pop3.protocol import VERBS
 
         for v in VERBS:
             self.verb(v)

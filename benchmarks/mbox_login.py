@@ -11,7 +11,7 @@ Not a test. Runs a real `python -m pop3d serve` on loopback and times the client
 Baseline, measured in the same run: one sequential read of the spool file (page-cached, 1 MiB reads),
 the least any scan of it could cost. Results are printed as seconds and as ratios to that baseline.
 
-    python bench/mbox_login.py [--messages 100000] [--size 1024] [--append 1000]
+    python benchmarks/mbox_login.py [--messages 100000] [--size 1024] [--append 1000]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
    baseline design) vs pop3d's accumulate-then-flush `Metrics.command()`;
 2. pipelined commands through a real Pop3Session on a fake transport (no sockets), metrics off vs on.
 
-    python bench/metrics_overhead.py [--commands 200000] [--rounds 5]
+    python benchmarks/metrics_overhead.py [--commands 200000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pop3d.config import load_settings
-from pop3d.metrics import Metrics, NullMetrics
-from pop3d.server import build_context
-from pop3d.session import Pop3Session
+from pop3d.ops.metrics import Metrics, NullMetrics
+from pop3d.runtime.server import build_context
+from pop3d.pop3.session import Pop3Session
 
 
 class Sink:

@@ -20,8 +20,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from pop3d.proxy import V2_SIGNATURE, ProxyError, ProxyHeader, ProxyParser
-from pop3d.proxy_gate import is_trusted
+from pop3d.net.proxy import V2_SIGNATURE, ProxyError, ProxyHeader, ProxyParser
+from pop3d.net.proxy_gate import is_trusted
 
 log = logging.getLogger("pop3d")
 
@@ -58,7 +58,7 @@ async def read_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> P
 
 def bind(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[socket.socket]:
     """Listening sockets for "host:port" as asyncio's create_server makes them (every address, v6-only);
-    `reuse_port`: SO_REUSEPORT, for worker processes sharing the port (pop3d.workers)."""
+    `reuse_port`: SO_REUSEPORT, for worker processes sharing the port (pop3d.runtime.workers)."""
     out: list[socket.socket] = []
     try:
         for family, type_, proto, _name, addr in socket.getaddrinfo(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # pop3d side by side with Dovecot (Debian's dovecot-pop3d), same maildrops, same generator (`pop3d bench`).
 #
-#   bench/compare.sh [WORKDIR]           (as root: installs dovecot-pop3d, runs it as user `mail`)
+#   benchmarks/compare.sh [WORKDIR]           (as root: installs dovecot-pop3d, runs it as user `mail`)
 #
 # Environment: DURATION (s per run, 10), CONCURRENCY (clients, 50), PROCS (generator processes, 1),
 # WORKERS (pop3d workers, nproc), IDLE (sessions held against both, 1000), IDLE_BIG (held against pop3d

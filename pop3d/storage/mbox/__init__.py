@@ -1,0 +1,1 @@
+"""The mbox driver: a /var/mail spool read in place (format, index, spool locks, journaled commit)."""
