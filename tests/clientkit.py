@@ -8,12 +8,11 @@ so the expected form is the network form (what RETR sent, unstuffed) with CRLF t
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path
 
-import pytest
+from tooling import require_tool
 
 from pop3d.pop3 import wire
 
@@ -37,15 +36,13 @@ def expected_lf(raw: bytes) -> bytes:
     return wire.to_network(raw).replace(b"\r\n", b"\n")
 
 
+#: Debian package of each client program, where the names differ
+CLIENT_PACKAGES = {"getmail": "getmail6"}
+
+
 def need(program: str) -> str:
     """Path of a client program. Missing: fail under CI (it installs them), skip loudly elsewhere."""
-    path = shutil.which(program)
-    if path:
-        return path
-    msg = f"CLIENT NOT INSTALLED: {program} (apt-get install -y {program}); interop with it was NOT tested"
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
+    return require_tool(program, CLIENT_PACKAGES.get(program, program))
 
 
 def run(cmd: list[str], *, timeout: float = 60, env: dict[str, str] | None = None,

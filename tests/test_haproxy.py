@@ -1,26 +1,19 @@
 """A real HAProxy on loopback in front of pop3d, speaking PROXY v1 (send-proxy) and v2 (send-proxy-v2).
 
 The client connects from 127.0.0.5; HAProxy connects to pop3d from 127.0.0.1, the only trusted peer. If
-pop3d reports 127.0.0.5, it parsed the header HAProxy wrote. Skipped (with the reason) when HAProxy is not
-installed; `.ci/run` installs it.
+pop3d reports 127.0.0.5, it parsed the header HAProxy wrote. Without HAProxy it fails under CI (`.ci/run`
+installs it) and skips loudly elsewhere (tests/tooling.py).
 """
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
-import warnings
-from pathlib import Path
 
-import pytest
+from tooling import needs_tool, which
 
-HAPROXY = shutil.which("haproxy") or (Path("/usr/sbin/haproxy") if Path("/usr/sbin/haproxy").exists() else None)
-pytestmark = pytest.mark.skipif(HAPROXY is None, reason="HAProxy NOT INSTALLED: apt-get install -y haproxy")
-if HAPROXY is None:  # say so in every run's summary, not only with -rs
-    warnings.warn("HAProxy is not installed: the real PROXY-protocol interop test is SKIPPED "
-                  "(.ci/run installs it with apt-get)", stacklevel=1)
+HAPROXY = which("haproxy")
 
 
 def _free_port() -> int:
@@ -42,6 +35,7 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 10) ->
     raise TimeoutError("haproxy did not listen")
 
 
+@needs_tool("haproxy", "haproxy")
 def test_haproxy_v1_v2_and_implicit_tls(start_server, tmp_path):
     from tls_helpers import Pki
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,11 +14,12 @@ from typing import Any
 
 import pytest
 from conftest import Env, Raw
+from tooling import needs_tool, which
 
 from pop3d.storage.mbox.format import scan
 
 ROOT = Path(__file__).resolve().parent.parent
-DOTLOCKFILE = shutil.which("dotlockfile")
+DOTLOCKFILE = which("dotlockfile")
 
 # An MTA as Postfix delivers with mailbox_delivery_lock = dotlock, fcntl: dotlock (O_EXCL), open for append,
 # fcntl (POSIX) lock, write separator + ">From "-quoted message + padding line, unlock, remove the dotlock.
@@ -136,7 +136,7 @@ def test_mta_delivers_while_sessions_delete(env: Env, start_server: Any) -> None
     assert sessions >= 10 and deleted
 
 
-@pytest.mark.skipif(DOTLOCKFILE is None, reason="dotlockfile (liblockfile-bin) not installed")
+@needs_tool("dotlockfile", "liblockfile-bin")
 def test_external_dotlock_makes_quit_wait_or_fail(env: Env, start_server: Any) -> None:
     spool = env.mail / "alice"
     original = b"".join(b"From x\nMessage-ID: <%d@t>\n\nbody\n\n" % i for i in range(3))

@@ -6,7 +6,6 @@ import asyncio
 import collections
 import logging
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import bcrypt
 import pytest
 from argon2 import PasswordHasher, Type
 from passlib.hash import sha512_crypt
+from tooling import needs_tool
 
 from pop3d.auth import passwd_file, schemes
 from pop3d.auth.base import Credentials, User
@@ -289,7 +289,7 @@ def test_dummy_hash_made_once(monkeypatch: pytest.MonkeyPatch) -> None:
     assert passwd_file._dummy_secret("PLAIN") is first
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+@needs_tool("openssl", "openssl")
 async def test_dovecot_style_file_with_openssl_hash(tmp_path: Path) -> None:
     cmd = ["openssl", "passwd", "-6", "-salt", "abcdefgh", "pw"]
     out = await asyncio.to_thread(subprocess.run, cmd, capture_output=True, check=True)

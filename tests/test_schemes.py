@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import secrets
-import shutil
 import string
 import subprocess
 from collections.abc import Iterator
 
 import bcrypt
 import pytest
+from tooling import needs_tool
 
 from pop3d.auth import schemes
 from pop3d.auth.schemes import DEFAULT_SCHEME, SCHEMES, UnknownScheme, hash_password, split_scheme, verify
@@ -75,7 +75,7 @@ def test_known_vectors(scheme: str, secret: str, password: str) -> None:
     assert verify(*split_scheme(secret), password)
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+@needs_tool("openssl", "openssl")
 @pytest.mark.parametrize(("flag", "scheme"), [("-6", "SHA512-CRYPT"), ("-5", "SHA256-CRYPT"), ("-1", "MD5-CRYPT")])
 def test_openssl_hashes(flag: str, scheme: str) -> None:
     salt = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(16 if flag != "-1" else 8))

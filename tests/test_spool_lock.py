@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from tooling import needs_tool, which
 
 from pop3d.storage.base import PermanentError, TemporaryError
 from pop3d.storage.mbox.spool_lock import SpoolLock
 
-DOTLOCKFILE = shutil.which("dotlockfile")
-needs_dotlockfile = pytest.mark.skipif(DOTLOCKFILE is None, reason="dotlockfile (liblockfile-bin) not installed")
+DOTLOCKFILE = which("dotlockfile")
+needs_dotlockfile = needs_tool("dotlockfile", "liblockfile-bin")
 
 HOLD_FCNTL = """
 import fcntl, sys, time

@@ -10,7 +10,6 @@ from __future__ import annotations
 import configparser
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from conftest import USERS, deliver
+from tooling import needs_tool
 
 from pop3d.runtime import systemd
 
@@ -325,7 +325,7 @@ def test_unit_files():
         assert fdname in systemd.FD_KINDS
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@needs_tool("systemd-analyze", "systemd")
 def test_units_verify(tmp_path):
     """systemd's own parser: no unknown keys or bad values (the binary path is swapped for one that exists)."""
     for name in ("pop3d.service", "pop3d.socket", "pop3d-tls.socket"):

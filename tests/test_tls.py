@@ -15,6 +15,7 @@ import pytest
 import scramp
 from conftest import deliver
 from tls_helpers import Pki, TlsRaw, challenge
+from tooling import needs_tool, which
 
 from pop3d.auth import schemes
 
@@ -374,8 +375,8 @@ def _now() -> float:
 
 # -- curl, a real client with its own TLS and SASL code -----------------------------------------------
 
-CURL = shutil.which("curl")
-needs_curl = pytest.mark.skipif(CURL is None, reason="curl not installed (apt-get install curl)")
+CURL = which("curl")
+needs_curl = needs_tool("curl", "curl")
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
