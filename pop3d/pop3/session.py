@@ -1,6 +1,6 @@
 """The asyncio.Protocol adapter: bytes in, bytes out, timers, flow control.
 
-Why a Protocol and not streams: no Task per idle connection and no drain() per line (DESIGN.md rules 1, 5).
+Why a Protocol and not streams: no Task per idle connection, no drain per line (docs/DESIGN.md performance rules 1, 5).
 Pipelining (RFC 2449 §6.6): every complete line in a segment is queued; lines are parsed one at a time *when
 their turn comes* (an earlier PASS may change the state), synchronous replies are batched into one write,
 and while an async handler runs, reading pauses and the rest of the queue waits, so replies stay in order.

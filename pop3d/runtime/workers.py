@@ -1,4 +1,4 @@
-"""Several worker processes, one uvloop event loop each (DESIGN.md performance rule 4).
+"""Several worker processes, one uvloop event loop each (docs/DESIGN.md performance rule 4).
 
 `server.workers = 1` never forks: the server runs in the calling process (pop3d.runtime.server.serve).
 With more workers a small synchronous supervisor (this module) stays in the parent:

@@ -21,7 +21,7 @@ from typing import AsyncIterator, Protocol
 from pop3d.auth.base import User
 
 #: Messages at most this large are read with one direct read on the event loop; larger ones stream
-#: through a thread in chunks (DESIGN.md performance rule 2 and 3).
+#: through a thread in chunks (docs/DESIGN.md performance rules 2 and 3).
 SMALL_MESSAGE = 128 * 1024
 CHUNK = 256 * 1024
 

@@ -1,7 +1,7 @@
 """Exclusive, non-blocking advisory locks for maildrops (RFC 1939 §4, RFC 2449 §8.1.1 `[IN-USE]`).
 
 RFC 1939 §4 wants the maildrop locked exclusively from a successful login until the end of the session.
-pop3d can run several worker processes (one per core, DESIGN.md performance rule 4) *and* many sessions
+pop3d can run several worker processes (one per core, docs/DESIGN.md performance rule 4) *and* many sessions
 inside one process, so the lock must exclude:
 
 * another session of the same process (a second file descriptor on the lock file), and
