@@ -16,7 +16,7 @@ from tooling import require_tool
 
 from pop3d.pop3 import wire
 
-#: The edge cases a POP3 server must carry intact (issue 6): dots at line starts, no final newline,
+#: The edge cases a POP3 server must carry intact: dots at line starts, no final newline,
 #: stored CRLF, 8-bit bytes, a 5,000-octet line, and messages large enough to be streamed in slices.
 EDGE_MESSAGES: list[bytes] = [
     b"From: a@example.org\nTo: alice@example.org\nSubject: plain\nMessage-ID: <1@test>\n\nHello.\n",
