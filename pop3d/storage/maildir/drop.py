@@ -2,7 +2,7 @@
 
 Rules this file keeps, and why:
 
-* One exclusive lock per maildrop (`.pop3d.lock` in the maildir, see locking.py), taken before the scan:
+* One exclusive lock per maildrop (`.pop3d.lock` in the maildir, see pop3d.storage.locking), taken before the scan:
   RFC 1939 §4 gives the session exclusive access from login to the end of the session.
 * The snapshot (scan.py) is fixed at open(): message numbers never change during a session (RFC 1939 §5/§6).
   UIDs and sizes follow names.py and sizecache.py.

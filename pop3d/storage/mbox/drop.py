@@ -9,10 +9,10 @@ delivering during it):
   is read (`mbox_lock_read`) and while deletions are committed (`mbox_lock_write`), each wait bounded by
   `mbox_lock_timeout` and answered with `[SYS/TEMP]` (RFC 3206 §4) when it runs out.
 
-The snapshot is the list of messages present at login (mbox_format.scan, made cheap by mbox_index). The
+The snapshot is the list of messages present at login (format.scan, made cheap by index.SpoolIndex). The
 spool fd stays open for the session; every read re-checks the message's digest, so a spool rewritten
 underneath gives `[SYS/TEMP]` instead of the wrong message. At QUIT, the deletions are applied in place by
-mbox_commit (crash-safe, undo journal) keeping everything appended after the snapshot; if the spool was
+commit.py (crash-safe, undo journal) keeping everything appended after the snapshot; if the spool was
 rewritten rather than appended to during the session, nothing is deleted and the commit answers
 `[SYS/TEMP]`. The `seen` set is not written back: an mbox has no flags without rewriting the message
 (`Status:` headers), which would change sizes and UIDLs other readers depend on.
