@@ -16,10 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop3d.auth.base import User
-from pop3d.storage.maildir import drop as maildir_mod
-from pop3d.storage.base import InUse, MessageGone, PermanentError, TemporaryError
-from pop3d.storage.maildir.drop import MaildirDrop, MaildirStorage, measure, split_name, uid_for
 from pop3d.pop3.wire import network_size
+from pop3d.storage.base import InUse, MessageGone, PermanentError, TemporaryError
+from pop3d.storage.maildir import MaildirDrop, MaildirStorage
+from pop3d.storage.maildir import scan as scan_mod
+from pop3d.storage.maildir.names import split_name, uid_for
+from pop3d.storage.maildir.scan import measure
 
 ROOT = Path(__file__).resolve().parent.parent
 UID_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")  # RFC 1939 §7
@@ -343,7 +345,7 @@ async def test_fast_and_general_scans_agree(md: Path, monkeypatch: pytest.Monkey
         deliver(md, f"17000000{i % 4:02d}.M{i}P{i}.host,S=3", b"ab\n" * i, "cur" if i % 3 else "new")
     fast = await snapshot(md)
     os.unlink(md / ".pop3d.sizes")
-    monkeypatch.setattr(maildir_mod, "_STANDARD_NAMES", re.compile(r"(?!)"))
+    monkeypatch.setattr(scan_mod, "STANDARD_NAMES", re.compile(r"(?!)"))
     assert await snapshot(md) == fast
     os.unlink(md / ".pop3d.sizes")
     monkeypatch.undo()
@@ -509,10 +511,10 @@ async def test_lock_held_by_other_process(md: Path) -> None:
 async def test_failed_open_releases_the_lock(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     md.mkdir()
 
-    def boom(self: MaildirDrop) -> None:
+    def boom(*args: Any) -> None:
         raise TemporaryError("scan failed")
 
-    monkeypatch.setattr(MaildirDrop, "_scan", boom)
+    monkeypatch.setattr(scan_mod, "snapshot", boom)
     with pytest.raises(TemporaryError):
         await opened(md)
     monkeypatch.undo()
@@ -528,8 +530,8 @@ async def test_unchanged_maildrop_takes_the_snapshot_path(md: Path, monkeypatch:
     def slow(*args: Any) -> Any:
         raise AssertionError("per-message scan on an unchanged maildrop")
 
-    monkeypatch.setattr(MaildirDrop, "_scan_standard", slow)
-    monkeypatch.setattr(MaildirDrop, "_scan_general", slow)
+    monkeypatch.setattr(scan_mod, "_scan_standard", slow)
+    monkeypatch.setattr(scan_mod, "_scan_general", slow)
     assert await snapshot(md) == first
 
 

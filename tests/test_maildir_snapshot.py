@@ -3,6 +3,7 @@ memo, else the cache file's keys); any change, or stamps too young to trust, mea
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from test_maildir import deliver, opened, snapshot
 
-from pop3d.storage.maildir import drop as maildir_mod
+from pop3d.storage.maildir import scan as scan_mod
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def md(tmp_path: Path) -> Path:
 def later(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pretend the directories were last changed long ago (ctime cannot be set back, the clock can)."""
     real = time.time_ns
-    monkeypatch.setattr(maildir_mod.time, "time_ns", lambda: real() + 60 * 10**9)
+    monkeypatch.setattr(scan_mod.time, "time_ns", lambda: real() + 60 * 10**9)
 
 
 @pytest.fixture
@@ -35,13 +36,13 @@ def listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append(os.fspath(path))
         return real(path)
 
-    monkeypatch.setattr(maildir_mod.os, "listdir", spy)
+    monkeypatch.setattr(scan_mod.os, "listdir", spy)
     return calls
 
 
 @pytest.fixture(autouse=True)
 def clean_memo(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maildir_mod, "_MEMO", maildir_mod.OrderedDict())
+    monkeypatch.setattr(scan_mod, "_MEMO", scan_mod.OrderedDict())
 
 
 def _fill(md: Path, n: int = 5) -> None:
@@ -69,7 +70,7 @@ async def test_unchanged_old_stamps_skip_listing_via_cache_file(md: Path, later:
 
 async def test_memo_serves_big_maildrops_and_is_a_copy(md: Path, later: None, listings: list[str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maildir_mod, "_MEMO_MIN", 1)
+    monkeypatch.setattr(scan_mod, "_MEMO_MIN", 1)
     _fill(md)
     first = await snapshot(md)
     (md / ".pop3d.sizes").write_bytes(b"garbage")  # only the memo can answer now without listing
@@ -85,10 +86,10 @@ async def test_memo_serves_big_maildrops_and_is_a_copy(md: Path, later: None, li
 
 @pytest.mark.parametrize("change", ["deliver", "delete", "rename"])
 async def test_any_change_is_seen(md: Path, later: None, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
-    monkeypatch.setattr(maildir_mod, "_MEMO_MIN", 1)
+    monkeypatch.setattr(scan_mod, "_MEMO_MIN", 1)
     _fill(md)
     first = await snapshot(md)
-    time.sleep(0.05)  # directory times are coarse (a kernel tick); the trust window covers that in real use
+    await asyncio.sleep(0.05)  # directory times are coarse (a kernel tick); the trust window covers that in real use
     if change == "deliver":
         deliver(md, "1700000099.M99P1.h", b"new mail\n", "new")
     elif change == "delete":
@@ -97,19 +98,19 @@ async def test_any_change_is_seen(md: Path, later: None, monkeypatch: pytest.Mon
         os.rename(md / "new" / "1700000001.M1P1.h", md / "cur" / "1700000001.M1P1.h:2,S")
     after = await snapshot(md)
     assert after != first
-    maildir_mod._MEMO.clear()
+    scan_mod._MEMO.clear()
     (md / ".pop3d.sizes").unlink()
     assert await snapshot(md) == after  # the same as a scan from scratch
 
 
 async def test_commit_invalidates(md: Path, later: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maildir_mod, "_MEMO_MIN", 1)
+    monkeypatch.setattr(scan_mod, "_MEMO_MIN", 1)
     _fill(md)
     first = await snapshot(md)
-    time.sleep(0.05)
+    await asyncio.sleep(0.05)
     drop = await opened(md)
     await drop.commit({0}, {1})
     await drop.close()
     after = await snapshot(md)
-    assert len(after) == len(first) - 1 and after[0] == first[1][:2] + (after[0][2],)
+    assert len(after) == len(first) - 1 and after[0] == (*first[1][:2], after[0][2])
     assert after[0][2].endswith(":2,S")

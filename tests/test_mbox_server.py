@@ -241,7 +241,7 @@ def test_kill_9_during_commit_of_large_spool(env: Env) -> None:
             proc.wait()
         old = sorted(survivors)
         new = [m for i, m in enumerate(old) if i % 2 == 1]
-        assert found in (old + [appended], new + [appended]), f"kill at {trigger!r}: lost or doubled mail"
+        assert found in ([*old, appended], [*new, appended]), f"kill at {trigger!r}: lost or doubled mail"
         survivors = set(found)
         appended += 1
 
@@ -255,7 +255,8 @@ sys.stdin.read()
 """
 
 
-def test_login_answers_sys_temp_while_an_mta_writes_and_in_use_for_a_second_session(env: Env, start_server: Any) -> None:
+def test_login_answers_sys_temp_while_an_mta_writes_and_in_use_for_a_second_session(env: Env,
+                                                                                   start_server: Any) -> None:
     spool = env.mail / "alice"
     spool.write_bytes(b"From x\nMessage-ID: <1@t>\n\nbody\n\n")
     srv = start_server(storage=mbox_settings(env, mbox_lock_timeout=0.3))

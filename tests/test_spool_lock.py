@@ -53,7 +53,8 @@ def test_dotlock_excludes_and_cleans_up(spool: Path) -> None:
     assert b.try_acquire(fd2)
     b.release()
     assert sorted(p.name for p in spool.parent.iterdir()) == ["alice"]  # no unique temp files left
-    os.close(fd1), os.close(fd2)
+    os.close(fd1)
+    os.close(fd2)
 
 
 def test_stale_dotlocks(spool: Path) -> None:
@@ -106,7 +107,8 @@ def test_fcntl_conflicts_with_posix_locks_of_other_processes(spool: Path) -> Non
     assert lock(spool, ["fcntl"], write=False).try_acquire(fd2)
     assert not lock(spool, ["fcntl"], write=True).try_acquire(os.open(spool, os.O_RDWR))
     reader.release()
-    os.close(fd), os.close(fd2)
+    os.close(fd)
+    os.close(fd2)
 
 
 def test_flock_and_all_or_nothing(spool: Path) -> None:
@@ -119,7 +121,8 @@ def test_flock_and_all_or_nothing(spool: Path) -> None:
     a.release()
     assert b.try_acquire(fd2)
     b.release()
-    os.close(fd1), os.close(fd2)
+    os.close(fd1)
+    os.close(fd2)
 
 
 async def test_acquire_waits_then_times_out(spool: Path) -> None:
@@ -136,7 +139,8 @@ async def test_acquire_waits_then_times_out(spool: Path) -> None:
     await waiter
     assert b.held
     b.release()
-    os.close(fd1), os.close(fd2)
+    os.close(fd1)
+    os.close(fd2)
 
 
 @needs_dotlockfile

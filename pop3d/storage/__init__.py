@@ -12,11 +12,11 @@ if TYPE_CHECKING:
 def build_storage(cfg: StorageSettings) -> Storage:
     """The driver named by `storage.driver`."""
     if cfg.driver == "maildir":
-        from pop3d.storage.maildir.drop import MaildirStorage
+        from pop3d.storage.maildir import MaildirStorage
 
         return MaildirStorage(cfg.location, mark_seen=cfg.mark_seen)
     if cfg.driver == "mbox":
-        from pop3d.storage.mbox.drop import MboxStorage
+        from pop3d.storage.mbox import MboxStorage
 
         return MboxStorage(cfg)
     raise ValueError(f"storage.driver: unknown driver {cfg.driver!r}")  # pragma: no cover - config validates

@@ -6,14 +6,15 @@ losing a cache costs a slower next login, never mail.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 log = logging.getLogger("pop3d.storage")
 
 
-def replace_text(path: str, text: str, what: str, *, durable: bool = False) -> bool:
-    """Write `text` (ASCII) to `path` atomically; `durable` fsyncs before the rename. False on failure."""
+def replace_text(path: str, text: str, what: str, *, durable: bool = False) -> None:
+    """Write `text` (ASCII) to `path` atomically; `durable` fsyncs before the rename."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "w", encoding="ascii") as f:
@@ -22,11 +23,7 @@ def replace_text(path: str, text: str, what: str, *, durable: bool = False) -> b
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-        return True
     except OSError as exc:
         log.warning("cannot write %s %s: %s", what, path, exc)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
-        return False

@@ -1,4 +1,4 @@
-"""The maildrop interface every storage driver implements (maildir.py, mbox.py).
+"""The maildrop interface every storage driver implements (pop3d.storage.maildir, pop3d.storage.mbox).
 
 The seam is Twisted-like (list, read, delete-at-sync) but asynchronous and explicit about locking:
 
@@ -15,8 +15,8 @@ Sizes in `MessageInfo.size` are network-form octets (pop3d.pop3.wire.network_siz
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
 
 from pop3d.auth.base import User
 
@@ -88,11 +88,13 @@ class Maildrop(abc.ABC):
         """Release the lock. Idempotent; called on every session end, QUIT or not."""
 
 
-class Storage(Protocol):
-    """Factory for maildrops; one per server, built from the `[storage]` configuration.
+class Storage(abc.ABC):
+    """Factory for maildrops; one per server, built from the `[storage]` configuration."""
 
-    A driver may also offer `async recover_interrupted()`, which the server runs once after it starts
-    listening (mbox uses it to settle commits a crash interrupted).
-    """
+    @abc.abstractmethod
+    def maildrop(self, user: User) -> Maildrop:
+        """The maildrop of `user`, not opened yet (no I/O). PermanentError if the user cannot have one."""
 
-    def maildrop(self, user: User) -> Maildrop: ...
+    async def recover_interrupted(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
+        """Settle whatever a crash left half done (mbox: interrupted commits), so it does not wait for the
+        owner's next login. The server runs it once, in the background, after it starts listening."""

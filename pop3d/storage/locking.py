@@ -27,13 +27,13 @@ has just opened it and would then lock an orphaned inode.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import struct
-from types import TracebackType
 
-from pop3d.storage.base import InUse, PermanentError, TemporaryError
+from pop3d.storage.oserrors import lock_error, storage_error
 
 # struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid; } with native
 # alignment and a 64-bit off_t (CPython is built with large-file support), padded to the alignment of
@@ -44,10 +44,8 @@ _FLOCK_SIZE = -(-_FLOCK.size // struct.calcsize("@q")) * struct.calcsize("@q")
 #: Whether to try OFD locks at all; tests turn this off to exercise the flock fallback.
 _USE_OFD: bool = hasattr(fcntl, "F_OFD_SETLK")
 
-_BUSY = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
 
-
-def _flock_struct(lock_type: int) -> bytes:
+def flock_struct(lock_type: int) -> bytes:
     """A whole-file struct flock (start 0, length 0 = to EOF and beyond); l_pid must be 0 for OFD locks."""
     packed = _FLOCK.pack(lock_type, os.SEEK_SET, 0, 0, 0)
     return packed + b"\0" * (_FLOCK_SIZE - len(packed))
@@ -57,11 +55,11 @@ class MaildropLock:
     """An exclusive advisory lock on `path`, held from `acquire()` until `release()` or process death.
 
     `acquire` raises InUse when anyone else holds it (another process or another MaildropLock of this
-    process), PermanentError when the lock file cannot be opened for lack of rights or a bad path, and
-    TemporaryError for other I/O errors. Both methods only make non-blocking system calls.
+    process), and PermanentError or TemporaryError when the lock file cannot be opened or locked
+    (pop3d.storage.oserrors). Both methods only make non-blocking system calls.
     """
 
-    __slots__ = ("path", "_fd")
+    __slots__ = ("_fd", "path")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
@@ -76,14 +74,11 @@ class MaildropLock:
         if self._fd is not None:
             return
         try:
-            # O_CLOEXEC: a child process (e.g. a spawned helper) must not inherit and keep the lock.
+            # O_CLOEXEC: a child process (e.g. a spawned helper) must not inherit and keep the lock;
+            # O_NOFOLLOW: a symbolic link in place of the lock file is refused (ELOOP), by policy.
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-        except (PermissionError, NotADirectoryError, FileNotFoundError, IsADirectoryError) as exc:
-            raise PermanentError(f"cannot open lock file {self.path}: {exc.strerror}") from exc
         except OSError as exc:
-            if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink: refuse to follow it, by policy
-                raise PermanentError(f"lock file {self.path} is a symbolic link") from exc
-            raise TemporaryError(f"cannot open lock file {self.path}: {exc.strerror}") from exc
+            raise storage_error(exc, f"cannot open lock file {self.path}") from exc
         try:
             self._lock_fd(fd)
         except BaseException:
@@ -95,20 +90,16 @@ class MaildropLock:
         global _USE_OFD
         if _USE_OFD:
             try:
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock_struct(fcntl.F_WRLCK))
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock_struct(fcntl.F_WRLCK))
                 return
             except OSError as exc:
-                if exc.errno in _BUSY:
-                    raise InUse("maildrop is locked by another session") from exc
                 if exc.errno != errno.EINVAL:
-                    raise TemporaryError(f"cannot lock {self.path}: {exc.strerror}") from exc
+                    raise lock_error(exc, f"cannot lock {self.path}") from exc
                 _USE_OFD = False  # constant known to Python but not to this kernel: use flock from now on
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno in _BUSY:
-                raise InUse("maildrop is locked by another session") from exc
-            raise TemporaryError(f"cannot lock {self.path}: {exc.strerror}") from exc
+            raise lock_error(exc, f"cannot lock {self.path}") from exc
 
     def release(self) -> None:
         """Drop the lock (closing our only fd on the description releases it). Idempotent."""
@@ -116,20 +107,9 @@ class MaildropLock:
         if fd is not None:
             os.close(fd)
 
-    def __enter__(self) -> MaildropLock:
-        self.acquire()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.release()
-
     def __del__(self) -> None:
         # Last resort if a session forgot close(): the kernel would release it with the fd anyway.
         fd = getattr(self, "_fd", None)
         if fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass

@@ -25,10 +25,11 @@ the new content plus every appended message, never truncated or doubled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from pop3d.storage.base import TemporaryError
 
@@ -86,10 +87,8 @@ def rewrite(fd: int, journal: str, keep: Sequence[tuple[int, int]], x: int, old_
             j.flush()
             os.fsync(j.fileno())
     except BaseException:  # e.g. ENOSPC: the spool is untouched; do not leave a large partial journal
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     os.replace(tmp, journal)
     _fsync_dir(journal)
@@ -111,15 +110,13 @@ def rewrite(fd: int, journal: str, keep: Sequence[tuple[int, int]], x: int, old_
 
 def recover(fd: int, journal: str) -> str | None:
     """Finish or undo an interrupted rewrite of the spool open as `fd`. Returns what was done, or None."""
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(journal + ".tmp")  # an incomplete journal: the spool was not touched yet
-    except FileNotFoundError:
-        pass
     try:
-        j = open(journal, "rb")
+        jfd = os.open(journal, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    with j:
+    with open(jfd, "rb") as j:
         try:
             header = json.loads(j.readline())
             if header.get("magic") != MAGIC:

@@ -9,10 +9,10 @@ delivering during it):
   is read (`mbox_lock_read`) and while deletions are committed (`mbox_lock_write`), each wait bounded by
   `mbox_lock_timeout` and answered with `[SYS/TEMP]` (RFC 3206 §4) when it runs out.
 
-The snapshot is the list of messages present at login (mbox_format.scan, made cheap by mbox_index). The
+The snapshot is the list of messages present at login (format.scan, made cheap by index.SpoolIndex). The
 spool fd stays open for the session; every read re-checks the message's digest, so a spool rewritten
 underneath gives `[SYS/TEMP]` instead of the wrong message. At QUIT, the deletions are applied in place by
-mbox_commit (crash-safe, undo journal) keeping everything appended after the snapshot; if the spool was
+commit.py (crash-safe, undo journal) keeping everything appended after the snapshot; if the spool was
 rewritten rather than appended to during the session, nothing is deleted and the commit answers
 `[SYS/TEMP]`. The `seen` set is not written back: an mbox has no flags without rewriting the message
 (`Status:` headers), which would change sizes and UIDLs other readers depend on.
@@ -21,18 +21,14 @@ rewritten rather than appended to during the session, nothing is deleted and the
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import gc
 import logging
 import os
-import re
 import stat
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Sequence, TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from pop3d.auth.base import User
-from pop3d.storage.mbox import commit as mbox_commit
 from pop3d.storage.base import (
     CHUNK,
     InUse,
@@ -40,80 +36,60 @@ from pop3d.storage.base import (
     MessageGone,
     MessageInfo,
     PermanentError,
+    Storage,
     StorageError,
     TemporaryError,
 )
+from pop3d.storage.location import expand, has_fields
 from pop3d.storage.locking import MaildropLock
+from pop3d.storage.mbox import commit as mbox_commit
 from pop3d.storage.mbox.format import HEAD, Entry, NotMbox, Unquoter, digest, scan, unquote
 from pop3d.storage.mbox.index import TAIL, SpoolIndex
-from pop3d.storage.mbox.spool_lock import Method, SpoolLock
+from pop3d.storage.mbox.spool_lock import SpoolLock
+from pop3d.storage.offload import ThreadHop, no_gc
+from pop3d.storage.oserrors import storage_error
 
 if TYPE_CHECKING:
-    from pop3d.config import StorageSettings
+    from pop3d.config import SpoolLockMethod, StorageSettings
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-_TEMPLATE_FIELD = re.compile(r"\{(user|home)\}")
+_JOURNAL = ".pop3d-journal"
 
 
-def expand(template: str, user: User) -> str:
-    """`{user}`/`{home}` substituted in one pass; PermanentError for names that could escape the template."""
-    name = user.name
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise PermanentError("user name not usable as a spool path")
-    if "{home}" in template and (not user.home or "\0" in user.home):
-        raise PermanentError("user has no home directory for the spool location")
-    return _TEMPLATE_FIELD.sub(lambda m: name if m.group(1) == "user" else user.home or "", template)
-
-
-@contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Pause the cyclic GC: building 100,000 acyclic objects (index entries, MessageInfo) would otherwise
-    trigger repeated full collections that free nothing; measured 2-3x on a 100,000-message login."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-class MboxStorage:
+class MboxStorage(Storage):
     """Factory of MboxDrop from the `[storage]` settings."""
 
     def __init__(self, cfg: StorageSettings) -> None:
         self.location = cfg.location
         self.mboxrd = cfg.mbox_dialect == "mboxrd"
-        self.read_locks: tuple[Method, ...] = tuple(cfg.mbox_lock_read)
-        self.write_locks: tuple[Method, ...] = tuple(cfg.mbox_lock_write)
+        self.read_locks: tuple[SpoolLockMethod, ...] = tuple(cfg.mbox_lock_read)
+        self.write_locks: tuple[SpoolLockMethod, ...] = tuple(cfg.mbox_lock_write)
         self.timeout = cfg.mbox_lock_timeout
         self.stale = cfg.mbox_dotlock_stale
         self.index_dir = cfg.mbox_index_dir
 
     def maildrop(self, user: User) -> MboxDrop:
-        spool = expand(self.location, user)
+        spool = expand(self.location, user, "spool")
         base = os.path.join(self.index_dir, user.name) if self.index_dir else spool
         return MboxDrop(spool, base, self)
 
-    async def recover_interrupted(self) -> list[str]:
+    async def recover_interrupted(self) -> None:
         """At server start: settle every commit a crash interrupted, so a spool does not stay half-moved
-        until its owner's next login. Returns the users whose spools were checked.
+        until its owner's next login.
 
         Journals are found in `mbox_index_dir` (or in the spool directory when that is "" and the
         location's directory has no `{user}`); a user whose session is open is skipped (its own open did
         it), and so is a `{home}` location (no home without a user lookup: done at that user's login).
         """
         directory = self.index_dir or os.path.dirname(self.location)
-        if _TEMPLATE_FIELD.search(directory):
-            return []
+        if has_fields(directory):
+            return
         try:
             names = await asyncio.to_thread(os.listdir, directory)
         except OSError:
-            return []
-        users = sorted({n.split(".pop3d-journal")[0] for n in names if n.endswith((".pop3d-journal", ".pop3d-journal.tmp"))})
-        done: list[str] = []
-        for name in users:
+            return
+        for name in sorted({n.split(_JOURNAL)[0] for n in names if n.endswith((_JOURNAL, _JOURNAL + ".tmp"))}):
             try:
                 drop = self.maildrop(User(name))
             except PermanentError as exc:
@@ -121,14 +97,12 @@ class MboxStorage:
                 continue
             try:
                 await drop.open()
-                done.append(name)
             except InUse:
                 pass
             except (StorageError, OSError) as exc:
                 log.warning("interrupted commit for %s not settled yet: %s", name, exc)
             finally:
                 await drop.close()
-        return done
 
 
 class MboxDrop(Maildrop):
@@ -139,7 +113,7 @@ class MboxDrop(Maildrop):
         self.cfg = cfg
         self.messages: list[MessageInfo] = []
         self.index_path = base + ".pop3d-index"
-        self.journal = base + ".pop3d-journal"
+        self.journal = base + _JOURNAL
         self._session_lock = MaildropLock(base + ".pop3d-lock")
         self._fd: int | None = None
         self._writable = False
@@ -147,29 +121,13 @@ class MboxDrop(Maildrop):
         self._snap_size = 0
         self._index: SpoolIndex | None = None
         self._locks: list[SpoolLock] = []
-        self._running: asyncio.Future[object] | None = None  # the file-work thread in flight, if any
+        self._hop = ThreadHop()  # every blocking call of the session; closing the fd waits for it
 
     def _spool_lock(self, write: bool) -> SpoolLock:
         lock = SpoolLock(self.spool, self.cfg.write_locks if write else self.cfg.read_locks, write=write,
                          timeout=self.cfg.timeout, stale=self.cfg.stale)  # fmt: skip
         self._locks.append(lock)
         return lock
-
-    async def _in_thread(self, func: Callable[[], _T]) -> _T:
-        """Blocking file work off the loop. A cancelled session cannot stop the thread, so whatever must
-        not happen under it (releasing the spool lock, closing the fd) waits for it: see _after_thread."""
-        fut = asyncio.ensure_future(asyncio.to_thread(func))
-        self._running = fut  # type: ignore[assignment]
-        fut.add_done_callback(lambda f: f.cancelled() or f.exception())  # consumed even if nobody awaits
-        return await asyncio.shield(fut)
-
-    def _after_thread(self, action: Callable[[], None]) -> None:
-        """Run `action` now, or once the file-work thread in flight has finished."""
-        running = self._running
-        if running is not None and not running.done():
-            running.add_done_callback(lambda f: action())
-        else:
-            action()
 
     async def _locked(self, write: bool, func: Callable[[], _T]) -> _T:
         """`func` in a thread while holding the spool's read or write locks (waited for without blocking)."""
@@ -182,20 +140,20 @@ class MboxDrop(Maildrop):
                 self._locks.remove(lock)
 
         try:
-            await lock.acquire(self._fd)
-            return await self._in_thread(func)
+            await lock.acquire(self._fd, self._hop)
+            return await self._hop.run(func)
         finally:
-            self._after_thread(release)
+            self._hop.after(release)
 
     # ---- open -------------------------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Session lock (InUse if held), finish an interrupted commit, snapshot under the read lock."""
         try:
-            await self._in_thread(self._open_files)
+            journal_left = await self._hop.run(self._open_files)
             if self._fd is None:
                 return  # no spool yet: an empty maildrop; nothing is created
-            if os.path.exists(self.journal) or os.path.exists(self.journal + ".tmp"):
+            if journal_left:
                 if not self._writable:
                     raise PermanentError(f"{self.spool}: interrupted commit, but the spool is not writable")
                 await self._locked(True, lambda: mbox_commit.recover(self._fd_or_fail(), self.journal))
@@ -209,15 +167,17 @@ class MboxDrop(Maildrop):
             raise TemporaryError("maildrop closed")
         return self._fd
 
-    def _open_files(self) -> None:
+    def _open_files(self) -> bool:
+        """Session lock, then the spool's fd (None when there is no spool). Whether a commit journal,
+        complete or not, is left by a process that died mid-commit."""
         index_dir = os.path.dirname(self.index_path)
         if self.cfg.index_dir and not os.path.isdir(index_dir):
             try:
                 os.makedirs(index_dir, 0o750, exist_ok=True)
             except OSError as exc:
-                raise PermanentError(f"cannot create mbox index directory {index_dir}: {exc.strerror}") from exc
+                raise storage_error(exc, f"cannot create mbox index directory {index_dir}") from exc
         self._session_lock.acquire()
-        flags = os.O_CLOEXEC | os.O_NOFOLLOW
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW  # a symbolic link as the spool is refused (ELOOP), by policy
         try:
             try:
                 self._fd = os.open(self.spool, os.O_RDWR | flags)
@@ -227,15 +187,13 @@ class MboxDrop(Maildrop):
                 log.warning("spool %s is read-only for pop3d: deletions will fail", self.spool)
         except FileNotFoundError:
             self._fd = None
-            return
+            return False
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise PermanentError(f"spool {self.spool} is a symbolic link") from exc
-            cls = PermanentError if isinstance(exc, (PermissionError, NotADirectoryError, IsADirectoryError)) else TemporaryError
-            raise cls(f"cannot open spool {self.spool}: {exc.strerror}") from exc
+            raise storage_error(exc, f"cannot open spool {self.spool}") from exc
         st = os.fstat(self._fd)
         if not stat.S_ISREG(st.st_mode):
             raise PermanentError(f"spool {self.spool} is not a regular file")
+        return os.path.exists(self.journal) or os.path.exists(self.journal + ".tmp")
 
     def _pread(self, offset: int, length: int) -> bytes:
         assert self._fd is not None
@@ -247,7 +205,7 @@ class MboxDrop(Maildrop):
 
     def _snapshot(self) -> None:
         """Under the read lock: reuse, extend or rebuild the index, then fix the session's message list."""
-        with _no_gc():
+        with no_gc():
             self._snapshot_nogc()
 
     def _snapshot_nogc(self) -> None:
@@ -269,7 +227,7 @@ class MboxDrop(Maildrop):
             else:
                 entries = scan(self._pread, 0, size, self.cfg.mboxrd) if size else []
                 pool: dict[str, deque[str]] = defaultdict(deque)
-                for e, uid in zip(idx.entries, idx.uids):
+                for e, uid in zip(idx.entries, idx.uids, strict=True):
                     pool[e.digest].append(uid)
                 if idx.loaded:
                     log.info("spool %s changed outside pop3d; rescanned", self.spool)
@@ -399,7 +357,7 @@ class MboxDrop(Maildrop):
                 outcome = None
             if outcome is None or not outcome.startswith("commit had completed"):
                 raise TemporaryError(f"commit to {self.spool} failed: {exc.strerror}; nothing deleted") from exc
-        with _no_gc():
+        with no_gc():
             self._update_index(deleted)
 
     def _update_index(self, deleted: set[int]) -> None:
@@ -410,12 +368,12 @@ class MboxDrop(Maildrop):
         shift = 0
         entries: list[Entry] = []
         uids: list[str] = []
-        for i, (e, m) in enumerate(zip(self._entries, self.messages)):
-            length = e.next - e.start
+        for i, (e, m) in enumerate(zip(self._entries, self.messages, strict=True)):
             if i in deleted:
-                shift += length
+                shift += e.next - e.start
                 continue
-            entries.append(Entry(e.start - shift, e.body - shift, e.end - shift, e.next - shift, e.size, e.digest, None))
+            entries.append(Entry(e.start - shift, e.body - shift, e.end - shift, e.next - shift, e.size, e.digest,
+                                 None))  # fmt: skip
             uids.append(m.uid)
         st = os.fstat(self._fd_or_fail())
         idx.entries, idx.uids = entries, uids
@@ -438,7 +396,7 @@ class MboxDrop(Maildrop):
                 os.close(fd)
             self._session_lock.release()
 
-        self._after_thread(cleanup)
+        self._hop.after(cleanup)
 
     async def close(self) -> None:
         """Release everything. Idempotent; deletes nothing (a session that did not QUIT changes nothing)."""

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 BLOCK = 4 * 1024 * 1024
 HEAD = 32 * 1024  # octets at the start of a message's range that its digest and X-UIDL lookup cover
@@ -29,8 +29,6 @@ _QUOTED = re.compile(rb"^>+From ", re.M)
 _QUOTED_ONE = re.compile(rb"^>(>*From )", re.M)
 _XUIDL = re.compile(rb"^X-UIDL:[ \t]*([\x21-\x7e]{1,70})[ \t]*\r?$", re.M | re.I)
 _PREFIX_OF_QUOTED = re.compile(rb">+(?:F(?:r(?:o(?:m)?)?)?)?")
-
-DIALECTS = ("mboxrd", "mboxo")
 
 
 class NotMbox(ValueError):
@@ -78,7 +76,7 @@ def find_xuidl(head: bytes) -> str | None:
 class _Acc:
     """Counts for the message being scanned, fed segment by segment."""
 
-    __slots__ = ("start", "body", "total", "lf", "crlf", "quoted", "prev_cr", "tail", "head")
+    __slots__ = ("body", "crlf", "head", "lf", "prev_cr", "quoted", "start", "tail", "total")
 
     def __init__(self, start: int, body: int, sep_line: bytes) -> None:
         self.start, self.body = start, body
@@ -219,15 +217,10 @@ def unquote(data: bytes) -> bytes:
     return _QUOTED_ONE.sub(rb"\1", data) if b"From " in data else data
 
 
-def quote(body: bytes) -> bytes:
-    """mboxrd writer side (for tests and tools): one `>` more on every `>*From ` line."""
-    return re.sub(rb"(?m)^(>*From )", rb">\1", body)
-
-
 class Unquoter:
     """Streaming `unquote`: same output for any chunking. Holds back at most one partial line start."""
 
-    __slots__ = ("_pending", "_bol")
+    __slots__ = ("_bol", "_pending")
 
     def __init__(self) -> None:
         self._pending = b""
@@ -248,10 +241,7 @@ class Unquoter:
             out = unquote(buf)
         else:
             first = buf.find(b"\n") + 1  # the rest of a line begun earlier is never a line start
-            if first == 0:
-                out = buf
-            else:
-                out = buf[:first] + unquote(buf[first:])
+            out = buf if first == 0 else buf[:first] + unquote(buf[first:])
         self._bol = buf.endswith(b"\n")
         return out
 

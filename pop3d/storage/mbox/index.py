@@ -47,16 +47,16 @@ class SpoolIndex:
     uids: list[str] = field(default_factory=list)
     loaded: bool = False
 
-    def load(self) -> bool:
-        """Read the file; False (and defaults kept) if it is missing or damaged."""
+    def load(self) -> None:
+        """Read the file; `loaded` stays False (and the defaults are kept) if it is missing or damaged."""
         try:
             with open(self.path, "rb") as f:
                 text = f.read().decode("ascii")
         except FileNotFoundError:
-            return False
+            return
         except (OSError, UnicodeDecodeError) as exc:
             log.warning("mbox index %s ignored: %s", self.path, exc)
-            return False
+            return
         try:
             magic, meta_text, starts_t, bodies_t, ends_t, sizes_t, digests_t, uids_t, end = text.split("\n")
             if magic != MAGIC or end:
@@ -74,19 +74,18 @@ class SpoolIndex:
             if len(set(uids)) != n:
                 raise ValueError("duplicate uids")
             size = int(meta["size"])
-            nexts = starts[1:] + [size]
-            if n and (starts[0] != 0 or any(a > b for a, b in zip(starts, nexts))):
+            nexts = [*starts[1:], size]
+            if n and (starts[0] != 0 or any(a > b for a, b in zip(starts, nexts, strict=True))):
                 raise ValueError("offsets out of order")
             self.dev, self.ino, self.size = int(meta["dev"]), int(meta["ino"]), size
             self.mtime_ns, self.tail, self.dialect = int(meta["mtime_ns"]), str(meta["tail"]), str(meta["dialect"])
             self.uidv, self.next_uid = str(meta["uidv"]), int(meta["next_uid"])
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("mbox index %s is damaged (%s), rebuilding it", self.path, exc)
-            return False
+            return
         self.entries = list(map(Entry, starts, bodies, ends, nexts, sizes, digests, repeat(None)))
         self.uids = uids
         self.loaded = True
-        return True
 
     def new_uid(self) -> str:
         uid = f"{self.uidv}.{self.next_uid}"
@@ -104,4 +103,4 @@ class SpoolIndex:
             " ".join(str(e.end) for e in es), " ".join(str(e.size) for e in es),
             " ".join(e.digest for e in es), " ".join(self.uids), "",
         ))  # fmt: skip
-        replace_text(str(self.path), text, "mbox index", durable=True)
+        replace_text(self.path, text, "mbox index", durable=True)

@@ -22,23 +22,27 @@ lock never blocks the event loop. Locks are taken in the configured order and al
 from __future__ import annotations
 
 import asyncio
-import errno
+import contextlib
 import fcntl
 import logging
 import os
 import secrets
 import socket
 import time
-from typing import Literal, Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING
 
-from pop3d.storage.base import PermanentError, TemporaryError
-from pop3d.storage.locking import _flock_struct
+from pop3d.storage.base import TemporaryError
+from pop3d.storage.locking import flock_struct
+from pop3d.storage.offload import ThreadHop
+from pop3d.storage.oserrors import is_busy, storage_error
+
+if TYPE_CHECKING:
+    from pop3d.config import SpoolLockMethod as Method
 
 log = logging.getLogger(__name__)
 
-Method = Literal["dotlock", "fcntl", "flock"]
-METHODS: tuple[Method, ...] = ("dotlock", "fcntl", "flock")
-_BUSY = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
 _OFD = hasattr(fcntl, "F_OFD_SETLK")
 
 
@@ -94,24 +98,26 @@ class SpoolLock:
         return True
 
     def _lock_fcntl(self, fd: int) -> None:
-        kind = fcntl.F_WRLCK if self.write else fcntl.F_RDLCK
-        try:
-            if _OFD:
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock_struct(kind))
-            else:  # pragma: no cover - non-Linux
-                fcntl.lockf(fd, (fcntl.LOCK_EX if self.write else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in _BUSY:
-                raise Busy from exc
-            raise TemporaryError(f"cannot fcntl-lock {self.spool}: {exc.strerror}") from exc
+        if _OFD:
+            kind = fcntl.F_WRLCK if self.write else fcntl.F_RDLCK
+            self._try(lambda: fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock_struct(kind)), "fcntl-lock")
+        else:  # pragma: no cover - non-Linux
+            self._try(lambda: fcntl.lockf(fd, self._flags()), "fcntl-lock")
 
     def _lock_flock(self, fd: int) -> None:
+        self._try(lambda: fcntl.flock(fd, self._flags()), "flock")
+
+    def _flags(self) -> int:
+        return (fcntl.LOCK_EX if self.write else fcntl.LOCK_SH) | fcntl.LOCK_NB
+
+    def _try(self, call: Callable[[], object], verb: str) -> None:
+        """One non-blocking lock call: Busy when someone else holds the lock."""
         try:
-            fcntl.flock(fd, (fcntl.LOCK_EX if self.write else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            call()
         except OSError as exc:
-            if exc.errno in _BUSY:
+            if is_busy(exc):
                 raise Busy from exc
-            raise TemporaryError(f"cannot flock {self.spool}: {exc.strerror}") from exc
+            raise storage_error(exc, f"cannot {verb} {self.spool}") from exc
 
     def _lock_dotlock(self, fd: int) -> None:
         lock = self.dotlock_path
@@ -120,9 +126,8 @@ class SpoolLock:
         try:
             tfd = os.open(unique, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            cls = PermanentError if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT) else TemporaryError
-            raise cls(f"cannot create dotlock {lock}: {exc.strerror} (pop3d needs write access to "
-                      f"{directory or '.'}, usually group mail)") from exc  # fmt: skip
+            hint = f"pop3d needs write access to {directory or '.'}, usually group mail"
+            raise storage_error(exc, f"cannot create dotlock {lock} ({hint})") from exc
         try:
             try:
                 os.write(tfd, f"{os.getpid()}\n".encode())
@@ -133,16 +138,14 @@ class SpoolLock:
             except FileExistsError:
                 pass
             except OSError as exc:
-                raise TemporaryError(f"cannot create dotlock {lock}: {exc.strerror}") from exc
+                raise storage_error(exc, f"cannot create dotlock {lock}") from exc
             st = os.stat(unique)  # NFS: link() may fail after succeeding; the link count tells the truth
             if st.st_nlink == 2:
                 self._dotlock_ino = st.st_ino
                 return
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(unique)
-            except OSError:
-                pass
         self._remove_if_stale(lock)
         raise Busy
 
@@ -183,7 +186,7 @@ class SpoolLock:
             try:
                 if method == "fcntl" and fd is not None:
                     if _OFD:
-                        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock_struct(fcntl.F_UNLCK))
+                        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock_struct(fcntl.F_UNLCK))
                     else:  # pragma: no cover
                         fcntl.lockf(fd, fcntl.LOCK_UN)
                 elif method == "flock" and fd is not None:
@@ -205,26 +208,22 @@ class SpoolLock:
 
     # ---- waiting -----------------------------------------------------------------------------------------
 
-    async def acquire(self, fd: int) -> None:
-        """Poll until every lock is held; TemporaryError (SYS/TEMP) after `timeout` seconds."""
+    async def acquire(self, fd: int, hop: ThreadHop | None = None) -> None:
+        """Poll until every lock is held; TemporaryError (SYS/TEMP) after `timeout` seconds.
+
+        Each attempt runs in a thread (dotlocks may live on NFS) of `hop`, the owner's, so that the owner
+        can defer closing `fd` past an attempt in flight. If the waiting session is cancelled, the attempt
+        still finishes, and whatever it got is released.
+        """
+        hop = hop or ThreadHop()
         deadline = time.monotonic() + self.timeout
         delay = 0.02
         while True:
-            if await _attempt(self, fd):
+            if await hop.run(partial(self.try_acquire, fd), on_cancel=self.release):
                 return
             if time.monotonic() >= deadline:
                 kind = "write" if self.write else "read"
-                raise TemporaryError(f"{self.spool}: {kind} lock ({' '.join(self.methods)}) busy for {self.timeout:g} s")
+                methods = " ".join(self.methods)
+                raise TemporaryError(f"{self.spool}: {kind} lock ({methods}) busy for {self.timeout:g} s")
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 0.5)
-
-
-async def _attempt(lock: SpoolLock, fd: int) -> bool:
-    """One try_acquire in a thread (dotlocks may live on NFS). If the waiting session is cancelled, the
-    thread still finishes: release whatever it got so no lock is left behind."""
-    fut = asyncio.ensure_future(asyncio.to_thread(lock.try_acquire, fd))
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        fut.add_done_callback(lambda f: (f.cancelled() or f.exception(), lock.release()))
-        raise

@@ -1,0 +1,226 @@
+"""The Maildir snapshot taken at login: which messages, in which order, with which sizes and UIDs.
+
+* Messages come from new/ then cur/ (tmp/ holds deliveries in progress and is never listed; dotfiles are
+  skipped), ordered by delivery time (the leading integer of a standard name, else the file's mtime), then
+  by base name. The list is fixed for the session: message numbers never change (RFC 1939 §5/§6).
+* Sizes come from Dovecot's `,W=<n>` name field, else from reading the body once (measure); then they live
+  in the size cache (sizecache.py), so a second login reads no body and stats no file: two listdirs, one
+  sort, one compare with the cached snapshot.
+* Login is the hot path (100,000-message maildrops exist): the per-message work is done by C-level
+  map/zip/sort/join and one regex over all names; Python code per message only runs for odd names. With
+  old enough, unchanged directory stamps there is not even a listdir (in-process memo, else the keys the
+  cache file recorded).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from itertools import repeat
+from operator import itemgetter
+from typing import cast
+
+from pop3d.pop3.wire import network_size
+from pop3d.storage.base import MessageInfo
+from pop3d.storage.maildir.names import STANDARD_NAMES, size_field, split_name, time_key, uid_for
+from pop3d.storage.maildir.sizecache import SizeCache
+from pop3d.storage.offload import no_gc
+from pop3d.storage.oserrors import storage_error
+
+log = logging.getLogger(__name__)
+
+_MEASURE_CHUNK = 1024 * 1024
+_first = itemgetter(0)
+
+# Directory stamps younger than this (seconds) are not trusted to reveal later changes (see stamps).
+_STAMP_TRUST = 2.0
+# In-process memo of big snapshots: path -> (stamps, messages). A worker answers the next login of a
+# 100,000-message maildrop with two stat() calls and a list copy. Bounded by total messages kept; small
+# maildrops are cheap to scan and are not kept (10,000 idle users must not grow the worker).
+_MEMO: OrderedDict[str, tuple[list[int], list[MessageInfo]]] = OrderedDict()
+_MEMO_MIN = 2_000
+_MEMO_MAX_MESSAGES = 400_000
+
+
+def _remember(path: str, stamps: list[int] | None, messages: list[MessageInfo]) -> None:
+    """Keep a snapshot for the next login; MessageInfo objects are shared between successive sessions,
+    which is safe because a session only changes a key to where the file really is (and any rename
+    changes the directory stamps, which invalidates the entry)."""
+    if stamps is None or len(messages) > _MEMO_MAX_MESSAGES:
+        return
+    _MEMO[path] = (stamps, list(messages))
+    total = sum(len(m) for _, m in _MEMO.values())
+    while total > _MEMO_MAX_MESSAGES:
+        _, (_, dropped) = _MEMO.popitem(last=False)
+        total -= len(dropped)
+
+
+def measure(path: str, chunk_size: int = _MEASURE_CHUNK) -> tuple[int, int]:
+    """(network size, integer mtime) of a stored message, streaming so a 50 MiB message costs no memory.
+
+    Same result as pop3d.pop3.wire.network_size on the whole file, with CRLF split across chunks accounted for.
+    """
+    with open(path, "rb", buffering=0) as f:
+        mtime = int(os.fstat(f.fileno()).st_mtime)
+        data = f.read(chunk_size)
+        if len(data) < chunk_size:
+            return network_size(data), mtime
+        total = lf = crlf = 0
+        prev_cr = False
+        last = b""
+        while data:
+            total += len(data)
+            lf += data.count(b"\n")
+            crlf += data.count(b"\r\n")
+            if prev_cr and data[0] == 0x0A:
+                crlf += 1
+            prev_cr = data[-1] == 0x0D
+            last = data[-1:]
+            data = f.read(chunk_size)
+    return total + lf - crlf + (0 if last == b"\n" else 2), mtime
+
+
+def stamps(path: str) -> tuple[list[int] | None, bool]:
+    """(device, inode, mtime, ctime, size of new/ and cur/), taken *before* listing them, and whether
+    they can be trusted to reveal any later change.
+
+    Every entry added, removed or renamed sets the directory's mtime and ctime to the current time,
+    but that clock is coarse: a change in the same tick as our stat could leave the stamps unchanged.
+    So stamps are only trusted when both directories were last changed more than _STAMP_TRUST seconds
+    before they were read; any later change then shows as a newer time. (ctime cannot be set back.)
+    """
+    out: list[int] = []
+    newest = 0
+    for sub in ("new", "cur"):
+        try:
+            st = os.stat(os.path.join(path, sub))
+        except OSError:
+            return None, False
+        out += (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+        newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+    return out, time.time_ns() - newest > _STAMP_TRUST * 1_000_000_000
+
+
+def list_names(path: str) -> dict[str, str]:
+    """name up to its first ":2," -> key, for new/ then cur/, built by C-level map/zip.
+
+    Listing new/ first means a message moved to cur/ between the two listdirs is seen twice (cur/ wins)
+    rather than missed. Dotfiles and `;2,`/`!2,` names are sorted out later by the general scan.
+    """
+    found: dict[str, str] = {}
+    for sub in ("new", "cur"):
+        try:
+            names = os.listdir(os.path.join(path, sub))
+        except OSError as exc:
+            raise storage_error(exc, f"cannot list {path}/{sub}") from exc
+        bases = map(_first, map(str.partition, names, repeat(":2,")))
+        found.update(zip(bases, map(f"{sub}/".__add__, names), strict=True))
+    return found
+
+
+def snapshot(path: str, cache: SizeCache) -> list[MessageInfo]:
+    """The messages of the maildir at `path` (whose lock the caller holds), and the cache brought up to date.
+
+    Runs on every login, so per-message Python work is kept out of the common cases: directories unchanged
+    since the last listing (no listdir: the in-process memo, else the cache file's keys), nothing renamed
+    (one string compare), or only standard names.
+    """
+    now, trusted = stamps(path)
+    memo = _MEMO.get(path)
+    if trusted and memo is not None and memo[0] == now:
+        _MEMO.move_to_end(path)
+        return list(memo[1])
+    _MEMO.pop(path, None)
+    with no_gc():  # 100k new objects would trigger repeated collections that free nothing
+        cache.load()
+        cached = cache.snapshot_for(now) if trusted and now is not None else None
+        if cached is not None:
+            messages = list(map(MessageInfo, *cached))
+        else:
+            messages = _scan_listing(path, cache)
+            cache.remember(now if trusted else None, [m.key for m in messages])
+        cache.flush()
+    if trusted and len(messages) >= _MEMO_MIN:
+        _remember(path, now, messages)
+    return messages
+
+
+def _scan_listing(path: str, cache: SizeCache) -> list[MessageInfo]:
+    found = list_names(path)
+    order = sorted(found)
+    joined = "/".join(order)
+    if joined == cache.order_text:
+        # The cached snapshot lists exactly these base names as uids, in this order: so each uid is
+        # its base name and plain sorted order was the right (time, name) order. Nothing to compute.
+        return list(map(MessageInfo, cache.size_list, order, map(found.__getitem__, order)))
+    if STANDARD_NAMES.fullmatch(joined):
+        return _scan_standard(path, cache, found, order)
+    return _scan_general(path, cache, found)
+
+
+def _scan_standard(path: str, cache: SizeCache, found: dict[str, str], order: list[str]) -> list[MessageInfo]:
+    """Only standard names (see names.STANDARD_NAMES): uid = base, order = sorted bases; new ones measured."""
+    old = cache.sizes
+    maybe: list[int | None] = list(map(old.get, order))
+    if None in maybe:  # first login, or new mail: use `,W=` or read those bodies once
+        root = path + "/"
+        for i in [i for i, size in enumerate(maybe) if size is None]:
+            base = order[i]
+            try:
+                maybe[i] = size_field(base) if ",W=" in base else None
+                if maybe[i] is None:
+                    maybe[i] = measure(root + found[base])[0]
+            except FileNotFoundError:
+                pass  # vanished between listdir and read: not part of this snapshot
+            except OSError as exc:
+                log.warning("maildir %s: skipping unreadable %s: %s", path, found[base], exc)
+        if None in maybe:
+            order = [base for base, size in zip(order, maybe, strict=True) if size is not None]
+            maybe = [size for size in maybe if size is not None]
+    sizes = cast("list[int]", maybe)  # no None is left
+    cache.update(dict(zip(order, sizes, strict=True)), {})
+    return list(map(MessageInfo, sizes, order, map(found.__getitem__, order)))
+
+
+def _scan_general(path: str, cache: SizeCache, found: dict[str, str]) -> list[MessageInfo]:
+    """Any names: dotfiles, `;2,`/`!2,` info, odd characters, times from mtime. Python per message."""
+    old = cache.sizes
+    new_mtimes: dict[str, int] = {}
+    rows: dict[str, MessageInfo] = {}  # sort key -> message
+    bases: dict[str, str] = {}
+    for base, key in found.items():
+        if base[:1] == ".":
+            continue
+        if ";2," in base or "!2," in base:
+            base = split_name(base)[0]
+        bases[base] = key  # later (cur/) entries win over new/ ones
+    root = path + "/"
+    for base, key in bases.items():
+        uid = uid_for(base)
+        # Keys are unique: an mtime key equals a standard one only if its base starts with "." (skipped).
+        skey = time_key(base)
+        size = old.get(uid)
+        if size is None and ",W=" in base:
+            size = size_field(base)
+        mtime = cache.mtimes.get(uid) if not skey else 0
+        if size is None or mtime is None:
+            try:
+                if size is None:
+                    size, mtime = measure(root + key)
+                else:
+                    mtime = int(os.stat(root + key).st_mtime)
+            except FileNotFoundError:
+                continue  # vanished between listdir and read: not part of this snapshot
+            except OSError as exc:
+                log.warning("maildir %s: skipping unreadable %s: %s", path, key, exc)
+                continue
+            if not skey:
+                new_mtimes[uid] = mtime
+        if not skey:
+            skey = f"{max(mtime, 0):020d}{base}"
+        rows[skey] = MessageInfo(size, uid, key)
+    messages = [rows[k] for k in sorted(rows)]
+    cache.update({m.uid: m.size for m in messages}, new_mtimes)  # snapshot order: see snapshot()
+    return messages
