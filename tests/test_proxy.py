@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -12,7 +13,6 @@ from hypothesis import strategies as st
 
 from pop3d.net.addresses import in_networks
 from pop3d.net.proxy import V2_SIGNATURE, ProxyError, ProxyHeader, ProxyParser, encode_v1, encode_v2
-import contextlib
 
 
 def parse_all(data: bytes, step: int | None = None) -> ProxyHeader | None:
