@@ -10,8 +10,8 @@ import getpass
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from pop3d import __version__
 from pop3d.config import ConfigError, Settings, load_settings, target_address

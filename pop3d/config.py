@@ -11,11 +11,16 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+# leaf modules that import no server code: the names they define are not restated here
+from pop3d.auth.mechanisms import KNOWN as KNOWN_MECHANISMS
+from pop3d.storage.mbox.spool_lock import Method as SpoolLockMethod
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})$")
 
@@ -102,9 +107,6 @@ class SessionSettings(_Section):
         return v
 
 
-_MECHANISMS = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN", "EXTERNAL")  # pop3d.auth.sasl.KNOWN
-
-
 class AuthSettings(_Section):
     passwd_file: Path = Path("/etc/pop3d/passwd")
     #: seconds before the first failed login from an address is answered; doubles with each consecutive
@@ -124,8 +126,8 @@ class AuthSettings(_Section):
         out: list[str] = []
         for m in v:
             name = m.strip().upper()
-            if name not in _MECHANISMS:
-                raise ValueError(f"unknown mechanism {m!r} (known: {', '.join(_MECHANISMS)})")
+            if name not in KNOWN_MECHANISMS:
+                raise ValueError(f"unknown mechanism {m!r} (known: {', '.join(KNOWN_MECHANISMS)})")
             if name not in out:
                 out.append(name)
         return out
@@ -150,7 +152,8 @@ class TlsSettings(_Section):
     handshake_timeout: float = Field(30.0, gt=0)
 
 
-SpoolLockMethod = Literal["dotlock", "fcntl", "flock"]
+def _locks(*methods: SpoolLockMethod) -> Callable[[], list[SpoolLockMethod]]:
+    return lambda: list(methods)
 
 
 class StorageSettings(_Section):
@@ -162,8 +165,8 @@ class StorageSettings(_Section):
     #: mbox: "mboxrd" removes one ">" from ">+From " lines on delivery, "mboxo" leaves them
     mbox_dialect: Literal["mboxrd", "mboxo"] = "mboxrd"
     #: mbox: spool locks taken, in this order, while reading the snapshot / while committing deletions
-    mbox_lock_read: list[SpoolLockMethod] = Field(default_factory=lambda: ["fcntl"])
-    mbox_lock_write: list[SpoolLockMethod] = Field(default_factory=lambda: ["dotlock", "fcntl"])
+    mbox_lock_read: list[SpoolLockMethod] = Field(default_factory=_locks("fcntl"))
+    mbox_lock_write: list[SpoolLockMethod] = Field(default_factory=_locks("dotlock", "fcntl"))
     #: mbox: seconds to wait for the spool locks before answering -ERR [SYS/TEMP]
     mbox_lock_timeout: float = Field(30.0, ge=0)
     #: mbox: a dotlock naming no live pid and untouched this many seconds is stale and removed
@@ -220,7 +223,7 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @model_validator(mode="after")
-    def _check_tls(self) -> "Settings":
+    def _check_tls(self) -> Settings:
         t = self.tls
         if (t.cert is None) != (t.key is None):
             raise ValueError("tls.cert and tls.key: set both or neither")
@@ -272,7 +275,8 @@ def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     try:
         # a throw-away subclass carries the file path into settings_customise_sources, thread-safely
         cls = type("Settings", (Settings,), {"__toml_path__": Path(path) if path is not None else None})
-        return cls(**overrides)
+        settings: Settings = cls(**overrides)
+        return settings
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
     except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from pop3d.auth.login_delay import SHARED_DIR_ENV, LoginDelays, SharedLoginDelays, for_this_process
+from pop3d.auth.login_delay import LoginDelays, SharedLoginDelays
 
 
 @pytest.fixture(params=["private", "shared"])
@@ -40,8 +42,27 @@ def test_shared_directory_gone_fails_open(tmp_path):
     assert not d.too_soon("alice", 60, 1_800_000_001.0)
 
 
-def test_for_this_process(monkeypatch, tmp_path):
-    monkeypatch.delenv(SHARED_DIR_ENV, raising=False)
-    assert isinstance(for_this_process(), LoginDelays)
-    monkeypatch.setenv(SHARED_DIR_ENV, str(tmp_path))
-    assert isinstance(for_this_process(), SharedLoginDelays)
+def test_context_keeps_its_own_unless_handed_a_shared_store(env, tmp_path):
+    """The store comes in through the context's constructor; no environment variable decides."""
+    from pop3d.pop3.context import SharedState, process_local
+    from pop3d.runtime.server import build_context
+
+    settings = env.settings()
+    assert isinstance(build_context(settings).login_delays, LoginDelays)
+    shared = SharedLoginDelays(str(tmp_path))
+    state = SharedState(process_local(settings).penalty, shared, process_local(settings).metrics)
+    assert build_context(settings, state).login_delays is shared
+
+
+def test_supervisor_share_is_one_directory(env):
+    from pop3d.runtime.shared import share_between_workers
+
+    share = share_between_workers(env.settings())
+    try:
+        store = share.state.login_delays
+        assert isinstance(store, SharedLoginDelays) and store.directory == share.login_delay_dir
+        store.record("alice", 60, 1_800_000_000.0)
+        assert SharedLoginDelays(share.login_delay_dir).too_soon("alice", 60, 1_800_000_001.0)
+    finally:
+        share.remove()
+    assert not os.path.exists(share.login_delay_dir)

@@ -115,13 +115,16 @@ def test_http_endpoint():
 WORKERS = r"""
 import os, sys, urllib.request
 from pop3d.ops import metrics
-endpoint = metrics.start_for_supervisor("127.0.0.1:0", sys.argv[1])
+directory = sys.argv[1]
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # as pop3d.runtime.shared does: the library reads it
+metrics.enable_multiprocess(directory)
+endpoint = metrics.start_endpoint("127.0.0.1:0", metrics.exposition_registry(None, directory))
 url = f"http://127.0.0.1:{endpoint.server_port}/metrics"
 pids = []
 for _ in range(3):
     pid = os.fork()
     if pid == 0:
-        m = metrics.Metrics()
+        m = metrics.Metrics(verbs=["STAT"])
         for _ in range(5):
             m.session_opened(); m.login("ok"); m.command("STAT", 0.002)
         m.session_closed(100)
@@ -131,7 +134,7 @@ for _ in range(3):
 for p in pids:
     os.waitpid(p, 0)
 print(urllib.request.urlopen(url, timeout=10).read().decode())
-metrics.process_dead(pids[0])
+metrics.process_dead(pids[0], directory)
 print("AFTER")
 print(urllib.request.urlopen(url, timeout=10).read().decode())
 endpoint.shutdown()

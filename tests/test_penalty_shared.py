@@ -38,3 +38,26 @@ def test_failures_in_a_forked_worker_count_in_the_others():
     parent = SharedPenalty(2.0, 15.0, table)
     assert parent.failures("198.51.100.7", 12.0) == 2
     assert parent.fail("198.51.100.7", 12.0) == 8  # the third consecutive failure, wherever it happened
+
+
+def test_supervisor_share_reaches_the_workers_contexts(env):
+    """The supervisor builds the table before fork; each worker's context is handed it, no global involved."""
+    from pop3d.runtime.server import build_context
+    from pop3d.runtime.shared import share_between_workers
+
+    settings = env.settings(auth={"failure_delay": 2.0, "failure_delay_max": 15.0})
+    share = share_between_workers(settings)
+    try:
+        assert type(build_context(settings).penalty) is Penalty  # a single process keeps its own
+        pid = os.fork()
+        if pid == 0:  # a worker
+            ctx = build_context(settings, share.state)
+            ctx.penalty.fail("203.0.113.9", 5.0)
+            os._exit(0 if isinstance(ctx.penalty, SharedPenalty) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        sibling = build_context(settings, share.state).penalty
+        assert sibling.failures("203.0.113.9", 6.0) == 1
+        assert sibling.fail("203.0.113.9", 6.0) == 4.0
+    finally:
+        share.remove()

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import string
 import subprocess
-from collections.abc import Iterator
+import sys
+from pathlib import Path
 
 import bcrypt
 import pytest
 from tooling import needs_tool
 
-from pop3d.auth import schemes
-from pop3d.auth.schemes import DEFAULT_SCHEME, SCHEMES, UnknownScheme, hash_password, split_scheme, verify
+from pop3d.auth import crypt_schemes, sasl_schemes, schemes
+from pop3d.auth.schemes import (
+    DEFAULT_SCHEME,
+    REGISTRY,
+    SCHEMES,
+    SchemeEntry,
+    SchemeRegistry,
+    UnknownScheme,
+    hash_password,
+    split_scheme,
+    verify,
+)
 
 PASSWORD = "Pässwörd ✓ with spaces"
 
@@ -33,14 +45,6 @@ KNOWN: list[tuple[str, str, str]] = [
     ("ARGON2ID", "$argon2id$v=19$m=65536,t=2,p=1$c29tZXNhbHQ$CTFhFdXPJO1aFaMaO6Mm5c8y7cJHAph8ArZWb2GRPPc", "password"),
     ("ARGON2I", "$argon2i$v=19$m=65536,t=2,p=4$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG", "password"),
 ]
-
-
-@pytest.fixture
-def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Let a test register schemes without leaking them into other tests."""
-    monkeypatch.setattr(schemes, "_verifiers", dict(schemes._verifiers))
-    monkeypatch.setattr(schemes, "_hashers", dict(schemes._hashers))
-    yield
 
 
 def test_public_constants() -> None:
@@ -191,26 +195,55 @@ def test_split_scheme_default() -> None:
     assert split_scheme("secret", default="plain") == ("PLAIN", "secret")
 
 
-def test_register(isolated_registry: None) -> None:
-    schemes.register("rev", lambda secret, pw: secret == pw[::-1], lambda pw: pw[::-1])
-    assert schemes.is_known("REV")
-    assert hash_password("REV", "abc") == "{REV}cba"
-    assert verify("rev", "cba", "abc")
+def test_register() -> None:
+    reg = SchemeRegistry(crypt_schemes.ENTRIES)  # a registry of its own: the server's is never touched
+    reg.register(SchemeEntry("rev", lambda secret, pw: secret == pw[::-1], lambda pw: pw[::-1]))
+    assert reg.is_known("REV") and not schemes.is_known("REV")
+    assert reg.hash_password("REV", "abc") == "{REV}cba"
+    assert reg.verify("rev", "cba", "abc")
     with pytest.raises(ValueError, match="already registered"):
-        schemes.register("REV", lambda s, p: True)
-    schemes.register("REV", lambda s, p: False, replace=True)
-    assert not verify("REV", "cba", "abc")
+        reg.register(SchemeEntry("REV", lambda s, p: True))
+    reg.register(SchemeEntry("REV", lambda s, p: False), replace=True)
+    assert not reg.verify("REV", "cba", "abc")
     with pytest.raises(UnknownScheme):
-        hash_password("REV", "abc")  # replaced without a hasher
+        reg.hash_password("REV", "abc")  # replaced without a hasher
     with pytest.raises(ValueError):
-        schemes.register("CLEARTEXT", lambda s, p: True)  # an alias, not a free name
+        reg.register(SchemeEntry("CLEARTEXT", lambda s, p: True))  # an alias, not a free name
     with pytest.raises(ValueError):
-        schemes.register("{BAD}", lambda s, p: True)
+        reg.register(SchemeEntry("{BAD}", lambda s, p: True))
 
 
-def test_registered_verifier_that_raises_is_false(isolated_registry: None) -> None:
+def test_registered_verifier_that_raises_is_false() -> None:
     def broken(secret: str, password: str) -> bool:
         raise ValueError("corrupt")
 
-    schemes.register("BROKEN", broken)
-    assert verify("BROKEN", "x", "x") is False
+    reg = SchemeRegistry([SchemeEntry("BROKEN", broken)])
+    assert reg.verify("BROKEN", "x", "x") is False
+
+
+def test_registry_has_every_scheme_module_once() -> None:
+    """Built from the leaf modules' lists, each scheme exactly once; a clash would fail at import."""
+    entries = [*crypt_schemes.ENTRIES, *sasl_schemes.ENTRIES]
+    names = [e.name for e in entries]
+    assert len(names) == len(set(names))
+    assert REGISTRY.names() == tuple(names)
+    assert {"CRAM-MD5", "SCRAM-SHA-256", "SHA512-CRYPT", "CRYPT", "ARGON2I"} <= set(names)
+    with pytest.raises(ValueError, match="already registered"):
+        SchemeRegistry([*entries, crypt_schemes.ENTRIES[0]])
+
+
+def test_passwd_offers_what_verification_knows() -> None:
+    """`pop3d passwd --scheme` and passwd-file verification use one registry: all offered schemes verify."""
+    assert set(SCHEMES) <= set(REGISTRY.names())
+    assert all(REGISTRY.is_known(s) for s in SCHEMES)
+
+
+def test_no_scheme_arrives_by_import_side_effect() -> None:
+    """Importing the scheme modules in any order yields the same registry; the leaves do not import it."""
+    code = ("import sys; import pop3d.auth.sasl_schemes, pop3d.auth.crypt_schemes; "
+            "assert 'pop3d.auth.schemes' not in sys.modules, 'a leaf imported the registry'; "
+            "from pop3d.auth import schemes; print(','.join(schemes.REGISTRY.names()))")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    assert out.strip() == ",".join(REGISTRY.names())

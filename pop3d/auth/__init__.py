@@ -1,0 +1,19 @@
+"""User databases behind the Authenticator interface (pop3d.auth.base), password schemes, SASL, penalties."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pop3d.auth.base import Authenticator
+    from pop3d.config import AuthSettings
+
+
+def build_auth(cfg: AuthSettings) -> Authenticator:
+    """The user database the `[auth]` section names; today always a Dovecot-style passwd-file.
+
+    OSError (naming the path) when the file cannot be read: at start-up that is fatal, on reload it is refused.
+    """
+    from pop3d.auth.passwd_file import PasswdFileAuthenticator
+
+    return PasswdFileAuthenticator(cfg.passwd_file)

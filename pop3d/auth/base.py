@@ -1,13 +1,13 @@
 """The authentication interface: who a user is, and how a secret is checked.
 
 The POP3 handlers only see `Authenticator`. Password-file formats and hash schemes stay behind it, so SASL
-(issue 4) and other user databases plug in without touching the protocol code.
+and other user databases plug in without touching the protocol code.
 """
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
-from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,13 +34,19 @@ class Credentials:
         return self.secret if self.scheme in ("PLAIN", "CLEARTEXT") else None
 
 
-class Authenticator(Protocol):
-    """A user database. Implementations must not block the event loop (hash checks go to a thread)."""
+class Authenticator(abc.ABC):
+    """A user database. Implementations must not block the event loop (hash checks go to a thread).
 
+    Optional hooks have no-op defaults here, so callers just call them.
+    """
+
+    @abc.abstractmethod
     async def lookup(self, name: str) -> Credentials | None:
         """The stored credentials of `name`, or None when there is no such user."""
-        ...
 
+    @abc.abstractmethod
     async def verify(self, name: str, password: str) -> User | None:
         """The user when `password` is right; None for a wrong password *or* an unknown user."""
-        ...
+
+    def reload_soon(self) -> None:  # noqa: B027 - an optional hook: doing nothing is the right default
+        """Re-read the user database before the next lookup (SIGHUP), even if it looks unchanged."""

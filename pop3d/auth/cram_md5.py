@@ -74,8 +74,8 @@ def digest_from_context(secret: str, challenge: bytes) -> str:
     if len(raw) != 32:
         raise ValueError("a CRAM-MD5 context is 32 octets")
     words = struct.unpack("<8I", raw)
-    outer: State = words[0:4]  # type: ignore[assignment]
-    inner: State = words[4:8]  # type: ignore[assignment]
+    outer: State = (words[0], words[1], words[2], words[3])
+    inner: State = (words[4], words[5], words[6], words[7])
     inner_digest = _finish(inner, challenge, 64)
     return _finish(outer, inner_digest, 64).hex()
 

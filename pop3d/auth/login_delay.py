@@ -1,18 +1,28 @@
 """RFC 2449 §6.5 LOGIN-DELAY: when did this user last log in?
 
 One process keeps a dict. Worker processes (`server.workers` > 1) must agree, or a client would simply land
-on the other worker: the supervisor then hands every worker one directory (`SHARED_DIR_ENV`), and the time
-of a user's last login is the mtime of one empty file per user there (a stat per login, no locking needed:
-two logins of one user cannot both pass the maildrop lock anyway).
+on the other worker: the supervisor then makes one directory before it forks (pop3d.runtime.shared), and
+the time of a user's last login is the mtime of one empty file per user there (a stat per login, no locking
+needed: two logins of one user cannot both pass the maildrop lock anyway).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from typing import Protocol
 
-#: set by the worker supervisor before it forks; not a `POP3D_` name, so no config key can collide with it
-SHARED_DIR_ENV = "_POP3D_LOGIN_DELAY_DIR"
+
+class LoginDelayStore(Protocol):
+    """Where the last login per user is kept; `now` and the recorded times are wall-clock seconds."""
+
+    def too_soon(self, user: str, delay: int, now: float) -> bool:
+        """True when `user` logged in less than `delay` seconds before `now` (never when `delay` is 0)."""
+        ...
+
+    def record(self, user: str, delay: int, now: float) -> None:
+        """Remember a successful login of `user` at `now` (nothing when `delay` is 0)."""
+        ...
 
 
 class LoginDelays:
@@ -65,9 +75,3 @@ class SharedLoginDelays:
             os.utime(path, (now, now))
         except OSError:
             pass  # best effort: a missing record only lets the next login in early
-
-
-def for_this_process() -> LoginDelays | SharedLoginDelays:
-    """Shared when a supervisor handed us a directory, private otherwise."""
-    directory = os.environ.get(SHARED_DIR_ENV)
-    return SharedLoginDelays(directory) if directory else LoginDelays()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Final, NamedTuple, TypeVar
 
 from pop3d.auth import schemes
-from pop3d.auth.base import Credentials, User
+from pop3d.auth.base import Authenticator, Credentials, User
 
 __all__ = ["PasswdFileAuthenticator"]
 
@@ -178,7 +178,7 @@ def _most_common_scheme(users: dict[str, Credentials]) -> str:
 # --- the authenticator -------------------------------------------------------------------------------------
 
 
-class PasswdFileAuthenticator:
+class PasswdFileAuthenticator(Authenticator):
     """`Authenticator` over a Dovecot passwd-file; edits to the file take effect without a restart."""
 
     def __init__(

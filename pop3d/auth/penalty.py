@@ -4,8 +4,9 @@ Dovecot's numbers (auth penalty): 2 s after the first failure, doubling, at most
 `asyncio.sleep` in the failing session only, so the loop and other clients never notice. The table is
 bounded: entries idle for `forget_after` seconds are dropped, and past `max_entries` the oldest go first,
 so an attacker cycling addresses costs memory O(max_entries), not O(addresses). With worker processes the
-history lives in a fixed-size shared-memory table instead (`SharedPenalty`), or a client could spread its
-attempts over the workers.
+history lives in a fixed-size shared-memory table instead (`SharedPenalty` over a `SharedTable` the worker
+supervisor creates before it forks, pop3d.runtime.shared), or a client could spread its attempts over the
+workers.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ DEFAULT_MAX_ENTRIES: Final[int] = 65536
 class Penalty:
     """Consecutive-failure counts per address and the delay they earn. Pure: the caller supplies `now`."""
 
-    __slots__ = ("base", "maximum", "forget_after", "max_entries", "_table")
+    __slots__ = ("_table", "base", "forget_after", "max_entries", "maximum")
 
     def __init__(self, base: float, maximum: float, forget_after: float = DEFAULT_FORGET_AFTER,
                  max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
@@ -44,7 +45,7 @@ class Penalty:
         """Seconds to wait after the `failures`-th consecutive failure: base, 2·base, 4·base … capped."""
         if failures <= 0 or self.base <= 0:
             return 0.0
-        return min(self.base * 2 ** min(failures - 1, 32), self.maximum)
+        return min(self.base * (1 << min(failures - 1, 32)), self.maximum)
 
     def fail(self, address: str, now: float) -> float:
         """Record a failure; return how long to hold the -ERR reply back."""
@@ -85,7 +86,7 @@ class SharedTable:
     so the times compare across processes.
     """
 
-    __slots__ = ("buf", "slots", "_key")
+    __slots__ = ("_key", "buf", "slots")
 
     def __init__(self, slots: int = 16384) -> None:
         self.slots = slots
@@ -139,18 +140,3 @@ class SharedPenalty(Penalty):
 
     def __len__(self) -> int:
         return self.table.used()
-
-
-_shared: SharedTable | None = None
-
-
-def share_between_processes() -> None:
-    """Called by the worker supervisor before it forks: penalties made afterwards share one table."""
-    global _shared
-    if _shared is None:
-        _shared = SharedTable()
-
-
-def create(base: float, maximum: float) -> Penalty:
-    """The penalty for this process: shared with the sibling workers when a supervisor set that up."""
-    return SharedPenalty(base, maximum, _shared) if _shared is not None else Penalty(base, maximum)

@@ -19,18 +19,15 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Protocol, Union
+from typing import Final, Protocol
 
 import scramp
 
 from pop3d.auth import cram_md5
 from pop3d.auth.base import Credentials, User
+from pop3d.auth.mechanisms import KNOWN as KNOWN  # re-exported: callers name mechanisms as sasl.KNOWN
+from pop3d.auth.mechanisms import PLAINTEXT as PLAINTEXT
 from pop3d.auth.sasl_schemes import ScramKeys
-
-#: Mechanisms this server implements, in the order CAPA lists them (strongest first helps naive clients).
-KNOWN: Final[tuple[str, ...]] = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN", "EXTERNAL")
-#: RFC 4616 §2 / LOGIN: the password travels in clear inside the exchange; refused on insecure connections.
-PLAINTEXT: Final[frozenset[str]] = frozenset({"PLAIN", "LOGIN"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +59,7 @@ class Failure:
     authcid: str | None = None
 
 
-Step = Union[Challenge, Lookup, CheckPassword, Success, Failure]
+Step = Challenge | Lookup | CheckPassword | Success | Failure
 
 
 class Mechanism(Protocol):

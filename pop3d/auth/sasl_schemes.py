@@ -1,4 +1,4 @@
-"""The {CRAM-MD5} and {SCRAM-SHA-256} password schemes, registered with pop3d.auth.schemes.
+"""The {CRAM-MD5} and {SCRAM-SHA-256} password schemes (`ENTRIES`, collected by pop3d.auth.schemes).
 
 Both store a key a SASL mechanism can work from instead of the clear password, in Dovecot's encoding, so a
 passwd-file line moves between Dovecot and pop3d unchanged:
@@ -21,7 +21,8 @@ from typing import Final
 
 import scramp
 
-from pop3d.auth import cram_md5, schemes
+from pop3d.auth import cram_md5
+from pop3d.auth.scheme_entry import SchemeEntry
 
 SCRAM_ITERATIONS: Final[int] = 4096
 _SCRAM = scramp.ScramMechanism("SCRAM-SHA-256")
@@ -37,7 +38,9 @@ class ScramKeys:
     server_key: bytes
 
     def encode(self) -> str:
-        b64 = lambda b: base64.b64encode(b).decode("ascii")
+        def b64(b: bytes) -> str:
+            return base64.b64encode(b).decode("ascii")
+
         return f"{self.iterations},{b64(self.salt)},{b64(self.stored_key)},{b64(self.server_key)}"
 
     @classmethod
@@ -73,5 +76,7 @@ def _scram_hash(password: str) -> str:
     return ScramKeys.from_password(password).encode()
 
 
-schemes.register("CRAM-MD5", cram_md5.verify_password, cram_md5.context, replace=True)
-schemes.register("SCRAM-SHA-256", _scram_verify, _scram_hash, replace=True)
+ENTRIES: Final[tuple[SchemeEntry, ...]] = (
+    SchemeEntry("CRAM-MD5", cram_md5.verify_password, cram_md5.context),
+    SchemeEntry("SCRAM-SHA-256", _scram_verify, _scram_hash),
+)

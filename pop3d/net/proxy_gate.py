@@ -14,34 +14,14 @@ ClientHello, so it has to be read off the socket before the TLS layer exists.
 from __future__ import annotations
 
 import asyncio
-import functools
-import ipaddress
 import logging
 from collections.abc import Callable
 from typing import Any
 
+from pop3d.net.addresses import in_networks
 from pop3d.net.proxy import ProxyError, ProxyParser
 
 log = logging.getLogger("pop3d")
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@functools.lru_cache(maxsize=8)
-def networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
-    """Parsed once per distinct `server.proxy_trusted` value (a reload makes a new tuple)."""
-    return tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
-
-
-def is_trusted(host: str, cidrs: tuple[str, ...]) -> bool:
-    """True when `host` lies in one of `cidrs`; an IPv4-mapped IPv6 peer counts as its IPv4 address."""
-    try:
-        addr = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False  # a unix socket peer or garbage
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return any(addr in net for net in networks(cidrs))
 
 
 class ProxyGate(asyncio.Protocol):
@@ -59,11 +39,11 @@ class ProxyGate(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._peer = "-"
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         self._transport = transport
         peer = transport.get_extra_info("peername")
         self._peer = peer[0] if isinstance(peer, tuple) else str(peer)
-        if not is_trusted(self._peer, self._trusted):
+        if not in_networks(self._peer, self._trusted):
             log.warning("PROXY header refused: peer %s is not in server.proxy_trusted", self._peer)
             transport.abort()
             return

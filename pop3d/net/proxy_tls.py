@@ -20,8 +20,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+from pop3d.net.addresses import in_networks
 from pop3d.net.proxy import V2_SIGNATURE, ProxyError, ProxyHeader, ProxyParser
-from pop3d.net.proxy_gate import is_trusted
 
 log = logging.getLogger("pop3d")
 
@@ -114,7 +114,7 @@ class ProxiedTlsListener:
     async def _connection(self, conn: socket.socket, peer: str) -> None:
         conn.setblocking(False)
         try:
-            if not is_trusted(peer, self._trusted()):
+            if not in_networks(peer, self._trusted()):
                 log.warning("PROXY header refused: peer %s is not in server.proxy_trusted", peer)
                 conn.close()
                 return

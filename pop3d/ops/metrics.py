@@ -9,11 +9,12 @@ by at most that long. Bytes sent are summed in the session and added at session 
 `ctx.metrics` is a `NullMetrics` whose `enabled` is False and the session skips the timing altogether.
 
 Several worker processes: prometheus-client's multiprocess mode. Each process writes its samples into
-mmap files named by its pid in `PROMETHEUS_MULTIPROC_DIR`; the endpoint (served by one process, e.g. the
-supervisor) sums them with `MultiProcessCollector`. A supervisor does three things:
-`start_for_supervisor(listen)` before it forks (multiprocess mode on, endpoint up), `serve(...,
-metrics_endpoint=False)` in each worker, and `process_dead(pid)` when it reaps a worker so that worker's
-open-session gauge stops counting (its counters stay: they count what happened).
+mmap files named by its pid in one directory; the endpoint (served by the supervisor) sums them with
+`MultiProcessCollector`. The supervisor (pop3d.runtime.shared) switches the mode on with
+`enable_multiprocess(directory)` before it builds the workers' `Metrics` and forks, serves
+`exposition_registry(None, directory)`, and calls `process_dead(pid, directory)` when it reaps a worker so
+that worker's open-session gauge stops counting (its counters stay: they count what happened). Every
+function here takes the directory as an argument; only the library itself reads PROMETHEUS_MULTIPROC_DIR.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import tempfile
 from bisect import bisect_left
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from pop3d.config import parse_hostport
@@ -40,33 +41,29 @@ LOGIN_RESULTS = ("ok", "failed", "in_use", "login_delay", "unavailable")
 STORAGE_OPS = ("open", "read", "commit")
 
 
-def enable_multiprocess(directory: str | None = None) -> str:
-    """Switch prometheus-client to multiprocess mode (call before forking workers); returns the directory.
+def enable_multiprocess(directory: str) -> None:
+    """Switch prometheus-client to multiprocess mode: instruments made from now on write to `directory`.
 
-    Files left by an earlier run in that directory are removed: their pids are gone and would be summed.
+    The library reads the directory from the environment variable PROMETHEUS_MULTIPROC_DIR, both here and
+    whenever a process (re)opens its files; the caller has set it to `directory` (the supervisor does, in
+    pop3d.runtime.shared). Files left by an earlier run are removed: their pids are gone and would be summed.
     """
-    path = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="pop3d-metrics-")
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(path):
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
         if name.endswith(".db"):
-            os.unlink(os.path.join(path, name))
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+            os.unlink(os.path.join(directory, name))
     from prometheus_client import values
 
-    values.ValueClass = values.get_value_class()  # chosen at import time; re-pick now that the dir is set
-    return path
+    lib: Any = values  # untyped module
+    lib.ValueClass = lib.get_value_class()  # chosen at import time; re-pick now that the dir is set
 
 
-def multiprocess_dir() -> str | None:
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
-
-def process_dead(pid: int) -> None:
+def process_dead(pid: int, directory: str) -> None:
     """A worker exited: drop its live gauges (sessions open) from the sum."""
-    if multiprocess_dir():
-        from prometheus_client import multiprocess
+    from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+    lib: Any = multiprocess  # untyped module
+    lib.mark_process_dead(pid, directory)
 
 
 class NullMetrics:
@@ -116,7 +113,8 @@ class Metrics(NullMetrics):
 
     enabled = True
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, verbs: Iterable[str] = ()) -> None:
+        """`verbs`: the command verbs to bind now (pop3d.pop3.protocol.VERBS); others are bound on first use."""
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         # our own registry: several servers in one process (tests) must not collide in the global one
@@ -142,9 +140,7 @@ class Metrics(NullMetrics):
         self._storage = {op: self.storage_errors.labels(op) for op in STORAGE_OPS}
         self._verbs: dict[str, _VerbStats] = {}
         self._timer: asyncio.TimerHandle | None = None
-        from pop3d.pop3.protocol import VERBS
-
-        for v in VERBS:
+        for v in verbs:
             self.verb(v)
 
     def session_opened(self) -> None:
@@ -201,20 +197,24 @@ class Metrics(NullMetrics):
         self.flush()
 
 
-def exposition_registry(own: CollectorRegistry | None) -> CollectorRegistry:
-    """What the endpoint serves: the sum over every process's files in multiprocess mode, else our own."""
-    if multiprocess_dir():
+def exposition_registry(own: CollectorRegistry | None, directory: str | None = None) -> CollectorRegistry:
+    """What the endpoint serves: with a multiprocess `directory` the sum over every process's files there,
+    else the instruments of this process (`own`)."""
+    if directory is not None:
         from prometheus_client import CollectorRegistry, multiprocess
 
         reg = CollectorRegistry()
-        multiprocess.MultiProcessCollector(reg)
+        lib: Any = multiprocess  # untyped module
+        lib.MultiProcessCollector(reg, directory)
         return reg
-    assert own is not None
+    if own is None:
+        raise ValueError("no registry to expose: pass this process's registry or a multiprocess directory")
     return own
 
 
-def build(listen: str | None) -> NullMetrics:
-    return Metrics() if listen else NullMetrics()
+def build(listen: str | None, verbs: Iterable[str] = ()) -> NullMetrics:
+    """Live instruments when `metrics.listen` is set, else the no-op stand-in."""
+    return Metrics(verbs=verbs) if listen else NullMetrics()
 
 
 def start_endpoint(listen: str, registry: CollectorRegistry) -> Any:
@@ -225,9 +225,3 @@ def start_endpoint(listen: str, registry: CollectorRegistry) -> Any:
     server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
     log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", server.server_port)
     return server
-
-
-def start_for_supervisor(listen: str, directory: str | None = None) -> Any:
-    """Multiprocess mode plus the summing endpoint, in the parent of the workers, before they fork."""
-    enable_multiprocess(directory)
-    return start_endpoint(listen, exposition_registry(None))

@@ -1,64 +1,121 @@
 """Server-wide state shared by every session: configuration, user database, storage, registries.
 
 One object per server process; sessions hold a reference, never a copy, so per-connection memory stays small.
+Everything comes in through the constructor: what worker processes must agree on (brute-force penalties,
+LOGIN-DELAY, metrics) is a `SharedState` their supervisor built before it forked (pop3d.runtime.shared);
+without one the context makes process-local equivalents. Nothing here reads module globals or the
+environment, and nothing imports the session layer: sessions and handlers are seen through the small
+protocols below.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from pop3d import __version__
-from pop3d.auth import login_delay
-from pop3d.auth import penalty
+from pop3d.auth.login_delay import LoginDelays, LoginDelayStore
+from pop3d.auth.penalty import Penalty
+from pop3d.net.addresses import in_networks
+from pop3d.ops import metrics as metrics_mod
+from pop3d.pop3.protocol import VERBS
 
 if TYPE_CHECKING:
-    from pop3d.auth.base import Authenticator
+    from pop3d.auth.base import Authenticator, User
     from pop3d.config import Settings
-    from pop3d.pop3.handlers import Pop3Handler
-    from pop3d.pop3.session import Pop3Session
-    from pop3d.storage.base import Storage
     from pop3d.net.tls import TlsManager
+    from pop3d.storage.base import MessageInfo, Storage
 
 log = logging.getLogger("pop3d")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedState:
+    """What every process of one server must agree on; built once, before worker processes fork."""
+
+    penalty: Penalty  # brute-force delay per client address
+    login_delays: LoginDelayStore  # RFC 2449 §6.5 LOGIN-DELAY: last login per user
+    metrics: metrics_mod.NullMetrics  # Prometheus instruments (NullMetrics: metrics off)
+
+
+def process_local(settings: Settings) -> SharedState:
+    """The state of a server that is a single process (or a test): nothing to share with anybody."""
+    a = settings.auth
+    return SharedState(Penalty(a.failure_delay, a.failure_delay_max), LoginDelays(),
+                       metrics_mod.build(settings.metrics.listen, VERBS))
+
+
+class LiveSession(Protocol):
+    """A connected session as the server sees it: something it can cut at shutdown."""
+
+    def shutdown(self) -> None: ...
+
+
+class SessionCounters(Protocol):
+    """Per-session totals the end-of-session line reports."""
+
+    @property
+    def top(self) -> int: ...
+    @property
+    def top_bytes(self) -> int: ...
+    @property
+    def retr(self) -> int: ...
+    @property
+    def retr_bytes(self) -> int: ...
+    @property
+    def dele(self) -> int: ...
+
+
+class EndedSession(Protocol):
+    """What `log_session_end` reads of a session's protocol handler."""
+
+    @property
+    def user(self) -> User | None: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def end_reason(self) -> str: ...
+    @property
+    def counters(self) -> SessionCounters: ...
+    @property
+    def messages(self) -> Sequence[MessageInfo]: ...
+
+    def summary(self) -> str: ...
 
 
 class ServerContext:
     """Everything a session needs from its server."""
 
     def __init__(self, settings: Settings, auth: Authenticator, storage: Storage,
-                 tls: TlsManager | None = None) -> None:
+                 tls: TlsManager | None = None, shared: SharedState | None = None) -> None:
+        """`tls` None: no TLS configured (no STLS, no implicit-TLS listeners). `shared` None: this process
+        is the whole server, and penalties, LOGIN-DELAY and metrics are kept here."""
         self.settings = settings
-        self.tls = tls  # None: no TLS configured (no STLS, no implicit-TLS listeners)
-        a = settings.auth
-        self.penalty = penalty.create(a.failure_delay, a.failure_delay_max)
-        self.secure_networks = [ipaddress.ip_network(n, strict=False) for n in a.secure_networks]
+        self.tls = tls
         self.auth = auth
         self.storage = storage
+        state = shared if shared is not None else process_local(settings)
+        self.penalty = state.penalty
+        self.login_delays = state.login_delays
+        self.metrics = state.metrics
         self.hostname = settings.server.hostname
         self.implementation = f"pop3d-{__version__}"
-        self.sessions: set[Pop3Session] = set()
-        self.login_delays = login_delay.for_this_process()
+        self.sessions: set[LiveSession] = set()
         self._counter = itertools.count(1)
-        from pop3d.ops.metrics import build
-
-        self.metrics = build(settings.metrics.listen)
         #: called as hook(old, new) after a SIGHUP reload swapped `settings` (TLS plugs its certificates in here)
         self.reload_hooks: list[Callable[[Settings, Settings], None]] = []
 
     def is_secure_network(self, address: str) -> bool:
-        """True when `address` is in auth.secure_networks (cleartext passwords allowed without TLS)."""
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
-            return False  # e.g. a UNIX socket path: not an address we can vouch for
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.secure_networks)
+        """True when `address` is in auth.secure_networks (cleartext passwords allowed without TLS).
+
+        Read from the current settings each time, so a reload applies to the next login.
+        """
+        return in_networks(address, self.settings.auth.secure_networks)
 
     def apop_timestamp(self) -> str:
         """RFC 1939 §7: a msg-id unique per connection, `<pid.counter.clock@host>`.
@@ -67,7 +124,7 @@ class ServerContext:
         """
         return f"<{os.getpid()}.{next(self._counter)}.{time.time_ns() // 1000}@{self.hostname}>"
 
-    def log_session_end(self, handler: Pop3Handler) -> None:
+    def log_session_end(self, handler: EndedSession) -> None:
         """One line per session end, in the spirit of Dovecot's logout line. Never a password."""
         user = handler.user.name if handler.user is not None else "-"
         c = handler.counters

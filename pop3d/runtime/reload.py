@@ -10,7 +10,6 @@ A configuration that fails to load or validate changes nothing.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -94,13 +93,11 @@ def apply(ctx: ServerContext, new: Settings) -> Plan:
             tls.settings = previous
             raise ConfigError("tls: the certificates do not load (see above); nothing changed")
     if old.auth.passwd_file != s.auth.passwd_file:
-        from pop3d.auth.passwd_file import PasswdFileAuthenticator
+        from pop3d.auth import build_auth
 
-        ctx.auth = PasswdFileAuthenticator(s.auth.passwd_file)
+        ctx.auth = build_auth(s.auth)
     else:
-        again = getattr(ctx.auth, "reload_soon", None)  # re-read users now, even if the mtime did not move
-        if callable(again):
-            again()
+        ctx.auth.reload_soon()  # re-read users now, even if the mtime did not move
     if (old.storage.location, old.storage.mark_seen) != (s.storage.location, s.storage.mark_seen):
         from pop3d.storage import build_storage
 
@@ -108,8 +105,6 @@ def apply(ctx: ServerContext, new: Settings) -> Plan:
     if (old.auth.failure_delay, old.auth.failure_delay_max) != (s.auth.failure_delay, s.auth.failure_delay_max):
         ctx.penalty.base = s.auth.failure_delay  # the penalty keeps its per-address history
         ctx.penalty.maximum = max(s.auth.failure_delay, s.auth.failure_delay_max)
-    if old.auth.secure_networks != s.auth.secure_networks:
-        ctx.secure_networks = [ipaddress.ip_network(n, strict=False) for n in s.auth.secure_networks]
     ctx.settings = s
     ctx.hostname = s.server.hostname
     if old.log != s.log:
@@ -127,7 +122,7 @@ def reload(ctx: ServerContext, load: Callable[[], Settings]) -> Plan | None:
         except OSError as exc:
             raise ConfigError(f"auth.passwd_file: cannot read {new.auth.passwd_file}: {exc.strerror}") from None
         p = apply(ctx, new)
-    except Exception as exc:  # noqa: BLE001 - ConfigError, or a hook refusing (a certificate that does not load):
+    except Exception as exc:  # ConfigError, or a hook refusing (a certificate that does not load):
         # a reload must never take the running server down
         log.error("reload failed, configuration unchanged: %s", exc)
         return None

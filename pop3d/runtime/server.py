@@ -12,31 +12,34 @@ import logging
 import os
 import signal
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+from pop3d.auth import build_auth
 from pop3d.config import Settings, parse_hostport
-from pop3d.pop3.context import ServerContext
-from pop3d.pop3.protocol import CommandParser
 from pop3d.net.proxy_gate import ProxyGate
 from pop3d.net.proxy_tls import ProxiedTlsListener, bind
+from pop3d.pop3.context import ServerContext, SharedState
+from pop3d.pop3.protocol import CommandParser
 from pop3d.pop3.session import Pop3Session
 from pop3d.runtime.systemd import ActivationError, Inherited
+from pop3d.storage import build_storage
 
 log = logging.getLogger("pop3d")
 
 
-def build_context(settings: Settings) -> ServerContext:
-    """Wire the configured user database and storage driver into a context."""
-    from pop3d.auth.passwd_file import PasswdFileAuthenticator
-    from pop3d.storage import build_storage
+def build_context(settings: Settings, shared: SharedState | None = None) -> ServerContext:
+    """Wire the configured user database, storage driver and TLS into a context.
 
-    auth = PasswdFileAuthenticator(settings.auth.passwd_file)
+    `shared`: what this process shares with its sibling workers (pop3d.runtime.shared); None for a server
+    that is a single process, whose context then keeps that state itself.
+    """
     tls = None
     if settings.tls.cert is not None:
         from pop3d.net.tls import TlsManager
 
         tls = TlsManager(settings.tls)
-    return ServerContext(settings, auth, build_storage(settings.storage), tls)
+    return ServerContext(settings, build_auth(settings.auth), build_storage(settings.storage), tls, shared)
 
 
 class Pop3Server:
@@ -158,7 +161,8 @@ class Pop3Server:
             srv.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        while self.ctx.sessions and loop.time() < deadline:
+        # sessions leave ctx.sessions from their own callbacks; polling keeps shutdown logic out of them
+        while self.ctx.sessions and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         if self.ctx.sessions:
             log.info("grace period over, closing %d session(s)", len(self.ctx.sessions))
@@ -166,7 +170,7 @@ class Pop3Server:
                 session.shutdown()
             # sessions release their maildrops in connection_lost; give that a moment
             cutoff = loop.time() + 5
-            while self.ctx.sessions and loop.time() < cutoff:
+            while self.ctx.sessions and loop.time() < cutoff:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         for srv in self.servers:
             await srv.wait_closed()
@@ -176,25 +180,26 @@ class Pop3Server:
 
 async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | None = None,
                 load: Callable[[], Settings] | None = None, metrics_endpoint: bool = True,
-                worker: tuple[list[Inherited], list[tuple[str, int, bool]]] | None = None) -> None:
+                worker: tuple[list[Inherited], list[tuple[str, int, bool]], SharedState] | None = None) -> None:
     """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.runtime.reload).
 
     Under systemd: sockets come from LISTEN_FDS when socket-activated, and the manager hears READY=1 once
     we listen, RELOADING=1/READY=1 around a reload, STOPPING=1 when we drain, WATCHDOG=1 if asked.
     `metrics_endpoint=False` in worker processes: their supervisor serves the summed metrics.
-    `worker`: (inherited sockets, addresses) from a Supervisor (pop3d.runtime.workers); listeners then use
-    SO_REUSEPORT, and systemd hears from the supervisor, not from us.
+    `worker`: (inherited sockets, addresses, shared state) from a Supervisor (pop3d.runtime.workers);
+    listeners then use SO_REUSEPORT, and systemd hears from the supervisor, not from us.
     """
     from pop3d.ops import metrics
     from pop3d.runtime import systemd
     from pop3d.runtime.reload import reload
 
-    ctx = build_context(settings)
     if worker is None:
-        server = Pop3Server(ctx, systemd.listen_fds())
+        server = Pop3Server(build_context(settings), systemd.listen_fds())
     else:
-        inherited, addresses = worker
-        server = Pop3Server(ctx, inherited, None if inherited else addresses, reuse_port=True)
+        inherited, addresses, shared = worker
+        server = Pop3Server(build_context(settings, shared), inherited, None if inherited else addresses,
+                            reuse_port=True)
+    ctx = server.ctx
     await server.start()
     endpoint = None
     if metrics_endpoint and settings.metrics.listen and isinstance(ctx.metrics, metrics.Metrics):
@@ -210,9 +215,7 @@ async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | Non
             if ctx.tls is not None:  # still re-read the certificates
                 ctx.tls.reload()
             return
-        reload_users = getattr(ctx.auth, "reload_soon", None)
-        if reload_users is not None:  # the passwd-file too, even if its stat looks unchanged
-            reload_users()
+        ctx.auth.reload_soon()  # the user database too, even if the configuration does not load
         log.info("SIGHUP: re-reading the configuration")
         systemd.notify(*systemd.reloading_states())
         reload(ctx, load)
@@ -271,7 +274,8 @@ def serve_forever(settings: Settings, on_ready: Callable[[list[str]], None] | No
         run(lambda: serve(settings, (lambda srv: on_ready(srv.addresses_text())) if on_ready else None, load))
         return 0
 
-    def worker_main(inherited: list[Inherited], addresses: list[tuple[str, int, bool]], ready_fd: int) -> None:
+    def worker_main(inherited: list[Inherited], addresses: list[tuple[str, int, bool]], ready_fd: int,
+                    shared: SharedState) -> None:
         """One forked worker: its own loop and listeners; tells the supervisor once it listens."""
 
         def ready(server: Pop3Server) -> None:
@@ -279,13 +283,13 @@ def serve_forever(settings: Settings, on_ready: Callable[[list[str]], None] | No
                 os.write(ready_fd, b"r")
                 os.close(ready_fd)
 
-        run(lambda: serve(settings, ready, load, metrics_endpoint=False, worker=(inherited, addresses)))
+        run(lambda: serve(settings, ready, load, metrics_endpoint=False, worker=(inherited, addresses, shared)))
 
     sup = workers.Supervisor(settings, worker_main)
     return sup.run((lambda s: on_ready(s.addresses_text())) if on_ready else None)
 
 
-def run(coro_factory: Callable[[], "asyncio.Future[None] | object"]) -> None:
+def run(coro_factory: Callable[[], asyncio.Future[None] | object]) -> None:
     """Run the main coroutine on uvloop when it is installed, plain asyncio otherwise."""
     try:
         import uvloop

@@ -20,28 +20,29 @@ With more workers a small synchronous supervisor (this module) stays in the pare
 * under systemd the supervisor is the main process: it takes socket-activated sockets (then every worker
   accepts on those same inherited sockets), sends READY/RELOADING/STOPPING and the watchdog pings; workers
   do not talk to the manager. With `metrics.listen` it serves the metrics summed over the workers
-  (prometheus-client multiprocess mode) and tells the collector when a worker died.
+  (prometheus-client multiprocess mode) and tells the collector when a worker died;
+* what the workers must agree on (login penalties, LOGIN-DELAY, metrics) is built before the first fork
+  (pop3d.runtime.shared) and handed to each worker, never looked up from globals or the environment.
 
 Maildrop locks are OFD fcntl locks (storage/locking.py): they exclude sessions in other workers too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable, Sequence
 
-from pop3d.auth import login_delay
-from pop3d.auth import penalty
 from pop3d.config import Settings, parse_hostport
+from pop3d.pop3.context import SharedState
+from pop3d.runtime.shared import share_between_workers
 from pop3d.runtime.systemd import Inherited
 
 log = logging.getLogger("pop3d")
@@ -56,7 +57,8 @@ class ListenError(OSError):
     """A listen address cannot be bound (in use, no permission): reported before any worker starts."""
 
 
-def reserve(listen: list[str], tls_listen: list[str] = []) -> tuple[list[socket.socket], list[tuple[str, int, bool]]]:
+def reserve(listen: Sequence[str], tls_listen: Sequence[str] = ()
+            ) -> tuple[list[socket.socket], list[tuple[str, int, bool]]]:
     """Bind (without listen) one SO_REUSEPORT socket per address; return them and the concrete
     (host, port, implicit TLS) addresses.
 
@@ -111,13 +113,16 @@ def _die_with_parent() -> None:
         pass
 
 
+#: worker_main(inherited sockets, addresses, ready_fd, shared state): runs one worker until it should exit
+WorkerMain = Callable[[list[Inherited], list[tuple[str, int, bool]], int, SharedState], None]
+
+
 class Supervisor:
     """Forks `settings.server.workers` workers and keeps that many alive until told to stop."""
 
-    def __init__(self, settings: Settings,
-                 worker_main: Callable[[list[Inherited], list[tuple[str, int, bool]], int], None]) -> None:
-        """`worker_main(inherited, addresses, ready_fd)` runs one worker; it writes a byte to `ready_fd`
-        once it listens and returns when the worker should exit."""
+    def __init__(self, settings: Settings, worker_main: WorkerMain) -> None:
+        """`worker_main(inherited, addresses, ready_fd, shared)` runs one worker; it writes a byte to
+        `ready_fd` once it listens (-1: nobody waits) and returns when the worker should exit."""
         from pop3d.runtime import systemd
 
         self.settings = settings
@@ -134,15 +139,18 @@ class Supervisor:
             self.addresses = [(*i.sock.getsockname()[:2], i.kind == "tls") for i in self.inherited]
         else:
             self.held, self.addresses = reserve(settings.server.listen, settings.server.tls_listen)
+        # penalties, LOGIN-DELAY and metrics must hold whichever worker a client lands on
+        self.share = share_between_workers(settings)
         self.metrics_endpoint = None
         if settings.metrics.listen:
             from pop3d.ops import metrics
 
-            self.metrics_endpoint = metrics.start_for_supervisor(settings.metrics.listen)
-        # RFC 2449 LOGIN-DELAY must hold whichever worker a login lands on: one directory for all of them
-        self.login_delay_dir = tempfile.mkdtemp(prefix="pop3d-login-delay-")
-        os.environ[login_delay.SHARED_DIR_ENV] = self.login_delay_dir
-        penalty.share_between_processes()  # and the brute-force penalty per address (issue 4)
+            try:
+                self.metrics_endpoint = metrics.start_endpoint(
+                    settings.metrics.listen, metrics.exposition_registry(None, self.share.metrics_dir))
+            except OSError:
+                self._release()
+                raise
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}  # slot -> monotonic time of its last start
         self.stopping = False
@@ -167,10 +175,11 @@ class Supervisor:
                     s.close()
                 for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor speaks
                     os.environ.pop(var, None)
-                self.worker_main(self.inherited, self.addresses, -1 if ready_w is None else ready_w)
+                self.worker_main(self.inherited, self.addresses, -1 if ready_w is None else ready_w,
+                                 self.share.state)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:  # noqa: BLE001 - report anything and exit non-zero; the parent restarts us
+            except BaseException:  # report anything and exit non-zero; the parent restarts us
                 log.exception("worker %d crashed", slot)
                 code = 1
             finally:
@@ -193,6 +202,7 @@ class Supervisor:
             if not self._wait_ready(ready_r):
                 self._stop_all(signal.SIGTERM)
                 self._reap_all()
+                self._release()
                 return 1
         finally:
             os.close(ready_r)
@@ -251,23 +261,25 @@ class Supervisor:
                 if self.stopping:
                     self._stop_all(signal.SIGTERM)
             self._reap()
+        self._release()
+        log.info("all workers stopped")
+        return 0
+
+    def _release(self) -> None:
+        """After the last worker: the reserved ports, the metrics endpoint, the shared files."""
         for s in self.held:
             s.close()
         if self.metrics_endpoint is not None:
             self.metrics_endpoint.shutdown()
-        shutil.rmtree(self.login_delay_dir, ignore_errors=True)
-        log.info("all workers stopped")
-        return 0
+        self.share.remove()
 
     def _status(self) -> str:
         return f"STATUS=listening on {', '.join(self.addresses_text())}"
 
     def _stop_all(self, sig: int) -> None:
         for pid in self.pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
 
     def _reap(self) -> None:
         while self.pids:
@@ -281,10 +293,10 @@ class Supervisor:
             slot = self.pids.pop(pid, None)
             if slot is None:
                 continue
-            if self.metrics_endpoint is not None:
+            if self.share.metrics_dir is not None:
                 from pop3d.ops import metrics
 
-                metrics.process_dead(pid)
+                metrics.process_dead(pid, self.share.metrics_dir)
             if self.stopping:
                 continue
             log.error("worker %d (pid %d) %s; restarting it", slot, pid, _describe_status(status))

@@ -1,0 +1,69 @@
+"""What the worker processes of one server share, made by their supervisor before it forks.
+
+A client may land on any worker, so three things must hold across them (pop3d.pop3.context.SharedState):
+the brute-force penalty per address (an anonymous shared-memory table, inherited by fork), RFC 2449
+LOGIN-DELAY (one directory, a file per user) and the Prometheus counters (prometheus-client multiprocess
+mode: one file set per process in one directory, summed by the supervisor's endpoint). Everything is made
+here, once, and handed down explicitly; a single-process server needs none of it (the context then keeps
+process-local equivalents).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+from pop3d.auth.login_delay import SharedLoginDelays
+from pop3d.auth.penalty import SharedPenalty, SharedTable
+from pop3d.config import Settings
+from pop3d.ops import metrics
+from pop3d.pop3.context import SharedState
+from pop3d.pop3.protocol import VERBS
+
+#: prometheus-client's own name for its directory; see `_claim_metrics_dir`
+PROMETHEUS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerShare:
+    """The shared state plus the files behind it, which the supervisor removes after its last worker."""
+
+    state: SharedState
+    login_delay_dir: str
+    metrics_dir: str | None  # None: metrics off
+    own_metrics_dir: bool  # made by us (removed at the end), not given by the operator
+
+    def remove(self) -> None:
+        shutil.rmtree(self.login_delay_dir, ignore_errors=True)
+        if self.metrics_dir is not None and self.own_metrics_dir:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+
+def share_between_workers(settings: Settings) -> WorkerShare:
+    """Build the state every worker inherits; call in the supervisor, before the first fork."""
+    a = settings.auth
+    penalty = SharedPenalty(a.failure_delay, a.failure_delay_max, SharedTable())
+    login_delay_dir = tempfile.mkdtemp(prefix="pop3d-login-delay-")
+    metrics_dir, own = None, False
+    if settings.metrics.listen:
+        metrics_dir, own = _claim_metrics_dir()
+        metrics.enable_multiprocess(metrics_dir)  # before the instruments below are made
+    state = SharedState(penalty, SharedLoginDelays(login_delay_dir), metrics.build(settings.metrics.listen, VERBS))
+    return WorkerShare(state, login_delay_dir, metrics_dir, own)
+
+
+def _claim_metrics_dir() -> tuple[str, bool]:
+    """The multiprocess directory, and whether we made it.
+
+    prometheus-client learns this directory only from the environment variable PROMETHEUS_MULTIPROC_DIR,
+    which it reads when it picks its value class and again whenever a forked process opens its own files.
+    So this is the one place pop3d sets an environment variable: here, before any worker exists, so every
+    worker inherits it. Our own code gets the directory passed explicitly. An operator who already set the
+    variable (a tmpfs, say) keeps that directory.
+    """
+    preset = os.environ.get(PROMETHEUS_DIR_ENV)
+    directory = preset or tempfile.mkdtemp(prefix="pop3d-metrics-")
+    os.environ[PROMETHEUS_DIR_ENV] = directory
+    return directory, not preset
