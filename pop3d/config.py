@@ -20,7 +20,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 # leaf modules that import no server code: the names they define are not restated here
 from pop3d.auth.mechanisms import KNOWN as KNOWN_MECHANISMS
-from pop3d.storage.mbox.spool_lock import Method as SpoolLockMethod
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})$")
 
@@ -152,6 +151,10 @@ class TlsSettings(_Section):
     handshake_timeout: float = Field(30.0, gt=0)
 
 
+#: the MTA-compatible mbox spool locks (pop3d.storage.mbox.spool_lock implements each)
+SpoolLockMethod = Literal["dotlock", "fcntl", "flock"]
+
+
 def _locks(*methods: SpoolLockMethod) -> Callable[[], list[SpoolLockMethod]]:
     return lambda: list(methods)
 
@@ -163,7 +166,7 @@ class StorageSettings(_Section):
     #: Maildir: mark retrieved messages Seen (move to cur/ with :2,S) at QUIT, so IMAP readers agree
     mark_seen: bool = True
     #: mbox: "mboxrd" removes one ">" from ">+From " lines on delivery, "mboxo" leaves them
-    mbox_dialect: Literal["mboxrd", "mboxo"] = "mboxrd"
+    mbox_dialect: Literal["mboxrd", "mboxo"] = "mboxrd"  # pop3d.storage.mbox.format reads both
     #: mbox: spool locks taken, in this order, while reading the snapshot / while committing deletions
     mbox_lock_read: list[SpoolLockMethod] = Field(default_factory=_locks("fcntl"))
     mbox_lock_write: list[SpoolLockMethod] = Field(default_factory=_locks("dotlock", "fcntl"))

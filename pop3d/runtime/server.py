@@ -95,10 +95,8 @@ class Pop3Server:
         else:
             await self._start_configured()
         # storage drivers with crash journals (mbox) settle interrupted commits without waiting for a login
-        recover = getattr(self.ctx.storage, "recover_interrupted", None)
-        if recover is not None:
-            self._background.add(task := asyncio.ensure_future(recover()))
-            task.add_done_callback(self._background.discard)
+        self._background.add(task := asyncio.ensure_future(self.ctx.storage.recover_interrupted()))
+        task.add_done_callback(self._background.discard)
 
     async def _start_configured(self) -> None:
         """Listeners from `server.listen` (plain) and `server.tls_listen` (implicit TLS)."""
