@@ -19,7 +19,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pop3d.pop3 import wire  # noqa: E402
+from pop3d import wire  # noqa: E402
 from pop3d.pop3.protocol import CommandParser, LineBuffer, State  # noqa: E402
 
 Case = tuple[str, Callable[[], object], Callable[[], object], int]  # name, baseline, subject, octets per call

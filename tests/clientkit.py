@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tooling import require_tool
 
-from pop3d.pop3 import wire
+from pop3d import wire
 
 #: The edge cases a POP3 server must carry intact: dots at line starts, no final newline,
 #: stored CRLF, 8-bit bytes, a 5,000-octet line, and messages large enough to be streamed in slices.

@@ -14,7 +14,7 @@ from conftest import Raw, ServerThread
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pop3d.pop3 import wire
+from pop3d import wire
 from pop3d.bench import mkmaildrops, runner
 from pop3d.bench.client import ClientProtocol
 from pop3d.bench.hist import Histogram

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop3d.auth.base import User
-from pop3d.pop3.wire import network_size
+from pop3d.wire import network_size
 from pop3d.storage.base import InUse, MessageGone, PermanentError, TemporaryError
 from pop3d.storage.maildir import MaildirDrop, MaildirStorage
 from pop3d.storage.maildir import scan as scan_mod

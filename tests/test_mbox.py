@@ -12,7 +12,7 @@ import pytest
 
 from pop3d.auth.base import User
 from pop3d.config import load_settings
-from pop3d.pop3 import wire
+from pop3d import wire
 from pop3d.storage import build_storage
 from pop3d.storage.base import InUse, MessageGone, PermanentError, TemporaryError
 from pop3d.storage.mbox import MboxDrop

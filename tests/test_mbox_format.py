@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pop3d.pop3 import wire
+from pop3d import wire
 from pop3d.storage.mbox.format import NotMbox, Unquoter, find_xuidl, scan, unquote
 
 

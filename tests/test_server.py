@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import Raw, deliver
 
-from pop3d.pop3 import wire
+from pop3d import wire
 
 MSG1 = b"From: a@example.org\nSubject: one\n\nline 1\n.dotted\n..two dots\nend\n"
 MSG2 = b"From: b@example.org\nSubject: two\r\n\r\nstored CRLF\r\nno final newline"

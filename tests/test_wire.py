@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pop3d.pop3 import wire
+from pop3d import wire
 
 # messages made of the bytes that matter: CR, LF, dot, and ordinary text
 _msg = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"..", b"a", b"From ", b"\xe9", b" "]),

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Union
 
-from pop3d.pop3 import wire
+from pop3d import wire
 from pop3d.auth import sasl
 from pop3d.auth.base import User
 from pop3d.pop3.context import ServerContext

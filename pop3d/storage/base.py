@@ -5,11 +5,11 @@ The seam is Twisted-like (list, read, delete-at-sync) but asynchronous and expli
     drop = storage.maildrop(user)       # no I/O yet
     await drop.open()                   # take the exclusive POP3 lock, then snapshot the message list
     drop.messages                       # fixed list for the whole session: numbering never changes
-    drop.read_small(i) / drop.chunks(i) # stored octets; pop3d.pop3.wire turns them into the network form
+    drop.read_small(i) / drop.chunks(i) # stored octets; pop3d.wire turns them into the network form
     await drop.commit(deleted, seen)    # UPDATE state only (RFC 1939 §6)
     await drop.close()                  # always; releases the lock, deletes nothing by itself
 
-Sizes in `MessageInfo.size` are network-form octets (pop3d.pop3.wire.network_size), the value LIST advertises.
+Sizes in `MessageInfo.size` are network-form octets (pop3d.wire.network_size), the value LIST advertises.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from itertools import repeat
 from operator import itemgetter
 from typing import cast
 
-from pop3d.pop3.wire import network_size
+from pop3d.wire import network_size
 from pop3d.storage.base import MessageInfo
 from pop3d.storage.maildir.names import STANDARD_NAMES, size_field, split_name, time_key, uid_for
 from pop3d.storage.maildir.sizecache import SizeCache
@@ -60,7 +60,7 @@ def _remember(path: str, stamps: list[int] | None, messages: list[MessageInfo]) 
 def measure(path: str, chunk_size: int = _MEASURE_CHUNK) -> tuple[int, int]:
     """(network size, integer mtime) of a stored message, streaming so a 50 MiB message costs no memory.
 
-    Same result as pop3d.pop3.wire.network_size on the whole file, with CRLF split across chunks accounted for.
+    Same result as pop3d.wire.network_size on the whole file, with CRLF split across chunks accounted for.
     """
     with open(path, "rb", buffering=0) as f:
         mtime = int(os.fstat(f.fileno()).st_mtime)

@@ -1,6 +1,6 @@
 """`.pop3d.sizes`, the Maildir size cache: what a login needs to know without reading any message.
 
-Sizes are network octets (pop3d.pop3.wire.network_size) because LIST must promise exactly what RETR sends
+Sizes are network octets (pop3d.wire.network_size) because LIST must promise exactly what RETR sends
 (RFC 1939 §5, §7). Maildir messages are immutable once delivered (only renamed), so a size never goes stale
 and a second login reads no body. The cache is advisory: corrupt means ignored and rebuilt.
 """
