@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from pop3d.pop3.state import State as State  # re-exported: the parser is handed the state
 
@@ -37,12 +38,27 @@ BOTH = frozenset({State.AUTHORIZATION, State.TRANSACTION})
 # Events produced by the core
 
 
-@dataclass(frozen=True, slots=True)
 class Command:
-    """A well-formed command, legal in the current state. Arguments are already validated."""
+    """A well-formed command, legal in the current state. Arguments are already validated.
 
-    verb: str
-    args: tuple[str, ...]
+    A plain slotted class (immutable for mypy through Final): one is built per pipelined command, and a
+    frozen dataclass costs twice as much to construct.
+    """
+
+    __slots__ = ("args", "verb")
+
+    def __init__(self, verb: str, args: tuple[str, ...]) -> None:
+        self.verb: Final = verb
+        self.args: Final = args
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Command) and other.verb == self.verb and other.args == self.args
+
+    def __hash__(self) -> int:
+        return hash((self.verb, self.args))
+
+    def __repr__(self) -> str:
+        return f"Command({self.verb!r}, {self.args!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +99,6 @@ def multiline(first: bytes, lines: list[str]) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Argument grammar. Each validator takes the argument list and returns an error text or None.
 
-_MSGNUM = re.compile(r"[0-9]{1,10}\Z")  # RFC 1939 §3: a decimal number; no sign, no spaces, ASCII only
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}\Z")  # RFC 1939 §7: APOP digest is 32 hex digits (lower case; we accept both)
 
 ArgCheck = Callable[[tuple[str, ...]], str | None]
@@ -107,11 +122,11 @@ def _msgnums(lo: int, hi: int, n_msg: int) -> ArgCheck:
     count = _count(lo, hi)
 
     def check(args: tuple[str, ...]) -> str | None:
-        problem = count(args)
-        if problem:
-            return problem
+        if not lo <= len(args) <= hi:
+            return count(args)
         for i, a in enumerate(args):
-            if not _MSGNUM.match(a):
+            # RFC 1939 §3: a decimal number; no sign, no spaces, ASCII digits only (at most 10 of them)
+            if not (a.isascii() and a.isdigit() and len(a) <= 10):
                 return "invalid message number" if i < n_msg else "invalid line count"
             if i < n_msg and int(a) == 0:
                 return "invalid message number"
