@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pop3d.auth.base import Credentials, User
 from pop3d.config import Settings, load_settings
@@ -311,6 +311,8 @@ class Connection:
                  extra: dict[str, Any] | None = None) -> None:
         self.loop = loop
         self.ctx = ctx
+        self.storage = cast(FakeStorage, ctx.storage)
+        self.auth = cast(FakeAuth, ctx.auth)
         parser = CommandParser.with_extensions(stls=ctx.tls is not None)
 
         async def create() -> Pop3Session:
@@ -318,7 +320,7 @@ class Connection:
 
         self.session = loop.run_until_complete(create())
         self.transport = FakeTransport(self.session, loop, peer, extra)
-        self.session.connection_made(self.transport)  # type: ignore[arg-type]
+        self.session.connection_made(self.transport)
         loop.settle()
 
     @property

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from fakes import USERS, ClockLoop, Connection, FakeAuth, make_context, messages, stored
+from fakes import ClockLoop, Connection, FakeAuth, FakeStorage, make_context, messages, stored
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +30,15 @@ def clock() -> Iterator[ClockLoop]:
 def handler(**kw: Any) -> Pop3Handler:
     storage = stored({"alice": [b"Subject: hi\n\n.dot\nbody\n", SMALL_MESSAGE + 1000]})
     return Pop3Handler(make_context(kw.pop("fake_auth", None), storage, **kw), "127.0.0.1")
+
+
+def storage_of(h: Pop3Handler) -> FakeStorage:
+    return cast(FakeStorage, h.ctx.storage)
+
+
+def state_of(h: Pop3Handler) -> State:
+    """The handler's state, read afresh (mypy would otherwise keep an earlier assert's narrowing)."""
+    return h.state
 
 
 def resolve(loop: ClockLoop, result: Any) -> Any:
@@ -79,7 +88,7 @@ def test_password_checks_are_pending_and_move_the_state(clock: ClockLoop) -> Non
     pending = h.dispatch(Command("PASS", ("wonderland",)))
     assert isinstance(pending, Pending) and h.state is State.AUTHORIZATION  # nothing happens until awaited
     reply = resolve(clock, pending)
-    assert isinstance(reply, Reply) and h.state is State.TRANSACTION and h.drop is not None
+    assert isinstance(reply, Reply) and state_of(h) is State.TRANSACTION and h.drop is not None
 
 
 def test_failed_login_keeps_authorization(clock: ClockLoop) -> None:
@@ -92,7 +101,7 @@ def test_failed_login_keeps_authorization(clock: ClockLoop) -> None:
 
 def test_in_use_maildrop(clock: ClockLoop) -> None:
     h = handler()
-    h.ctx.storage.locked.add("alice")
+    storage_of(h).locked.add("alice")
     h.dispatch(Command("USER", ("alice",)))
     reply = resolve(clock, h.dispatch(Command("PASS", ("wonderland",))))
     assert reply.data.startswith(b"-ERR [IN-USE]") and h.state is State.AUTHORIZATION
@@ -107,21 +116,21 @@ def test_quit_results(clock: ClockLoop) -> None:
     pending = h.dispatch(Command("QUIT", ()))
     assert h.state is State.UPDATE  # RFC 1939 §6: UPDATE as soon as QUIT is accepted
     r = resolve(clock, pending)
-    assert isinstance(r, Reply) and r.close and r.reason == "QUIT" and h.state is State.CLOSED
+    assert isinstance(r, Reply) and r.close and r.reason == "QUIT" and state_of(h) is State.CLOSED
     assert r.data == b"+OK pop3d signing off (1 message left)\r\n"
-    assert [c.deleted for c in h.ctx.storage.commits] == [{1}]
+    assert [c.deleted for c in storage_of(h).commits] == [{1}]
 
 
 def test_expire_zero_deletes_retrieved_messages(clock: ClockLoop) -> None:
     h = logged_in(clock, session={"expire": "0"})
     h.dispatch(Command("RETR", ("1",)))
     resolve(clock, h.dispatch(Command("QUIT", ())))
-    assert [c.deleted for c in h.ctx.storage.commits] == [{0}]
+    assert [c.deleted for c in storage_of(h).commits] == [{0}]
 
 
 def test_stls_and_sasl_results() -> None:
     h = handler(with_tls=True, auth={"mechanisms": ["PLAIN", "LOGIN"]})
-    h.user_name = "alice"
+    h.dispatch(Command("USER", ("alice",)))
     r = h.dispatch(Command("STLS", ()))
     assert isinstance(r, StartTLS) and r.data == b"+OK Begin TLS negotiation\r\n"
     assert h.user_name is None  # RFC 2595 §4: nothing from before the handshake carries over
@@ -146,7 +155,7 @@ def test_abort_releases_without_commit(clock: ClockLoop) -> None:
     h = logged_in(clock)
     h.dispatch(Command("DELE", ("1",)))
     clock.run_until_complete(h.abort())
-    assert h.state is State.CLOSED and h.ctx.storage.commits == [] and h.ctx.storage.locked == set()
+    assert h.state is State.CLOSED and storage_of(h).commits == [] and storage_of(h).locked == set()
 
 
 # ---- MAX_ARG_LEN is gone on purpose -----------------------------------------------------------------------
@@ -222,8 +231,8 @@ def test_random_pipelined_sessions_follow_the_table(segments: list[list[bytes]],
     state of the table, deletions happen only through QUIT from TRANSACTION, and the lock is released."""
     loop = ClockLoop()
     try:
-        ctx = make_context(FakeAuth(), stored({"alice": messages(50, 60, 70), "bob": messages(10)}),
-                           auth={"mechanisms": ["PLAIN"]}, session={"max_bad_commands": 100})
+        storage = stored({"alice": messages(50, 60, 70), "bob": messages(10)})
+        ctx = make_context(FakeAuth(), storage, auth={"mechanisms": ["PLAIN"]}, session={"max_bad_commands": 100})
         c = Connection(loop, ctx)
         states = [c.handler.state]
         for segment in segments:
@@ -240,19 +249,13 @@ def test_random_pipelined_sessions_follow_the_table(segments: list[list[bytes]],
         assert b"internal server error" not in out
         assert all(s in (State.AUTHORIZATION, State.TRANSACTION, State.CLOSED) for s in states)
         assert c.handler.state is State.CLOSED and c.session not in ctx.sessions
-        assert ctx.storage.locked == set()
+        assert storage.locked == set()
         # the only way to a commit: QUIT accepted in TRANSACTION, answered by the UPDATE state's reply
-        assert len(ctx.storage.commits) == out.count(b"+OK pop3d signing off (") <= 1
-        deleted = ctx.storage.commits[0].deleted if ctx.storage.commits else set()
-        assert len(ctx.storage.boxes["alice"]) + len(ctx.storage.boxes["bob"]) == 4 - len(deleted)
+        assert len(storage.commits) == out.count(b"+OK pop3d signing off (") <= 1
+        deleted = storage.commits[0].deleted if storage.commits else set()
+        assert len(storage.boxes["alice"]) + len(storage.boxes["bob"]) == 4 - len(deleted)
     finally:
         loop.close()
-
-
-def test_users_fixture_matches_conftest() -> None:
-    from conftest import USERS as CONFTEST_USERS
-
-    assert USERS == CONFTEST_USERS
 
 
 def test_pending_result_is_not_a_task(clock: ClockLoop) -> None:
@@ -261,8 +264,8 @@ def test_pending_result_is_not_a_task(clock: ClockLoop) -> None:
     h.dispatch(Command("USER", ("alice",)))
     r = h.dispatch(Command("PASS", ("wonderland",)))
     assert isinstance(r, Pending) and asyncio.iscoroutine(r.awaitable)
-    assert h.ctx.auth.calls == []  # type: ignore[attr-defined]
-    r.awaitable.close()  # type: ignore[attr-defined]
+    assert cast(FakeAuth, h.ctx.auth).calls == []
+    r.awaitable.close()
 
 
 def test_rejected_lines_never_reach_the_handler() -> None:

@@ -121,7 +121,7 @@ def test_big_retr_waits_for_resume_writing(clock: ClockLoop) -> None:
     big = 700 * 1024
     c = connect(clock, {"alice": [big]}, server={"write_buffer": 16 * 1024})
     c.login()
-    raw = c.ctx.storage.boxes["alice"][0]
+    raw = c.storage.boxes["alice"][0]
     t = c.transport
     t.peer_reading = False
     before = len(t.writes)
@@ -138,7 +138,7 @@ def test_big_retr_waits_for_resume_writing(clock: ClockLoop) -> None:
         rounds += 1
     assert rounds >= 2  # 700 KiB in 256 KiB chunks: it paused after each of the first ones
     body = b"".join(t.writes[before:])
-    header, _, rest = body.partition(b"\r\n")
+    _header, _, rest = body.partition(b"\r\n")
     assert rest.startswith(wire.encode(raw))
     assert rest[len(wire.encode(raw)):].startswith(b"+OK 1 ")  # STAT waited for the whole body
     assert t.reading_calls[-1] == "resume"
@@ -148,7 +148,7 @@ def test_big_retr_waits_for_resume_writing(clock: ClockLoop) -> None:
 def test_storage_error_before_the_first_chunk_is_an_err_line(clock: ClockLoop) -> None:
     c = connect(clock, {"alice": [300 * 1024]})
     c.login()
-    c.ctx.storage.errors["chunks"] = TemporaryError("disk gone")
+    c.storage.errors["chunks"] = TemporaryError("disk gone")
     before = len(c.transport.writes)
     c.send(b"RETR 1\r\nNOOP\r\n")
     assert c.lines(before) == [b"-ERR [SYS/TEMP] message 1 cannot be read now", b"+OK"]
@@ -243,8 +243,8 @@ def test_autologout_in_transaction_deletes_nothing(clock: ClockLoop) -> None:
     assert not c.transport.is_closing()
     clock.advance(1)
     assert c.lines()[-1] == b"-ERR autologout: idle for too long" and c.transport.closed
-    assert c.ctx.storage.commits == [] and len(c.ctx.storage.boxes["alice"]) == 2
-    assert c.ctx.storage.locked == set() and c.handler.state is State.CLOSED
+    assert c.storage.commits == [] and len(c.storage.boxes["alice"]) == 2
+    assert c.storage.locked == set() and c.handler.state is State.CLOSED
 
 
 def test_configured_longer_timeout_is_honoured(clock: ClockLoop) -> None:
@@ -280,7 +280,7 @@ def test_quit_commits_in_update(clock: ClockLoop) -> None:
     before = len(c.transport.writes)
     c.send(b"DELE 1\r\nQUIT\r\nSTAT\r\n")
     assert c.lines(before) == [b"+OK message 1 deleted", b"+OK pop3d signing off (1 message left)"]
-    storage = c.ctx.storage
+    storage = c.storage
     assert [(x.user, x.deleted, x.seen) for x in storage.commits] == [("alice", {0}, set())]
     assert len(storage.boxes["alice"]) == 1 and storage.locked == set()
     assert c.transport.closed and c.handler.state is State.CLOSED
@@ -290,18 +290,18 @@ def test_quit_commits_in_update(clock: ClockLoop) -> None:
 def test_quit_commit_failure_is_reported(clock: ClockLoop) -> None:
     c = connect(clock)
     c.login()
-    c.ctx.storage.errors["commit"] = TemporaryError("rename failed")
+    c.storage.errors["commit"] = TemporaryError("rename failed")
     c.send(b"DELE 2\r\nQUIT\r\n")
     assert c.lines()[-1] == b"-ERR [SYS/TEMP] some deleted messages were not removed"
     assert c.transport.closed and c.handler.end_reason == "QUIT, commit failed"
-    assert c.ctx.storage.locked == set()
+    assert c.storage.locked == set()
 
 
 def test_quit_in_authorization_touches_nothing(clock: ClockLoop) -> None:
     c = connect(clock)
     c.send(b"QUIT\r\nUSER alice\r\n")
     assert c.lines(1) == [b"+OK pop3d signing off"]
-    assert c.transport.closed and c.handler.state is State.CLOSED and c.ctx.storage.commits == []
+    assert c.transport.closed and c.handler.state is State.CLOSED and c.storage.commits == []
 
 
 def test_dropped_connection_deletes_nothing(clock: ClockLoop) -> None:
@@ -309,7 +309,7 @@ def test_dropped_connection_deletes_nothing(clock: ClockLoop) -> None:
     c.login()
     c.send(b"DELE 1\r\nDELE 2\r\nRETR 1\r\n")
     c.hang_up()
-    storage = c.ctx.storage
+    storage = c.storage
     assert storage.commits == [] and len(storage.boxes["alice"]) == 2
     assert storage.locked == set() and storage.closes == 1
     assert c.session not in c.ctx.sessions and c.handler.end_reason == "disconnected"
@@ -324,14 +324,14 @@ def test_drop_while_login_pending_cancels_it(clock: ClockLoop) -> None:
     c.hang_up()
     auth.gate.set()
     clock.settle()
-    assert c.ctx.storage.locked == set() and c.session not in c.ctx.sessions
+    assert c.storage.locked == set() and c.session not in c.ctx.sessions
     assert c.handler.state is State.CLOSED and c.handler.drop is None
 
 
 def test_drop_during_commit_does_not_interrupt_it(clock: ClockLoop) -> None:
     c = connect(clock)
     c.login()
-    storage = c.ctx.storage
+    storage = c.storage
     storage.commit_gate = asyncio.Event()
     c.send(b"DELE 1\r\nQUIT\r\n")
     c.hang_up()
@@ -349,7 +349,7 @@ def test_half_close_answers_everything_first(clock: ClockLoop) -> None:
     c.session.eof_received()
     clock.settle()
     assert c.lines()[-1] == b"+OK pop3d signing off (1 message left)"
-    assert c.transport.closed and len(c.ctx.storage.boxes["alice"]) == 1
+    assert c.transport.closed and len(c.storage.boxes["alice"]) == 1
 
 
 def test_too_many_bad_commands_closes(clock: ClockLoop) -> None:
@@ -370,7 +370,7 @@ def test_shutdown_cuts_and_deletes_nothing(clock: ClockLoop) -> None:
     c.session.shutdown()
     clock.settle()
     assert c.lines()[-1] == b"-ERR [SYS/TEMP] server shutting down"
-    assert c.ctx.storage.commits == [] and c.handler.end_reason == "server shutdown"
+    assert c.storage.commits == [] and c.handler.end_reason == "server shutdown"
 
 
 def test_session_end_log_line(clock: ClockLoop, caplog: pytest.LogCaptureFixture) -> None:
@@ -379,7 +379,8 @@ def test_session_end_log_line(clock: ClockLoop, caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.INFO, logger="pop3d"):
         c.send(b"RETR 1\r\nTOP 2 0\r\nDELE 2\r\nQUIT\r\n")
         clock.settle()
-    fields = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "session_end"]
+    fields = [r.__dict__["fields"] for r in caplog.records
+              if r.__dict__.get("fields", {}).get("event") == "session_end"]
     assert len(fields) == 1
     f = fields[0]
     assert f["user"] == "alice" and f["reason"] == "QUIT" and f["retr"] == 1 and f["top"] == 1
