@@ -1,9 +1,11 @@
 """POP3 command handlers: one method per verb, collected into a dispatch table (aiosmtpd-style).
 
-A handler gets a parsed, state-legal `Command` (pop3d.pop3.protocol did the grammar) and returns either the reply
-bytes at once, a `Stream` (a big message body to send with flow control), or a coroutine resolving to one of
-those (password checks, storage I/O). Fast verbs stay synchronous so pipelined STAT/LIST/UIDL/DELE bursts
-need no Task at all. The handler owns the POP3 session semantics: state, the deleted set, LAST, counters.
+A handler gets a parsed, state-legal `Command` (pop3d.pop3.protocol did the grammar) and returns one result
+object (pop3d.pop3.results) that tells the session everything: a `Reply` to send now (perhaps the last one),
+`StartTLS`, a `Stream` (a big message body to send with flow control), a SASL `Challenge`, or `Pending`
+(password checks, storage I/O) resolving to one of those. Fast verbs stay synchronous so pipelined
+STAT/LIST/UIDL/DELE bursts need no Task at all. The handler owns the POP3 session semantics: the state (moved
+only through pop3d.pop3.state's table), the deleted set, LAST, counters.
 """
 
 from __future__ import annotations
@@ -15,43 +17,41 @@ import hashlib
 import hmac
 import logging
 import time
-from dataclasses import dataclass
-from typing import AsyncIterator, Awaitable, Callable, Union
+from collections.abc import Callable
 
 from pop3d import wire
 from pop3d.auth import sasl
 from pop3d.auth.base import User
 from pop3d.pop3.context import ServerContext
-from pop3d.pop3.protocol import CRLF, MAX_SASL_LINE, Command, State, err, multiline, ok
+from pop3d.pop3.protocol import CRLF, MAX_SASL_LINE, Command, err, multiline, ok
+from pop3d.pop3.results import Challenge, Pending, Reply, Resolved, Result, StartTLS, Stream
+from pop3d.pop3.state import SessionEvent, State, next_state
 from pop3d.storage.base import SMALL_MESSAGE, InUse, Maildrop, MessageInfo, StorageError
 
 log = logging.getLogger("pop3d.pop3.session")
 
-
-@dataclass(slots=True)
-class Stream:
-    """A multi-line reply whose body is streamed from storage: `header` goes out once the first chunk is in."""
-
-    header: bytes
-    chunks: AsyncIterator[bytes]
-    encoder: wire.Encoder
-    index: int
-    lines: int | None  # None for RETR, the TOP line count otherwise
-
-
-Result = Union[bytes, Stream]
-Reply = Union[Result, Awaitable[Result]]
-
-AUTH_FAILED = err("authentication failed", "AUTH")  # RFC 3206 §4; same line for unknown user and bad password
+# Constant replies, built once (a pipelined burst should not pay for formatting the same line again).
+AUTH_FAILED = Reply(err("authentication failed", "AUTH"))  # RFC 3206 §4; same for unknown user and bad password
 #: Dovecot's wording; RFC 3206 §4 [AUTH]: the client should not retry the same way
-PLAINTEXT_REFUSED = err("plaintext authentication disallowed on non-secure connections (use STLS or port 995)",
-                        "AUTH")
+PLAINTEXT_REFUSED = Reply(err("plaintext authentication disallowed on non-secure connections (use STLS or port 995)",
+                              "AUTH"))
+OK = Reply(ok())
+SEND_PASS = Reply(ok("send PASS"))
+USER_FIRST = Reply(err("USER first"))
+BEGIN_TLS = StartTLS(ok("Begin TLS negotiation"))
+ALREADY_TLS = Reply(err("already using TLS"))
+NO_TLS = Reply(err("TLS is not configured"))
+RPOP_REFUSED = Reply(err("RPOP is not offered: trust by source port is unsafe; use PASS, APOP or AUTH"))
+SIGNING_OFF = Reply(ok("pop3d signing off"), close=True, reason="QUIT")
+SASL_CANCELLED = Reply(err("authentication cancelled", "AUTH"))
+SASL_NOT_BASE64 = Reply(err("SASL response is not valid base64", "AUTH"))
+SASL_TOO_LONG = Reply(err(f"SASL response too long (limit {MAX_SASL_LINE} octets)", "AUTH"))
 
 
 class Counters:
     """Dovecot-like logout counters (top=n/bytes, retr=n/bytes, del=n/total)."""
 
-    __slots__ = ("top", "top_bytes", "retr", "retr_bytes", "dele")
+    __slots__ = ("dele", "retr", "retr_bytes", "top", "top_bytes")
 
     def __init__(self) -> None:
         self.top = self.top_bytes = self.retr = self.retr_bytes = self.dele = 0
@@ -61,9 +61,22 @@ class Pop3Handler:
     """Per-connection POP3 semantics. The session (pop3d.pop3.session) feeds it commands in order."""
 
     __slots__ = (
-        "ctx", "peer", "state", "timestamp", "user_name", "user", "drop", "messages",
-        "deleted", "retrieved", "last", "counters", "closing", "end_reason",
-        "secure", "tls", "external_identity", "sasl", "starttls",
+        "counters",
+        "ctx",
+        "deleted",
+        "drop",
+        "end_reason",
+        "external_identity",
+        "last",
+        "messages",
+        "peer",
+        "retrieved",
+        "secure",
+        "state",
+        "timestamp",
+        "tls",
+        "user",
+        "user_name",
     )
 
     def __init__(self, ctx: ServerContext, peer: str) -> None:
@@ -79,19 +92,17 @@ class Pop3Handler:
         self.retrieved: set[int] = set()
         self.last = 0  # RFC 1460 LAST: highest message number touched by RETR/TOP
         self.counters = Counters()
-        self.closing = False  # the session closes the connection after sending this reply
+        #: the logout line's reason (ServerContext.log_session_end); written by the session as it ends, never
+        #: read back by it: what ends a session is said by a `Reply(close=True)` or is the session's own doing
         self.end_reason = "disconnected"
         self.secure = ctx.is_secure_network(peer)  # cleartext passwords allowed (TLS sets it too)
         self.tls = False
         self.external_identity: str | None = None  # login name from a verified TLS client certificate
-        self.sasl: sasl.Mechanism | None = None  # set while a SASL exchange waits for the client's next line
-        self.starttls = False  # set by STLS: the session starts the handshake after sending the +OK
 
     def tls_established(self, identity: str | None) -> None:
         """The connection is now encrypted (STLS done or an implicit-TLS listener)."""
         self.tls = self.secure = True
         self.external_identity = identity
-        self.starttls = False
 
     @property
     def plaintext_ok(self) -> bool:
@@ -118,14 +129,18 @@ class Pop3Handler:
         """RFC 1939 §4 greeting with the APOP timestamp (§7)."""
         return ok(f"pop3d ready {self.timestamp}")
 
-    def dispatch(self, cmd: Command) -> Reply:
+    def dispatch(self, cmd: Command) -> Result:
         return DISPATCH[cmd.verb](self, cmd)
 
     async def abort(self) -> None:
-        """The connection ended without QUIT (drop, timeout, shutdown): release, delete nothing (RFC 1939 §6)."""
-        if self.drop is not None:
-            drop, self.drop = self.drop, None
-            await drop.close()
+        """The session is over: release the maildrop. Without a QUIT it never entered UPDATE, so this
+        deletes nothing (RFC 1939 §6); after QUIT the commit already ran and released it."""
+        try:
+            if self.drop is not None:
+                drop, self.drop = self.drop, None
+                await drop.close()
+        finally:
+            self.state = next_state(self.state, SessionEvent.DISCONNECT)
 
     def summary(self) -> str:
         """The logout line's counters."""
@@ -138,29 +153,29 @@ class Pop3Handler:
 
     # -- AUTHORIZATION ---------------------------------------------------------------------------
 
-    def do_USER(self, cmd: Command) -> Reply:
+    def do_USER(self, cmd: Command) -> Result:
         if not self.plaintext_ok:
             return PLAINTEXT_REFUSED
         # RFC 1939 §7: we never say whether the mailbox exists (no user enumeration)
         self.user_name = cmd.args[0]
-        return ok("send PASS")
+        return SEND_PASS
 
-    def do_PASS(self, cmd: Command) -> Reply:
+    def do_PASS(self, cmd: Command) -> Result:
         if not self.plaintext_ok:
             return PLAINTEXT_REFUSED
         if self.user_name is None:
-            return err("USER first")
+            return USER_FIRST
         name, self.user_name = self.user_name, None  # RFC 1939 §7: a failed PASS needs a new USER
-        return self._pass(name, cmd.args[0])
+        return Pending(self._pass(name, cmd.args[0]))
 
-    async def _pass(self, name: str, password: str) -> Result:
+    async def _pass(self, name: str, password: str) -> Resolved:
         user = await self.ctx.auth.verify(name, password)
         return await self._login(user, name)
 
-    def do_APOP(self, cmd: Command) -> Reply:
-        return self._apop(cmd.args[0], cmd.args[1].lower())
+    def do_APOP(self, cmd: Command) -> Result:
+        return Pending(self._apop(cmd.args[0], cmd.args[1].lower()))
 
-    async def _apop(self, name: str, digest: str) -> Result:
+    async def _apop(self, name: str, digest: str) -> Resolved:
         creds = await self.ctx.auth.lookup(name)
         secret = creds.plaintext() if creds else None
         user = None
@@ -171,7 +186,7 @@ class Pop3Handler:
                 user = creds.user
         return await self._login(user, name)
 
-    async def _login(self, user: User | None, name: str) -> Result:
+    async def _login(self, user: User | None, name: str) -> Reply:
         """Common tail of every successful or failed authentication: delay, LOGIN-DELAY, lock, snapshot."""
         ctx = self.ctx
         if user is None:
@@ -182,7 +197,7 @@ class Pop3Handler:
         if ctx.login_delays.too_soon(user.name, delay, now):
             # RFC 2449 §8.1.2
             ctx.metrics.login("login_delay")
-            return err(f"wait {delay} seconds between logins", "LOGIN-DELAY")
+            return Reply(err(f"wait {delay} seconds between logins", "LOGIN-DELAY"))
         drop = ctx.storage.maildrop(user)
         try:
             await drop.open()
@@ -191,27 +206,28 @@ class Pop3Handler:
             log.info("maildrop in use user=%s rip=%s", user.name, self.peer)
             ctx.metrics.login("in_use")
             ctx.metrics.lock_conflict()
-            return err("maildrop already locked by another session", "IN-USE")  # RFC 2449 §8.1.1
+            return Reply(err("maildrop already locked by another session", "IN-USE"))  # RFC 2449 §8.1.1
         except StorageError as exc:
             await drop.close()
             log.warning("maildrop unavailable user=%s rip=%s: %s", user.name, self.peer, exc)
             ctx.metrics.login("unavailable")
             ctx.metrics.storage_error("open")
-            return err("maildrop cannot be opened", exc.code)  # RFC 3206 §4 SYS/TEMP or SYS/PERM
+            return Reply(err("maildrop cannot be opened", exc.code))  # RFC 3206 §4 SYS/TEMP or SYS/PERM
         except OSError as exc:
             await drop.close()
             log.warning("maildrop unavailable user=%s rip=%s: %s", user.name, self.peer, exc)
             ctx.metrics.login("unavailable")
             ctx.metrics.storage_error("open")
-            return err("maildrop cannot be opened", "SYS/TEMP")
+            return Reply(err("maildrop cannot be opened", "SYS/TEMP"))
         ctx.login_delays.record(user.name, delay, now)
         ctx.metrics.login("ok")
-        self.user, self.drop, self.messages, self.state = user, drop, drop.messages, State.TRANSACTION
+        self.state = next_state(self.state, SessionEvent.LOGIN_OK)
+        self.user, self.drop, self.messages = user, drop, drop.messages
         log.info("login user=%s rip=%s messages=%d", user.name, self.peer, len(drop.messages))
         count, size = self._totals()
-        return ok(f"{user.name} has {count} message{'s' if count != 1 else ''} ({size} octets)")
+        return Reply(ok(f"{user.name} has {count} message{'s' if count != 1 else ''} ({size} octets)"))
 
-    async def _failed(self, name: str | None, why: str = "") -> Result:
+    async def _failed(self, name: str | None, why: str = "") -> Reply:
         """A failed authentication: the per-address penalty (pop3d.auth.penalty) delays only this session."""
         wait = self.ctx.penalty.fail(self.peer, time.monotonic())
         self.ctx.metrics.login("failed")
@@ -222,31 +238,30 @@ class Pop3Handler:
 
     # -- STLS (RFC 2595) and AUTH (RFC 5034) ------------------------------------------------------
 
-    def do_STLS(self, cmd: Command) -> Reply:
+    def do_STLS(self, cmd: Command) -> Result:
         if self.tls:
-            return err("already using TLS")  # RFC 2595 §4: STLS once, never after a TLS layer is up
+            return ALREADY_TLS  # RFC 2595 §4: STLS once, never after a TLS layer is up
         if self.ctx.tls is None:
-            return err("TLS is not configured")
+            return NO_TLS
         self.user_name = None  # RFC 2595 §4: nothing from before the handshake carries over
-        self.starttls = True
-        return ok("Begin TLS negotiation")
+        return BEGIN_TLS
 
-    def do_AUTH(self, cmd: Command) -> Reply:
+    def do_AUTH(self, cmd: Command) -> Result:
         usable = self.mechanisms()
         if not cmd.args:
-            return multiline(ok("SASL mechanisms follow"), usable)  # pre-RFC 5034 clients (Outlook) ask this way
+            return Reply(multiline(ok("SASL mechanisms follow"), usable))  # pre-RFC 5034 clients (Outlook) ask so
         name = cmd.args[0].upper()
         if name not in usable:
             if name in sasl.PLAINTEXT and name in self.ctx.settings.auth.mechanisms:
                 return PLAINTEXT_REFUSED
             if name == "EXTERNAL" and name in self.ctx.settings.auth.mechanisms:
-                return err("EXTERNAL needs a verified TLS client certificate", "AUTH")
-            return err(f"unsupported authentication mechanism {name}", "AUTH")
+                return Reply(err("EXTERNAL needs a verified TLS client certificate", "AUTH"))
+            return Reply(err(f"unsupported authentication mechanism {name}", "AUTH"))
         initial: bytes | None = None
         if len(cmd.args) == 2:  # RFC 5034 §4: "=" is an empty initial response
             initial = b"" if cmd.args[1] == "=" else self._b64(cmd.args[1].encode("ascii"))
             if initial is None:
-                return err("initial response is not valid base64", "AUTH")
+                return Reply(err("initial response is not valid base64", "AUTH"))
         mech = sasl.create(name, hostname=self.ctx.hostname, external_identity=self.external_identity)
         return self._sasl_advance(mech, mech.start(initial))
 
@@ -257,27 +272,28 @@ class Pop3Handler:
         except (binascii.Error, ValueError):
             return None
 
-    def sasl_line(self, line: bytes | None) -> Reply:
-        """The client's answer to a `+ ` challenge (the session routes it here instead of the parser)."""
-        mech, self.sasl = self.sasl, None
-        assert mech is not None
+    def sasl_line(self, mech: sasl.Mechanism, line: bytes | None) -> Result:
+        """The client's answer to the `Challenge` of `mech` (the session routes it here, not to the parser)."""
         if line is None:
-            return err(f"SASL response too long (limit {MAX_SASL_LINE} octets)", "AUTH")
+            return SASL_TOO_LONG
         line = line.strip()
         if line == b"*":  # RFC 5034 §4: the client cancels; -ERR, and the session goes on
-            return err("authentication cancelled", "AUTH")
+            return SASL_CANCELLED
         data = self._b64(line)
         if data is None:
-            return err("SASL response is not valid base64", "AUTH")  # RFC 5034 §4: reject, exchange over
+            return SASL_NOT_BASE64  # RFC 5034 §4: reject, the exchange is over
         return self._sasl_advance(mech, mech.step(data))
 
-    def _sasl_advance(self, mech: sasl.Mechanism, step: sasl.Step) -> Reply:
+    def _sasl_advance(self, mech: sasl.Mechanism, step: sasl.Step) -> Result:
         if isinstance(step, sasl.Challenge):
-            self.sasl = mech
-            return b"+ " + base64.b64encode(step.data) + CRLF  # RFC 5034 §4 continuation
-        return self._sasl_async(mech, step)
+            return self._challenge(mech, step.data)
+        return Pending(self._sasl_async(mech, step))
 
-    async def _sasl_async(self, mech: sasl.Mechanism, step: sasl.Step) -> Result:
+    @staticmethod
+    def _challenge(mech: sasl.Mechanism, data: bytes) -> Challenge:
+        return Challenge(b"+ " + base64.b64encode(data) + CRLF, mech)  # RFC 5034 §4 continuation
+
+    async def _sasl_async(self, mech: sasl.Mechanism, step: sasl.Step) -> Resolved:
         while True:
             if isinstance(step, sasl.Lookup):
                 creds = await self.ctx.auth.lookup(step.authcid)
@@ -290,13 +306,12 @@ class Pop3Handler:
             elif isinstance(step, sasl.Failure):
                 return await self._failed(step.authcid, f"{mech.name}: {step.reason}")
             else:
-                self.sasl = mech
-                return b"+ " + base64.b64encode(step.data) + CRLF
+                return self._challenge(mech, step.data)
 
-    def do_RPOP(self, cmd: Command) -> Reply:
-        return err("RPOP is not offered: trust by source port is unsafe; use PASS, APOP or AUTH")
+    def do_RPOP(self, cmd: Command) -> Result:
+        return RPOP_REFUSED
 
-    def do_CAPA(self, cmd: Command) -> Reply:
+    def do_CAPA(self, cmd: Command) -> Result:
         """RFC 2449 §5-6: the capability list, the same in both states ("capabilities available in the
         AUTHORIZATION state MUST be announced in both states", §5; USER and SASL: "both / no", §6.3, §6.4;
         STLS likewise, RFC 2595 §4). What it contains depends on the connection: USER and PLAIN/LOGIN only
@@ -313,17 +328,22 @@ class Pop3Handler:
             caps.append("STLS")
         if s.show_implementation:
             caps.append(f"IMPLEMENTATION {self.ctx.implementation}")
-        return multiline(ok("Capability list follows"), caps)
+        return Reply(multiline(ok("Capability list follows"), caps))
 
-    def do_QUIT(self, cmd: Command) -> Reply:
-        self.closing = True
-        self.end_reason = "QUIT"
-        if self.state is State.AUTHORIZATION:
-            return ok("pop3d signing off")
-        self.state = State.UPDATE  # RFC 1939 §6
-        return self._update()
+    def do_QUIT(self, cmd: Command) -> Result:
+        before = self.state
+        self.state = next_state(before, SessionEvent.QUIT)  # TRANSACTION: UPDATE (RFC 1939 §6)
+        if before is State.AUTHORIZATION:
+            return SIGNING_OFF
+        return Pending(self._update())
 
-    async def _update(self) -> Result:
+    async def _update(self) -> Reply:
+        try:
+            return await self._commit()
+        finally:
+            self.state = next_state(self.state, SessionEvent.COMMITTED)
+
+    async def _commit(self) -> Reply:
         drop = self.drop
         assert drop is not None
         deleted = set(self.deleted)
@@ -334,14 +354,15 @@ class Pop3Handler:
         except StorageError as exc:
             log.warning("commit failed user=%s: %s", self.user.name if self.user else "?", exc)
             self.ctx.metrics.storage_error("commit")
-            self.end_reason = "QUIT, commit failed"
-            return err("some deleted messages were not removed", exc.code)
+            return Reply(err("some deleted messages were not removed", exc.code), close=True,
+                         reason="QUIT, commit failed")
         finally:
             self.drop = None
             await drop.close()
         self.counters.dele = len(deleted)
         left = len(self.messages) - len(deleted)
-        return ok(f"pop3d signing off ({left} message{'s' if left != 1 else ''} left)")
+        return Reply(ok(f"pop3d signing off ({left} message{'s' if left != 1 else ''} left)"), close=True,
+                     reason="QUIT")
 
     # -- TRANSACTION -----------------------------------------------------------------------------
 
@@ -351,66 +372,66 @@ class Pop3Handler:
         size = sum(m.size for i, m in enumerate(msgs) if i not in deleted) if deleted else sum(m.size for m in msgs)
         return len(msgs) - len(deleted), size
 
-    def _index(self, arg: str) -> int | bytes:
+    def _index(self, arg: str) -> int | Reply:
         """Message number → 0-based index, or the -ERR reply (RFC 1939 §5: deleted messages are invisible)."""
         n = int(arg)
         if n > len(self.messages):
-            return err(f"no such message, only {len(self.messages)} in maildrop")
+            return Reply(err(f"no such message, only {len(self.messages)} in maildrop"))
         if n - 1 in self.deleted:
-            return err(f"message {n} already deleted")
+            return Reply(err(f"message {n} already deleted"))
         return n - 1
 
-    def do_STAT(self, cmd: Command) -> Reply:
+    def do_STAT(self, cmd: Command) -> Result:
         count, size = self._totals()
-        return ok(f"{count} {size}")
+        return Reply(ok(f"{count} {size}"))
 
-    def do_LIST(self, cmd: Command) -> Reply:
+    def do_LIST(self, cmd: Command) -> Result:
         if cmd.args:
             i = self._index(cmd.args[0])
-            return i if isinstance(i, bytes) else ok(f"{i + 1} {self.messages[i].size}")
+            return i if isinstance(i, Reply) else Reply(ok(f"{i + 1} {self.messages[i].size}"))
         count, size = self._totals()
         lines = [f"{i + 1} {m.size}" for i, m in enumerate(self.messages) if i not in self.deleted]
-        return multiline(ok(f"{count} messages ({size} octets)"), lines)
+        return Reply(multiline(ok(f"{count} messages ({size} octets)"), lines))
 
-    def do_UIDL(self, cmd: Command) -> Reply:
+    def do_UIDL(self, cmd: Command) -> Result:
         if cmd.args:
             i = self._index(cmd.args[0])
-            return i if isinstance(i, bytes) else ok(f"{i + 1} {self.messages[i].uid}")
+            return i if isinstance(i, Reply) else Reply(ok(f"{i + 1} {self.messages[i].uid}"))
         lines = [f"{i + 1} {m.uid}" for i, m in enumerate(self.messages) if i not in self.deleted]
-        return multiline(ok("unique-id listing follows"), lines)
+        return Reply(multiline(ok("unique-id listing follows"), lines))
 
-    def do_DELE(self, cmd: Command) -> Reply:
+    def do_DELE(self, cmd: Command) -> Result:
         i = self._index(cmd.args[0])
-        if isinstance(i, bytes):
+        if isinstance(i, Reply):
             return i
         self.deleted.add(i)
-        return ok(f"message {i + 1} deleted")
+        return Reply(ok(f"message {i + 1} deleted"))
 
-    def do_NOOP(self, cmd: Command) -> Reply:
-        return ok()
+    def do_NOOP(self, cmd: Command) -> Result:
+        return OK
 
-    def do_RSET(self, cmd: Command) -> Reply:
+    def do_RSET(self, cmd: Command) -> Result:
         self.deleted.clear()
         self.last = 0  # RFC 1460: RSET also resets the highest message accessed
         count, size = self._totals()
-        return ok(f"maildrop has {count} message{'s' if count != 1 else ''} ({size} octets)")
+        return Reply(ok(f"maildrop has {count} message{'s' if count != 1 else ''} ({size} octets)"))
 
-    def do_LAST(self, cmd: Command) -> Reply:
-        return ok(str(self.last))
+    def do_LAST(self, cmd: Command) -> Result:
+        return Reply(ok(str(self.last)))
 
-    def do_RETR(self, cmd: Command) -> Reply:
+    def do_RETR(self, cmd: Command) -> Result:
         i = self._index(cmd.args[0])
-        if isinstance(i, bytes):
+        if isinstance(i, Reply):
             return i
         return self._send(i, None)
 
-    def do_TOP(self, cmd: Command) -> Reply:
+    def do_TOP(self, cmd: Command) -> Result:
         i = self._index(cmd.args[0])
-        if isinstance(i, bytes):
+        if isinstance(i, Reply):
             return i
         return self._send(i, int(cmd.args[1]))
 
-    def _send(self, i: int, lines: int | None) -> Reply:
+    def _send(self, i: int, lines: int | None) -> Reply | Stream:
         """RETR (lines None) or TOP: small messages in one read and one reply, big ones streamed."""
         drop = self.drop
         assert drop is not None
@@ -423,10 +444,10 @@ class Pop3Handler:
         except (StorageError, OSError) as exc:
             log.warning("read failed user=%s msg=%d: %s", self.user.name if self.user else "?", i + 1, exc)
             self.ctx.metrics.storage_error("read")
-            return err(f"message {i + 1} cannot be read now", "SYS/TEMP")
+            return Reply(err(f"message {i + 1} cannot be read now", "SYS/TEMP"))
         body = wire.encode(raw) if lines is None else wire.top(raw, lines)
         self.note_sent(i, lines, len(body))
-        return header + body
+        return Reply(header + body)
 
     def note_sent(self, i: int, lines: int | None, octets: int) -> None:
         """Bookkeeping once a body went out: LAST, the Seen set, the logout counters."""
@@ -441,6 +462,6 @@ class Pop3Handler:
             c.top_bytes += octets
 
 
-DISPATCH: dict[str, Callable[[Pop3Handler, Command], Reply]] = {
+DISPATCH: dict[str, Callable[[Pop3Handler, Command], Result]] = {
     name[3:]: getattr(Pop3Handler, name) for name in dir(Pop3Handler) if name.startswith("do_")
 }

@@ -3,16 +3,19 @@
 Rules of this file:
 - No asyncio, no sockets, no files. Feed bytes in, get events out; format replies as bytes.
 - Every protocol rule that does not need a maildrop or a password lives here, as data where possible
-  (the VERBS table), with the RFC section next to it.
+  (the VERBS table), with the RFC section next to it. The session states and their transitions are data
+  too, in pop3d.pop3.state.
 - The receive buffer never rescans bytes it has already looked at, and never grows past the line limit.
 """
 
 from __future__ import annotations
 
-import enum
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Final
+
+from pop3d.pop3.state import State as State  # re-exported: the parser is handed the state
 
 CRLF = b"\r\n"
 
@@ -24,16 +27,6 @@ MAX_COMMAND_LINE = 255
 #: mechanisms produce (the same rule as RFC 4954 §4 for SMTP, which suggests 12288). Ours are small, so
 #: 8 KiB bounds memory per connection while leaving room for long names and passwords.
 MAX_SASL_LINE = 8192
-#: RFC 1939 §3: keywords are 3 or 4 characters; arguments up to 40 characters (we are lenient on PASS).
-MAX_ARG_LEN = 40
-
-
-class State(enum.Enum):
-    """RFC 1939 §3 session states."""
-
-    AUTHORIZATION = "AUTHORIZATION"
-    TRANSACTION = "TRANSACTION"
-    UPDATE = "UPDATE"
 
 
 AUTH = frozenset({State.AUTHORIZATION})
@@ -45,12 +38,27 @@ BOTH = frozenset({State.AUTHORIZATION, State.TRANSACTION})
 # Events produced by the core
 
 
-@dataclass(frozen=True, slots=True)
 class Command:
-    """A well-formed command, legal in the current state. Arguments are already validated."""
+    """A well-formed command, legal in the current state. Arguments are already validated.
 
-    verb: str
-    args: tuple[str, ...]
+    A plain slotted class (immutable for mypy through Final): one is built per pipelined command, and a
+    frozen dataclass costs twice as much to construct.
+    """
+
+    __slots__ = ("args", "verb")
+
+    def __init__(self, verb: str, args: tuple[str, ...]) -> None:
+        self.verb: Final = verb
+        self.args: Final = args
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Command) and other.verb == self.verb and other.args == self.args
+
+    def __hash__(self) -> int:
+        return hash((self.verb, self.args))
+
+    def __repr__(self) -> str:
+        return f"Command({self.verb!r}, {self.args!r})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +68,7 @@ class Rejected:
     reply: bytes
 
 
-Event = Union[Command, Rejected]
+Event = Command | Rejected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,14 +83,14 @@ def ok(text: str = "") -> bytes:
 def err(text: str, code: str | None = None) -> bytes:
     """A single-line negative reply, with an RFC 2449 §8 / RFC 3206 response code when given."""
     if code:
-        return f"-ERR [{code}] {text}".encode("utf-8") + CRLF
+        return f"-ERR [{code}] {text}".encode() + CRLF
     return b"-ERR " + text.encode("utf-8") + CRLF
 
 
 def multiline(first: bytes, lines: list[str]) -> bytes:
     """A multi-line reply whose lines are protocol text (LIST, UIDL, CAPA): stuffed and terminated.
 
-    Message bodies do not come through here; they go through pop3d.pop3.wire, which handles arbitrary bytes.
+    Message bodies do not come through here; they go through pop3d.wire, which handles arbitrary bytes.
     """
     body = "".join(("." + line if line.startswith(".") else line) + "\r\n" for line in lines)
     return first + body.encode("utf-8") + b".\r\n"
@@ -91,10 +99,9 @@ def multiline(first: bytes, lines: list[str]) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Argument grammar. Each validator takes the argument list and returns an error text or None.
 
-_MSGNUM = re.compile(r"[0-9]{1,10}\Z")  # RFC 1939 §3: a decimal number; no sign, no spaces, ASCII only
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}\Z")  # RFC 1939 §7: APOP digest is 32 hex digits (lower case; we accept both)
 
-ArgCheck = Callable[[tuple[str, ...]], Union[str, None]]
+ArgCheck = Callable[[tuple[str, ...]], str | None]
 
 
 def _count(lo: int, hi: int) -> ArgCheck:
@@ -115,25 +122,17 @@ def _msgnums(lo: int, hi: int, n_msg: int) -> ArgCheck:
     count = _count(lo, hi)
 
     def check(args: tuple[str, ...]) -> str | None:
-        problem = count(args)
-        if problem:
-            return problem
+        if not lo <= len(args) <= hi:
+            return count(args)
         for i, a in enumerate(args):
-            if not _MSGNUM.match(a):
+            # RFC 1939 §3: a decimal number; no sign, no spaces, ASCII digits only (at most 10 of them)
+            if not (a.isascii() and a.isdigit() and len(a) <= 10):
                 return "invalid message number" if i < n_msg else "invalid line count"
             if i < n_msg and int(a) == 0:
                 return "invalid message number"
         return None
 
     return check
-
-
-def _user(args: tuple[str, ...]) -> str | None:
-    if len(args) != 1 or not args[0]:
-        return "exactly 1 argument required"
-    if len(args[0]) > 255:
-        return "user name too long"
-    return None
 
 
 def _apop(args: tuple[str, ...]) -> str | None:
@@ -159,8 +158,13 @@ def _auth(args: tuple[str, ...]) -> str | None:
     return None
 
 
+# RFC 1939 §3 says "arguments may be up to 40 characters long", but the limit is not enforced on USER and
+# PASS (nor on the other verbs, whose arguments the grammar already bounds): e-mail addresses used as login
+# names and generated passwords are often longer, real clients send them, and widely used servers accept
+# them. The RFC 2449 §4 line limit (255 octets, MAX_COMMAND_LINE) is what bounds an argument here.
 def _rest(args: tuple[str, ...]) -> str | None:
-    return None if args and args[0] else "argument required"
+    """USER and PASS: the rest of the line is one argument, spaces included, and must not be empty."""
+    return None if args and args[0] else "exactly 1 argument required"
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,7 +180,7 @@ class Verb:
 
 #: The POP3 command table (RFC 1939 §4-7, RFC 2449 §5, RFC 1460 LAST/RPOP, RFC 5034 AUTH, RFC 2595 STLS).
 VERBS: dict[str, Verb] = {
-    "USER": Verb(AUTH, _user, rest=True),  # RFC 1939 §7; names may hold spaces in some directories
+    "USER": Verb(AUTH, _rest, rest=True),  # RFC 1939 §7; names may hold spaces in some directories
     "PASS": Verb(AUTH, _rest, rest=True),  # RFC 1939 §7: the password may contain spaces
     "APOP": Verb(AUTH, _apop),  # RFC 1939 §7
     "RPOP": Verb(AUTH, _count(1, 1)),  # RFC 1460: refused, trust-by-port is unsafe
@@ -259,8 +263,8 @@ class LineBuffer:
 class CommandParser:
     """Turns complete lines into events according to the session state.
 
-    The state itself is owned by the session (it changes after a handler succeeds); the parser is handed
-    it for each line so it can refuse verbs that are illegal here (RFC 1939 §3).
+    The state itself is owned by the handler (it moves through pop3d.pop3.state's table); the parser is
+    handed it for each line so it can refuse verbs that are illegal here (RFC 1939 §3).
     """
 
     __slots__ = ("verbs",)

@@ -1,22 +1,27 @@
 """The asyncio.Protocol adapter: bytes in, bytes out, timers, flow control.
 
-Why a Protocol and not streams: no Task per idle connection, no drain per line (docs/DESIGN.md performance rules 1, 5).
+Why a Protocol and not streams: no Task per idle connection and no drain() per line (docs/DESIGN.md
+performance rules 1 and 5).
+
+The handler (pop3d.pop3.handlers) answers each command with one result object (pop3d.pop3.results); the
+session acts on that object alone and never polls the handler for flags afterwards. Why the session ends
+when it ends on its own (autologout, too many bad commands, TLS failure, shutdown) is session state.
 Pipelining (RFC 2449 §6.6): every complete line in a segment is queued; lines are parsed one at a time *when
 their turn comes* (an earlier PASS may change the state), synchronous replies are batched into one write,
 and while an async handler runs, reading pauses and the rest of the queue waits, so replies stay in order.
 Big bodies stream in slices and wait on pause_writing/resume_writing, so a reader that does not read holds
 at most about `server.write_buffer` plus one slice in memory.
 
-SASL (RFC 5034): while the handler has an exchange open (`handler.sasl`), the next queued line is the
-client's response and goes to `handler.sasl_line`, not to the command parser; routing happens when the line's
-turn comes, so pipelined order holds. The line buffer admits MAX_SASL_LINE octets for that; the parser still
+SASL (RFC 5034): after a `Challenge`, the next queued line is the client's response and goes to
+`handler.sasl_line` with the challenge's mechanism, not to the command parser; routing happens when the
+line's turn comes, so pipelined order holds. The line buffer admits MAX_SASL_LINE octets for that; the parser still
 refuses commands over 255 octets.
 
 STLS (RFC 2595): the handshake runs on the same transport with loop.start_tls (asyncio and uvloop), with the
-SSLContext current at that moment (SIGHUP swaps it, see pop3d.net.tls). Implicit-TLS listeners hand us a transport
-that is already encrypted. Whatever
-the client sent after STLS and before the handshake is discarded unread, never executed (the STARTTLS
-command-injection class of bugs, CVE-2011-0411 and kin); the line buffer starts empty under TLS.
+SSLContext current at that moment (SIGHUP swaps it, see pop3d.net.tls). Implicit-TLS listeners hand us a
+transport that is already encrypted. Whatever the client sent after STLS and before the handshake is
+discarded unread, never executed (the STARTTLS command-injection class of bugs, CVE-2011-0411 and kin); the
+line buffer starts empty under TLS.
 """
 
 from __future__ import annotations
@@ -26,26 +31,55 @@ import collections
 import logging
 import ssl
 from time import perf_counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pop3d.pop3.context import ServerContext
-from pop3d.pop3.handlers import Pop3Handler, Result, Stream
-from pop3d.pop3.protocol import MAX_SASL_LINE, CommandParser, LineBuffer, Rejected, State, err
-from pop3d.storage.base import StorageError
 from pop3d.net.tls import peer_identity
+from pop3d.pop3.context import ServerContext
+from pop3d.pop3.handlers import Pop3Handler
+from pop3d.pop3.protocol import MAX_SASL_LINE, CommandParser, LineBuffer, Rejected, err
+from pop3d.pop3.results import Challenge, Pending, Reply, Resolved, StartTLS, Stream
+from pop3d.pop3.state import State
+from pop3d.storage.base import StorageError
+
+if TYPE_CHECKING:
+    from pop3d.auth.sasl import Mechanism
 
 log = logging.getLogger("pop3d.pop3.session")
 
 _PARSER = CommandParser()
+INTERNAL_ERROR = err("internal server error", "SYS/TEMP")
+TOO_MANY_BAD = err("too many bad commands, closing connection")
 
 
 class Pop3Session(asyncio.Protocol):
     """One POP3 connection."""
 
     __slots__ = (
-        "ctx", "transport", "handler", "parser", "_lines", "_queue", "_busy", "_task", "_out",
-        "_write_paused", "_resume", "_timer", "_last_active", "_bad", "_closed", "_eof", "_loop",
-        "_handshaking", "_peer", "_sent", "_verb", "_t0",
+        "_bad",
+        "_busy",
+        "_closed",
+        "_closing",
+        "_end_reason",
+        "_eof",
+        "_handshaking",
+        "_last_active",
+        "_lines",
+        "_loop",
+        "_peer",
+        "_queue",
+        "_resume",
+        "_sasl",
+        "_sent",
+        "_t0",
+        "_task",
+        "_timer",
+        "_tls",
+        "_verb",
+        "_write_paused",
+        "ctx",
+        "handler",
+        "parser",
+        "transport",
     )
 
     def __init__(self, ctx: ServerContext, parser: CommandParser = _PARSER, peer: str | None = None) -> None:
@@ -72,11 +106,15 @@ class Pop3Session(asyncio.Protocol):
         self._bad = 0
         self._closed = False
         self._eof = False
+        self._closing = False  # the last reply is queued: close once it is written
+        self._end_reason: str | None = None  # why the session ends, for the logout line (None: disconnected)
+        self._sasl: Mechanism | None = None  # a SASL exchange waits for the client's next line
+        self._tls = False
         self._loop = asyncio.get_running_loop()
 
     # -- transport callbacks ---------------------------------------------------------------------
 
-    def connection_made(self, transport: Any) -> None:  # type: ignore[override]
+    def connection_made(self, transport: Any) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         rip = self._peer or (peer[0] if isinstance(peer, tuple) else str(peer))
@@ -87,6 +125,7 @@ class Pop3Session(asyncio.Protocol):
         self._arm_timer()
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:  # an implicit-TLS listener: the handshake is already done (RFC 8314 §3.3)
+            self._tls = True
             self.handler.tls_established(peer_identity(ssl_object, self.ctx.settings.tls.client_identity))
         greeting = self.handler.greeting()
         self._sent += len(greeting)
@@ -113,7 +152,7 @@ class Pop3Session(asyncio.Protocol):
         if not self._busy:
             self._run()
         # TLS transports cannot stay half-open (asyncio/uvloop would only log a warning): they close anyway
-        return self.handler is None or not self.handler.tls
+        return not self._tls
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -151,79 +190,94 @@ class Pop3Session(asyncio.Protocol):
         max_bad = self.ctx.settings.session.max_bad_commands
         metrics = self.ctx.metrics if self.ctx.metrics.enabled else None
         queue = self._queue
-        while queue and not handler.closing and not self._closed:
+        while queue and not self._closing and not self._closed:
             line = queue.popleft()
-            if handler.sasl is not None:  # RFC 5034 §4: a response inside an exchange, not a command
+            mech = self._sasl
+            if mech is not None:  # RFC 5034 §4: a response inside an exchange, not a command
+                self._sasl = None
                 try:
-                    reply = handler.sasl_line(line)
+                    result = handler.sasl_line(mech, line)
                 except Exception:
                     log.exception("internal error in SASL exchange rip=%s", handler.peer)
-                    reply = err("internal server error", "SYS/TEMP")
-                if isinstance(reply, bytes):
-                    out.append(reply)
+                    result = Reply(INTERNAL_ERROR)
+            else:
+                event = self.parser.parse(line, handler.state)
+                if isinstance(event, Rejected):
+                    out.append(event.reply)
+                    self._bad += 1
+                    if self._bad >= max_bad:
+                        out.append(TOO_MANY_BAD)
+                        self._closing = True
+                        self._end_reason = "too many bad commands"
                     continue
-                self._suspend(out, reply)
+                self._bad = 0
+                t0 = perf_counter() if metrics is not None else 0.0
+                try:
+                    result = handler.dispatch(event)
+                except Exception:
+                    log.exception("internal error in session user=%s", self._user())
+                    result = Reply(INTERNAL_ERROR)
+                if metrics is not None:
+                    if isinstance(result, (Pending, Stream)):
+                        self._verb, self._t0 = event.verb, t0  # timed when the reply is complete
+                    else:
+                        metrics.command(event.verb, perf_counter() - t0)
+            if type(result) is Reply:  # the fast path: most pipelined commands end here
+                out.append(result.data)
+                if result.close:
+                    self._ending(result)
+            elif type(result) is Challenge:
+                out.append(result.data)
+                self._sasl = result.mechanism
+            elif type(result) is StartTLS:  # send the +OK, drop everything pipelined after it, handshake
+                out.append(result.data)
+                self._write(b"".join(out))
+                self._start_tls()
                 return
-            event = self.parser.parse(line, handler.state)
-            if isinstance(event, Rejected):
-                out.append(event.reply)
-                self._bad += 1
-                if self._bad >= max_bad:
-                    out.append(err("too many bad commands, closing connection"))
-                    handler.closing = True
-                    handler.end_reason = "too many bad commands"
-                continue
-            self._bad = 0
-            t0 = perf_counter() if metrics is not None else 0.0
-            try:
-                reply = handler.dispatch(event)
-            except Exception:
-                log.exception("internal error in session user=%s", self._user())
-                reply = err("internal server error", "SYS/TEMP")
-            if metrics is not None:
-                if isinstance(reply, bytes):
-                    metrics.command(event.verb, perf_counter() - t0)
-                else:
-                    self._verb, self._t0 = event.verb, t0
-            if isinstance(reply, bytes):
-                out.append(reply)
-                if handler.starttls:  # STLS +OK: send it, drop everything pipelined after it, handshake
-                    self._write(b"".join(out))
-                    self._start_tls()
-                    return
-                continue
-            self._suspend(out, reply)
-            return
+            else:
+                assert isinstance(result, (Pending, Stream))
+                self._suspend(out, result)
+                return
         if not queue:
             self._queue = None
         if out:
             self._write(b"".join(out) if len(out) > 1 else out[0])
-        if handler.closing or self._eof:
+        if self._closing or self._eof:
             self.transport.close()
 
-    def _suspend(self, out: list[bytes], reply: Any) -> None:
+    def _ending(self, reply: Reply) -> None:
+        """A reply that ends the session (QUIT): nothing after it is answered."""
+        self._closing = True
+        self._end_reason = reply.reason
+
+    def _suspend(self, out: list[bytes], result: Pending | Stream) -> None:
         """An async reply: flush the batch so far, stop reading, go on in `_complete` once it is done."""
         if out:
             self._write(b"".join(out))
         self._busy = True
         self.transport.pause_reading()
-        self._task = self._loop.create_task(self._complete(reply))
+        self._task = self._loop.create_task(self._complete(result))
 
-    async def _complete(self, reply: Any) -> None:
+    async def _complete(self, result: Pending | Stream) -> None:
         handler = self.handler
         assert handler is not None
         before = handler.state
         try:
-            result: Result = reply if isinstance(reply, Stream) else await reply
-            if isinstance(result, Stream):
-                await self._stream(result)
+            resolved: Resolved = await result.awaitable if isinstance(result, Pending) else result
+            if isinstance(resolved, Stream):
+                await self._stream(resolved)
+            elif isinstance(resolved, Challenge):
+                self._write(resolved.data)
+                self._sasl = resolved.mechanism
             else:
-                self._write(result)
+                if resolved.close:
+                    self._ending(resolved)
+                self._write(resolved.data)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("internal error in session user=%s", self._user())
-            self._write(err("internal server error", "SYS/TEMP"))
+            self._write(INTERNAL_ERROR)
         if self._verb:
             self.ctx.metrics.command(self._verb, perf_counter() - self._t0)
             self._verb = ""
@@ -259,9 +313,9 @@ class Pop3Session(asyncio.Protocol):
             )
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - any handshake failure ends this connection only
+        except Exception as exc:
             log.info("TLS handshake failed rip=%s: %s", handler.peer, exc)
-            handler.end_reason = "TLS handshake failed"
+            self._end_reason = "TLS handshake failed"
             raw.abort()
             self._task = None  # this task is ending: connection_lost must not wait for it
             self.connection_lost(exc)
@@ -272,6 +326,7 @@ class Pop3Session(asyncio.Protocol):
         tls_transport.set_write_buffer_limits(high=self.ctx.settings.server.write_buffer)
         identity = peer_identity(tls_transport.get_extra_info("ssl_object"),
                                  self.ctx.settings.tls.client_identity)
+        self._tls = True
         handler.tls_established(identity)
         self._handshaking = False
         self._busy = False
@@ -360,7 +415,7 @@ class Pop3Session(asyncio.Protocol):
             self._arm_timer()
             return
         # RFC 1939 §3: autologout; the session does not enter UPDATE, nothing is deleted
-        handler.end_reason = "autologout"
+        self._end_reason = "autologout"
         self._close(err("autologout: idle for too long"))
 
     async def _finish(self) -> None:
@@ -373,6 +428,7 @@ class Pop3Session(asyncio.Protocol):
         finally:
             self.ctx.sessions.discard(self)
         self.ctx.metrics.session_closed(self._sent)
+        handler.end_reason = self._end_reason or "disconnected"
         self.ctx.log_session_end(handler)
 
     def _user(self) -> str:
@@ -382,6 +438,6 @@ class Pop3Session(asyncio.Protocol):
     def shutdown(self) -> None:
         """Server stopping and the grace period is over: cut the session (deletes nothing)."""
         if not self._closed:
-            if self.handler is not None and self.handler.end_reason == "disconnected":
-                self.handler.end_reason = "server shutdown"
+            if self._end_reason is None:
+                self._end_reason = "server shutdown"
             self._close(err("server shutting down", "SYS/TEMP"))

@@ -1,0 +1,394 @@
+"""Pop3Session without sockets: pipelining, ordering, flow control, STLS, SASL routing, timers, the end.
+
+Everything runs on tests/fakes.py: a FakeTransport that records each write call, in-memory auth and storage,
+and a ClockLoop whose time only moves when a test advances it (no sleeps, no timing asserts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fakes import ClockLoop, Connection, FakeAuth, FakeTransport, make_context, messages, stored
+
+from pop3d.config import ConfigError
+from pop3d import wire
+from pop3d.pop3.state import State
+from pop3d.storage.base import TemporaryError
+
+
+@pytest.fixture
+def clock() -> Iterator[ClockLoop]:
+    loop = ClockLoop()
+    yield loop
+    loop.settle()
+    loop.close()
+
+
+def connect(clock: ClockLoop, boxes: dict[str, Any] | None = None, fake_auth: FakeAuth | None = None,
+            **kw: Any) -> Connection:
+    """A connection from loopback (a secure network: cleartext passwords allowed) to alice's two messages."""
+    storage = stored(boxes if boxes is not None else {"alice": [b"Subject: one\n\nbody 1\n", 300]})
+    ctx = make_context(fake_auth, storage, **kw)
+    return Connection(clock, ctx)
+
+
+def b64(data: bytes) -> bytes:
+    return base64.b64encode(data)
+
+
+# ---- pipelining -------------------------------------------------------------------------------------------
+
+
+def test_greeting_is_one_write(clock: ClockLoop) -> None:
+    c = connect(clock)
+    assert len(c.transport.writes) == 1
+    assert c.transport.writes[0].startswith(b"+OK pop3d ready <") and c.transport.writes[0].endswith(b">\r\n")
+
+
+def test_pipelined_burst_is_answered_in_one_write_without_a_task(clock: ClockLoop) -> None:
+    c = connect(clock)
+    c.login()
+    before = len(c.transport.writes)
+    c.session.data_received(b"STAT\r\nLIST\r\nUIDL 2\r\nDELE 1\r\nSTAT\r\nLIST 1\r\nNOOP\r\nLAST\r\n")
+    assert c.session._task is None  # synchronous all the way: no Task was needed
+    assert len(c.transport.writes) == before + 1
+    c.loop.settle()
+    assert len(c.transport.writes) == before + 1
+    size2 = c.handler.messages[1].size
+    total = size2 + c.handler.messages[0].size
+    assert c.lines(before) == [
+        f"+OK 2 {total}".encode(),
+        f"+OK 2 messages ({total} octets)".encode(), f"1 {c.handler.messages[0].size}".encode(),
+        f"2 {size2}".encode(), b".",
+        b"+OK 2 " + c.handler.messages[1].uid.encode(),
+        b"+OK message 1 deleted",
+        f"+OK 1 {size2}".encode(),
+        b"-ERR message 1 already deleted",
+        b"+OK",
+        b"+OK 0",
+    ]
+    assert c.transport.reading_calls.count("pause") == 1  # only the PASS of the login paused reading
+
+
+def test_lines_split_across_segments_are_answered_once_complete(clock: ClockLoop) -> None:
+    c = connect(clock)
+    c.login()
+    before = len(c.transport.writes)
+    c.send(b"ST")
+    c.send(b"AT\r\nNO")
+    assert c.lines(before) == [b"+OK 2 " + str(sum(m.size for m in c.handler.messages)).encode()]
+    c.send(b"OP\r\n")
+    assert c.lines(before)[-1] == b"+OK"
+
+
+def test_async_reply_keeps_pipelined_order_and_pauses_reading(clock: ClockLoop) -> None:
+    auth = FakeAuth()
+    auth.gate = asyncio.Event()
+    c = connect(clock, fake_auth=auth)
+    c.send(b"USER alice\r\nPASS wonderland\r\nSTAT\r\nNOOP\r\n")
+    # USER's reply went out before PASS suspended; STAT waits behind PASS, and reading is paused meanwhile
+    assert c.lines(1) == [b"+OK send PASS"]
+    assert c.transport.reading_calls == ["pause"] and not c.transport.reading
+    c.send(b"LIST 1\r\n")  # a segment that arrives anyway (already in flight) queues behind
+    assert c.lines(1) == [b"+OK send PASS"]
+    auth.gate.set()
+    c.loop.settle()
+    lines = c.lines(1)
+    assert lines[1].startswith(b"+OK alice has 2 messages")
+    assert lines[2].startswith(b"+OK 2 ") and lines[3] == b"+OK" and lines[4].startswith(b"+OK 1 ")
+    assert c.transport.reading_calls == ["pause", "resume"] and c.transport.reading
+    assert c.handler.state is State.TRANSACTION
+
+
+def test_state_change_by_an_earlier_pipelined_line_governs_the_next(clock: ClockLoop) -> None:
+    c = connect(clock)
+    c.send(b"STAT\r\nUSER alice\r\nPASS wonderland\r\nSTAT\r\n")
+    lines = c.lines(1)
+    assert lines[0] == b"-ERR STAT not allowed before login"
+    assert lines[3].startswith(b"+OK 2 ")
+
+
+# ---- flow control of big bodies ---------------------------------------------------------------------------
+
+
+def test_big_retr_waits_for_resume_writing(clock: ClockLoop) -> None:
+    big = 700 * 1024
+    c = connect(clock, {"alice": [big]}, server={"write_buffer": 16 * 1024})
+    c.login()
+    raw = c.storage.boxes["alice"][0]
+    t = c.transport
+    t.peer_reading = False
+    before = len(t.writes)
+    c.send(b"RETR 1\r\nSTAT\r\n")
+    assert t.write_paused and len(t.writes) == before + 1  # header + first chunk, then it waits
+    assert t.writes[before].startswith(b"+OK %d octets\r\n" % c.handler.messages[0].size)
+    assert t.reading_calls[-1] == "pause"
+    clock.advance(30)  # waiting is not idleness of the client's making, but nothing moves either
+    assert len(t.writes) == before + 1
+    rounds = 0
+    while t.write_paused:
+        t.drain()
+        clock.settle()
+        rounds += 1
+    assert rounds >= 2  # 700 KiB in 256 KiB chunks: it paused after each of the first ones
+    body = b"".join(t.writes[before:])
+    _header, _, rest = body.partition(b"\r\n")
+    assert rest.startswith(wire.encode(raw))
+    assert rest[len(wire.encode(raw)):].startswith(b"+OK 1 ")  # STAT waited for the whole body
+    assert t.reading_calls[-1] == "resume"
+    assert c.handler.counters.retr == 1 and c.handler.last == 1
+
+
+def test_storage_error_before_the_first_chunk_is_an_err_line(clock: ClockLoop) -> None:
+    c = connect(clock, {"alice": [300 * 1024]})
+    c.login()
+    c.storage.errors["chunks"] = TemporaryError("disk gone")
+    before = len(c.transport.writes)
+    c.send(b"RETR 1\r\nNOOP\r\n")
+    assert c.lines(before) == [b"-ERR [SYS/TEMP] message 1 cannot be read now", b"+OK"]
+
+
+# ---- STLS -------------------------------------------------------------------------------------------------
+
+
+def test_bytes_after_stls_are_never_executed(clock: ClockLoop) -> None:
+    auth = FakeAuth()
+    c = connect(clock, fake_auth=auth, with_tls=True)
+    raw = c.transport
+    c.send(b"STLS\r\nUSER alice\r\nPASS wonderland\r\n")  # injected after STLS, in the same segment
+    assert c.lines(1) == [b"+OK Begin TLS negotiation"]
+    assert len(clock.tls_calls) == 1 and clock.tls_calls[0][0] is raw
+    c.send(b"QUIT\r\n")  # plaintext during the handshake: discarded too
+    assert c.lines(1) == [b"+OK Begin TLS negotiation"] and not raw.is_closing()
+    secure = FakeTransport(c.session, clock, ("127.0.0.1", 40000))
+    clock.finish_handshake(secure)
+    assert c.session.transport is secure and c.handler.tls
+    assert auth.calls == []  # the injected PASS never reached the user database
+    c.session.data_received(b"CAPA\r\nPASS wonderland\r\n")
+    clock.settle()
+    lines = b"".join(secure.writes).split(b"\r\n")
+    assert b"STLS" not in lines and lines[-2] == b"-ERR USER first"  # no USER survived the handshake
+    c.session.data_received(b"STLS\r\n")
+    clock.settle()
+    assert b"".join(secure.writes).endswith(b"-ERR already using TLS\r\n")
+
+
+def test_failed_handshake_ends_the_session(clock: ClockLoop, caplog: pytest.LogCaptureFixture) -> None:
+    c = connect(clock, with_tls=True)
+    c.send(b"STLS\r\n")
+    with caplog.at_level(logging.INFO, logger="pop3d"):
+        clock.finish_handshake(ssl.SSLError("bad record"))
+        clock.settle()
+    assert c.transport.aborted
+    assert c.session not in c.ctx.sessions
+    assert c.handler.end_reason == "TLS handshake failed"
+    assert any(getattr(r, "fields", {}).get("reason") == "TLS handshake failed" for r in caplog.records)
+
+
+# ---- SASL -------------------------------------------------------------------------------------------------
+
+
+def test_line_after_a_challenge_goes_to_the_mechanism_not_the_parser(clock: ClockLoop) -> None:
+    c = connect(clock, auth={"mechanisms": ["PLAIN", "LOGIN"]})
+    c.send(b"AUTH LOGIN\r\nQUIT\r\n")  # "QUIT" is a (base64) user name here, not a command
+    assert c.lines(1) == [b"+ " + b64(b"Username:"), b"+ " + b64(b"Password:")]
+    assert not c.transport.is_closing()
+    c.send(b"*\r\nCAPA\r\n")  # RFC 5034 §4: "*" cancels; the next line is a command again
+    lines = c.lines(1)
+    assert lines[2] == b"-ERR [AUTH] authentication cancelled"
+    assert lines[3] == b"+OK Capability list follows"
+
+
+def test_pipelined_sasl_exchange_then_commands(clock: ClockLoop) -> None:
+    c = connect(clock, auth={"mechanisms": ["PLAIN"]})
+    c.send(b"AUTH PLAIN\r\n" + b64(b"\0alice\0wonderland") + b"\r\nSTAT\r\n")
+    lines = c.lines(1)
+    assert lines[0] == b"+ "
+    assert lines[1].startswith(b"+OK alice has 2 messages") and lines[2].startswith(b"+OK 2 ")
+
+
+def test_bad_sasl_response_ends_the_exchange_only(clock: ClockLoop) -> None:
+    c = connect(clock, auth={"mechanisms": ["PLAIN"]})
+    c.send(b"AUTH PLAIN\r\n!!!\r\nNOOP\r\n")
+    assert c.lines(1) == [b"+ ", b"-ERR [AUTH] SASL response is not valid base64",
+                          b"-ERR NOOP not allowed before login"]
+
+
+# ---- timers -----------------------------------------------------------------------------------------------
+
+
+def test_autologout_in_authorization(clock: ClockLoop) -> None:
+    c = connect(clock, session={"timeout_authorization": 60})
+    clock.advance(30)
+    c.send(b"CAPA\r\n")  # activity restarts the idle time
+    clock.advance(59)
+    assert not c.transport.is_closing()
+    clock.advance(1)
+    assert c.lines()[-1] == b"-ERR autologout: idle for too long"
+    assert c.transport.closed and c.session not in c.ctx.sessions
+    assert c.handler.end_reason == "autologout"
+
+
+def test_autologout_in_transaction_deletes_nothing(clock: ClockLoop) -> None:
+    c = connect(clock, session={"timeout_authorization": 30, "timeout": 600})
+    c.login()
+    c.send(b"DELE 1\r\n")
+    clock.advance(599)  # RFC 1939 §3: at least ten minutes once logged in, not the AUTHORIZATION limit
+    assert not c.transport.is_closing()
+    clock.advance(1)
+    assert c.lines()[-1] == b"-ERR autologout: idle for too long" and c.transport.closed
+    assert c.storage.commits == [] and len(c.storage.boxes["alice"]) == 2
+    assert c.storage.locked == set() and c.handler.state is State.CLOSED
+
+
+def test_configured_longer_timeout_is_honoured(clock: ClockLoop) -> None:
+    c = connect(clock, session={"timeout": 1800})
+    c.login()
+    clock.advance(1799)
+    assert not c.transport.is_closing()
+    clock.advance(1)
+    assert c.transport.closed
+
+
+def test_timeout_below_ten_minutes_is_refused() -> None:
+    with pytest.raises(ConfigError):
+        make_context(session={"timeout": 599})  # RFC 1939 §3: the autologout timer MUST be >= 10 minutes
+
+
+def test_failure_penalty_waits_on_the_loop_clock(clock: ClockLoop) -> None:
+    c = connect(clock, auth={"failure_delay": 2, "failure_delay_max": 4}, session={"timeout_authorization": 60})
+    c.send(b"USER alice\r\nPASS wrong\r\n")
+    assert c.lines(1) == [b"+OK send PASS"]
+    clock.advance(1.5)
+    assert c.lines(1) == [b"+OK send PASS"]
+    clock.advance(0.5)
+    assert c.lines(1)[-1] == b"-ERR [AUTH] authentication failed"
+
+
+# ---- the end ----------------------------------------------------------------------------------------------
+
+
+def test_quit_commits_in_update(clock: ClockLoop) -> None:
+    c = connect(clock)
+    c.login()
+    before = len(c.transport.writes)
+    c.send(b"DELE 1\r\nQUIT\r\nSTAT\r\n")
+    assert c.lines(before) == [b"+OK message 1 deleted", b"+OK pop3d signing off (1 message left)"]
+    storage = c.storage
+    assert [(x.user, x.deleted, x.seen) for x in storage.commits] == [("alice", {0}, set())]
+    assert len(storage.boxes["alice"]) == 1 and storage.locked == set()
+    assert c.transport.closed and c.handler.state is State.CLOSED
+    assert c.handler.end_reason == "QUIT" and c.session not in c.ctx.sessions
+
+
+def test_quit_commit_failure_is_reported(clock: ClockLoop) -> None:
+    c = connect(clock)
+    c.login()
+    c.storage.errors["commit"] = TemporaryError("rename failed")
+    c.send(b"DELE 2\r\nQUIT\r\n")
+    assert c.lines()[-1] == b"-ERR [SYS/TEMP] some deleted messages were not removed"
+    assert c.transport.closed and c.handler.end_reason == "QUIT, commit failed"
+    assert c.storage.locked == set()
+
+
+def test_quit_in_authorization_touches_nothing(clock: ClockLoop) -> None:
+    c = connect(clock)
+    c.send(b"QUIT\r\nUSER alice\r\n")
+    assert c.lines(1) == [b"+OK pop3d signing off"]
+    assert c.transport.closed and c.handler.state is State.CLOSED and c.storage.commits == []
+
+
+def test_dropped_connection_deletes_nothing(clock: ClockLoop) -> None:
+    c = connect(clock)
+    c.login()
+    c.send(b"DELE 1\r\nDELE 2\r\nRETR 1\r\n")
+    c.hang_up()
+    storage = c.storage
+    assert storage.commits == [] and len(storage.boxes["alice"]) == 2
+    assert storage.locked == set() and storage.closes == 1
+    assert c.session not in c.ctx.sessions and c.handler.end_reason == "disconnected"
+    assert c.handler.state is State.CLOSED
+
+
+def test_drop_while_login_pending_cancels_it(clock: ClockLoop) -> None:
+    auth = FakeAuth()
+    auth.gate = asyncio.Event()
+    c = connect(clock, fake_auth=auth)
+    c.send(b"USER alice\r\nPASS wonderland\r\n")
+    c.hang_up()
+    auth.gate.set()
+    clock.settle()
+    assert c.storage.locked == set() and c.session not in c.ctx.sessions
+    assert c.handler.state is State.CLOSED and c.handler.drop is None
+
+
+def test_drop_during_commit_does_not_interrupt_it(clock: ClockLoop) -> None:
+    c = connect(clock)
+    c.login()
+    storage = c.storage
+    storage.commit_gate = asyncio.Event()
+    c.send(b"DELE 1\r\nQUIT\r\n")
+    c.hang_up()
+    assert c.session in c.ctx.sessions and storage.commits == []  # still committing
+    storage.commit_gate.set()
+    clock.settle()
+    assert [x.deleted for x in storage.commits] == [{0}] and len(storage.boxes["alice"]) == 1
+    assert c.session not in c.ctx.sessions and storage.locked == set()
+    assert c.handler.end_reason == "QUIT"
+
+
+def test_half_close_answers_everything_first(clock: ClockLoop) -> None:
+    c = connect(clock)
+    c.session.data_received(b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nQUIT\r\n")
+    c.session.eof_received()
+    clock.settle()
+    assert c.lines()[-1] == b"+OK pop3d signing off (1 message left)"
+    assert c.transport.closed and len(c.storage.boxes["alice"]) == 1
+
+
+def test_too_many_bad_commands_closes(clock: ClockLoop) -> None:
+    c = connect(clock, session={"max_bad_commands": 3})
+    c.send(b"FOO\r\nBAR\r\nCAPA\r\nX\r\nY\r\n")  # a good command resets the count
+    assert not c.transport.is_closing()
+    before = len(c.transport.writes)
+    c.send(b"Z\r\nNOOP\r\n")
+    assert len(c.transport.writes) == before + 1
+    assert c.lines(before) == [b"-ERR unknown command", b"-ERR too many bad commands, closing connection"]
+    assert c.transport.closed and c.handler.end_reason == "too many bad commands"
+
+
+def test_shutdown_cuts_and_deletes_nothing(clock: ClockLoop) -> None:
+    c = connect(clock)
+    c.login()
+    c.send(b"DELE 1\r\n")
+    c.session.shutdown()
+    clock.settle()
+    assert c.lines()[-1] == b"-ERR [SYS/TEMP] server shutting down"
+    assert c.storage.commits == [] and c.handler.end_reason == "server shutdown"
+
+
+def test_session_end_log_line(clock: ClockLoop, caplog: pytest.LogCaptureFixture) -> None:
+    c = connect(clock)
+    c.login()
+    with caplog.at_level(logging.INFO, logger="pop3d"):
+        c.send(b"RETR 1\r\nTOP 2 0\r\nDELE 2\r\nQUIT\r\n")
+        clock.settle()
+    fields = [r.__dict__["fields"] for r in caplog.records
+              if r.__dict__.get("fields", {}).get("event") == "session_end"]
+    assert len(fields) == 1
+    f = fields[0]
+    assert f["user"] == "alice" and f["reason"] == "QUIT" and f["retr"] == 1 and f["top"] == 1
+    assert f["del"] == 1 and f["messages"] == 2
+
+
+def test_plaintext_refused_on_insecure_peer(clock: ClockLoop) -> None:
+    ctx = make_context(None, stored({"alice": messages(10)}))
+    c = Connection(clock, ctx, peer=("192.0.2.7", 5555))
+    c.send(b"USER alice\r\n")
+    assert c.lines(1)[0].startswith(b"-ERR [AUTH] plaintext authentication disallowed")
