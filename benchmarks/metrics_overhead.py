@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pop3d.config import load_settings
 from pop3d.ops.metrics import Metrics, NullMetrics
-from pop3d.runtime.server import build_context
 from pop3d.pop3.session import Pop3Session
+from pop3d.runtime.server import build_context
 
 
 class Sink:
@@ -95,7 +95,7 @@ async def main() -> None:
             off.append(await one_round(ctx, a.commands))
             ctx.metrics = Metrics()
             on.append(await one_round(ctx, a.commands))
-    direct, ours = zip(*(hooks(a.commands) for _ in range(a.rounds)))
+    direct, ours = zip(*(hooks(a.commands) for _ in range(a.rounds)), strict=True)
     d, o = statistics.median(direct), statistics.median(ours)
     print(f"hook: prometheus inc+observe {d:6.0f} ns, Metrics.command {o:6.0f} ns, ratio {o / d:.2f}")
     mo, mn = statistics.median(off), statistics.median(on)

@@ -10,17 +10,16 @@ Baselines are the cheapest thing that does the job in C (bytes.split / bytes.rep
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import timeit
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pop3d import wire  # noqa: E402
-from pop3d.pop3.protocol import CommandParser, LineBuffer, State  # noqa: E402
+from pop3d import wire
+from pop3d.pop3.protocol import CommandParser, LineBuffer, State
 
 Case = tuple[str, Callable[[], object], Callable[[], object], int]  # name, baseline, subject, octets per call
 
@@ -86,9 +85,8 @@ def read_cases() -> list[Case]:
 
     import aiofiles
 
-    tmp = tempfile.NamedTemporaryFile(delete=False)
-    tmp.write(_message(4 * 1024))
-    tmp.close()
+    with tempfile.NamedTemporaryFile(delete=False) as tmp:
+        tmp.write(_message(4 * 1024))
     path = tmp.name
     loop = asyncio.new_event_loop()
 

@@ -11,7 +11,7 @@ Everything here works on whole messages or on a stream of chunks with state carr
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 TERMINATOR = b".\r\n"
 
@@ -55,7 +55,7 @@ class Encoder:
     body lines; `done` says when no further input is wanted.
     """
 
-    __slots__ = ("_cr", "_bol", "_last2", "size", "_header", "_lines_left", "done")
+    __slots__ = ("_bol", "_cr", "_header", "_last2", "_lines_left", "done", "size")
 
     def __init__(self, max_lines: int | None = None) -> None:
         self._cr = False  # a stored chunk ended in CR whose LF may start the next chunk

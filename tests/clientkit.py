@@ -93,6 +93,6 @@ def assert_same(delivered: list[bytes], stored: list[bytes], added: tuple[bytes,
     """Every stored message delivered once, in order, byte for byte (LF form)."""
     got = [strip_added_headers(m, added) for m in delivered]
     assert len(got) == len(stored), f"{len(got)} delivered, {len(stored)} in the maildrop"
-    for i, (g, raw) in enumerate(zip(got, stored), 1):
+    for i, (g, raw) in enumerate(zip(got, stored, strict=True), 1):
         want = expected_lf(raw)
         assert g == want, f"message {i} differs: got {g[:200]!r}... want {want[:200]!r}..."

@@ -7,8 +7,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -87,7 +88,7 @@ class ServerThread:
         self.server = Pop3Server(build_context(self.settings))
         await self.server.start()
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self._thread.start()
         self._ready.wait(10)
         if self._error:
@@ -186,7 +187,7 @@ class Raw:
         """True when the server closed the connection (reads EOF)."""
         try:
             return self.sock.recv(1) == b""
-        except (ConnectionResetError, socket.timeout):
+        except (TimeoutError, ConnectionResetError):
             return False
 
     def close(self) -> None:

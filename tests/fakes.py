@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from pop3d import wire
 from pop3d.auth.base import Credentials, User
 from pop3d.config import Settings, load_settings
-from pop3d import wire
 from pop3d.pop3.context import ServerContext
 from pop3d.pop3.protocol import CommandParser
 from pop3d.pop3.session import Pop3Session

@@ -54,5 +54,5 @@ def test_hostport():
 def test_expire_normalised():
     s = load_settings(None, session={"expire": "never"})
     assert s.session.expire == "NEVER"
-    with pytest.raises(ConfigError, match="session.expire"):
+    with pytest.raises(ConfigError, match=r"session\.expire"):
         load_settings(None, session={"expire": "soon"})

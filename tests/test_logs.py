@@ -10,8 +10,8 @@ import sys
 
 from conftest import Raw, deliver
 
-from pop3d.ops import logfmt
 from pop3d.config import LogSettings
+from pop3d.ops import logfmt
 
 
 def _record(msg: str, *args: object, **fields: object) -> logging.LogRecord:

@@ -111,7 +111,7 @@ def test_chunking_never_changes_lines(lines, data):
     """Property: however the stream is cut, the same lines come out."""
     stream = b"".join(line + b"\r\n" for line in lines)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
-    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     whole = LineBuffer().feed(stream)
     lb = LineBuffer()
     got = [x for p in pieces for x in lb.feed(p)]

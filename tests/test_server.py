@@ -332,9 +332,11 @@ PIPELINE = b"USER alice\r\nPASS wonderland\r\nSTAT\r\nLIST\r\nUIDL 1\r\nRETR 1\r
 
 def _read_pipeline(r: Raw) -> list[bytes]:
     out = [r.line(), r.line(), r.line()]  # USER, PASS, STAT
-    out.append(r.line()); out += r.multi()  # LIST
+    out.append(r.line())  # LIST
+    out += r.multi()
     out.append(r.line())  # UIDL 1
-    out.append(r.line()); out += r.multi()  # RETR 1
+    out.append(r.line())  # RETR 1
+    out += r.multi()
     out += [r.line(), r.line(), r.line(), r.line()]  # DELE, NOOP, RSET, QUIT
     return out
 
@@ -425,7 +427,7 @@ def test_transaction_timeout_deletes_nothing(env, start_server, alice):
 def test_config_refuses_transaction_timeout_below_rfc_minimum(env):
     from pop3d.config import ConfigError
 
-    with pytest.raises(ConfigError, match="session.timeout"):
+    with pytest.raises(ConfigError, match=r"session\.timeout"):
         env.settings(session={"timeout": 60})
 
 

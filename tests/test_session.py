@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from fakes import ClockLoop, Connection, FakeAuth, FakeTransport, make_context, messages, stored
 
-from pop3d.config import ConfigError
 from pop3d import wire
+from pop3d.config import ConfigError
 from pop3d.pop3.state import State
 from pop3d.storage.base import TemporaryError
 

@@ -216,7 +216,9 @@ def test_notify_socket_activation_reload_metrics_and_drain(tmp_path):
     assert (tmp_path / "mail" / "alice" / "Maildir" / "new").iterdir().__next__()  # nothing deleted
 
 
-@pytest.mark.parametrize("names,message", [("pop3s", "tls.cert/tls.key are not set"), ("imap", "must be pop3 or pop3s")])
+@pytest.mark.parametrize(
+    ("names", "message"), [("pop3s", "tls.cert/tls.key are not set"), ("imap", "must be pop3 or pop3s")]
+)
 def test_socket_names_are_checked(tmp_path, names, message):
     passwd = tmp_path / "passwd"
     passwd.write_text("alice:{PLAIN}x\n")

@@ -14,7 +14,7 @@ _msg = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"..", b"a", b"Fro
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:
     cuts = sorted(c % (len(data) + 1) for c in cuts)
-    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
 def test_examples():

@@ -25,7 +25,7 @@ class Reply(NamedTuple):
 
 
 class _Pending:
-    __slots__ = ("multi", "future", "body_start", "scan")
+    __slots__ = ("body_start", "future", "multi", "scan")
 
     def __init__(self, multi: bool, future: asyncio.Future[Reply]) -> None:
         self.multi = multi
@@ -137,4 +137,4 @@ async def start_tls(proto: ClientProtocol, ctx: ssl.SSLContext, server_hostname:
     assert proto.transport is not None
     proto.buf.clear()
     new = await loop.start_tls(proto.transport, proto, ctx, server_hostname=server_hostname)
-    proto.transport = new  # type: ignore[assignment]
+    proto.transport = new

@@ -13,7 +13,7 @@ _SUB = 64  # buckets per power of two
 
 
 class Histogram:
-    __slots__ = ("counts", "count", "total", "min", "max")
+    __slots__ = ("count", "counts", "max", "min", "total")
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
@@ -30,7 +30,7 @@ class Histogram:
     @staticmethod
     def upper(bucket: int) -> float:
         """Upper bound of a bucket, in seconds."""
-        return 2.0 ** (bucket / _SUB) / 1e6
+        return float(2.0 ** (bucket / _SUB)) / 1e6
 
     def add(self, seconds: float) -> None:
         b = self.bucket(seconds)

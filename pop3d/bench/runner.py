@@ -9,16 +9,18 @@ collides with another one: an `[IN-USE]` in the results is the server's doing, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import resource
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, cast
 
 from pop3d.bench.client import client_context
 from pop3d.bench.scenarios import BY_NAME, RunConfig, Stats, one_session
@@ -79,10 +81,8 @@ def check(plan: Plan) -> None:
 def raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
 
 
 async def _run(rc: RunConfig, users: list[tuple[str, str]], duration: float, rate: float | None,
@@ -135,7 +135,7 @@ async def _run(rc: RunConfig, users: list[tuple[str, str]], duration: float, rat
         main = [loop.create_task(arrivals(rate))]
     await asyncio.wait(main)
     if tasks:
-        done, pending = await asyncio.wait(set(tasks), timeout=rc.timeout)
+        _done, pending = await asyncio.wait(set(tasks), timeout=rc.timeout)
         stats.unfinished += len(pending)
         for t in pending:
             t.cancel()
@@ -179,14 +179,14 @@ def run(plan: Plan, progress: Progress | None = None) -> tuple[Stats, float]:
     if plan.procs == 1:
         return _run_loop(plan.rc, users, plan.duration, plan.rate, plan.cafile, progress, plan.ramp)
     # fork is fast, but unsafe from a process with other threads (a test harness): spawn there
-    ctx = multiprocessing.get_context("fork" if threading.active_count() == 1 else "spawn")
+    ctx = multiprocessing.get_context("fork") if threading.active_count() == 1 else multiprocessing.get_context("spawn")
     rate = plan.rate / plan.procs if plan.rate is not None else None
     pipes: list[Connection] = []
     procs = []
     for i in range(plan.procs):
         r, w = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_child, args=(w, plan.rc, users[i :: plan.procs], plan.duration, rate, plan.cafile, plan.ramp),
-                        daemon=True)
+        args = (w, plan.rc, users[i :: plan.procs], plan.duration, rate, plan.cafile, plan.ramp)
+        p = ctx.Process(target=_child, args=args, daemon=True)
         p.start()
         w.close()
         pipes.append(r)
@@ -197,10 +197,11 @@ def run(plan: Plan, progress: Progress | None = None) -> tuple[Stats, float]:
     elapsed = 0.0
     open_pipes = {id(r): i for i, r in enumerate(pipes)}
     while open_pipes:
-        for r in wait([p for p in pipes if id(p) in open_pipes], timeout=1.0):
+        for ready in wait([p for p in pipes if id(p) in open_pipes], timeout=1.0):
+            r = cast(Connection, ready)
             i = open_pipes[id(r)]
             try:
-                kind, payload = r.recv()  # type: ignore[union-attr]
+                kind, payload = r.recv()
             except EOFError:
                 del open_pipes[id(r)]
                 if i not in latest or "done" not in latest[i]:

@@ -19,8 +19,9 @@ import re
 import ssl
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from pop3d.bench.client import ClientProtocol, Reply, connect, start_tls
 from pop3d.bench.hist import Histogram
@@ -93,10 +94,10 @@ def _error_kind(verb: str, reply: Reply) -> str:
     return f"-ERR {verb} [{m[1].decode()}]" if m else f"-ERR {verb}"
 
 
-async def _wait(fut: Awaitable[Reply], verb: str, timeout: float) -> Reply:
+async def _wait(fut: Awaitable[Reply], verb: str, limit: float) -> Reply:
     try:
-        return await asyncio.wait_for(fut, timeout)
-    except asyncio.TimeoutError:
+        return await asyncio.wait_for(fut, limit)
+    except TimeoutError:
         raise BenchError(f"timeout {verb}") from None
     except ConnectionError:
         raise BenchError(f"closed during {verb}") from None
@@ -122,7 +123,7 @@ async def open_connection(rc: RunConfig, stats: Stats) -> ClientProtocol:
             connect(rc.host, rc.port, rc.ssl_context if rc.tls == "tls" else None, rc.server_hostname),
             rc.timeout,
         )
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise BenchError("timeout connect") from None
     except ssl.SSLError as exc:
         raise BenchError(f"tls {exc.reason or type(exc).__name__}") from None
@@ -138,7 +139,7 @@ async def open_connection(rc: RunConfig, stats: Stats) -> ClientProtocol:
             assert rc.ssl_context is not None
             try:
                 await asyncio.wait_for(start_tls(conn, rc.ssl_context, rc.server_hostname), rc.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise BenchError("timeout STLS handshake") from None
             except (ssl.SSLError, OSError) as exc:
                 raise BenchError(f"tls {getattr(exc, 'reason', None) or type(exc).__name__}") from None
@@ -204,7 +205,7 @@ async def pipelined(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str
             (b"UIDL", True), *((b"RETR %d" % i, True) for i in range(1, n + 1)), (b"QUIT", False)]
     t0 = time.perf_counter()
     futures = conn.send(cmds)
-    for (line, _), fut in zip(cmds, futures):
+    for (line, _), fut in zip(cmds, futures, strict=True):
         verb = line.split(b" ", 1)[0].decode()
         reply = await _wait(fut, verb, rc.timeout)
         stats.hist(verb).add(reply.done - t0)
