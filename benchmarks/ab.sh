@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# A/B two revisions of pop3d on the same machine, same corpus, same load generator, interleaved rounds, and
+# print each scenario's ratio B/A (sessions/s; >1 means B is faster). Shared machines are noisy: interleaving
+# and the median of several rounds is what makes the ratio mean something.
+#
+#   benchmarks/ab.sh REV_A REV_B            # e.g. benchmarks/ab.sh origin/main HEAD, or a4c5157 WORKTREE
+#   ROUNDS=5 DURATION=8 CONCURRENCY=20 SCENARIOS="poll pipelined download" WORKERS=1 benchmarks/ab.sh A B
+#
+# WORKTREE as a revision means the files as they are now (uncommitted edits included). The generator is always
+# the current tree's `pop3d bench`, so both servers face the same client.
+set -euo pipefail
+A=${1:?usage: ab.sh REV_A REV_B}; B=${2:?usage: ab.sh REV_A REV_B}
+ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-6} CONCURRENCY=${CONCURRENCY:-20} WORKERS=${WORKERS:-1}
+SCENARIOS=${SCENARIOS:-poll pipelined download} PORT=${PORT:-12110}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mktemp -d /tmp/pop3d-ab.XXXXXX)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+tree() {  # tree REV DIR: the pop3d package of REV in DIR
+  mkdir -p "$2"
+  if [ "$1" = WORKTREE ]; then cp -r "$ROOT/pop3d" "$2/"; else git -C "$ROOT" archive "$1" pop3d | tar -x -C "$2"; fi
+}
+tree "$A" "$WORK/a"; tree "$B" "$WORK/b"
+(cd "$WORK" && PYTHONPATH="$ROOT" python3 -m pop3d mkmaildrops --users 200 --messages 10 --size 4k corpus >/dev/null)
+sed -e "s/127.0.0.1:[0-9]*/127.0.0.1:$PORT/" -e "s/^\[server\]/[server]\nworkers = $WORKERS/" \
+  "$WORK/corpus/pop3d.toml" > "$WORK/ab.toml"
+
+declare -A RESULTS
+for r in $(seq "$ROUNDS"); do
+  for side in a b; do
+    PYTHONPATH="$WORK/$side" python3 -m pop3d serve --config "$WORK/ab.toml" > "$WORK/server-$side.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 100); do
+      python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT)).close()" 2>/dev/null && break
+      sleep 0.1
+    done
+    for sc in $SCENARIOS; do
+      rate=$(PYTHONPATH="$ROOT" python3 -m pop3d bench --users "$WORK/corpus/users.txt" --scenario "$sc" \
+        -c "$CONCURRENCY" -d "$DURATION" --json "127.0.0.1:$PORT" |
+        python3 -c 'import json, sys; d = json.load(sys.stdin); print(d["sessions_per_s"] if not d.get("errors") else "err")')
+      RESULTS[$sc.$side]="${RESULTS[$sc.$side]:-} $rate"
+      echo "round $r  $side=$([ $side = a ] && echo "$A" || echo "$B")  $sc  $rate sessions/s"
+    done
+    kill "$pid"; wait "$pid" 2>/dev/null || true
+  done
+done
+echo
+for sc in $SCENARIOS; do
+  python3 - "$sc" "${RESULTS[$sc.a]}" "${RESULTS[$sc.b]}" <<'EOF'
+import statistics, sys
+sc, a, b = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+if "err" in a + b:
+    print(f"{sc:12s} errors in a run: see the rounds above")
+else:
+    ma, mb = statistics.median(map(float, a)), statistics.median(map(float, b))
+    print(f"{sc:12s} A {ma:8.0f}/s   B {mb:8.0f}/s   B/A {mb / ma:.2f}   (medians of {len(a)} rounds)")
+EOF
+done
