@@ -16,7 +16,7 @@ from pathlib import Path
 
 from conftest import USERS, Raw, deliver
 from test_cli import free_port, start, write_config
-from test_workers import greeting_pid, worker_pids
+from test_workers import worker_pids
 
 from pop3d.net.proxy import encode_v1
 
