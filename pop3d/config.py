@@ -65,6 +65,29 @@ class ServerSettings(_Section):
     #: peers allowed to send that header (CIDRs); anyone else is disconnected
     proxy_trusted: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
 
+    # -- connection limits (pop3d.net.limits); a refused client hears -ERR [SYS/TEMP] (RFC 3206 §4) --
+    #: connections one client address may hold at once (IPv6: per /64); 0 = no limit
+    max_connections_per_ip: int = Field(50, ge=0)
+    #: addresses max_connections_per_ip does not count (CIDRs); loopback by default, for local probes and
+    #: benchmarks. Only the per-address limit: max_connections and max_unauthenticated count everyone
+    limit_exempt: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    #: connections of the whole server; 0 = what the open-files limit allows, per worker
+    #: ((RLIMIT_NOFILE after pop3d raised it - 128) / 2: a socket and a maildrop lock per session)
+    max_connections: int = Field(0, ge=0)
+    #: connections not logged in yet, server-wide; when full, the oldest one is closed to admit the new one
+    #: (logged-in sessions never are); 0 = no limit
+    max_unauthenticated: int = Field(20000, ge=0)
+
+    @field_validator("limit_exempt")
+    @classmethod
+    def _check_limit_exempt(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or CIDR network") from None
+        return v
+
     @field_validator("proxy_trusted")
     @classmethod
     def _check_proxy_trusted(cls, v: list[str]) -> list[str]:
@@ -86,7 +109,9 @@ class ServerSettings(_Section):
 class SessionSettings(_Section):
     #: RFC 1939 §3: the TRANSACTION autologout timer MUST be at least 10 minutes.
     timeout: float = Field(600.0, ge=600)
-    #: before login a shorter timer is allowed (RFC 1939 §3 only constrains the inactivity autologout)
+    #: seconds from connect in which a client must log in, whatever it sends meanwhile (a fixed deadline, as
+    #: Dovecot's login timeout: a byte now and then must not keep a login open); RFC 1939 §3 only constrains
+    #: the autologout once logged in
     timeout_authorization: float = Field(60.0, gt=0)
     #: RFC 2449 §6.5 LOGIN-DELAY: minimum seconds between logins of one user; 0 disables.
     login_delay: int = Field(0, ge=0)
@@ -96,6 +121,9 @@ class SessionSettings(_Section):
     max_bad_commands: int = Field(20, ge=1)
     #: show "IMPLEMENTATION pop3d <version>" in CAPA (RFC 2449 §6.9)
     show_implementation: bool = True
+    #: octets of replies a client may leave unread before it logs in; past that it is disconnected (a
+    #: login exchange is a few hundred octets, so only a client pipelining without reading gets there)
+    max_unsent_before_login: int = Field(16 * 1024, ge=1024)
 
     @field_validator("expire")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import ssl
 from collections.abc import Iterator
 from typing import Any
@@ -18,6 +19,7 @@ from fakes import ClockLoop, Connection, FakeAuth, FakeTransport, make_context, 
 
 from pop3d import wire
 from pop3d.config import ConfigError
+from pop3d.net.limits import LocalCounts, Policy, SharedCounts, Verdict, address_key, process_capacity
 from pop3d.pop3.state import State
 from pop3d.storage.base import TemporaryError
 
@@ -154,6 +156,103 @@ def test_storage_error_before_the_first_chunk_is_an_err_line(clock: ClockLoop) -
     assert c.lines(before) == [b"-ERR [SYS/TEMP] message 1 cannot be read now", b"+OK"]
 
 
+# ---- flow control of pipelined replies ---------------------------------------------------------------------
+
+
+def test_pipelined_replies_stop_at_the_write_buffer_and_resume_when_it_drains(clock: ClockLoop) -> None:
+    c = connect(clock, {"alice": [4000]}, server={"write_buffer": 16 * 1024})
+    c.login()
+    t = c.transport
+    t.peer_reading = False
+    size = c.handler.messages[0].size
+    reply = size + 64  # one RETR reply: "+OK n octets", the body, "."
+    before = len(t.writes)
+    c.send(b"RETR 1\r\n" * 100 + b"NOOP\r\n")
+    assert len(t.writes) == before + 1  # one batch, one write, then the transport paused us
+    assert t.write_paused and 16 * 1024 < t.buffered <= 16 * 1024 + reply
+    assert t.reading_calls[-1] == "pause" and not t.reading and c.session._task is None
+    c.send(b"NOOP\r\n" * 50)  # in flight already: queued, not answered while paused
+    assert len(t.writes) == before + 1
+    rounds = 0
+    while not t.reading:
+        t.drain()  # the peer reads: resume_writing answers the next batch
+        clock.settle()
+        assert t.buffered <= 16 * 1024 + reply
+        rounds += 1
+    assert rounds >= 20  # 100 replies of ~4 KiB, at most ~5 per 16 KiB batch
+    lines = c.lines(before)
+    assert sum(1 for ln in lines if ln == b"+OK %d octets" % size) == 100
+    assert lines[-51:] == [b"+OK"] * 51  # the NOOPs after them, in order
+    assert c.handler.counters.retr == 100
+
+
+def test_unread_output_before_login_disconnects(clock: ClockLoop, caplog: pytest.LogCaptureFixture) -> None:
+    c = connect(clock, session={"max_unsent_before_login": 4096})
+    t = c.transport
+    t.peer_reading = False
+    c.send(b"CAPA\r\n" * 10)  # a client that reads nothing back: fine while it is small
+    assert not t.is_closing() and t.buffered <= 4096 + 512
+    with caplog.at_level(logging.INFO, logger="pop3d"):
+        c.send(b"CAPA\r\n" * 1000)
+    assert t.aborted and c.handler.end_reason == "output not read before login"
+    assert t.buffered <= 4096 + 512  # one reply past the cap at most
+    assert "max_unsent_before_login" in caplog.text
+
+
+def test_pipelining_client_that_reads_is_not_cut_before_login(clock: ClockLoop) -> None:
+    c = connect(clock, session={"max_unsent_before_login": 4096})
+    c.send(b"CAPA\r\n" * 200 + b"USER alice\r\nPASS wonderland\r\nSTAT\r\n")
+    assert not c.transport.is_closing() and c.lines()[-1].startswith(b"+OK 2 ")
+
+
+# ---- connection limits ------------------------------------------------------------------------------------
+
+
+def test_per_address_limit_refuses_before_the_greeting(clock: ClockLoop) -> None:
+    ctx = make_context(None, stored({"alice": [10]}), server={"max_connections_per_ip": 2, "limit_exempt": []})
+    a, b = (Connection(clock, ctx, peer=("192.0.2.7", 5000 + i)) for i in range(2))
+    refused = Connection(clock, ctx, peer=("192.0.2.7", 5002))
+    assert refused.transport.data == b"-ERR [SYS/TEMP] too many connections from your address, try again later\r\n"
+    assert refused.transport.closed and refused.handler is None and refused.session not in ctx.sessions
+    other = Connection(clock, ctx, peer=("192.0.2.8", 5000))  # another address is not affected
+    assert other.transport.data.startswith(b"+OK pop3d ready")
+    a.hang_up()
+    again = Connection(clock, ctx, peer=("192.0.2.7", 5003))  # a slot came free
+    assert again.transport.data.startswith(b"+OK pop3d ready") and not b.transport.is_closing()
+
+
+def test_loopback_is_exempt_from_the_per_address_limit_by_default(clock: ClockLoop) -> None:
+    ctx = make_context(None, stored({"alice": [10]}), server={"max_connections_per_ip": 1})
+    conns = [Connection(clock, ctx) for _ in range(3)]
+    assert all(c.transport.data.startswith(b"+OK pop3d ready") for c in conns)
+
+
+def test_oldest_unauthenticated_is_evicted_never_a_logged_in_one(clock: ClockLoop) -> None:
+    ctx = make_context(None, stored({"alice": [10]}), server={"max_unauthenticated": 2})
+    alice = Connection(clock, ctx)
+    alice.login()
+    first, second = Connection(clock, ctx), Connection(clock, ctx)
+    third = Connection(clock, ctx)  # full: the oldest waiting login goes
+    assert first.transport.closed and first.lines()[-1] == b"-ERR [SYS/TEMP] too many connections, try again later"
+    assert first.handler.end_reason == "evicted: too many connections"
+    assert not second.transport.is_closing() and not third.transport.is_closing()
+    Connection(clock, ctx)
+    assert second.transport.closed and not third.transport.is_closing()
+    alice.send(b"NOOP\r\n")
+    assert alice.lines()[-1] == b"+OK" and not alice.transport.is_closing()
+    assert ctx.limits.unauthenticated == 2
+
+
+def test_full_server_of_logged_in_sessions_refuses(clock: ClockLoop) -> None:
+    ctx = make_context(None, stored({"alice": [10], "bob": [10]}), server={"max_connections": 2})
+    a, b = Connection(clock, ctx), Connection(clock, ctx)
+    a.login()
+    b.login("bob")
+    refused = Connection(clock, ctx)
+    assert refused.transport.data == b"-ERR [SYS/TEMP] too many connections, try again later\r\n"
+    assert not a.transport.is_closing() and not b.transport.is_closing()
+
+
 # ---- STLS -------------------------------------------------------------------------------------------------
 
 
@@ -223,16 +322,31 @@ def test_bad_sasl_response_ends_the_exchange_only(clock: ClockLoop) -> None:
 # ---- timers -----------------------------------------------------------------------------------------------
 
 
-def test_autologout_in_authorization(clock: ClockLoop) -> None:
+def test_login_deadline_holds_whatever_the_client_sends(clock: ClockLoop) -> None:
     c = connect(clock, session={"timeout_authorization": 60})
-    clock.advance(30)
-    c.send(b"CAPA\r\n")  # activity restarts the idle time
-    clock.advance(59)
+    for octet in b"CAPA\r\nNOOP\r\nCAPA\r\nUSER alice\r\n"[:19]:  # slowloris: a byte every 3 s
+        c.send(bytes([octet]))
+        clock.advance(3)
+    assert clock.time() == 1000 + 57 and not c.transport.is_closing()
+    clock.advance(2.5)
+    assert not c.transport.is_closing()
+    c.send(b"x")
+    clock.advance(0.5)  # 60 s after connect, 0.5 s after the last byte
+    assert c.lines()[-1] == b"-ERR login timeout: log in sooner"
+    assert c.transport.closed and c.session not in c.ctx.sessions
+    assert c.handler.end_reason == "login timeout"
+
+
+def test_login_trades_the_deadline_for_the_idle_autologout(clock: ClockLoop) -> None:
+    c = connect(clock, session={"timeout_authorization": 60, "timeout": 600})
+    clock.advance(50)
+    c.login()
+    clock.advance(500)
+    c.send(b"NOOP\r\n")  # activity restarts the RFC 1939 §3 idle time once logged in
+    clock.advance(599)
     assert not c.transport.is_closing()
     clock.advance(1)
-    assert c.lines()[-1] == b"-ERR autologout: idle for too long"
-    assert c.transport.closed and c.session not in c.ctx.sessions
-    assert c.handler.end_reason == "autologout"
+    assert c.lines()[-1] == b"-ERR autologout: idle for too long" and c.handler.end_reason == "autologout"
 
 
 def test_autologout_in_transaction_deletes_nothing(clock: ClockLoop) -> None:
@@ -392,3 +506,82 @@ def test_plaintext_refused_on_insecure_peer(clock: ClockLoop) -> None:
     c = Connection(clock, ctx, peer=("192.0.2.7", 5555))
     c.send(b"USER alice\r\n")
     assert c.lines(1)[0].startswith(b"-ERR [AUTH] plaintext authentication disallowed")
+
+
+# ---- connection limits: the policy and its counts, without a session --------------------------------------
+
+
+def test_limits_policy_decisions() -> None:
+    p = Policy(per_ip=2, connections=10, process_connections=8, unauthenticated=3)
+    assert p.decide(1, 5, 5, 2, can_evict=True) is Verdict.ADMIT
+    assert p.decide(2, 5, 5, 0, can_evict=True) is Verdict.PER_IP  # refused, never evicting for it
+    assert p.decide(None, 5, 5, 0, can_evict=True) is Verdict.ADMIT  # exempt address
+    assert p.decide(0, 5, 5, 3, can_evict=True) is Verdict.EVICT
+    assert p.decide(0, 10, 5, 0, can_evict=True) is Verdict.EVICT  # full: a waiting login makes room
+    assert p.decide(0, 10, 5, 0, can_evict=False) is Verdict.FULL  # full of logged-in sessions
+    assert p.decide(0, 5, 8, 0, can_evict=False) is Verdict.FULL  # this process's descriptors
+    assert Policy(0, 0, 0, 0).decide(10**6, 10**6, 10**6, 10**6, can_evict=False) is Verdict.ADMIT  # 0: no limit
+
+
+def test_limits_address_keys() -> None:
+    assert address_key("192.0.2.1") == "192.0.2.1"
+    assert address_key("::ffff:192.0.2.1") == "192.0.2.1"  # dual-stack listener: the IPv4 client
+    assert address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert process_capacity(20000) == (20000 - 128) // 2
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_limits_counts_match_a_model(shared: bool) -> None:
+    import random
+
+    counts: Any = SharedCounts(regions=3, entries=64) if shared else LocalCounts()
+    model: dict[str, int] = {}
+    rng = random.Random(7)
+    open_: list[tuple[str | None, bool]] = []
+    for _ in range(3000):
+        if open_ and rng.random() < 0.45:
+            key, auth = open_.pop(rng.randrange(len(open_)))
+            counts.remove(key, auth)
+            if key is not None:
+                model[key] -= 1
+        elif open_ and rng.random() < 0.1:
+            i = rng.randrange(len(open_))
+            if not open_[i][1]:
+                counts.logged_in()
+                open_[i] = (open_[i][0], True)
+        elif len(open_) < 30:
+            key = None if rng.random() < 0.1 else f"198.51.100.{rng.randrange(40)}"
+            counts.add(key)
+            open_.append((key, False))
+            if key is not None:
+                model[key] = model.get(key, 0) + 1
+        for key in ("198.51.100.1", "198.51.100.2", f"198.51.100.{rng.randrange(40)}"):
+            assert counts.of(key) == model.get(key, 0)
+        assert counts.totals() == (len(open_), sum(1 for _, a in open_ if not a))
+    if shared:  # deletion leaves no stale entries behind
+        assert counts.addresses() == sum(1 for v in model.values() if v)
+
+
+def test_shared_counts_add_up_workers_and_forget_a_dead_one() -> None:
+    counts = SharedCounts(regions=3, entries=64)  # made before fork, as pop3d.runtime.shared does
+    counts.add("192.0.2.1")
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker: counts into its own region, then waits to be told to die
+        try:
+            counts.add("192.0.2.1")
+            counts.add("192.0.2.9")
+            os.write(ready_w, b"r")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    os.read(ready_r, 1)
+    assert counts.of("192.0.2.1") == 2 and counts.of("192.0.2.9") == 1 and counts.totals() == (3, 3)
+    os.write(done_w, b"x")
+    os.waitpid(pid, 0)
+    counts.reclaim(pid)  # the supervisor reaped it: its connections are gone
+    assert counts.of("192.0.2.1") == 1 and counts.of("192.0.2.9") == 0 and counts.totals() == (1, 1)
+    for fd in (ready_r, ready_w, done_r, done_w):
+        os.close(fd)

@@ -2,10 +2,10 @@
 
 One object per server process; sessions hold a reference, never a copy, so per-connection memory stays small.
 Everything comes in through the constructor: what worker processes must agree on (brute-force penalties,
-LOGIN-DELAY, metrics) is a `SharedState` their supervisor built before it forked (pop3d.runtime.shared);
-without one the context makes process-local equivalents. Nothing here reads module globals or the
-environment, and nothing imports the session layer: sessions and handlers are seen through the small
-protocols below.
+LOGIN-DELAY, metrics, connection limits) is a `SharedState` their supervisor built before it forked
+(pop3d.runtime.shared); without one the context makes process-local equivalents. Nothing here reads module
+globals or the environment, and nothing imports the session layer: sessions and handlers are seen through the
+small protocols below.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pop3d import __version__
 from pop3d.auth.login_delay import LoginDelays, LoginDelayStore
 from pop3d.auth.penalty import Penalty
 from pop3d.net.addresses import in_networks
+from pop3d.net.limits import ConnectionLimits
 from pop3d.ops import metrics as metrics_mod
 from pop3d.pop3.protocol import VERBS
 
@@ -41,13 +42,15 @@ class SharedState:
     penalty: Penalty  # brute-force delay per client address
     login_delays: LoginDelayStore  # RFC 2449 §6.5 LOGIN-DELAY: last login per user
     metrics: metrics_mod.NullMetrics  # Prometheus instruments (NullMetrics: metrics off)
+    #: connections per address, per server, unauthenticated (pop3d.net.limits); None: counted in this process
+    limits: ConnectionLimits | None = None
 
 
 def process_local(settings: Settings) -> SharedState:
     """The state of a server that is a single process (or a test): nothing to share with anybody."""
     a = settings.auth
     return SharedState(Penalty(a.failure_delay, a.failure_delay_max), LoginDelays(),
-                       metrics_mod.build(settings.metrics.listen, VERBS))
+                       metrics_mod.build(settings.metrics.listen, VERBS), ConnectionLimits.from_settings(settings))
 
 
 class LiveSession(Protocol):
@@ -103,6 +106,7 @@ class ServerContext:
         self.penalty = state.penalty
         self.login_delays = state.login_delays
         self.metrics = state.metrics
+        self.limits = state.limits if state.limits is not None else ConnectionLimits.from_settings(settings)
         self.hostname = settings.server.hostname
         self.implementation = f"pop3d-{__version__}"
         self.sessions: set[LiveSession] = set()

@@ -12,6 +12,20 @@ and while an async handler runs, reading pauses and the rest of the queue waits,
 Big bodies stream in slices and wait on pause_writing/resume_writing, so a reader that does not read holds
 at most about `server.write_buffer` plus one slice in memory.
 
+Flow control of pipelined replies: a client may pipeline thousands of commands and never read the answers.
+A batch of synchronous replies stops once it has filled the room left under `server.write_buffer` (the
+unsent output is read once per batch); while the transport has paused us (pause_writing), reading stops and
+queued lines wait, and resume_writing goes on where the batch stopped. Before login the room is only
+`session.max_unsent_before_login`, and a client that leaves more than that unread is disconnected (a login
+exchange is a few hundred octets; Dovecot's login processes do the same with a few KiB).
+
+Deadlines: before login, a fixed one from connect (`session.timeout_authorization`), whatever the client
+sends meanwhile, so a byte now and then cannot keep a login open (slowloris); once logged in, the RFC 1939
+§3 autologout after `session.timeout` of inactivity.
+
+Connection limits (pop3d.net.limits) are checked in connection_made, before the greeting, with the client's
+address (from the PROXY header when a proxy told us); a refused client hears `-ERR [SYS/TEMP]` and is closed.
+
 SASL (RFC 5034): after a `Challenge`, the next queued line is the client's response and goes to
 `handler.sasl_line` with the challenge's mechanism, not to the command parser; routing happens when the
 line's turn comes, so pipelined order holds. The line buffer admits MAX_SASL_LINE octets for that; the parser still
@@ -33,6 +47,7 @@ import ssl
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from pop3d.net.limits import Refused
 from pop3d.net.tls import peer_identity
 from pop3d.pop3.context import ServerContext
 from pop3d.pop3.handlers import Pop3Handler
@@ -56,13 +71,16 @@ class Pop3Session(asyncio.Protocol):
 
     __slots__ = (
         "_bad",
+        "_born",
         "_busy",
         "_closed",
         "_closing",
+        "_deaf",
         "_end_reason",
         "_eof",
-        "_handshaking",
+        "_held",
         "_last_active",
+        "_limit_key",
         "_lines",
         "_loop",
         "_peer",
@@ -90,7 +108,7 @@ class Pop3Session(asyncio.Protocol):
         self._verb = ""  # the command an async reply belongs to, and when it started (metrics)
         self._t0 = 0.0
         self.parser = parser
-        self._handshaking = False  # between STLS (or accept on :995) and the end of the handshake
+        self._deaf = False  # input is discarded unread: between STLS and the end of its handshake, or refused
         self.transport: Any = None
         self.handler: Pop3Handler | None = None
         self._lines = LineBuffer(MAX_SASL_LINE)
@@ -99,10 +117,13 @@ class Pop3Session(asyncio.Protocol):
         self._queue: collections.deque[bytes | None] | None = None
         self._busy = False
         self._task: asyncio.Task[None] | None = None
-        self._write_paused = False
+        self._write_paused = False  # the transport asked us to stop producing (pause_writing)
+        self._held = False  # reading paused by us until the transport drains (resume_writing)
         self._resume: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._last_active = 0.0
+        self._born = 0.0  # loop time of connection_made: the login deadline counts from it
+        self._limit_key: str | None = None  # what the connection limits counted us under (see release)
         self._bad = 0
         self._closed = False
         self._eof = False
@@ -118,10 +139,15 @@ class Pop3Session(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         rip = self._peer or (peer[0] if isinstance(peer, tuple) else str(peer))
+        try:
+            self._limit_key = self.ctx.limits.admit(self, rip)
+        except Refused as exc:
+            self._refuse(rip, str(exc))
+            return
         transport.set_write_buffer_limits(high=self.ctx.settings.server.write_buffer)
         self.handler = Pop3Handler(self.ctx, rip)
         self.ctx.sessions.add(self)
-        self._last_active = self._loop.time()
+        self._last_active = self._born = self._loop.time()
         self._arm_timer()
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:  # an implicit-TLS listener: the handshake is already done (RFC 8314 §3.3)
@@ -132,9 +158,23 @@ class Pop3Session(asyncio.Protocol):
         self.ctx.metrics.session_opened()
         transport.write(greeting)
 
+    def _refuse(self, rip: str, why: str) -> None:
+        """Over a connection limit: one -ERR line and close; nothing of a session starts (no handler, timer,
+        metrics or log line), so connection_lost has nothing to undo."""
+        log.info("connection refused rip=%s: %s", rip, why)
+        self._closed = self._deaf = True
+        self.transport.write(err(f"{why}, try again later", "SYS/TEMP"))  # RFC 3206 §4
+        self.transport.close()
+
+    def evict(self) -> None:
+        """The connection limits close this unauthenticated session to admit a newer one (pop3d.net.limits)."""
+        if self._end_reason is None:
+            self._end_reason = "evicted: too many connections"
+        self._close(err("too many connections, try again later", "SYS/TEMP"))
+
     def data_received(self, data: bytes) -> None:
         self._last_active = self._loop.time()
-        if self._handshaking:
+        if self._deaf:
             return  # plaintext after STLS, before the handshake: discarded, never executed (RFC 2595 §4)
         lines = self._lines.feed(data)
         if lines:
@@ -149,6 +189,8 @@ class Pop3Session(asyncio.Protocol):
         # A scripted client (`printf ... | nc`) may half-close right after its last command: answer every
         # queued line first (QUIT included, so its deletions are committed), then close.
         self._eof = True
+        if self._closed:
+            return False
         if not self._busy:
             self._run()
         # TLS transports cannot stay half-open (asyncio/uvloop would only log a warning): they close anyway
@@ -162,11 +204,17 @@ class Pop3Session(asyncio.Protocol):
         self._last_active = self._loop.time()  # the peer is reading: not idle
         if self._resume is not None and not self._resume.done():
             self._resume.set_result(None)
+        if self._held:  # pipelined lines wait for this: answer them, read again
+            self._held = False
+            if not self._closed and not self.transport.is_closing():
+                self.transport.resume_reading()
+                self._run()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._closed:
             return  # a failed handshake may report the loss twice
         self._closed = True
+        self.ctx.limits.release(self, self._limit_key)
         if self._timer is not None:
             self._timer.cancel()
         if self._resume is not None and not self._resume.done():
@@ -183,14 +231,49 @@ class Pop3Session(asyncio.Protocol):
     # -- command processing ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        """Answer queued lines in order until one needs to wait; one transport.write for the batch."""
+        """Answer queued lines in order until one needs to wait or the write buffer is full.
+
+        One transport.write per batch (docs/DESIGN.md performance rule 1). Bound on memory: a batch starts
+        only while the transport has not paused us, and stops adding replies once they fill `room`, the
+        configured limit minus the output still unsent (read once per batch). So the unsent output never
+        exceeds the limit plus one synchronous reply: at most a 128 KiB message (storage.base.SMALL_MESSAGE,
+        bigger ones are streamed) or one LIST/UIDL listing. Counting by lines would bound nothing: one read
+        of 256 KiB carries 30,000 "RETR 1" lines, gigabytes of replies; the byte count costs a subtraction
+        per line and no system call.
+        """
         handler = self.handler
         assert handler is not None
+        transport = self.transport
+        queue = self._queue
+        while queue and not self._closing and not self._closed:
+            if self._write_paused:  # the peer is not reading: queued lines wait for resume_writing
+                self._hold()
+                return
+            unsent = transport.get_write_buffer_size()
+            if handler.state is State.AUTHORIZATION:
+                cap = self.ctx.settings.session.max_unsent_before_login
+                if unsent > cap:
+                    self._overflow(unsent)
+                    return
+                room = cap - unsent
+            else:
+                room = self.ctx.settings.server.write_buffer - unsent
+            if not self._batch(handler, queue, room):
+                return  # an async reply or STLS took over
+        if not queue:
+            self._queue = None
+        if self._closing or (self._eof and not queue):
+            transport.close()
+
+    def _batch(self, handler: Pop3Handler, queue: collections.deque[bytes | None], room: int) -> bool:
+        """One batch of `_run`: at least one line, then more while the replies fit in `room` octets.
+        False when the batch ended in an async reply or STLS (the session goes on elsewhere)."""
         out: list[bytes] = []
         max_bad = self.ctx.settings.session.max_bad_commands
         metrics = self.ctx.metrics if self.ctx.metrics.enabled else None
-        queue = self._queue
-        while queue and not self._closing and not self._closed:
+        while queue and not self._closing:
+            if room <= 0 and out:  # full; but a batch answers at least one line, so _run always advances
+                break
             line = queue.popleft()
             mech = self._sasl
             if mech is not None:  # RFC 5034 §4: a response inside an exchange, not a command
@@ -204,6 +287,7 @@ class Pop3Session(asyncio.Protocol):
                 event = self.parser.parse(line, handler.state)
                 if isinstance(event, Rejected):
                     out.append(event.reply)
+                    room -= len(event.reply)
                     self._bad += 1
                     if self._bad >= max_bad:
                         out.append(TOO_MANY_BAD)
@@ -223,27 +307,40 @@ class Pop3Session(asyncio.Protocol):
                     else:
                         metrics.command(event.verb, perf_counter() - t0)
             if type(result) is Reply:  # the fast path: most pipelined commands end here
-                out.append(result.data)
+                data = result.data
+                out.append(data)
+                room -= len(data)
                 if result.close:
                     self._ending(result)
             elif type(result) is Challenge:
                 out.append(result.data)
+                room -= len(result.data)
                 self._sasl = result.mechanism
             elif type(result) is StartTLS:  # send the +OK, drop everything pipelined after it, handshake
                 out.append(result.data)
                 self._write(b"".join(out))
                 self._start_tls()
-                return
+                return False
             else:
                 assert isinstance(result, (Pending, Stream))
                 self._suspend(out, result)
-                return
-        if not queue:
-            self._queue = None
+                return False
         if out:
             self._write(b"".join(out) if len(out) > 1 else out[0])
-        if self._closing or self._eof:
-            self.transport.close()
+        return True
+
+    def _hold(self) -> None:
+        """Stop reading until the transport drains (resume_writing picks the queue up again)."""
+        if not self._held:
+            self._held = True
+            self.transport.pause_reading()
+
+    def _overflow(self, unsent: int) -> None:
+        """Before login, a client that does not read what it asked for is cut (it may be flooding us)."""
+        log.info("unread output over session.max_unsent_before_login rip=%s unsent=%d",
+                 self.handler.peer if self.handler is not None else "-", unsent)
+        self._end_reason = "output not read before login"
+        self.transport.abort()
 
     def _ending(self, reply: Reply) -> None:
         """A reply that ends the session (QUIT): nothing after it is answered."""
@@ -285,16 +382,22 @@ class Pop3Session(asyncio.Protocol):
         self._task = None  # a finished Task kept per idle session would cost ~600 bytes
         if self._closed or self.transport.is_closing():
             return
-        if handler.state is not before and self._timer is not None:
-            self._timer.cancel()  # the idle limit depends on the state (login changes it)
-            self._arm_timer()
+        if handler.state is not before:
+            if before is State.AUTHORIZATION:
+                self.ctx.limits.logged_in(self)  # never evicted from now on
+            if self._timer is not None:
+                self._timer.cancel()  # login trades the login deadline for the idle autologout
+                self._arm_timer()
+        if self._write_paused:  # the reply filled the buffer: reading stays paused until it drains
+            self._held = True
+            return
         self.transport.resume_reading()
         self._run()
 
     def _start_tls(self) -> None:
         tls = self.ctx.tls
         assert tls is not None
-        self._handshaking = True
+        self._deaf = True
         if self._queue is not None:
             self._queue.clear()
         self._lines = LineBuffer(MAX_SASL_LINE)
@@ -328,7 +431,7 @@ class Pop3Session(asyncio.Protocol):
                                  self.ctx.settings.tls.client_identity)
         self._tls = True
         handler.tls_established(identity)
-        self._handshaking = False
+        self._deaf = False
         self._busy = False
         self._last_active = self._loop.time()
         self._run()
@@ -398,20 +501,28 @@ class Pop3Session(asyncio.Protocol):
         handler = self.handler
         assert handler is not None
         s = self.ctx.settings.session
-        limit = s.timeout_authorization if handler.state is State.AUTHORIZATION else s.timeout
-        due = self._last_active + limit
+        if handler.state is State.AUTHORIZATION:
+            due = self._born + s.timeout_authorization  # fixed from connect: activity does not move it
+        else:
+            due = self._last_active + s.timeout
         # one timer per connection, re-armed lazily when it fires (no cancel/re-create per line)
-        self._timer = self._loop.call_at(due, self._on_timer, limit)
+        self._timer = self._loop.call_at(due, self._on_timer)
 
-    def _on_timer(self, limit: float) -> None:
+    def _on_timer(self) -> None:
         if self._closed:
             return
         handler = self.handler
         assert handler is not None
-        s = self.ctx.settings.session
-        current = s.timeout_authorization if handler.state is State.AUTHORIZATION else s.timeout
-        idle = self._loop.time() - self._last_active
-        if idle < current or (self._busy and handler.state is State.UPDATE):
+        s = self.ctx.settings.session  # read now: a reload may have changed the limits
+        now = self._loop.time()
+        if handler.state is State.AUTHORIZATION:
+            if now < self._born + s.timeout_authorization:
+                self._arm_timer()
+                return
+            self._end_reason = "login timeout"
+            self._close(err("login timeout: log in sooner"))
+            return
+        if now - self._last_active < s.timeout or (self._busy and handler.state is State.UPDATE):
             self._arm_timer()
             return
         # RFC 1939 §3: autologout; the session does not enter UPDATE, nothing is deleted

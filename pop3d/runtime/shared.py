@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pop3d.auth.login_delay import SharedLoginDelays
 from pop3d.auth.penalty import SharedPenalty, SharedTable
 from pop3d.config import Settings
+from pop3d.net.limits import ConnectionLimits
 from pop3d.ops import metrics
 from pop3d.pop3.context import SharedState
 from pop3d.pop3.protocol import VERBS
@@ -35,6 +36,12 @@ class WorkerShare:
     metrics_dir: str | None  # None: metrics off
     own_metrics_dir: bool  # made by us (removed at the end), not given by the operator
 
+    def worker_died(self, pid: int) -> None:
+        """The supervisor reaped worker `pid`: its connections no longer count against the connection limits
+        (their counts live in shared memory too, pop3d.net.limits.SharedCounts)."""
+        if self.state.limits is not None:
+            self.state.limits.reclaim(pid)
+
     def remove(self) -> None:
         shutil.rmtree(self.login_delay_dir, ignore_errors=True)
         if self.metrics_dir is not None and self.own_metrics_dir:
@@ -50,7 +57,8 @@ def share_between_workers(settings: Settings) -> WorkerShare:
     if settings.metrics.listen:
         metrics_dir, own = _claim_metrics_dir()
         metrics.enable_multiprocess(metrics_dir)  # before the instruments below are made
-    state = SharedState(penalty, SharedLoginDelays(login_delay_dir), metrics.build(settings.metrics.listen, VERBS))
+    state = SharedState(penalty, SharedLoginDelays(login_delay_dir), metrics.build(settings.metrics.listen, VERBS),
+                        ConnectionLimits.from_settings(settings, shared=True))
     return WorkerShare(state, login_delay_dir, metrics_dir, own)
 
 

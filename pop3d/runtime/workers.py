@@ -293,6 +293,7 @@ class Supervisor:
             slot = self.pids.pop(pid, None)
             if slot is None:
                 continue
+            self.share.worker_died(pid)
             if self.share.metrics_dir is not None:
                 from pop3d.ops import metrics
 
