@@ -297,6 +297,8 @@ def test_demo_keeps_its_state_in_its_own_tree(tmp_path: Path) -> None:
 
     settings = demo.prepare(tmp_path / "demo")
     assert settings.server.state_dir == (tmp_path / "demo").resolve() / "state"
+    secret = state_secret.load_or_create(settings.server.state_dir)  # a fresh tree: created there
+    assert (settings.server.state_dir / state_secret.FILE_NAME).read_bytes() == secret
 
 
 # -- 3. long passwords fail unhashed ---------------------------------------------------------------------

@@ -33,7 +33,6 @@ workers.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import ipaddress
 import mmap
@@ -46,7 +45,6 @@ DEFAULT_FORGET_AFTER: Final[float] = 3600.0
 DEFAULT_MAX_ENTRIES: Final[int] = 65536
 
 
-@functools.lru_cache(maxsize=4096)
 def penalty_key(address: str) -> str:
     """The key an address is counted under: IPv4 as is, IPv6 by its /64, anything unparsable verbatim."""
     try:
