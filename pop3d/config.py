@@ -64,6 +64,9 @@ class ServerSettings(_Section):
     proxy_protocol: bool = False
     #: peers allowed to send that header (CIDRs); anyone else is disconnected
     proxy_trusted: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    #: where pop3d keeps state across restarts: the secret that fixes decoy credentials for unknown users
+    #: (pop3d.auth.state_secret); unusable -> a warning and a per-process secret
+    state_dir: Path = Path("/var/lib/pop3d")
 
     # -- connection limits (pop3d.net.limits); a refused client hears -ERR [SYS/TEMP] (RFC 3206 §4) --
     #: connections one client address may hold at once (IPv6: per /64); 0 = no limit
@@ -140,6 +143,10 @@ class AuthSettings(_Section):
     #: failure from that address up to failure_delay_max, reset by a success (Dovecot: 2 s to 15 s); 0 = off
     failure_delay: float = Field(2.0, ge=0)
     failure_delay_max: float = Field(15.0, ge=0)
+    #: failed authentications one connection may make before it is closed (Dovecot closes after 3 too)
+    max_failures_per_connection: int = Field(3, ge=1)
+    #: octets; a longer password fails like a wrong one, without being hashed (hash cost grows with length)
+    max_password_length: int = Field(1024, ge=1)
     #: SASL mechanisms AUTH offers (RFC 5034); CAPA lists those usable on each connection
     mechanisms: list[str] = Field(default_factory=lambda: ["PLAIN", "LOGIN"])
     #: like Dovecot's disable_plaintext_auth: USER/PASS, PLAIN and LOGIN only over TLS or from secure_networks

@@ -45,7 +45,7 @@ def prepare(directory: Path) -> Settings:
         for n, body in enumerate(SAMPLES):
             name = f"{now + n}.M{n}P{os.getpid()}.demo"
             (maildir / "new" / name).write_bytes(body)
-    server: dict[str, object] = {"hostname": "localhost"}
+    server: dict[str, object] = {"hostname": "localhost", "state_dir": str(directory / "state")}
     if "POP3D_SERVER__LISTEN" not in os.environ:  # env overrides win, as for every other key
         server["listen"] = [DEMO_LISTEN]
     return load_settings(

@@ -61,3 +61,23 @@ def test_supervisor_share_reaches_the_workers_contexts(env):
         assert sibling.fail("203.0.113.9", 6.0) == 4.0
     finally:
         share.remove()
+
+
+def test_a_worker_answers_a_success_after_the_penalty_earned_in_another(env):
+    """`delay` (what every answer, success included, must wait) reads the same shared table as `fail`."""
+    from pop3d.runtime.server import build_context
+    from pop3d.runtime.shared import share_between_workers
+
+    share = share_between_workers(env.settings(auth={"failure_delay": 2.0, "failure_delay_max": 15.0}))
+    try:
+        pid = os.fork()
+        if pid == 0:
+            build_context(env.settings(), share.state).penalty.fail("203.0.113.10", 5.0)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        sibling = build_context(env.settings(), share.state).penalty
+        assert sibling.delay("203.0.113.10", 6.0) == 4.0  # a right password from there waits too
+        sibling.succeed("203.0.113.10")
+        assert sibling.delay("203.0.113.10", 6.0) == 0.0
+    finally:
+        share.remove()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hmac
 
 import pytest
@@ -10,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop3d.auth import cram_md5, sasl, schemes
-from pop3d.auth.base import Credentials, User
+from pop3d.auth.base import Credentials, Decoy, User
 from pop3d.auth.penalty import Penalty
 from pop3d.auth.sasl_schemes import ScramKeys
-from pop3d.pop3.protocol import MAX_SASL_LINE, Command, CommandParser, LineBuffer, Rejected, State
 from pop3d.net.tls import client_identity
+from pop3d.pop3.protocol import MAX_SASL_LINE, Command, CommandParser, LineBuffer, Rejected, State
 
 ALICE = User("alice")
 
@@ -234,3 +235,69 @@ def test_client_identity_mapping():
     subject_email = {"subject": ((("emailAddress", "bob@example.org"),),)}
     assert client_identity(subject_email, "email-localpart") == "bob"
     assert client_identity(subject_email, "cn") is None
+
+
+# -- decoys: an unknown user runs the same steps ---------------------------------------------------------
+
+
+def decoy_of(scheme: str, name: str = "nobody") -> Decoy:
+    c = creds(scheme, "nobody knows", name)
+    return Decoy(c, b"k" * 32)
+
+
+def test_cram_md5_unknown_user_computes_on_the_decoy(monkeypatch):
+    seen: list[str] = []
+    real = cram_md5.digest_from_context
+    monkeypatch.setattr(cram_md5, "digest_from_context", lambda s, ch: seen.append(s) or real(s, ch))
+    for stored, decoy in [(creds("CRAM-MD5", "pw"), decoy_of("CRAM-MD5")), (None, decoy_of("CRAM-MD5"))]:
+        m = sasl.CramMd5("h")
+        ch = m.start(None)
+        assert isinstance(ch, sasl.Challenge)
+        m.step(f"alice {hmac.new(b'wrong', ch.data, 'md5').hexdigest()}".encode())
+        assert isinstance(m.resume(stored, decoy), sasl.Failure)
+    assert len(seen) == 2  # the same HMAC-MD5 from a stored context, for the real user and the unknown one
+
+
+def test_cram_md5_decoy_never_succeeds_even_with_its_own_digest():
+    decoy = decoy_of("PLAIN")
+    m = sasl.CramMd5("h")
+    ch = m.start(None)
+    assert isinstance(ch, sasl.Challenge)
+    m.step(f"nobody {cram_md5.digest_from_password(decoy.creds.secret, ch.data)}".encode())
+    assert isinstance(m.resume(None, decoy), sasl.Failure)
+
+
+def test_cram_md5_non_ascii_digest_is_a_failure_not_a_crash():
+    m = sasl.CramMd5("h")
+    m.start(None)
+    assert m.step(("alice " + "é" * 32).encode()) == sasl.Lookup("alice")
+    assert isinstance(m.resume(creds("PLAIN", "pw")), sasl.Failure)
+
+
+def test_scram_unknown_user_gets_the_decoys_salt_and_iterations():
+    decoy_keys = ScramKeys.from_password("nobody knows", 6000, b"s" * 16)
+    decoy = Decoy(Credentials(User("nobody"), "SCRAM-SHA-256", decoy_keys.encode()), b"k" * 32)
+    m = sasl.ScramSha256()
+    m.step(b"n,,n=nobody,r=abc")
+    first = m.resume(None, decoy)
+    assert isinstance(first, sasl.Challenge)
+    fields = dict(p.split("=", 1) for p in first.data.decode().split(","))
+    assert fields["i"] == "6000" and fields["s"] == base64.b64encode(b"s" * 16).decode()
+
+
+def test_scram_salt_of_a_plain_user_comes_from_the_decoy_key():
+    def salt(key: bytes) -> str:
+        m = sasl.ScramSha256()
+        m.step(b"n,,n=alice,r=abc")
+        first = m.resume(Credentials(ALICE, "PLAIN", "pw"), Decoy(Credentials(ALICE, "PLAIN", "x"), key))
+        assert isinstance(first, sasl.Challenge)
+        return dict(p.split("=", 1) for p in first.data.decode().split(","))["s"]
+
+    assert salt(b"a" * 32) == salt(b"a" * 32) != salt(b"b" * 32)
+
+
+def test_penalty_delay_is_what_a_failure_would_wait():
+    p = Penalty(2.0, 15.0)
+    assert p.delay("x", 0) == 0
+    p.fail("x", 0)
+    assert p.delay("x", 1) == p.fail("x", 1) == 4

@@ -247,3 +247,44 @@ def test_no_scheme_arrives_by_import_side_effect() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                          env={**os.environ, "PYTHONPATH": str(root)}).stdout
     assert out.strip() == ",".join(REGISTRY.names())
+
+
+# -- decoys: same shape, nobody's password -------------------------------------------------------------
+
+
+def _cheap(scheme: str) -> str:
+    from argon2 import PasswordHasher, Type
+    from passlib.hash import sha256_crypt, sha512_crypt
+
+    return {
+        "PLAIN": "x",
+        "SHA512-CRYPT": sha512_crypt.using(rounds=1234).hash("x"),
+        "SHA256-CRYPT": sha256_crypt.using(rounds=1000, salt="ab").hash("x"),
+        "MD5-CRYPT": crypt_schemes.md5_crypt.hash("x"),
+        "BLF-CRYPT": bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=5, prefix=b"2a")).decode(),
+        "ARGON2ID": PasswordHasher(time_cost=2, memory_cost=1024, parallelism=1, type=Type.ID).hash("x"),
+        "ARGON2I": PasswordHasher(time_cost=1, memory_cost=2048, parallelism=2, type=Type.I).hash("x"),
+        "CRYPT": bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=4)).decode(),
+        "CRAM-MD5": hash_password("CRAM-MD5", "x")[len("{CRAM-MD5}"):],
+        "SCRAM-SHA-256": sasl_schemes.ScramKeys.from_password("x", 5000, b"salt1234salt1234").encode(),
+    }[scheme]
+
+
+@pytest.mark.parametrize("scheme", REGISTRY.names())
+def test_every_scheme_has_a_decoy_of_the_same_shape(scheme: str) -> None:
+    entry = REGISTRY.entry(scheme)
+    assert entry is not None and entry.shape is not None and entry.decoy is not None
+    template = _cheap(scheme)
+    decoy = entry.decoy(template, b"\x01" * 32)
+    assert entry.shape(decoy) == entry.shape(template)  # same algorithm and cost parameters
+    assert decoy != template and not verify(scheme, decoy, "x")
+    assert entry.decoy(template, b"\x02" * 32) != decoy or not entry.cheap_decoy  # per-name when cheap
+
+
+def test_shape_rejects_malformed_secrets() -> None:
+    for scheme, bad in [("SHA512-CRYPT", "nonsense"), ("BLF-CRYPT", "$2b$99$x"), ("ARGON2ID", "$argon2id$bad"),
+                        ("CRYPT", "$y$yescrypt"), ("SCRAM-SHA-256", "1,2"), ("CRAM-MD5", "abcd")]:
+        entry = REGISTRY.entry(scheme)
+        assert entry is not None and entry.shape is not None
+        with pytest.raises(ValueError):
+            entry.shape(bad)

@@ -9,11 +9,14 @@ if TYPE_CHECKING:
     from pop3d.config import AuthSettings
 
 
-def build_auth(cfg: AuthSettings) -> Authenticator:
+def build_auth(cfg: AuthSettings, secret: bytes | None = None) -> Authenticator:
     """The user database the `[auth]` section names; today always a Dovecot-style passwd-file.
 
+    `secret`: the server secret (`pop3d.auth.state_secret.load_or_create(settings.server.state_dir)`, read
+    once per start before workers fork, and passed again on reload) from which decoys for unknown users are
+    derived; None: a random one, so decoys change with every call.
     OSError (naming the path) when the file cannot be read: at start-up that is fatal, on reload it is refused.
     """
     from pop3d.auth.passwd_file import PasswdFileAuthenticator
 
-    return PasswdFileAuthenticator(cfg.passwd_file)
+    return PasswdFileAuthenticator(cfg.passwd_file, secret=secret, max_password_length=cfg.max_password_length)

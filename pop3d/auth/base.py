@@ -2,12 +2,27 @@
 
 The POP3 handlers only see `Authenticator`. Password-file formats and hash schemes stay behind it, so SASL
 and other user databases plug in without touching the protocol code.
+
+No answer may tell an unknown user from a wrong password, by its text *or its timing* (RFC 1939 §13, RFC 5802
+§9): every path that needs stored credentials also runs, for a name that does not exist, on a `Decoy` shaped
+like a real entry, and succeeds only for real credentials.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+T = TypeVar("T")
+
+#: Key for `Authenticator.decoy`'s default: random per process (pop3d.auth.state_secret keeps a stable one).
+_PROCESS_KEY: Final[bytes] = os.urandom(32)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,19 +49,77 @@ class Credentials:
         return self.secret if self.scheme in ("PLAIN", "CLEARTEXT") else None
 
 
+@dataclass(frozen=True, slots=True)
+class Decoy:
+    """Stand-in credentials for one name, the same every time for that name (and across restarts when the
+    server keeps a secret, pop3d.auth.state_secret).
+
+    `creds` is shaped like a real entry (scheme and cost parameters) for a password nobody knows: code run on
+    it costs what it costs on a real entry, but must never let anybody in. `key` is 32 octets derived from
+    the server secret and the name, for values a mechanism must derive per user (the SCRAM salt of a user
+    whose stored secret cannot do SCRAM, RFC 5802 §9).
+    """
+
+    creds: Credentials
+    key: bytes
+
+
+def name_bytes(name: str) -> bytes:
+    """A user name as octets for hashing; never raises, whatever the name holds (lone surrogates included)."""
+    return name.encode("utf-8", "surrogatepass")
+
+
 class Authenticator(abc.ABC):
     """A user database. Implementations must not block the event loop (hash checks go to a thread).
 
-    Optional hooks have no-op defaults here, so callers just call them.
+    Optional hooks have working defaults here, so callers just call them.
     """
 
     @abc.abstractmethod
     async def lookup(self, name: str) -> Credentials | None:
-        """The stored credentials of `name`, or None when there is no such user."""
+        """The stored credentials of `name`, or None when there is no such user (or the name is not one)."""
 
     @abc.abstractmethod
     async def verify(self, name: str, password: str) -> User | None:
-        """The user when `password` is right; None for a wrong password *or* an unknown user."""
+        """The user when `password` is right; None for a wrong password *or* an unknown user, in the same time."""
 
     def reload_soon(self) -> None:  # noqa: B027 - an optional hook: doing nothing is the right default
         """Re-read the user database before the next lookup (SIGHUP), even if it looks unchanged."""
+
+    def decoy(self, name: str) -> Decoy:
+        """Stand-in credentials for `name`. Cheap (no hashing); computed for real names too, so both cost alike.
+
+        This default is a {PLAIN} decoy keyed per process; user databases override it to imitate their entries.
+        """
+        key = hmac.new(_PROCESS_KEY, b"user\0" + name_bytes(name), hashlib.sha256).digest()
+        return Decoy(Credentials(User(name=name), "PLAIN", key.hex()), key)
+
+    async def with_credentials(self, name: str, fn: Callable[[Credentials | None, Decoy], T]) -> T:
+        """`fn(credentials or None, decoy)` run off the event loop: the SASL `Lookup` step.
+
+        The handler calls `await auth.with_credentials(step.authcid, mech.resume)` where it used to call
+        `lookup` and then `mech.resume(creds)`: the mechanism then does the same work for an unknown user (on
+        the decoy) as for a real one, and `fn` may hash (SCRAM from {PLAIN} runs PBKDF2).
+        """
+        creds = await self.lookup(name)
+        decoy = self.decoy(name)
+        return await asyncio.to_thread(fn, creds, decoy)
+
+    async def verify_apop(self, name: str, timestamp: str, digest: str) -> User | None:
+        """APOP (RFC 1939 §7): the user when `digest` is MD5(timestamp + shared secret) in lower-case hex.
+
+        Only {PLAIN} secrets can answer; an unknown user runs the same steps on its decoy, and fails.
+        """
+        creds = await self.lookup(name)
+        return apop_check(creds, self.decoy(name), timestamp, digest)
+
+
+def apop_check(creds: Credentials | None, decoy: Decoy, timestamp: str, digest: str) -> User | None:
+    """The APOP comparison on `creds`, or on the decoy's credentials when there are none (same work)."""
+    source = creds if creds is not None else decoy.creds
+    secret = source.plaintext()
+    if secret is None:  # a hashed secret cannot answer APOP, real or decoy alike
+        return None
+    expected = hashlib.md5((timestamp + secret).encode("utf-8", "surrogateescape")).hexdigest()
+    ok = hmac.compare_digest(expected.encode(), digest.lower().encode("utf-8", "surrogatepass"))
+    return creds.user if ok and creds is not None else None

@@ -11,11 +11,11 @@ import logging
 from typing import Any, Final
 
 import bcrypt
-from argon2 import PasswordHasher, Type
+from argon2 import PasswordHasher, Type, extract_parameters
 from argon2.exceptions import InvalidHashError, VerificationError
 from passlib.hash import md5_crypt, sha256_crypt, sha512_crypt
 
-from pop3d.auth.scheme_entry import HashFn, SchemeEntry, VerifyFn
+from pop3d.auth.scheme_entry import DecoyFn, HashFn, SchemeEntry, ShapeFn, VerifyFn
 from pop3d.auth.scheme_entry import password_bytes as _b
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,100 @@ def _argon2i_hash(password: str) -> str:
     return _argon2_i.hash(_b(password))
 
 
+# --- decoys: hashes of the same shape as a stored one, for unknown users (pop3d.auth.decoys) -----------------
+
+_CRYPT_SALT_CHARS: Final[str] = "./0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _crypt_salt(seed: bytes, length: int) -> str:
+    return "".join(_CRYPT_SALT_CHARS[b % 64] for b in (seed * 2)[:length])
+
+
+def _sha_fields(secret: str) -> tuple[int, int]:
+    """(rounds, salt length) of "$5$/$6$[rounds=N$]salt$hash"; rounds default 5000 as in glibc."""
+    parts = secret.split("$")
+    if len(parts) < 4 or parts[0] != "":
+        raise ValueError("not a SHA-crypt hash")
+    rounds = 5000
+    if parts[2].startswith("rounds="):
+        rounds = int(parts[2][7:])
+        parts.pop(2)
+    return min(max(rounds, 1000), 999_999_999), min(max(len(parts[2]), 1), 16)  # glibc clamps the same way
+
+
+def _sha_shape(secret: str) -> str:
+    rounds, salt_len = _sha_fields(secret)
+    return f"rounds={rounds},salt={salt_len}"
+
+
+def _sha_decoy(handler: Any) -> DecoyFn:
+    def _decoy(template: str, seed: bytes) -> str:
+        rounds, salt_len = _sha_fields(template)
+        return str(handler.using(rounds=rounds, salt=_crypt_salt(seed, salt_len)).hash(seed.hex()))
+
+    return _decoy
+
+
+def _md5_crypt_shape(secret: str) -> str:
+    if not secret.startswith("$1$"):
+        raise ValueError("not an MD5-crypt hash")
+    return ""
+
+
+def _md5_crypt_decoy(template: str, seed: bytes) -> str:
+    return str(md5_crypt.using(salt=_crypt_salt(seed, 8)).hash(seed.hex()))
+
+
+def _bcrypt_fields(secret: str) -> tuple[str, int]:
+    """("$2b$", cost) of a bcrypt hash."""
+    if not secret.startswith(_BCRYPT_PREFIXES) or len(secret) < 7 or secret[6] != "$":
+        raise ValueError("not a bcrypt hash")
+    cost = int(secret[4:6])
+    if not 4 <= cost <= 31:
+        raise ValueError("bcrypt cost out of range")
+    return secret[:4], cost
+
+
+def _bcrypt_shape(secret: str) -> str:
+    prefix, cost = _bcrypt_fields(secret)
+    return f"{prefix}{cost}"
+
+
+def _bcrypt_decoy(template: str, seed: bytes) -> str:
+    prefix, cost = _bcrypt_fields(template)
+    made = bcrypt.hashpw(seed.hex().encode("ascii"), bcrypt.gensalt(rounds=cost, prefix=b"2b")).decode("ascii")
+    return prefix + made[4:]  # $2a$/$2b$/$2y$ differ in how a hash was made, not in what checking costs
+
+
+def _argon2_shape(prefix: str) -> ShapeFn:
+    def _shape(secret: str) -> str:
+        if not secret.startswith(prefix):
+            raise ValueError("not an Argon2 hash of this variant")
+        try:
+            p = extract_parameters(secret)
+        except InvalidHashError:
+            raise ValueError("malformed Argon2 hash") from None
+        return f"v={p.version},m={p.memory_cost},t={p.time_cost},p={p.parallelism},h={p.hash_len},s={p.salt_len}"
+
+    return _shape
+
+
+def _argon2_decoy(template: str, seed: bytes) -> str:
+    try:
+        params = extract_parameters(template)
+    except InvalidHashError:
+        raise ValueError("malformed Argon2 hash") from None
+    return PasswordHasher.from_parameters(params).hash(seed.hex())
+
+
+def _plain_decoy(template: str, seed: bytes) -> str:
+    return seed.hex()
+
+
+def _no_parameters(secret: str) -> str:
+    return ""
+
+
 # crypt(3)-style detection for CRYPT (and passwd-file entries without braces): the "$id$" prefix picks the
 # algorithm.
 _CRYPT_PREFIXES: Final[tuple[tuple[str, VerifyFn], ...]] = (
@@ -125,6 +219,35 @@ _CRYPT_PREFIXES: Final[tuple[tuple[str, VerifyFn], ...]] = (
 )
 
 
+#: CRYPT's prefixes -> (shape, decoy) of the algorithm they name
+_CRYPT_DECOYS: Final[tuple[tuple[str, ShapeFn, DecoyFn], ...]] = (
+    ("$6$", _sha_shape, _sha_decoy(sha512_crypt)),
+    ("$5$", _sha_shape, _sha_decoy(sha256_crypt)),
+    ("$1$", _md5_crypt_shape, _md5_crypt_decoy),
+    ("$2a$", _bcrypt_shape, _bcrypt_decoy),
+    ("$2b$", _bcrypt_shape, _bcrypt_decoy),
+    ("$2y$", _bcrypt_shape, _bcrypt_decoy),
+    ("$argon2id$", _argon2_shape("$argon2id$"), _argon2_decoy),
+    ("$argon2i$", _argon2_shape("$argon2i$"), _argon2_decoy),
+)
+
+
+def _crypt_algorithm(secret: str) -> tuple[str, ShapeFn, DecoyFn]:
+    for entry in _CRYPT_DECOYS:
+        if secret.startswith(entry[0]):
+            return entry
+    raise ValueError("unsupported crypt format")
+
+
+def _crypt_shape(secret: str) -> str:
+    prefix, shape, _decoy = _crypt_algorithm(secret)
+    return prefix + shape(secret)
+
+
+def _crypt_decoy(template: str, seed: bytes) -> str:
+    return _crypt_algorithm(template)[2](template, seed)
+
+
 def _crypt_verify(secret: str, password: str) -> bool:
     for prefix, fn in _CRYPT_PREFIXES:
         if secret.startswith(prefix):
@@ -135,12 +258,14 @@ def _crypt_verify(secret: str, password: str) -> bool:
 
 
 ENTRIES: Final[tuple[SchemeEntry, ...]] = (
-    SchemeEntry("PLAIN", _plain_verify, _plain_hash),
-    SchemeEntry("SHA512-CRYPT", _sha512_verify, _sha512_hash),
-    SchemeEntry("SHA256-CRYPT", _sha256_verify, _sha256_hash),
-    SchemeEntry("MD5-CRYPT", _md5_crypt_verify),
-    SchemeEntry("BLF-CRYPT", _bcrypt_verify, _bcrypt_hash),
-    SchemeEntry("ARGON2ID", _argon2id_verify, _argon2id_hash),
-    SchemeEntry("ARGON2I", _argon2i_verify, _argon2i_hash, offered=False),  # ARGON2ID is the one to pick
-    SchemeEntry("CRYPT", _crypt_verify),  # verify-only: which algorithm would a new hash be?
+    SchemeEntry("PLAIN", _plain_verify, _plain_hash, shape=_no_parameters, decoy=_plain_decoy, cheap_decoy=True),
+    SchemeEntry("SHA512-CRYPT", _sha512_verify, _sha512_hash, shape=_sha_shape, decoy=_sha_decoy(sha512_crypt)),
+    SchemeEntry("SHA256-CRYPT", _sha256_verify, _sha256_hash, shape=_sha_shape, decoy=_sha_decoy(sha256_crypt)),
+    SchemeEntry("MD5-CRYPT", _md5_crypt_verify, shape=_md5_crypt_shape, decoy=_md5_crypt_decoy),
+    SchemeEntry("BLF-CRYPT", _bcrypt_verify, _bcrypt_hash, shape=_bcrypt_shape, decoy=_bcrypt_decoy),
+    SchemeEntry("ARGON2ID", _argon2id_verify, _argon2id_hash, shape=_argon2_shape("$argon2id$"),
+                decoy=_argon2_decoy),
+    SchemeEntry("ARGON2I", _argon2i_verify, _argon2i_hash, offered=False,  # ARGON2ID is the one to pick
+                shape=_argon2_shape("$argon2i$"), decoy=_argon2_decoy),
+    SchemeEntry("CRYPT", _crypt_verify, shape=_crypt_shape, decoy=_crypt_decoy),  # verify-only: which algorithm?
 )

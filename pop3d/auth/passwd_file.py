@@ -4,13 +4,20 @@ Line format: `user:{SCHEME}secret[:uid:gid:gecos:home:shell:extra_fields]`, extr
 `key=value` (or bare `key`) tokens. A password without `{SCHEME}` is CRYPT, as in Dovecot.
 The file is the operator's to edit while the server runs: a bad line costs that one account (with a warning
 naming file and line, never the secret), and a file that vanishes or turns unreadable leaves the last good
-copy in service, so a botched edit or a non-atomic rewrite cannot lock everybody out.
+copy in service, so a botched edit cannot lock everybody out.
+
+A rewrite in place (truncate, then write) can be read half-done. So a read never replaces the table in force
+when the file changed while it was read, and while the file is fresh (modified less than `settle` seconds
+ago) a read only adds and changes entries: an incomplete last line is ignored and users missing from it are
+kept from the previous table until the file has settled. An empty file never replaces a non-empty table
+unless a reload is asked for (SIGHUP). Atomic replacement (write a new file, rename it) needs none of this.
+
+Unknown users, and names that cannot be user names, cost what real ones cost (pop3d.auth.decoys).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import functools
 import grp
 import logging
@@ -24,9 +31,10 @@ from pathlib import Path
 from typing import Final, NamedTuple, TypeVar
 
 from pop3d.auth import schemes
-from pop3d.auth.base import Authenticator, Credentials, User
+from pop3d.auth.base import Authenticator, Credentials, Decoy, User
+from pop3d.auth.decoys import Decoys
 
-__all__ = ["PasswdFileAuthenticator"]
+__all__ = ["DEFAULT_MAX_PASSWORD_LENGTH", "MAX_NAME_OCTETS", "PasswdFileAuthenticator", "plausible_name"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +42,12 @@ T = TypeVar("T")
 
 #: Schemes cheap enough to check on the event loop; everything else goes to the hash pool.
 _INLINE_SCHEMES: Final[frozenset[str]] = frozenset({"PLAIN", "CLEARTEXT"})
-_DUMMY_PASSWORD: Final[str] = "pop3d timing-equaliser dummy password"
+#: Longer passwords fail like wrong ones without being hashed (SHA-crypt's cost grows with the length).
+DEFAULT_MAX_PASSWORD_LENGTH: Final[int] = 1024
+#: Longer names are no user names (RFC 5321 §4.5.3.1.3 allows 256 octets for a whole address path).
+MAX_NAME_OCTETS: Final[int] = 255
+#: Seconds after its last modification a file may still be mid-rewrite.
+DEFAULT_SETTLE: Final[float] = 2.0
 
 
 class _FileId(NamedTuple):
@@ -54,12 +67,31 @@ class _Malformed(ValueError):
     """A line that cannot become an account. The message must never contain the secret."""
 
 
+class _Changing(OSError):
+    """The file changed while it was being read."""
+
+
+def plausible_name(name: str) -> bool:
+    """False for what cannot be a user name: empty, over MAX_NAME_OCTETS, not UTF-8 (lone surrogates from
+    undecodable input), control characters, '/', or '..'. Such names are unknown users, never errors."""
+    if not name or len(name) > MAX_NAME_OCTETS:
+        return False
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return (len(raw) <= MAX_NAME_OCTETS and "/" not in name and ".." not in name
+            and not any(b < 0x20 or b == 0x7F for b in raw))
+
+
+def _too_long(password: str, limit: int) -> bool:
+    return len(password) > limit or len(password.encode("utf-8", "surrogatepass")) > limit
+
+
 # --- hash pool ---------------------------------------------------------------------------------------------
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-_dummy_hashes: dict[str, str] = {}
-_dummy_lock = threading.Lock()
 
 
 def _hash_pool() -> ThreadPoolExecutor:
@@ -69,21 +101,6 @@ def _hash_pool() -> ThreadPoolExecutor:
         if _pool is None:
             _pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="pop3d-hash")
         return _pool
-
-
-def _dummy_secret(scheme: str) -> str:
-    """A hash of a fixed password in `scheme`, made once per process, to spend real time on unknown users."""
-    with _dummy_lock:
-        secret = _dummy_hashes.get(scheme)
-        if secret is None:
-            secret = schemes.split_scheme(schemes.hash_password(scheme, _DUMMY_PASSWORD))[1]
-            _dummy_hashes[scheme] = secret
-        return secret
-
-
-def _burn(scheme: str, password: str) -> None:
-    """Do the work of a failed check so an unknown user costs what a known one does."""
-    schemes.verify(scheme, _dummy_secret(scheme), password)
 
 
 # --- parsing -----------------------------------------------------------------------------------------------
@@ -119,6 +136,8 @@ def _parse_line(line: str) -> Credentials:
     name, stored = parts[0], parts[1]
     if not name:
         raise _Malformed("empty user name")
+    if not plausible_name(name):
+        raise _Malformed("user name with '/', '..', control characters or over 255 octets")
     scheme, secret = schemes.split_scheme(stored)
     if not secret:
         raise _Malformed("empty password")  # never "anyone may log in": the account is simply not loaded
@@ -161,18 +180,16 @@ def _parse(path: Path, data: bytes) -> dict[str, Credentials]:
     return table
 
 
-def _read(path: Path) -> tuple[dict[str, Credentials], _FileId]:
-    """Read and parse; the id comes from the open descriptor, so it describes exactly the bytes parsed."""
+def _read(path: Path) -> tuple[bytes, _FileId, float]:
+    """(content, id, mtime) in one open; _Changing when the file changed under the read (a writer is busy)."""
     with open(path, "rb") as f:
-        file_id = _FileId.of(os.fstat(f.fileno()))
+        before = os.fstat(f.fileno())
         data = f.read()
-    return _parse(path, data), file_id
-
-
-def _most_common_scheme(users: dict[str, Credentials]) -> str:
-    """The scheme most entries use (known schemes only); the default scheme for an empty file."""
-    counts = collections.Counter(c.scheme for c in users.values() if schemes.is_known(c.scheme))
-    return counts.most_common(1)[0][0] if counts else schemes.DEFAULT_SCHEME
+        after = os.fstat(f.fileno())
+    file_id = _FileId.of(before)
+    if _FileId.of(after) != file_id or len(data) != before.st_size:
+        raise _Changing(f"{path} changed while it was read")
+    return data, file_id, before.st_mtime
 
 
 # --- the authenticator -------------------------------------------------------------------------------------
@@ -186,50 +203,84 @@ class PasswdFileAuthenticator(Authenticator):
         path: str | Path,
         *,
         min_check_interval: float = 1.0,
-        dummy_scheme: str | None = None,
         executor: Executor | None = None,
+        secret: bytes | None = None,
+        max_password_length: int = DEFAULT_MAX_PASSWORD_LENGTH,
+        settle: float = DEFAULT_SETTLE,
     ) -> None:
         """Load `path` now, so a missing or unreadable file fails at startup (OSError with the path in it).
 
         `min_check_interval`: seconds between stat() calls looking for changes (0: every lookup).
-        `dummy_scheme`: scheme of the hash checked for unknown users; by default the file's most common
-        scheme, so an unknown user costs what a known one does.
         `executor`: where slow hash checks run; default is a small process-wide pool.
+        `secret`: the server secret decoys derive from (pop3d.auth.state_secret); None: random, for this
+        object only. `max_password_length`: octets; longer passwords fail unhashed. `settle`: see the module.
         """
         self._path = Path(path)
         self._min_check_interval = min_check_interval
-        self._dummy_scheme = schemes.canonical(dummy_scheme) if dummy_scheme else None
         self._executor = executor
-        self._users, self._file_id = _read(self._path)
+        self._max_password_length = max_password_length
+        self._settle = settle
+        self._decoys = Decoys(secret if secret is not None else os.urandom(32))
+        data, self._file_id = self._first_read()
+        self._users = _parse(self._path, data)
+        self._decoys.update(self._users.values())
         self._last_check = time.monotonic()
+        self._settle_at: float | None = None  # wall time after which a fresh read is read again, in full
+        self._forced = False  # reload_soon(): an empty file may replace the table
         self._unavailable_warned = False
+        self._noted: object = None  # the last partial-read event logged, so each is logged once
         self._reload_lock = asyncio.Lock()
         log.info("passwd-file %s: %d users", self._path, len(self._users))
+
+    def _first_read(self) -> tuple[bytes, _FileId]:
+        for _ in range(5):
+            try:
+                data, file_id, _mtime = _read(self._path)
+                return data, file_id
+            except _Changing:
+                time.sleep(0.05)
+        with open(self._path, "rb") as f:  # still busy: take what is there; the next change is read again
+            return f.read(), _FileId.of(os.fstat(f.fileno()))
 
     @property
     def path(self) -> Path:
         return self._path
 
     async def lookup(self, name: str) -> Credentials | None:
-        """The stored credentials of `name`, from the file as of at most `min_check_interval` ago."""
+        """The stored credentials of `name`, from the file as of at most `min_check_interval` ago.
+
+        None for an unknown user and for anything that cannot be a user name (`plausible_name`).
+        """
         await self._refresh()
+        if not plausible_name(name):
+            return None
         return self._users.get(name)
 
+    def decoy(self, name: str) -> Decoy:
+        """Stand-in credentials imitating this file's entries (pop3d.auth.decoys); cheap, never raises."""
+        return self._decoys.for_name(name)
+
     async def verify(self, name: str, password: str) -> User | None:
-        """The user when `password` is right; None otherwise, in about the same time whether or not `name` exists."""
+        """The user when `password` is right; None otherwise, in the same time whether or not `name` exists.
+
+        An unknown user's password is checked against its decoy, a hash of the same shape as a real entry,
+        by the same code. Passwords over `max_password_length` octets fail unhashed, for everybody.
+        """
         creds = await self.lookup(name)
-        if creds is None:
-            scheme = self._dummy_scheme or _most_common_scheme(self._users)
-            if scheme in _INLINE_SCHEMES:
-                _burn(scheme, password)
-            else:
-                await self._in_pool(_burn, scheme, password)
+        decoy = self._decoys.for_name(name)  # for real names too: both paths do the same work
+        source = creds if creds is not None else decoy.creds
+        if _too_long(password, self._max_password_length):
             return None
-        if creds.scheme in _INLINE_SCHEMES:
-            ok = self._check(creds, password)
+        if source.scheme in _INLINE_SCHEMES:
+            ok = self._check(source, password)
         else:
-            ok = await self._in_pool(self._check, creds, password)
-        return creds.user if ok else None
+            ok = await self._in_pool(self._check, source, password)
+        return creds.user if ok and creds is not None else None
+
+    async def with_credentials(self, name: str, fn: Callable[[Credentials | None, Decoy], T]) -> T:
+        """`Authenticator.with_credentials`, run in the hash pool (SCRAM from {PLAIN} runs PBKDF2)."""
+        creds = await self.lookup(name)
+        return await self._in_pool(fn, creds, self._decoys.for_name(name))
 
     def _check(self, creds: Credentials, password: str) -> bool:
         try:
@@ -251,6 +302,7 @@ class PasswdFileAuthenticator(Authenticator):
         """Re-read the file at the next lookup even if its stat looks unchanged (SIGHUP)."""
         self._last_check = float("-inf")
         self._file_id = None  # type: ignore[assignment]
+        self._forced = True
 
     async def _refresh(self) -> None:
         """Re-read the file if it changed; rate-limited, and one reload at a time."""
@@ -267,10 +319,15 @@ class PasswdFileAuthenticator(Authenticator):
     def _reload_if_changed(self) -> tuple[dict[str, Credentials], _FileId] | None:
         """(new table, id) when the file changed and could be read; None to keep the current table."""
         try:
-            if _FileId.of(os.stat(self._path)) == self._file_id:
+            if _FileId.of(os.stat(self._path)) == self._file_id and (
+                self._settle_at is None or time.time() < self._settle_at
+            ):
                 self._available_again()
                 return None
-            loaded = _read(self._path)
+            data, file_id, mtime = _read(self._path)
+        except _Changing:
+            self._note(("changing", self._file_id), "is being written; keeping the %d users in force, retrying")
+            return None
         except OSError as exc:
             if not self._unavailable_warned:
                 self._unavailable_warned = True
@@ -282,8 +339,43 @@ class PasswdFileAuthenticator(Authenticator):
                 )
             return None
         self._available_again()
-        log.info("passwd-file %s: reloaded, %d users", self._path, len(loaded[0]))
-        return loaded
+        table = self._merge(data, file_id, mtime)
+        if table is None:
+            return None
+        self._forced = False
+        self._decoys.update(table.values())
+        log.info("passwd-file %s: reloaded, %d users", self._path, len(table))
+        return table, file_id
+
+    def _merge(self, data: bytes, file_id: _FileId, mtime: float) -> dict[str, Credentials] | None:
+        """The table to put in force after reading `data`, or None to keep the current one (see the module)."""
+        old = self._users
+        age = time.time() - mtime
+        fresh = -self._settle < age < self._settle
+        complete = data.endswith(b"\n") or not data
+        if fresh and not complete:
+            data = data[: data.rfind(b"\n") + 1]  # the last line may still be growing
+        new = _parse(self._path, data)
+        if not new and old and not self._forced:
+            self._settle_at = None
+            self._note(("empty", file_id), "has no users; keeping the %d in force (SIGHUP applies an empty file)")
+            return None
+        missing = old.keys() - new.keys() if fresh else set()
+        if fresh and (missing or not complete):
+            self._settle_at = mtime + self._settle
+            self._note(("fresh", file_id), "looks partly written; until it settles, users it lacks stay "
+                       "from the previous copy (%d in force)")
+            for name in missing:
+                new[name] = old[name]
+        else:
+            self._settle_at = None
+        return new
+
+    def _note(self, event: object, message: str) -> None:
+        """Log `message` (with the table size) once per distinct event."""
+        if event != self._noted:
+            self._noted = event
+            log.warning("passwd-file %s " + message, self._path, len(self._users))
 
     def _available_again(self) -> None:
         if self._unavailable_warned:

@@ -1,7 +1,29 @@
 """Brute-force penalty per remote address: each consecutive failed login waits longer, success resets it.
 
-Dovecot's numbers (auth penalty): 2 s after the first failure, doubling, at most 15 s. The wait is an
-`asyncio.sleep` in the failing session only, so the loop and other clients never notice. The table is
+Dovecot's numbers (auth penalty): 2 s after the first failure, doubling, at most 15 s. While an address is
+under penalty *every* authentication answer to it waits, the right password included: if only failures
+waited, a client could take silence for "wrong" and reconnect. The history is per address, not per
+connection, so hanging up neither cancels nor resets it. The wait is an `asyncio.sleep` in the answering
+session only, so the loop and other clients never notice.
+
+How a handler uses it (`now` is time.monotonic(); `peer` the client address, after PROXY protocol):
+
+- failed authentication (any mechanism, unknown user or wrong secret alike)::
+
+      wait = penalty.fail(peer, now)      # recorded at once: a hang-up during the wait changes nothing
+      await asyncio.sleep(wait)
+      reply -ERR [AUTH]; after auth.max_failures_per_connection failures on this connection, close it
+
+- successful authentication, before *any* reply that follows it (+OK, but also -ERR [LOGIN-DELAY],
+  [IN-USE], [SYS/...], which all tell that the password was right)::
+
+      wait = penalty.delay(peer, now)     # what a failure would have waited: the answers look alike
+      await asyncio.sleep(wait)
+      penalty.succeed(peer)               # only after the wait: a hang-up keeps the penalty in force
+      go on with the login
+
+IPv6 clients usually own a whole /64, so IPv6 addresses count per /64; an IPv4-mapped IPv6 address counts as
+the IPv4 address. The table is
 bounded: entries idle for `forget_after` seconds are dropped, and past `max_entries` the oldest go first,
 so an attacker cycling addresses costs memory O(max_entries), not O(addresses). With worker processes the
 history lives in a fixed-size shared-memory table instead (`SharedPenalty` over a `SharedTable` the worker
@@ -12,6 +34,7 @@ workers.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import mmap
 import os
 import struct
@@ -20,6 +43,19 @@ from typing import Final
 
 DEFAULT_FORGET_AFTER: Final[float] = 3600.0
 DEFAULT_MAX_ENTRIES: Final[int] = 65536
+
+
+def penalty_key(address: str) -> str:
+    """The key an address is counted under: IPv4 as is, IPv6 by its /64, anything unparsable verbatim."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 class Penalty:
@@ -36,10 +72,20 @@ class Penalty:
         self._table: OrderedDict[str, tuple[int, float]] = OrderedDict()  # address -> (failures, last failure)
 
     def failures(self, address: str, now: float) -> int:
-        entry = self._table.get(address)
+        """Consecutive failures from `address` not yet forgotten at `now`."""
+        entry = self._table.get(penalty_key(address))
         if entry is None or now - entry[1] > self.forget_after:
             return 0
         return entry[0]
+
+    def delay(self, address: str, now: float) -> float:
+        """Seconds *any* authentication answer to `address` must wait at `now`, success included.
+
+        0 when the address is not under penalty; otherwise what `fail` would return now, so a right and a
+        wrong password are answered after the same wait. Records nothing (call `succeed` after the wait).
+        """
+        failures = self.failures(address, now)
+        return self.delay_for(failures + 1) if failures else 0.0
 
     def delay_for(self, failures: int) -> float:
         """Seconds to wait after the `failures`-th consecutive failure: base, 2·base, 4·base … capped."""
@@ -48,16 +94,17 @@ class Penalty:
         return min(self.base * (1 << min(failures - 1, 32)), self.maximum)
 
     def fail(self, address: str, now: float) -> float:
-        """Record a failure; return how long to hold the -ERR reply back."""
+        """Record a failure at once; return how long to hold the -ERR reply back."""
         count = self.failures(address, now) + 1
-        self._table[address] = (count, now)
-        self._table.move_to_end(address)
+        key = penalty_key(address)
+        self._table[key] = (count, now)
+        self._table.move_to_end(key)
         self._trim(now)
         return self.delay_for(count)
 
     def succeed(self, address: str) -> None:
-        """A successful login from `address` clears its record (Dovecot does the same)."""
-        self._table.pop(address, None)
+        """Clear the record of `address` (Dovecot does the same); call it once the success has waited `delay`."""
+        self._table.pop(penalty_key(address), None)
 
     def __len__(self) -> int:
         return len(self._table)
@@ -127,16 +174,16 @@ class SharedPenalty(Penalty):
         self.table = table
 
     def failures(self, address: str, now: float) -> int:
-        count, last = self.table.get(address)
+        count, last = self.table.get(penalty_key(address))
         return 0 if count == 0 or now - last > self.forget_after else count
 
     def fail(self, address: str, now: float) -> float:
         count = self.failures(address, now) + 1
-        self.table.put(address, count, now)
+        self.table.put(penalty_key(address), count, now)
         return self.delay_for(count)
 
     def succeed(self, address: str) -> None:
-        self.table.clear(address)
+        self.table.clear(penalty_key(address))
 
     def __len__(self) -> int:
         return self.table.used()

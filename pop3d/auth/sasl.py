@@ -7,7 +7,9 @@ A mechanism is fed the client's decoded responses and answers with one `Step`:
 - `Success(user)` or `Failure(reason)`.
 So every mechanism is tested with bytes in, steps out (tests/test_sasl.py), and the user database stays
 behind pop3d.auth.base.Authenticator. No mechanism ever says whether a user exists: unknown user and wrong
-secret end in the same Failure, at the same step.
+secret end in the same Failure, at the same step, after the same work: `resume` gets a `Decoy` along with
+the credentials (`Authenticator.with_credentials`) and, for an unknown user, runs on the decoy's credentials
+exactly what it runs on real ones, then fails.
 """
 
 from __future__ import annotations
@@ -24,10 +26,10 @@ from typing import Final, Protocol
 import scramp
 
 from pop3d.auth import cram_md5
-from pop3d.auth.base import Credentials, User
+from pop3d.auth.base import Credentials, Decoy, User, name_bytes
 from pop3d.auth.mechanisms import KNOWN as KNOWN  # re-exported: callers name mechanisms as sasl.KNOWN
 from pop3d.auth.mechanisms import PLAINTEXT as PLAINTEXT
-from pop3d.auth.sasl_schemes import ScramKeys
+from pop3d.auth.sasl_schemes import SCRAM_ITERATIONS, ScramKeys
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +75,9 @@ class Mechanism(Protocol):
         """The client's next (base64-decoded) response."""
         ...
 
-    def resume(self, creds: Credentials | None) -> Step:
-        """Continue after a `Lookup` with what the user database has (None: no such user)."""
+    def resume(self, creds: Credentials | None, decoy: Decoy | None = None) -> Step:
+        """Continue after a `Lookup` with what the user database has (None: no such user) and the name's
+        decoy (`Authenticator.decoy`; None: a per-process one, which changes at restart)."""
         ...
 
 
@@ -88,8 +91,17 @@ def _text(data: bytes) -> str | None:
 class _Base:
     name = ""
 
-    def resume(self, creds: Credentials | None) -> Step:
+    def resume(self, creds: Credentials | None, decoy: Decoy | None = None) -> Step:
         return Failure(f"{self.name}: unexpected lookup")
+
+
+#: Per-process key for decoys when the caller passes none (the Authenticator's are stable across restarts).
+_FAKE_KEY: Final[bytes] = os.urandom(32)
+
+
+def _fallback_decoy(name: str) -> Decoy:
+    key = hmac.new(_FAKE_KEY, b"user\0" + name_bytes(name), hashlib.sha256).digest()
+    return Decoy(Credentials(User(name=name), "PLAIN", key.hex()), key)
 
 
 class Plain(_Base):
@@ -157,28 +169,27 @@ class CramMd5(_Base):
         self._user, self._digest = user, digest.lower()
         return Lookup(user)
 
-    def resume(self, creds: Credentials | None) -> Step:
+    def resume(self, creds: Credentials | None, decoy: Decoy | None = None) -> Step:
+        # an unknown user's decoy goes through the very same steps as a real entry
+        source = creds if creds is not None else (decoy or _fallback_decoy(self._user or "")).creds
         expected = None
-        if creds is not None:
-            secret = creds.plaintext()
-            try:
-                if secret is not None:
-                    expected = cram_md5.digest_from_password(secret, self.challenge)
-                elif creds.scheme == "CRAM-MD5":
-                    expected = cram_md5.digest_from_context(creds.secret, self.challenge)
-            except ValueError:
-                expected = None
-            if expected is None:
-                return Failure(f"CRAM-MD5: stored {{{creds.scheme}}} secret cannot answer CRAM-MD5", self._user)
-        # compare even for an unknown user, so both paths do the same work
-        ok = hmac.compare_digest(expected or "0" * 32, self._digest) and expected is not None
+        secret = source.plaintext()
+        try:
+            if secret is not None:
+                expected = cram_md5.digest_from_password(secret, self.challenge)
+            elif source.scheme == "CRAM-MD5":
+                expected = cram_md5.digest_from_context(source.secret, self.challenge)
+        except ValueError:
+            expected = None
+        if expected is None:
+            why = f"stored {{{source.scheme}}} secret cannot answer CRAM-MD5" if creds else "unknown user"
+            return Failure(f"CRAM-MD5: {why}", self._user)
+        ok = hmac.compare_digest(expected.encode(), self._digest.encode("utf-8", "surrogatepass"))
         if ok and creds is not None:
             return Success(creds.user)
         return Failure("CRAM-MD5: wrong digest or unknown user", self._user)
 
 
-#: Per-process key for deterministic fake salts (RFC 5802 §9: an unknown user must look like a known one).
-_FAKE_KEY: Final[bytes] = os.urandom(32)
 _SCRAM = scramp.ScramMechanism("SCRAM-SHA-256")
 
 
@@ -231,29 +242,32 @@ class ScramSha256(_Base):
         self._client_first, self._user = text, user
         return Lookup(user)
 
-    def _keys(self, creds: Credentials | None) -> ScramKeys | None:
-        if creds is None:
-            return None
+    @staticmethod
+    def _keys(creds: Credentials, key: bytes) -> ScramKeys | None:
+        """The SCRAM keys `creds` can give: stored ({SCRAM-SHA-256}) or derived by PBKDF2 ({PLAIN}, with a
+        salt fixed per user by `key`); None for any other scheme."""
         try:
             if creds.scheme == "SCRAM-SHA-256":
                 return ScramKeys.decode(creds.secret)
             secret = creds.plaintext()
             if secret is not None:
-                salt = hmac.new(_FAKE_KEY, b"salt\0" + creds.user.name.encode(), hashlib.sha256).digest()[:16]
+                salt = hmac.new(key, b"SCRAM salt", hashlib.sha256).digest()[:16]
                 return ScramKeys.from_password(secret, salt=salt)
-        except ValueError:
+        except (ValueError, scramp.ScramException):
             return None
         return None
 
-    def resume(self, creds: Credentials | None) -> Step:
-        keys = self._keys(creds)
-        if keys is not None:
+    def resume(self, creds: Credentials | None, decoy: Decoy | None = None) -> Step:
+        decoy = decoy if decoy is not None else _fallback_decoy(self._user or "")
+        # an unknown user runs on its decoy exactly what a real user runs on its entry (RFC 5802 §9)
+        keys = self._keys(creds if creds is not None else decoy.creds, decoy.key)
+        if keys is not None and creds is not None:
             self._creds = creds
-        else:  # unknown user or no usable secret: go on with keys nobody can match, fail at the proof
-            name = (self._user or "").encode()
-            fake = hmac.new(_FAKE_KEY, b"fake\0" + name, hashlib.sha256).digest()
-            ScramKeys.from_password(fake.hex(), salt=fake[:16])  # the PBKDF2 a {PLAIN} user costs: no timing tell
-            keys = ScramKeys(4096, fake[:16], os.urandom(32), os.urandom(32))
+        if keys is None:  # no SCRAM secret, real or decoy: keys nobody can match, fixed per name; fail at the proof
+            k = decoy.key
+            keys = ScramKeys(SCRAM_ITERATIONS, hmac.new(k, b"SCRAM salt", hashlib.sha256).digest()[:16],
+                             hmac.new(k, b"StoredKey", hashlib.sha256).digest(),
+                             hmac.new(k, b"ServerKey", hashlib.sha256).digest())
         info = (keys.salt, keys.stored_key, keys.server_key, keys.iterations)
         server = _SCRAM.make_server(lambda _name: info)
         try:
@@ -271,7 +285,7 @@ class ScramSha256(_Base):
             server.set_client_final(text)
         except scramp.ScramException:
             return Failure("SCRAM: wrong proof or unknown user", self._user)
-        if self._creds is None:  # cannot happen with random keys, but never let a fake user in
+        if self._creds is None:  # keys nobody knows cannot match, but never let a decoy in
             return Failure("SCRAM: unknown user", self._user)
         self._done = self._creds.user
         return Challenge(server.get_server_final().encode("utf-8"))
@@ -299,8 +313,8 @@ class External(_Base):
             return Failure(f"EXTERNAL: certificate is for {self.identity!r}, not {authz!r}", self.identity)
         return Lookup(self.identity)
 
-    def resume(self, creds: Credentials | None) -> Step:
-        if creds is None:
+    def resume(self, creds: Credentials | None, decoy: Decoy | None = None) -> Step:
+        if creds is None:  # the decoy is of no use here: the certificate already named the user
             return Failure("EXTERNAL: certificate user is not in the user database", self.identity)
         return Success(creds.user)
 

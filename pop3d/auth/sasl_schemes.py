@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import os
 from dataclasses import dataclass
@@ -76,7 +77,34 @@ def _scram_hash(password: str) -> str:
     return ScramKeys.from_password(password).encode()
 
 
+def _scram_shape(secret: str) -> str:
+    keys = ScramKeys.decode(secret)
+    return f"i={keys.iterations},s={len(keys.salt)}"
+
+
+def _scram_decoy(template: str, seed: bytes) -> str:
+    """Same iteration count and salt length as `template`; salt and keys follow from the seed (RFC 5802 §9:
+    an unknown user gets a salt that stays the same, like a real one)."""
+    shape = ScramKeys.decode(template)
+    salt = hashlib.shake_256(b"salt\0" + seed).digest(len(shape.salt))
+    stored = hmac.new(seed, b"StoredKey", hashlib.sha256).digest()
+    server = hmac.new(seed, b"ServerKey", hashlib.sha256).digest()
+    return ScramKeys(shape.iterations, salt, stored, server).encode()
+
+
+def _cram_md5_shape(secret: str) -> str:
+    if len(bytes.fromhex(secret.strip())) != 32:
+        raise ValueError("a CRAM-MD5 context is 32 octets")
+    return ""
+
+
+def _cram_md5_decoy(template: str, seed: bytes) -> str:
+    return seed.hex()
+
+
 ENTRIES: Final[tuple[SchemeEntry, ...]] = (
-    SchemeEntry("CRAM-MD5", cram_md5.verify_password, cram_md5.context),
-    SchemeEntry("SCRAM-SHA-256", _scram_verify, _scram_hash),
+    SchemeEntry("CRAM-MD5", cram_md5.verify_password, cram_md5.context, shape=_cram_md5_shape,
+                decoy=_cram_md5_decoy, cheap_decoy=True),
+    SchemeEntry("SCRAM-SHA-256", _scram_verify, _scram_hash, shape=_scram_shape, decoy=_scram_decoy,
+                cheap_decoy=True),
 )

@@ -80,6 +80,10 @@ class SchemeRegistry:
         name = scheme.strip().upper()
         return ALIASES.get(name, name)
 
+    def entry(self, scheme: str) -> SchemeEntry | None:
+        """The registered entry for `scheme` (aliases resolved), None when nobody registered it."""
+        return self._entries.get(self.canonical(scheme))
+
     def is_known(self, scheme: str) -> bool:
         """True when `verify` accepts this scheme name (lets a loader warn early about a typo'd scheme)."""
         return self.canonical(scheme) in self._entries
