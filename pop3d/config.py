@@ -64,6 +64,11 @@ class ServerSettings(_Section):
     proxy_protocol: bool = False
     #: peers allowed to send that header (CIDRs); anyone else is disconnected
     proxy_trusted: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    #: started as root: bind the sockets, read the TLS key, then switch every process to this user for good
+    #: (pop3d.runtime.privileges); "" = stay root (a warning at start says what that risks)
+    user: str = ""
+    #: the group to switch to; "" = the user's primary group (supplementary groups come from /etc/group)
+    group: str = ""
 
     @field_validator("proxy_trusted")
     @classmethod
