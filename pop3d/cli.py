@@ -50,6 +50,7 @@ def _check_runtime(settings: Settings) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from pop3d.runtime.privileges import PrivilegeError
     from pop3d.runtime.server import serve_forever
     from pop3d.runtime.systemd import ActivationError
 
@@ -77,6 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # e.g. address in use, permission denied on a low port
         print(f"pop3d: cannot listen: {exc}", file=sys.stderr)
         return 1
+    except PrivilegeError as exc:
+        print(f"pop3d: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -89,6 +93,28 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"configuration OK: listening on {', '.join(settings.server.listen)}{tls}, "
           f"storage {settings.storage.driver} at {settings.storage.location}, "
           f"SASL {' '.join(settings.auth.mechanisms) or 'off'}")
+    return _report_privileges(settings)
+
+
+def _report_privileges(settings: Settings) -> int:
+    """Who `serve` would run as, and whether that user reaches the passwd-file and the mail location.
+    Exit 2 (with one line on stderr) when it does not: `serve` would fail at the first login."""
+    from pop3d.runtime import access, privileges
+
+    target = privileges.resolve(settings.server)
+    if target is not None:
+        print(f"privileges: serves as {target.describe()}")
+    elif os.geteuid() == 0:
+        print(f"privileges: {privileges.ROOT_WARNING}")
+    who, checks, notes = access.check(settings, target)
+    for c in checks:
+        print(c.line(who))
+    for note in notes:
+        print(note)
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        print(f"pop3d: {failed[0].what}: not {failed[0].need} by {who}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -81,6 +81,12 @@ class ServerSettings(_Section):
     #: (logged-in sessions never are); 0 = no limit
     max_unauthenticated: int = Field(20000, ge=0)
 
+    #: started as root: bind the sockets, read the TLS key, then switch every process to this user for good
+    #: (pop3d.runtime.privileges); "" = stay root (a warning at start says what that risks)
+    user: str = ""
+    #: the group to switch to; "" = the user's primary group (supplementary groups come from /etc/group)
+    group: str = ""
+
     @field_validator("limit_exempt")
     @classmethod
     def _check_limit_exempt(cls, v: list[str]) -> list[str]:

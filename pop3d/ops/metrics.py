@@ -26,10 +26,10 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from pop3d.config import parse_hostport
-
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+    from pop3d.ops.endpoint import MetricsEndpoint
 
 log = logging.getLogger("pop3d")
 
@@ -217,11 +217,14 @@ def build(listen: str | None, verbs: Iterable[str] = ()) -> NullMetrics:
     return Metrics(verbs=verbs) if listen else NullMetrics()
 
 
-def start_endpoint(listen: str, registry: CollectorRegistry) -> Any:
-    """Serve GET /metrics on `listen` ("host:port") from a daemon thread; returns the WSGI server."""
-    from prometheus_client import start_http_server
+def start_endpoint(listen: str, registry: CollectorRegistry, idle_timeout: float | None = None,
+                   max_connections: int | None = None) -> MetricsEndpoint:
+    """Bind `listen` ("host:port") and serve GET /metrics from one thread (pop3d.ops.endpoint).
 
-    host, port = parse_hostport(listen)
-    server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
-    log.info("metrics on http://%s:%d/metrics", host or "0.0.0.0", server.server_port)
-    return server
+    A server that drops root binds first (`MetricsEndpoint.bind`) and starts serving after the drop."""
+    from pop3d.ops.endpoint import IDLE_TIMEOUT, MAX_CONNECTIONS, MetricsEndpoint
+
+    endpoint = MetricsEndpoint.bind(listen, IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
+                                    MAX_CONNECTIONS if max_connections is None else max_connections)
+    endpoint.start(registry)
+    return endpoint

@@ -12,30 +12,37 @@ import logging
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pop3d.auth import build_auth
-from pop3d.config import Settings, parse_hostport
+from pop3d.config import ConfigError, Settings, parse_hostport
 from pop3d.net.proxy_gate import ProxyGate
 from pop3d.net.proxy_tls import ProxiedTlsListener, bind
 from pop3d.pop3.context import ServerContext, SharedState
 from pop3d.pop3.protocol import CommandParser
 from pop3d.pop3.session import Pop3Session
+from pop3d.runtime.startup import Bound
 from pop3d.runtime.systemd import ActivationError, Inherited
 from pop3d.storage import build_storage
+
+if TYPE_CHECKING:
+    from pop3d.net.tls import TlsManager
+    from pop3d.runtime import privileges
 
 log = logging.getLogger("pop3d")
 
 
-def build_context(settings: Settings, shared: SharedState | None = None) -> ServerContext:
+def build_context(settings: Settings, shared: SharedState | None = None,
+                  tls: TlsManager | None = None) -> ServerContext:
     """Wire the configured user database, storage driver and TLS into a context.
 
     `shared`: what this process shares with its sibling workers (pop3d.runtime.shared); None for a server
-    that is a single process, whose context then keeps that state itself.
+    that is a single process, whose context then keeps that state itself. `tls`: certificates loaded
+    earlier (before dropping root: pop3d.runtime.startup); loaded here when None and configured.
     """
-    tls = None
-    if settings.tls.cert is not None:
+    if tls is None and settings.tls.cert is not None:
         from pop3d.net.tls import TlsManager
 
         tls = TlsManager(settings.tls)
@@ -45,17 +52,17 @@ def build_context(settings: Settings, shared: SharedState | None = None) -> Serv
 class Pop3Server:
     """The listening sockets of one process and the sessions they accepted."""
 
-    def __init__(self, ctx: ServerContext, inherited: list[Inherited] | None = None,
-                 addresses: list[tuple[str, int, bool]] | None = None, reuse_port: bool = False) -> None:
-        """`inherited`: listening sockets from systemd socket activation; they replace `server.listen`.
-        `addresses`: (host, port, implicit TLS) to listen on instead of `server.listen`/`tls_listen` (a
-        worker gets the ports its supervisor resolved); `reuse_port`: SO_REUSEPORT, so workers share them."""
+    def __init__(self, ctx: ServerContext, inherited: list[Inherited] | None = None, activated: bool = True,
+                 listener_ssl: ssl.SSLContext | None = None) -> None:
+        """`inherited`: listening sockets bound already, by systemd (`activated`) or by pop3d before it
+        dropped root (pop3d.runtime.startup); they replace `server.listen`/`tls_listen`.
+        `listener_ssl`: the implicit-TLS context, made while the key was readable; else made here."""
         self.ctx = ctx
-        self._addresses = addresses
-        self._reuse_port = reuse_port
+        self._activated = activated
+        self._listener_ssl = listener_ssl
         self.servers: list[asyncio.base_events.Server] = []
         self.tls_servers: list[asyncio.base_events.Server] = []  # the implicit-TLS subset of `servers`
-        self._background: set[asyncio.Future[object]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
         self.inherited = inherited or []
         # AUTH always; STLS only when TLS is configured (RFC 2595 §4: otherwise it is an unknown command)
         self.parser = CommandParser.with_extensions(stls=ctx.tls is not None)
@@ -85,7 +92,9 @@ class Pop3Server:
 
     def _tls_options(self) -> dict[str, Any]:
         assert self.ctx.tls is not None  # config validation guarantees it
-        return {"ssl": self.ctx.tls.listener_context(),
+        if self._listener_ssl is None:
+            self._listener_ssl = self.ctx.tls.listener_context()
+        return {"ssl": self._listener_ssl,
                 "ssl_handshake_timeout": self.ctx.settings.tls.handshake_timeout}
 
     async def start(self) -> None:
@@ -102,22 +111,18 @@ class Pop3Server:
         """Listeners from `server.listen` (plain) and `server.tls_listen` (implicit TLS)."""
         loop = asyncio.get_running_loop()
         cfg = self.ctx.settings.server
-        if self._addresses is not None:
-            listeners = self._addresses
-        else:
-            listeners = [(*parse_hostport(item), False) for item in cfg.listen]
-            listeners += [(*parse_hostport(item), True) for item in cfg.tls_listen]
-        reuse_port = self._reuse_port or None
+        listeners = [(*parse_hostport(item), False) for item in cfg.listen]
+        listeners += [(*parse_hostport(item), True) for item in cfg.tls_listen]
         for host, port, implicit in listeners:
             if implicit and cfg.proxy_protocol:
-                for sock in bind(host, port, cfg.backlog, reuse_port=bool(reuse_port)):
+                for sock in bind(host, port, cfg.backlog):
                     listener = self._proxied_tls(sock)
                     self.servers.append(listener)  # type: ignore[arg-type]
                     self.tls_servers.append(listener)  # type: ignore[arg-type]
                 continue
             srv = await loop.create_server(
                 self.tls_protocol if implicit else self.protocol, host or None, port,
-                backlog=cfg.backlog, reuse_address=True, reuse_port=reuse_port,
+                backlog=cfg.backlog, reuse_address=True,
                 **(self._tls_options() if implicit else {}),
             )
             self.servers.append(srv)
@@ -127,20 +132,28 @@ class Pop3Server:
 
     async def _start_inherited(self) -> None:
         loop = asyncio.get_running_loop()
+        # asyncio calls listen() again: with server.backlog for the sockets we bound (systemd's: unchanged)
+        backlog: dict[str, Any] = {} if self._activated else {"backlog": self.ctx.settings.server.backlog}
         for inh in self.inherited:
+            if not self._activated:  # bound before the drop (pop3d.runtime.listeners), listening from now
+                inh.sock.listen(self.ctx.settings.server.backlog)
             if inh.kind == "tls":
                 if self.ctx.tls is None:
                     raise ActivationError(f"systemd passed a {inh.name!r} socket but tls.cert/tls.key are not set")
                 if self.ctx.settings.server.proxy_protocol:
                     srv: Any = self._proxied_tls(inh.sock)
                 else:
-                    srv = await loop.create_server(self.tls_protocol, sock=inh.sock, **self._tls_options())
+                    srv = await loop.create_server(self.tls_protocol, sock=inh.sock, **backlog,
+                                                   **self._tls_options())
                 self.servers.append(srv)
                 self.tls_servers.append(srv)
             else:
-                self.servers.append(await loop.create_server(self.protocol, sock=inh.sock))
-        log.info("listening on %s (sockets from systemd; server.listen is not used)",
-                 ", ".join(self.addresses_text()))
+                self.servers.append(await loop.create_server(self.protocol, sock=inh.sock, **backlog))
+        if self._activated:
+            log.info("listening on %s (sockets from systemd; server.listen is not used)",
+                     ", ".join(self.addresses_text()))
+        else:
+            log.info("listening on %s", ", ".join(self.addresses_text()))
 
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) pairs; with port 0 in the config, the ports the kernel chose."""
@@ -177,31 +190,35 @@ class Pop3Server:
 
 
 async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | None = None,
-                load: Callable[[], Settings] | None = None, metrics_endpoint: bool = True,
-                worker: tuple[list[Inherited], list[tuple[str, int, bool]], SharedState] | None = None) -> None:
+                load: Callable[[], Settings] | None = None, bound: Bound | None = None,
+                shared: SharedState | None = None) -> None:
     """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.runtime.reload).
 
     Under systemd: sockets come from LISTEN_FDS when socket-activated, and the manager hears READY=1 once
     we listen, RELOADING=1/READY=1 around a reload, STOPPING=1 when we drain, WATCHDOG=1 if asked.
-    `metrics_endpoint=False` in worker processes: their supervisor serves the summed metrics.
-    `worker`: (inherited sockets, addresses, shared state) from a Supervisor (pop3d.runtime.workers);
-    listeners then use SO_REUSEPORT, and systemd hears from the supervisor, not from us.
+    `bound`: the sockets, TLS state and metrics port made before privileges were dropped
+    (pop3d.runtime.startup); None binds them here. A worker's `bound` has no metrics port (its supervisor
+    serves the summed metrics) and `shared` is its share with the other workers; it does not talk to
+    systemd either (its supervisor removed NOTIFY_SOCKET).
     """
     from pop3d.ops import metrics
     from pop3d.runtime import systemd
     from pop3d.runtime.reload import reload
+    from pop3d.runtime.startup import prepare
 
-    if worker is None:
-        server = Pop3Server(build_context(settings), systemd.listen_fds())
-    else:
-        inherited, addresses, shared = worker
-        server = Pop3Server(build_context(settings, shared), inherited, None if inherited else addresses,
-                            reuse_port=True)
+    if bound is None:
+        bound = prepare(settings, 1).for_slot(0, with_metrics=True)
+    server = Pop3Server(build_context(settings, shared, bound.tls), bound.sockets, bound.activated,
+                        bound.listener_ssl)
     ctx = server.ctx
     await server.start()
-    endpoint = None
-    if metrics_endpoint and settings.metrics.listen and isinstance(ctx.metrics, metrics.Metrics):
-        endpoint = metrics.start_endpoint(settings.metrics.listen, metrics.exposition_registry(ctx.metrics.registry))
+    endpoint = bound.metrics
+    if endpoint is not None:
+        if isinstance(ctx.metrics, metrics.Metrics):
+            endpoint.start(metrics.exposition_registry(ctx.metrics.registry))
+        else:
+            endpoint.close_socket()
+            endpoint = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -262,29 +279,57 @@ def serve_forever(settings: Settings, on_ready: Callable[[list[str]], None] | No
                   load: Callable[[], Settings] | None = None) -> int:
     """The `pop3d serve` main: in this process for `server.workers = 1`, else under a Supervisor.
 
-    Raises the open-files limit first (each connection is a descriptor). Returns the exit status.
+    Order: resolve `server.user` (a missing one is a ConfigError), raise the open-files limit (each
+    connection is a descriptor), bind everything that may need root (pop3d.runtime.startup), drop root for
+    good (pop3d.runtime.privileges), and only then build the contexts, fork workers and serve. Returns the
+    exit status.
     """
-    from pop3d.runtime import workers
+    from pop3d.runtime import privileges, workers
+    from pop3d.runtime.startup import prepare
 
+    target = privileges.resolve(settings.server)  # a missing user is a ConfigError before anything binds
+    switch = privileges.check_start(target)  # also logs the warning when root stays root
     soft, hard = workers.raise_nofile_limit()
     log.info("open-files limit %d (hard %d)", soft, hard)
-    if settings.server.workers == 1:
-        run(lambda: serve(settings, (lambda srv: on_ready(srv.addresses_text())) if on_ready else None, load))
+    count = settings.server.workers
+    prepared = prepare(settings, count)
+    if switch and target is not None:
+        try:
+            privileges.preload()
+            privileges.drop(target)
+            _check_as_user(settings, target)
+        except BaseException:
+            prepared.close()
+            raise
+    if count == 1:
+        bound = prepared.for_slot(0, with_metrics=True)
+        run(lambda: serve(settings, (lambda srv: on_ready(srv.addresses_text())) if on_ready else None, load,
+                          bound))
         return 0
 
-    def worker_main(inherited: list[Inherited], addresses: list[tuple[str, int, bool]], ready_fd: int,
-                    shared: SharedState) -> None:
-        """One forked worker: its own loop and listeners; tells the supervisor once it listens."""
+    def worker_main(bound: Bound, ready_fd: int, shared: SharedState) -> None:
+        """One forked worker: its own loop on its own listeners; tells the supervisor once it serves."""
 
         def ready(server: Pop3Server) -> None:
             if ready_fd >= 0:
                 os.write(ready_fd, b"r")
                 os.close(ready_fd)
 
-        run(lambda: serve(settings, ready, load, metrics_endpoint=False, worker=(inherited, addresses, shared)))
+        run(lambda: serve(settings, ready, load, bound, shared))
 
-    sup = workers.Supervisor(settings, worker_main)
+    sup = workers.Supervisor(settings, worker_main, prepared)
     return sup.run((lambda s: on_ready(s.addresses_text())) if on_ready else None)
+
+
+def _check_as_user(settings: Settings, target: privileges.Target) -> None:
+    """Right after the drop: what every session needs must be readable now, not only as root."""
+    path = settings.auth.passwd_file
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"auth.passwd_file: cannot read {path} as {target.user}: {exc.strerror} "
+                          f"(pop3d check-config tells what the user can reach)") from None
 
 
 def run(coro_factory: Callable[[], asyncio.Future[None] | object]) -> None:

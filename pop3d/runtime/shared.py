@@ -1,5 +1,8 @@
 """What the worker processes of one server share, made by their supervisor before it forks.
 
+It is made after the supervisor dropped root (pop3d.runtime.privileges), so the directories and files
+below belong to the user the workers run as.
+
 A client may land on any worker, so three things must hold across them (pop3d.pop3.context.SharedState):
 the brute-force penalty per address (an anonymous shared-memory table, inherited by fork), RFC 2449
 LOGIN-DELAY (one directory, a file per user) and the Prometheus counters (prometheus-client multiprocess

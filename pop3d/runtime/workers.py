@@ -3,13 +3,14 @@
 `server.workers = 1` never forks: the server runs in the calling process (pop3d.runtime.server.serve).
 With more workers a small synchronous supervisor (this module) stays in the parent:
 
-* it first binds one *non-listening* SO_REUSEPORT socket per listen address. That reports "address in use"
-  before anything forks, turns a configured port 0 into one concrete port that every worker shares, and
-  keeps the port reserved across worker restarts. A socket that never calls listen() receives no
-  connections, so it takes no share of the load;
-* it forks the workers; each creates its own SO_REUSEPORT listeners *after* fork and runs its own loop, so
-  the kernel spreads new connections over the workers' accept queues (no thundering herd, no shared
-  accept lock);
+* it binds, before it forks and while it may still be root (pop3d.runtime.startup), one set of SO_REUSEPORT
+  sockets per worker slot, all listening (pop3d.runtime.listeners: a probe first refuses an address that
+  another process already serves). That reports "address in use" before anything forks, turns a
+  configured port 0 into one concrete port that every worker shares, and keeps a slot's accept queue
+  across a restart of its worker: connections queued while it was down are served by the next one;
+* then it drops root (pop3d.runtime.privileges) and forks the workers; each runs its own loop on its own
+  slot's sockets, so the kernel spreads new connections over the workers' accept queues (no thundering
+  herd, no shared accept lock);
 * a worker that dies is logged with its exit status and replaced (at most one restart per second per
   slot, so a worker that crashes at start cannot fork-bomb the machine);
 * SIGTERM/SIGINT are forwarded as SIGTERM (each worker drains for `server.shutdown_grace`, then cuts its
@@ -35,15 +36,14 @@ import ctypes.util
 import logging
 import os
 import signal
-import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from pop3d.config import Settings, parse_hostport
+from pop3d.config import Settings
 from pop3d.pop3.context import SharedState
 from pop3d.runtime.shared import share_between_workers
-from pop3d.runtime.systemd import Inherited
+from pop3d.runtime.startup import Bound, Prepared
 
 log = logging.getLogger("pop3d")
 
@@ -51,41 +51,6 @@ _PR_SET_PDEATHSIG = 1
 _RESTART_INTERVAL = 1.0
 _FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGHUP}
 _WATCHED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
-
-
-class ListenError(OSError):
-    """A listen address cannot be bound (in use, no permission): reported before any worker starts."""
-
-
-def reserve(listen: Sequence[str], tls_listen: Sequence[str] = ()
-            ) -> tuple[list[socket.socket], list[tuple[str, int, bool]]]:
-    """Bind (without listen) one SO_REUSEPORT socket per address; return them and the concrete
-    (host, port, implicit TLS) addresses.
-
-    Port 0 becomes the port the kernel chose for the first address family, shared by all workers.
-    """
-    held: list[socket.socket] = []
-    resolved: list[tuple[str, int, bool]] = []
-    item = ""
-    try:
-        for item, implicit in [(i, False) for i in listen] + [(i, True) for i in tls_listen]:
-            host, port = parse_hostport(item)
-            infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            for family, stype, proto, _, addr in infos:
-                s = socket.socket(family, stype, proto)
-                held.append(s)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio's create_server
-                s.bind((addr[0], port, *addr[2:]))
-                port = s.getsockname()[1]  # the next family of a port-0 address reuses the chosen port
-            resolved.append((host, port, implicit))
-    except OSError as exc:
-        for s in held:
-            s.close()
-        raise ListenError(exc.errno, f"{item}: {exc.strerror}") from None
-    return held, resolved
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -113,44 +78,35 @@ def _die_with_parent() -> None:
         pass
 
 
-#: worker_main(inherited sockets, addresses, ready_fd, shared state): runs one worker until it should exit
-WorkerMain = Callable[[list[Inherited], list[tuple[str, int, bool]], int, SharedState], None]
+#: worker_main(its sockets and TLS state, ready_fd, shared state): runs one worker until it should exit
+WorkerMain = Callable[[Bound, int, SharedState], None]
 
 
 class Supervisor:
     """Forks `settings.server.workers` workers and keeps that many alive until told to stop."""
 
-    def __init__(self, settings: Settings, worker_main: WorkerMain) -> None:
-        """`worker_main(inherited, addresses, ready_fd, shared)` runs one worker; it writes a byte to
-        `ready_fd` once it listens (-1: nobody waits) and returns when the worker should exit."""
-        from pop3d.runtime import systemd
-
+    def __init__(self, settings: Settings, worker_main: WorkerMain, prepared: Prepared) -> None:
+        """`worker_main(bound, ready_fd, shared)` runs one worker; it writes a byte to `ready_fd` once it
+        listens (-1: nobody waits) and returns when the worker should exit. `prepared`: the sockets (one set
+        per worker slot), TLS state and metrics port, made before privileges were dropped; from here on the
+        supervisor owns them."""
         self.settings = settings
         self.count = settings.server.workers
         self.worker_main = worker_main
-        self.inherited = systemd.listen_fds()
-        tls_socket = next((i for i in self.inherited if i.kind == "tls"), None)
-        if tls_socket is not None and settings.tls.cert is None:  # checked here too: exit 2 before forking
-            raise systemd.ActivationError(
-                f"systemd passed a {tls_socket.name!r} socket but tls.cert/tls.key are not set")
-        self.held: list[socket.socket] = []
-        self.addresses: list[tuple[str, int, bool]] = []
-        if self.inherited:
-            self.addresses = [(*i.sock.getsockname()[:2], i.kind == "tls") for i in self.inherited]
-        else:
-            self.held, self.addresses = reserve(settings.server.listen, settings.server.tls_listen)
-        # penalties, LOGIN-DELAY and metrics must hold whichever worker a client lands on
-        self.share = share_between_workers(settings)
-        self.metrics_endpoint = None
-        if settings.metrics.listen:
+        self.prepared = prepared
+        self.addresses = prepared.addresses
+        # penalties, LOGIN-DELAY and metrics must hold whichever worker a client lands on; made after the
+        # privilege drop, so the files belong to the user the workers run as
+        try:
+            self.share = share_between_workers(settings)
+        except BaseException:
+            prepared.close()
+            raise
+        self.metrics_endpoint = prepared.metrics
+        if self.metrics_endpoint is not None:
             from pop3d.ops import metrics
 
-            try:
-                self.metrics_endpoint = metrics.start_endpoint(
-                    settings.metrics.listen, metrics.exposition_registry(None, self.share.metrics_dir))
-            except OSError:
-                self._release()
-                raise
+            self.metrics_endpoint.start(metrics.exposition_registry(None, self.share.metrics_dir))
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}  # slot -> monotonic time of its last start
         self.stopping = False
@@ -171,11 +127,15 @@ class Supervisor:
                 _die_with_parent()
                 if os.getppid() != parent:  # the parent died before prctl took effect
                     os._exit(1)
-                for s in self.held:
-                    s.close()
+                for other, sockets in enumerate(self.prepared.slots):  # the other slots' queues are not ours
+                    if other != slot and not self.prepared.activated:
+                        for inh in sockets:
+                            inh.sock.close()
+                if self.metrics_endpoint is not None:
+                    self.metrics_endpoint.close_socket()
                 for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor speaks
                     os.environ.pop(var, None)
-                self.worker_main(self.inherited, self.addresses, -1 if ready_w is None else ready_w,
+                self.worker_main(self.prepared.for_slot(slot), -1 if ready_w is None else ready_w,
                                  self.share.state)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
@@ -260,17 +220,16 @@ class Supervisor:
                     systemd.notify("STOPPING=1", "STATUS=draining sessions")
                 if self.stopping:
                     self._stop_all(signal.SIGTERM)
+                    # our copies would keep the draining workers' queues open: new clients must be refused
+                    self.prepared.close_listeners()
             self._reap()
         self._release()
         log.info("all workers stopped")
         return 0
 
     def _release(self) -> None:
-        """After the last worker: the reserved ports, the metrics endpoint, the shared files."""
-        for s in self.held:
-            s.close()
-        if self.metrics_endpoint is not None:
-            self.metrics_endpoint.shutdown()
+        """After the last worker: the listening sockets, the metrics endpoint, the shared files."""
+        self.prepared.close()
         self.share.remove()
 
     def _status(self) -> str:
