@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +30,8 @@ log = logging.getLogger("pop3d.pop3.session")
 
 # Constant replies, built once (a pipelined burst should not pay for formatting the same line again).
 AUTH_FAILED = Reply(err("authentication failed", "AUTH"))  # RFC 3206 §4; same for unknown user and bad password
+#: the same -ERR [AUTH] line, then the connection closes (auth.max_failures_per_connection)
+TOO_MANY_FAILURES = Reply(AUTH_FAILED.data, close=True, reason="too many authentication failures")
 #: Dovecot's wording; RFC 3206 §4 [AUTH]: the client should not retry the same way
 PLAINTEXT_REFUSED = Reply(err("plaintext authentication disallowed on non-secure connections (use STLS or port 995)",
                               "AUTH"))
@@ -61,6 +61,7 @@ class Pop3Handler:
     """Per-connection POP3 semantics. The session (pop3d.pop3.session) feeds it commands in order."""
 
     __slots__ = (
+        "auth_failures",
         "counters",
         "ctx",
         "deleted",
@@ -92,6 +93,7 @@ class Pop3Handler:
         self.retrieved: set[int] = set()
         self.last = 0  # RFC 1460 LAST: highest message number touched by RETR/TOP
         self.counters = Counters()
+        self.auth_failures = 0  # failed authentications on this connection (auth.max_failures_per_connection)
         #: the logout line's reason (ServerContext.log_session_end); written by the session as it ends, never
         #: read back by it: what ends a session is said by a `Reply(close=True)` or is the session's own doing
         self.end_reason = "disconnected"
@@ -176,14 +178,9 @@ class Pop3Handler:
         return Pending(self._apop(cmd.args[0], cmd.args[1].lower()))
 
     async def _apop(self, name: str, digest: str) -> Resolved:
-        creds = await self.ctx.auth.lookup(name)
-        secret = creds.plaintext() if creds else None
-        user = None
-        if creds is not None and secret is not None:
-            # RFC 1939 §7: MD5 of the greeting's timestamp followed by the shared secret
-            expected = hashlib.md5((self.timestamp + secret).encode("utf-8")).hexdigest()
-            if hmac.compare_digest(expected, digest):
-                user = creds.user
+        # RFC 1939 §7: MD5 of the greeting's timestamp followed by the shared secret; an unknown user runs the
+        # same steps on a decoy (pop3d.auth.base.Authenticator.verify_apop), so timing says nothing
+        user = await self.ctx.auth.verify_apop(name, self.timestamp, digest)
         return await self._login(user, name)
 
     async def _login(self, user: User | None, name: str) -> Reply:
@@ -191,6 +188,12 @@ class Pop3Handler:
         ctx = self.ctx
         if user is None:
             return await self._failed(name)
+        # Dovecot's auth penalty: while this address is under penalty, a right password waits as long as a wrong
+        # one would, or an attacker takes a quick answer as "right" and hangs up on slow ones. Cleared only after
+        # the wait, so hanging up keeps the penalty (it is keyed by address, not by connection).
+        wait = ctx.penalty.delay(self.peer, time.monotonic())
+        if wait > 0:
+            await asyncio.sleep(wait)
         ctx.penalty.succeed(self.peer)
         delay = ctx.settings.session.login_delay
         now = time.time()  # wall clock: worker processes compare it through file mtimes (pop3d.auth.login_delay)
@@ -198,7 +201,13 @@ class Pop3Handler:
             # RFC 2449 §8.1.2
             ctx.metrics.login("login_delay")
             return Reply(err(f"wait {delay} seconds between logins", "LOGIN-DELAY"))
-        drop = ctx.storage.maildrop(user)
+        try:
+            drop = ctx.storage.maildrop(user)
+        except StorageError as exc:  # a user name or home no location can be made of (pop3d.storage.location)
+            log.warning("maildrop unavailable user=%r rip=%s: %s", user.name, self.peer, exc)
+            ctx.metrics.login("unavailable")
+            ctx.metrics.storage_error("open")
+            return Reply(err("maildrop cannot be opened", exc.code))
         try:
             await drop.open()
         except InUse:
@@ -231,9 +240,14 @@ class Pop3Handler:
         """A failed authentication: the per-address penalty (pop3d.auth.penalty) delays only this session."""
         wait = self.ctx.penalty.fail(self.peer, time.monotonic())
         self.ctx.metrics.login("failed")
+        self.auth_failures += 1
         log.info("auth failed user=%r rip=%s%s delay=%.1fs", name, self.peer, f" ({why})" if why else "", wait)
         if wait > 0:
             await asyncio.sleep(wait)
+        # As Dovecot's login processes do after a few failed attempts: the guesser must reconnect, and meet the
+        # connection limits and the (address-wide, still running) penalty again.
+        if self.auth_failures >= self.ctx.settings.auth.max_failures_per_connection:
+            return TOO_MANY_FAILURES
         return AUTH_FAILED
 
     # -- STLS (RFC 2595) and AUTH (RFC 5034) ------------------------------------------------------
@@ -296,8 +310,8 @@ class Pop3Handler:
     async def _sasl_async(self, mech: sasl.Mechanism, step: sasl.Step) -> Resolved:
         while True:
             if isinstance(step, sasl.Lookup):
-                creds = await self.ctx.auth.lookup(step.authcid)
-                step = await asyncio.to_thread(mech.resume, creds)  # SCRAM from {PLAIN} runs PBKDF2
+                # off the loop (SCRAM from {PLAIN} runs PBKDF2); an unknown user runs the same steps on a decoy
+                step = await self.ctx.auth.with_credentials(step.authcid, mech.resume)
             elif isinstance(step, sasl.CheckPassword):
                 user = await self.ctx.auth.verify(step.authcid, step.password)
                 return await self._login(user, step.authcid)
