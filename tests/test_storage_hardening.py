@@ -345,8 +345,8 @@ async def test_streamed_message_that_grows_is_cut_before_its_end(tmp_path: Path)
 
 async def test_cache_keys_cannot_leave_the_maildir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache naming `cur/../../victim` as a key must not make a commit unlink outside the maildir."""
-    real = time.time_ns
-    monkeypatch.setattr("pop3d.storage.maildir.scan.time.time_ns", lambda: real() + 60 * 10**9)  # stamps old enough to trust
+    real = time.time_ns  # stamps old enough to trust: the cached keys are used
+    monkeypatch.setattr("pop3d.storage.maildir.scan.time.time_ns", lambda: real() + 60 * 10**9)
     md = maildir(tmp_path / "Maildir")
     deliver(md, "1700000000.M1.host:2,S", b"x\n")
     victim = tmp_path / "victim"
@@ -367,8 +367,8 @@ async def test_cache_keys_cannot_leave_the_maildir(tmp_path: Path, monkeypatch: 
 
 
 async def test_cache_uids_must_be_printable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = time.time_ns
-    monkeypatch.setattr("pop3d.storage.maildir.scan.time.time_ns", lambda: real() + 60 * 10**9)  # the cached listing is used
+    real = time.time_ns  # stamps old enough to trust: the cached listing is used
+    monkeypatch.setattr("pop3d.storage.maildir.scan.time.time_ns", lambda: real() + 60 * 10**9)
     md = maildir(tmp_path / "Maildir")
     deliver(md, "1700000000.M1.host:2,S", b"x\n")
     await (await opened(md)).close()
