@@ -9,7 +9,16 @@ without the terminating dot), never a short or padded body.
 
 from __future__ import annotations
 
-from pop3d.pop3.wire import network_size
+
+def network_size(raw: bytes) -> int:
+    """pop3d.pop3.wire.network_size, faster on the usual LF-only message: counting the two-octet CRLF costs
+    three times a count of LF, and a memchr for CR finds in a fraction of that that there is none."""
+    if not raw:
+        return 0
+    size = len(raw) + raw.count(b"\n")
+    if b"\r" in raw:
+        size -= raw.count(b"\r\n")
+    return size if raw[-1] == 0x0A else size + 2
 
 
 class NetworkCount:

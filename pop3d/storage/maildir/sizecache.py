@@ -21,6 +21,7 @@ SIZE_CACHE = ".pop3d.sizes"
 #: Larger than any real cache (about 100 octets a message: 400,000 messages fit), so a bigger file is
 #: garbage or an attack (a link to /dev/zero is refused before, a huge sparse file here) and is not read.
 MAX_CACHE = 64 * 1024 * 1024
+_NOT_IN_UID = bytes(range(0x21)) + b"\x7f"  # RFC 1939 §7: uids are 0x21-0x7E (decode("ascii") refused the rest)
 
 
 class SizeCache:
@@ -38,9 +39,11 @@ class SizeCache:
     so there is one writer.
 
     The maildrop's owner can write this file, so it is read like any file of the maildrop (safefile: no
-    link, no FIFO, at most MAX_CACHE octets) and nothing in it is trusted to leave the maildrop: every key
-    is `new/NAME` or `cur/NAME` (a key is a path pop3d opens, renames and unlinks), every uid printable
-    ASCII without space (uids go on the wire). Sizes it lies about are caught when the message is read.
+    link, no FIFO, at most MAX_CACHE octets) and nothing in it can make pop3d act outside the maildrop: a
+    key (a path pop3d opens, renames and unlinks) is only renamed or unlinked as a name in new/ or cur/
+    (drop.py), and a message is only served when it is a regular file of the owner, of the size LIST
+    announced; uids are printable ASCII without space (they go on the wire). These checks are per use,
+    not per cached entry: a login that trusts the cache stays a handful of C-level passes.
     Files are opened relative to the maildrop's root fd (`dir_fd` of load, flush, discard).
     """
 
@@ -75,7 +78,8 @@ class SizeCache:
             mtimes = json.loads(mtime_text)
             if type(sizes) is not list or type(mtimes) is not dict:
                 raise ValueError("bad types")
-            if (not order_text.isprintable() or " " in order_text or "//" in order_text
+            start = len(magic) + 1  # line 2 in `data`: bytes.translate checks every octet fastest
+            if (len(data[start : start + len(order_text)].translate(None, _NOT_IN_UID)) != len(order_text)
                     or order_text.startswith("/") or order_text.endswith("/")):  # fmt: skip
                 raise ValueError("uids not printable")  # RFC 1939 §7: 0x21-0x7E
             count = order_text.count("/") + 1 if order_text else 0
@@ -88,10 +92,6 @@ class SizeCache:
                 raise ValueError("bad stamps")
             if keys_text and keys_text.count("\0") + 1 != count:
                 raise ValueError("keys do not match uids")
-            marked = "\0" + keys_text
-            if keys_text and (keys_text.count("/") != count
-                              or marked.count("\0new/") + marked.count("\0cur/") != count):  # fmt: skip
-                raise ValueError("a key is not new/NAME or cur/NAME")
         except (ValueError, RecursionError) as exc:  # Unicode/JSONDecodeError are ValueErrors
             log.warning("size cache %s is corrupt (%s), rebuilding it", self.path, exc)
             return
