@@ -585,3 +585,14 @@ async def test_hostile_names_are_a_permanent_error_at_open(tmp_path: Path, name:
             await drop.open()
         await drop.close()
         assert err.value.code == "SYS/PERM"
+
+
+async def test_unfinished_journal_temp_is_removed_at_start(tmp_path: Path) -> None:
+    spool_for(tmp_path)
+    (tmp_path / "idx").mkdir()
+    temp = tmp_path / "idx" / ".alice.pop3d-journal.0123456789abcdef.tmp"  # a writer died before the rename
+    temp.write_bytes(b"partial copy of mail")
+    other = tmp_path / "idx" / ".alice.pop3d-journal.not-ours.tmp"
+    other.write_bytes(b"x")
+    await mbox_storage(tmp_path).recover_interrupted()
+    assert not temp.exists() and other.exists()
