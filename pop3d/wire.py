@@ -17,14 +17,51 @@ TERMINATOR = b".\r\n"
 
 
 def network_size(raw: bytes) -> int:
-    """Octets of the network form of `raw`, computed without building it."""
+    """Octets of the network form of `raw`, computed without building it.
+
+    Counting the two-octet CRLF costs about three times a count of LF, and one memchr for CR shows in a
+    fraction of that that there is none (the usual LF-only message)."""
     if not raw:
         return 0
-    lf = raw.count(b"\n")
-    size = len(raw) + lf - raw.count(b"\r\n")
-    if not raw.endswith(b"\n"):
-        size += 2
-    return size
+    size = len(raw) + raw.count(b"\n")
+    if b"\r" in raw:
+        size -= raw.count(b"\r\n")
+    return size if raw[-1] == 0x0A else size + 2
+
+
+class NetworkCount:
+    """`network_size` of the concatenation of the pieces fed, with a CRLF split between two pieces counted
+    once: a message read in slices is measured without holding it whole."""
+
+    __slots__ = ("_crlf", "_last", "_lf", "_prev_cr", "_total")
+
+    def __init__(self) -> None:
+        self._total = self._lf = self._crlf = 0
+        self._prev_cr = False
+        self._last = 0
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        self._total += len(data)
+        self._lf += data.count(b"\n")
+        self._crlf += data.count(b"\r\n")
+        if self._prev_cr and data[0] == 0x0A:
+            self._crlf += 1
+        self._prev_cr = data[-1] == 0x0D
+        self._last = data[-1]
+
+    @property
+    def size(self) -> int:
+        if not self._total:
+            return 0
+        return self._total + self._lf - self._crlf + (0 if self._last == 0x0A else 2)
+
+
+def plausible(raw_size: int, size: int) -> bool:
+    """Whether `raw_size` stored octets can have the network size `size`: CRLF and the final line end add
+    at most raw_size + 2 octets, and nothing is ever removed."""
+    return raw_size <= size <= 2 * raw_size + 2 if raw_size else size == 0
 
 
 def to_network(raw: bytes) -> bytes:

@@ -59,15 +59,17 @@ def md(tmp_path: Path) -> Path:
 # ---- location template --------------------------------------------------------------------------------
 
 
-def test_location_template(tmp_path: Path) -> None:
+async def test_location_template(tmp_path: Path) -> None:
     storage = MaildirStorage(str(tmp_path) + "/{user}/Maildir")
-    assert storage.maildrop(User("bob")).path == f"{tmp_path}/bob/Maildir"
+    assert storage.path_for(User("bob")) == f"{tmp_path}/bob/Maildir"
     home = MaildirStorage("{home}/Maildir")
-    assert home.maildrop(User("bob", home="/home/b")).path == "/home/b/Maildir"
+    assert home.path_for(User("bob", home="/home/b")) == "/home/b/Maildir"
     both = MaildirStorage("/m/{user}/{home}")
-    assert both.maildrop(User("{home}", home="/h")).path == "/m/{home}//h"  # no second expansion
+    assert both.path_for(User("{home}", home="/h")) == "/m/{home}//h"  # no second expansion
     with pytest.raises(PermanentError):
-        home.maildrop(User("bob"))  # no home for a {home} template
+        home.path_for(User("bob"))  # no home for a {home} template
+    with pytest.raises(PermanentError):  # maildrop() itself does not raise: the login fails at open()
+        await home.maildrop(User("bob")).open()
     with pytest.raises(ValueError):
         MaildirStorage("/var/mail/shared")
 
@@ -97,9 +99,15 @@ async def test_new_user_without_per_user_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "a/b", "../x", "a\0b"])
-def test_unsafe_user_names_refused(tmp_path: Path, name: str) -> None:
+async def test_unsafe_user_names_refused(tmp_path: Path, name: str) -> None:
+    storage = MaildirStorage(str(tmp_path) + "/{user}")
     with pytest.raises(PermanentError):
-        MaildirStorage(str(tmp_path) + "/{user}").maildrop(User(name))
+        storage.path_for(User(name))
+    drop = storage.maildrop(User(name))
+    with pytest.raises(PermanentError):
+        await drop.open()
+    await drop.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---- open ---------------------------------------------------------------------------------------------
@@ -294,15 +302,20 @@ async def test_second_open_reads_no_bodies(md: Path, monkeypatch: pytest.MonkeyP
         for p in (md / sub).iterdir():
             p.write_bytes(b"garbage\r\n" * 100)
     opened_paths: list[str] = []
-    real_open = builtins.open
+    real_open, real_os_open = builtins.open, os.open
 
     def spy(file: Any, *args: Any, **kwargs: Any) -> Any:
         opened_paths.append(os.fspath(file))
         return real_open(file, *args, **kwargs)
 
+    def os_spy(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened_paths.append(os.fspath(file))  # messages are opened relative to the maildir's fd: "cur/NAME"
+        return real_os_open(file, *args, **kwargs)
+
     monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(os, "open", os_spy)
     assert await snapshot(md) == first
-    assert not [p for p in opened_paths if "/cur/" in p or "/new/" in p]
+    assert not [p for p in opened_paths if p.startswith(("cur/", "new/")) or "/cur/" in p or "/new/" in p]
 
 
 async def test_cache_not_rewritten_when_unchanged(md: Path) -> None:
@@ -541,13 +554,13 @@ async def test_cancelled_open_does_not_leak_the_lock(md: Path, monkeypatch: pyte
 
     md.mkdir()
     release = threading.Event()
-    real_ensure = MaildirDrop._ensure_maildir
+    real_open_root = MaildirDrop._open_root
 
     def stalled(self: MaildirDrop) -> Any:
         release.wait(5)  # before the lock is taken: close() below finds nothing to release yet
-        return real_ensure(self)
+        return real_open_root(self)
 
-    monkeypatch.setattr(MaildirDrop, "_ensure_maildir", stalled)
+    monkeypatch.setattr(MaildirDrop, "_open_root", stalled)
     drop = MaildirDrop(str(md))
     task = asyncio.ensure_future(drop.open())
     await asyncio.sleep(0.05)

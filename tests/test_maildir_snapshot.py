@@ -33,7 +33,7 @@ def listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     real = os.listdir
 
     def spy(path: Any) -> list[str]:
-        calls.append(os.fspath(path))
+        calls.append(str(path))  # a directory fd since listing goes through O_NOFOLLOW fds
         return real(path)
 
     monkeypatch.setattr(scan_mod.os, "listdir", spy)

@@ -56,12 +56,14 @@ def test_fields_are_substituted_in_one_pass() -> None:
 
 
 @pytest.mark.parametrize("name", ["..", "../x", "a/b"])
-def test_both_drivers_refuse_hostile_names(tmp_path: Path, name: str) -> None:
-    with pytest.raises(PermanentError):
-        MaildirStorage(str(tmp_path / "{user}")).maildrop(User(name))
+async def test_both_drivers_refuse_hostile_names(tmp_path: Path, name: str) -> None:
     cfg = {"driver": "mbox", "location": str(tmp_path / "{user}"), "mbox_index_dir": str(tmp_path / "idx")}
-    with pytest.raises(PermanentError):
-        build_storage(load_settings(None, storage=cfg).storage).maildrop(User(name))
+    for storage in (MaildirStorage(str(tmp_path / "{user}")), build_storage(load_settings(None, storage=cfg).storage)):
+        drop = storage.maildrop(User(name))  # no I/O and no exception yet: the login fails at open()
+        with pytest.raises(PermanentError):
+            await drop.open()
+        await drop.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 async def test_mbox_recovery_skips_journals_of_unusable_names(tmp_path: Path) -> None:

@@ -458,7 +458,9 @@ class Pop3Handler:
         except (StorageError, OSError) as exc:
             log.warning("read failed user=%s msg=%d: %s", self.user.name if self.user else "?", i + 1, exc)
             self.ctx.metrics.storage_error("read")
-            return Reply(err(f"message {i + 1} cannot be read now", "SYS/TEMP"))
+            # RFC 3206 §4: SYS/PERM for a message refused for the session (pop3d.storage.base.MessageUnreadable)
+            code = exc.code if isinstance(exc, StorageError) else "SYS/TEMP"
+            return Reply(err(f"message {i + 1} cannot be read now", code))
         body = wire.encode(raw) if lines is None else wire.top(raw, lines)
         self.note_sent(i, lines, len(body))
         return Reply(header + body)

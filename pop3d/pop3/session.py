@@ -461,7 +461,8 @@ class Pop3Session(asyncio.Protocol):
         except (StorageError, OSError) as exc:
             log.warning("read failed user=%s msg=%d: %s", self._user(), s.index + 1, exc)
             self.ctx.metrics.storage_error("read")
-            self._write(err(f"message {s.index + 1} cannot be read now", "SYS/TEMP"))
+            code = exc.code if isinstance(exc, StorageError) else "SYS/TEMP"  # RFC 3206 §4
+            self._write(err(f"message {s.index + 1} cannot be read now", code))
             return
         enc = s.encoder
         sent = 0

@@ -50,6 +50,11 @@ class MessageGone(StorageError):
     code = "SYS/TEMP"
 
 
+class MessageUnreadable(PermanentError):
+    """One message is refused for the rest of the session: not a regular file, someone else's file, or
+    its size disagrees with the size LIST announced (a `,W=` field, a cache entry, an index)."""
+
+
 @dataclass(slots=True)
 class MessageInfo:
     """One message of the session snapshot. `key` is the driver's own handle (file name, offset...)."""
@@ -93,8 +98,35 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     def maildrop(self, user: User) -> Maildrop:
-        """The maildrop of `user`, not opened yet (no I/O). PermanentError if the user cannot have one."""
+        """The maildrop of `user`, not opened yet (no I/O). Does not raise: a user who cannot have one
+        (a name or home that would leave the location template) gets a RefusedMaildrop, whose open()
+        raises the PermanentError, so the login fails with one `[SYS/PERM]` line like any other refusal."""
 
     async def recover_interrupted(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
         """Settle whatever a crash left half done (mbox: interrupted commits), so it does not wait for the
         owner's next login. The server runs it once, in the background, after it starts listening."""
+
+
+class RefusedMaildrop(Maildrop):
+    """The maildrop of a user who cannot have one: open() raises `error` (a PermanentError)."""
+
+    def __init__(self, error: PermanentError) -> None:
+        self.error = error
+        self.messages = []
+
+    async def open(self) -> None:
+        raise self.error
+
+    def read_small(self, index: int) -> bytes:
+        raise self.error
+
+    async def chunks(self, index: int, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        for _ in ():  # an async generator that yields nothing
+            yield b""
+        raise self.error
+
+    async def commit(self, deleted: set[int], seen: set[int]) -> None:
+        raise self.error
+
+    async def close(self) -> None:
+        return None

@@ -34,6 +34,7 @@ import os
 import struct
 
 from pop3d.storage.oserrors import lock_error, storage_error
+from pop3d.storage.safefile import Owner, open_regular
 
 # struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid; } with native
 # alignment and a 64-bit off_t (CPython is built with large-file support), padded to the alignment of
@@ -69,14 +70,18 @@ class MaildropLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> None:
-        """Take the lock or fail at once. Acquiring a lock this object already holds is a no-op."""
+    def acquire(self, *, dir_fd: int | None = None, owner: Owner | None = None) -> None:
+        """Take the lock or fail at once. Acquiring a lock this object already holds is a no-op.
+
+        With `dir_fd`, the lock file is the base name of `path` inside that open directory (a maildrop
+        root opened without following links). With `owner`, the lock file must be the owner's or pop3d's
+        own, and one pop3d creates is given to the owner.
+        """
         if self._fd is not None:
             return
+        name = os.path.basename(self.path) if dir_fd is not None else self.path
         try:
-            # O_CLOEXEC: a child process (e.g. a spawned helper) must not inherit and keep the lock;
-            # O_NOFOLLOW: a symbolic link in place of the lock file is refused (ELOOP), by policy.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = self._open(name, dir_fd, owner)
         except OSError as exc:
             raise storage_error(exc, f"cannot open lock file {self.path}") from exc
         try:
@@ -85,6 +90,34 @@ class MaildropLock:
             os.close(fd)
             raise
         self._fd = fd
+
+    def _open(self, name: str, dir_fd: int | None, owner: Owner | None) -> int:
+        """The lock file's fd: a regular file (O_NONBLOCK: a FIFO in its place must not block the open),
+        never through a symbolic link (ELOOP, by policy); O_CLOEXEC: a spawned child must not keep the lock."""
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+        for _ in range(3):
+            try:
+                fd, st = open_regular(name, dir_fd=dir_fd, flags=flags)
+            except FileNotFoundError:
+                try:
+                    fd = os.open(name, flags | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dir_fd)
+                except FileExistsError:
+                    continue  # created meanwhile by another session: open that one
+                try:
+                    if owner is not None:
+                        owner.give(fd)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                return fd
+            if owner is not None:
+                try:
+                    owner.check_ours(st, self.path)
+                except BaseException:
+                    os.close(fd)
+                    raise
+            return fd
+        raise FileNotFoundError(errno.ENOENT, "lock file keeps vanishing", self.path)
 
     def _lock_fd(self, fd: int) -> None:
         global _USE_OFD

@@ -10,20 +10,39 @@ Rules this file keeps, and why:
   session that ends any other way changes nothing.
 * Another program (an IMAP server) may rename a message to change its flags while we hold the snapshot;
   a missing file is looked up again by base name before it is declared gone.
+* The maildir's owner can write into it, and pop3d may run as root (pop3d.storage.safefile): the root and
+  new/ cur/ tmp/ are opened or lstat'ed without following links and must be directories of the owner
+  (else `[SYS/PERM]` at login); a message is opened without following a link or blocking, must be a
+  regular file of the owner, is read no further than its size, and must have the size LIST announced:
+  otherwise it is unreadable for the session (MessageUnreadable, `-ERR`). Deletions and renames at
+  commit go through directory fds checked to be the ones seen at login. A maildir pop3d creates is the
+  passwd-file user's, mode 0700.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import stat
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
-
-import aiofiles
+from functools import partial
+from typing import NoReturn, TypeVar
 
 from pop3d.auth.base import User
-from pop3d.storage.base import CHUNK, Maildrop, MessageGone, MessageInfo, PermanentError, Storage, TemporaryError
+from pop3d.storage.base import (
+    CHUNK,
+    Maildrop,
+    MessageGone,
+    MessageInfo,
+    MessageUnreadable,
+    PermanentError,
+    RefusedMaildrop,
+    Storage,
+    StorageError,
+    TemporaryError,
+)
 from pop3d.storage.location import expand, has_fields
 from pop3d.storage.locking import MaildropLock
 from pop3d.storage.maildir import scan
@@ -31,13 +50,24 @@ from pop3d.storage.maildir.names import split_name, with_seen
 from pop3d.storage.maildir.sizecache import SIZE_CACHE, SizeCache
 from pop3d.storage.offload import ThreadHop
 from pop3d.storage.oserrors import storage_error
+from pop3d.storage.safefile import DIR_FLAGS, READ_FLAGS, Owner, Refused, check_dir, open_regular, read_upto
+from pop3d.wire import NetworkCount, network_size, plausible
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 LOCK_FILE = ".pop3d.lock"
-_SUBDIRS = ("cur", "new", "tmp")
+_TYPE, _REGULAR = stat.S_IFMT(0o177777), stat.S_IFREG
+_SUBDIRS = ("cur", "new", "tmp")  # the order _open_root lstats them in
+
+
+def _subdir_fd(fds: dict[str, int], sub: str, name: str) -> int:
+    """The fd of new/ or cur/ for a key's directory part; a key from a tampered cache that names any other
+    place is refused (EPERM) rather than followed."""
+    if (sub == "new" or sub == "cur") and "/" not in name:
+        return fds[sub]
+    raise Refused(f"key {sub}/{name} is not in new/ or cur/")
 
 
 class MaildirStorage(Storage):
@@ -73,20 +103,30 @@ class MaildirStorage(Storage):
             anchor = "/" if location.startswith("/") else "."
         return expand(anchor, user, "maildir")
 
-    def maildrop(self, user: User) -> MaildirDrop:
-        return MaildirDrop(self.path_for(user), mark_seen=self.mark_seen, anchor=self.anchor_for(user))
+    def maildrop(self, user: User) -> Maildrop:
+        try:
+            path, anchor = self.path_for(user), self.anchor_for(user)
+        except PermanentError as exc:
+            return RefusedMaildrop(exc)
+        return MaildirDrop(path, mark_seen=self.mark_seen, anchor=anchor, uid=user.uid, gid=user.gid)
 
 
 class MaildirDrop(Maildrop):
     """One session on one maildir. Not thread-safe; every call comes from the session's event loop."""
 
-    def __init__(self, path: str, mark_seen: bool = True, anchor: str | None = None) -> None:
+    def __init__(self, path: str, mark_seen: bool = True, anchor: str | None = None, *,
+                 uid: int | None = None, gid: int | None = None) -> None:  # fmt: skip
         """`anchor`: existing directory under which missing directories down to `path` may be created
-        (default: the maildir's parent); see MaildirStorage.anchor_for."""
+        (default: the maildir's parent); see MaildirStorage.anchor_for. `uid`/`gid`: the passwd-file
+        user's, who must own the maildir (safefile.Owner) and gets what pop3d creates in it."""
         self.path = path
         self.mark_seen = mark_seen
         self.anchor = os.path.dirname(path) if anchor is None else anchor
+        self.uid, self.gid = uid, gid
         self.messages: list[MessageInfo] = []
+        self.owner = Owner(-1, -1)  # set by open()
+        self._ids: dict[str, tuple[int, int]] = {}  # "", "new", "cur" -> (device, inode) seen at open()
+        self._broken: dict[int, str] = {}  # message index -> why it is unreadable for this session
         self._lock = MaildropLock(os.path.join(path, LOCK_FILE))
         self._cache = SizeCache(os.path.join(path, SIZE_CACHE))
         self._hop = ThreadHop()
@@ -103,53 +143,126 @@ class MaildirDrop(Maildrop):
         return await self._hop.run(func, on_cancel=self._lock.release)
 
     def _open_sync(self) -> None:
-        self._ensure_maildir()
-        self._lock.acquire()
+        root_fd, subs = self._open_root()
         try:
-            self.messages = scan.snapshot(self.path, self._cache)
-        except BaseException:
-            self._lock.release()
-            raise
+            self._lock.acquire(dir_fd=root_fd, owner=self.owner)
+            try:
+                self.messages = scan.snapshot(self.path, root_fd, subs, self._cache, self.owner)
+            except BaseException:
+                self._lock.release()
+                raise
+            finally:
+                self._cache.forget()  # an idle session keeps only its snapshot; commit() reloads the cache
         finally:
-            self._cache.forget()  # an idle session keeps only its snapshot; commit() reloads the cache
+            os.close(root_fd)
 
-    def _ensure_maildir(self) -> None:
-        """Create a missing maildir (a new user with no mail yet is normal), mode 0700, below the anchor."""
+    def _open_root(self) -> tuple[int, list[os.stat_result]]:
+        """The maildir root's fd and the lstat of new/ and cur/, created if missing; PermanentError for a
+        link, a non-directory or a directory of someone else (safefile.Owner) anywhere among them."""
+        for attempt in range(2):
+            try:
+                fd = os.open(self.path, DIR_FLAGS)
+            except FileNotFoundError:
+                if attempt:
+                    raise PermanentError(f"maildir {self.path} vanished while created") from None
+                self._create()
+                continue
+            except OSError as exc:
+                raise self._refused(exc, f"cannot open maildir {self.path}") from exc
+            try:
+                st = os.fstat(fd)
+                self.owner = owner = Owner.of(self.uid, self.gid, st)
+                owner.check_ours(st, f"maildir {self.path}")
+                subs: list[os.stat_result] = []
+                for sub in _SUBDIRS:
+                    sst = os.stat(sub, dir_fd=fd, follow_symlinks=False)
+                    check_dir(sst, f"{self.path}/{sub}")
+                    owner.check_ours(sst, f"{self.path}/{sub}")
+                    subs.append(sst)
+            except FileNotFoundError:
+                os.close(fd)
+                if attempt:
+                    raise PermanentError(f"maildir {self.path}: a subdirectory vanished while created") from None
+                self._create()
+                continue
+            except OSError as exc:
+                os.close(fd)
+                raise self._refused(exc, f"cannot open maildir {self.path}") from exc
+            except BaseException:
+                os.close(fd)
+                raise
+            self._ids = {"": (st.st_dev, st.st_ino), "cur": (subs[0].st_dev, subs[0].st_ino),
+                         "new": (subs[1].st_dev, subs[1].st_ino)}  # fmt: skip
+            return fd, [subs[1], subs[0]]  # new/, cur/: the order of scan.stamps
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _refused(self, exc: OSError, what: str) -> StorageError:
+        """The StorageError for `exc`; a link or someone else's file is also logged: it is either an attack
+        or a maildrop to repair."""
+        error = storage_error(exc, what)
+        if isinstance(exc, Refused) or exc.errno == errno.ELOOP:
+            log.error("maildir %s refused: %s", self.path, exc.strerror if exc.errno == errno.ELOOP else exc)
+        return error
+
+    def _create(self) -> None:
+        """Create a missing maildir (a new user with no mail yet is normal) below the anchor, one directory
+        at a time relative to its parent's fd, never through a link; each is mode 0700 and the passwd-file
+        user's (when pop3d runs as root and the user has a uid), like the maildir an MDA would make."""
         root = self.path
+        rel = os.path.relpath(root, self.anchor)
+        if rel == ".." or rel.startswith("../"):
+            raise PermanentError(f"maildir {root} is outside {self.anchor}")
+        parts = [*(rel.split("/") if rel != "." else []), _SUBDIRS]
+        maker = Owner(self.uid, -1 if self.gid is None else self.gid) if self.uid is not None else None
         try:
-            if all(os.path.isdir(os.path.join(root, sub)) for sub in _SUBDIRS):
-                return
-            if not os.path.isdir(self.anchor):
-                raise PermanentError(f"maildir cannot be created: {self.anchor} is not a directory")
-            rel = os.path.relpath(root, self.anchor)
-            if rel == ".." or rel.startswith("../"):
-                raise PermanentError(f"maildir {root} is outside {self.anchor}")
-            dirs: list[str] = []
-            path = self.anchor
-            for part in rel.split("/") if rel != "." else []:
-                path = os.path.join(path, part)
-                dirs.append(path)
-            dirs += [os.path.join(root, sub) for sub in _SUBDIRS]
-            for d in dirs:
-                try:
-                    os.mkdir(d, 0o700)
-                except FileExistsError:
-                    if not os.path.isdir(d):
-                        raise PermanentError(f"{d} is not a directory") from None
+            fd = os.open(self.anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # configured: may be a link
+        except (FileNotFoundError, NotADirectoryError):
+            raise PermanentError(f"maildir cannot be created: {self.anchor} is not a directory") from None
         except OSError as exc:
             raise storage_error(exc, f"cannot create maildir {root}") from exc
+        try:
+            for part in parts:
+                names = part if isinstance(part, tuple) else (part,)
+                for name in names:
+                    child = self._make_dir(fd, name, maker)
+                    if isinstance(part, tuple):
+                        os.close(child)
+                    else:
+                        os.close(fd)
+                        fd = child
+        except OSError as exc:
+            raise self._refused(exc, f"cannot create maildir {root}") from exc
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _make_dir(parent: int, name: str, maker: Owner | None) -> int:
+        """fd of directory `name` in `parent`, made 0700 (and given to `maker`) if missing."""
+        try:
+            os.mkdir(name, 0o700, dir_fd=parent)
+            created = True
+        except FileExistsError:
+            created = False
+        fd = os.open(name, DIR_FLAGS, dir_fd=parent)
+        if created and maker is not None:
+            try:
+                maker.give(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
 
     # ---- reading ----------------------------------------------------------------------------------------
 
     def _relocate(self, key: str) -> str | None:
         """Where the message of `key` is now, if another program renamed it (flags, new/ -> cur/).
 
-        A few likely names are tried with one stat each; only then are the directories listed (rare: a
+        A few likely names are tried with one lstat each; only then are the directories listed (rare: a
         message renamed to unusual flags during the session), which for read_small happens on the loop.
         """
         base, sep, flags = split_name(key.partition("/")[2])
         for guess in (with_seen(base, sep, flags), f"cur/{base}{sep or ':'}2,{flags}", f"new/{base}", f"cur/{base}"):
-            if guess != key and os.path.exists(os.path.join(self.path, guess)):
+            if guess != key and os.path.lexists(os.path.join(self.path, guess)):
                 return guess
         for sub in ("cur", "new"):
             try:
@@ -161,20 +274,6 @@ class MaildirDrop(Maildrop):
                     return f"{sub}/{name}"
         return None
 
-    def read_small(self, index: int) -> bytes:
-        """One direct open+read on the loop (docs/DESIGN.md performance rule 2); messages up to SMALL_MESSAGE."""
-        info = self.messages[index]
-        for attempt in range(2):
-            try:
-                with open(os.path.join(self.path, info.key), "rb", buffering=0) as f:
-                    return f.readall()
-            except FileNotFoundError:
-                if attempt or not self._moved(info):
-                    break
-            except OSError as exc:
-                raise TemporaryError(f"cannot read message: {exc.strerror}") from exc
-        raise MessageGone(f"message {index + 1} was removed by another program")
-
     def _moved(self, info: MessageInfo) -> bool:
         key = self._relocate(info.key)
         if key is None:
@@ -182,29 +281,103 @@ class MaildirDrop(Maildrop):
         info.key = key
         return True
 
-    async def chunks(self, index: int, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
-        """Stream a message of any size through aiofiles' thread; an open fd survives later renames."""
+    def _open_message(self, index: int) -> tuple[int, os.stat_result]:
+        """fd and fstat of message `index`: a regular file of the owner, opened without following a link or
+        blocking, whose stored size can have the announced network size; else MessageUnreadable."""
+        why = self._broken.get(index)
+        if why is not None:
+            raise MessageUnreadable(why)
         info = self.messages[index]
         for attempt in range(2):
             try:
-                f = await aiofiles.open(os.path.join(self.path, info.key), "rb")
-                break
+                fd, st = open_regular(f"{self.path}/{info.key}")
             except FileNotFoundError:
-                if attempt or not await asyncio.to_thread(self._moved, info):
-                    raise MessageGone(f"message {index + 1} was removed by another program") from None
+                if attempt or not self._moved(info):
+                    break
+                continue
             except OSError as exc:
+                if isinstance(exc, Refused) or exc.errno == errno.ELOOP:
+                    self._refuse(index, exc.strerror or str(exc))
                 raise TemporaryError(f"cannot read message: {exc.strerror}") from exc
+            try:
+                self.owner.check(st, "the file")
+                if not plausible(st.st_size, info.size):
+                    self._refuse(index, f"{st.st_size} stored octets cannot make the {info.size} announced")
+            except OSError as exc:
+                os.close(fd)
+                self._refuse(index, exc.strerror or str(exc))
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd, st
+        raise MessageGone(f"message {index + 1} was removed by another program")
+
+    def _refuse(self, index: int, why: str) -> NoReturn:
+        """Mark message `index` unreadable for the session, log it once (Dovecot logs a broken size once as
+        an error too), and raise MessageUnreadable."""
+        key = self.messages[index].key
+        text = f"maildir {self.path}: message {index + 1} ({key}) unreadable this session: {why}"
+        self._broken[index] = text
+        log.error("%s", text)
+        raise MessageUnreadable(text)
+
+    def read_small(self, index: int) -> bytes:
+        """One direct open+read on the loop (docs/DESIGN.md performance rule 2); messages up to SMALL_MESSAGE.
+
+        The usual case is inlined (open, fstat, one read, close: the syscalls of a plain open().readall()
+        minus one read); anything unusual goes through _open_message, which decides and explains.
+        """
+        info = self.messages[index]
         try:
-            while True:
+            fd = os.open(self.path + "/" + info.key, READ_FLAGS)
+        except OSError:
+            fd, st = self._open_message(index)
+        else:
+            try:
+                st = os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if (st.st_mode & _TYPE != _REGULAR or st.st_uid != self.owner.uid or index in self._broken
+                    or not plausible(st.st_size, info.size)):  # fmt: skip
+                os.close(fd)
+                fd, st = self._open_message(index)
+        try:
+            data = os.read(fd, st.st_size)
+            if len(data) < st.st_size:
+                data += read_upto(fd, st.st_size - len(data))
+        except OSError as exc:
+            raise TemporaryError(f"cannot read message: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+        if len(data) != st.st_size or network_size(data) != info.size:
+            self._refuse(index, f"its size changed: {network_size(data)} octets, {info.size} announced")
+        return data
+
+    async def chunks(self, index: int, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        """Stream a message of any size through a thread, no further than its size at open (an open fd
+        survives later renames). The size is checked as it goes: a mismatch is raised before the last
+        chunk is given out, so the session cuts the connection rather than end a wrong body."""
+        fd, st = await asyncio.to_thread(self._open_message, index)
+        hop = ThreadHop()  # a read in flight when the session is cut must finish before the fd is closed
+        try:
+            expected = self.messages[index].size
+            count = NetworkCount()
+            left = st.st_size
+            while left:
                 try:
-                    data = await f.read(chunk_size)
+                    data = await hop.run(partial(os.read, fd, min(chunk_size, left)))
                 except OSError as exc:
                     raise TemporaryError(f"cannot read message: {exc.strerror}") from exc
                 if not data:
-                    return
+                    self._refuse(index, "it shrank while being read")
+                left -= len(data)
+                count.feed(data)
+                if not left and count.size != expected:
+                    self._refuse(index, f"its size changed: {count.size} octets, {expected} announced")
                 yield data
         finally:
-            await f.close()
+            hop.after(partial(os.close, fd))
 
     # ---- update -----------------------------------------------------------------------------------------
 
@@ -216,14 +389,42 @@ class MaildirDrop(Maildrop):
         if failed:
             raise TemporaryError(f"{failed} message(s) could not be deleted")
 
+    def _dir_fds(self) -> dict[str, int]:
+        """fds of the root, new/ and cur/, opened without following links and checked to be the directories
+        seen at open(): a maildir swapped for a link to another one during the session is not touched."""
+        fds: dict[str, int] = {}
+        try:
+            fds[""] = os.open(self.path, DIR_FLAGS)
+            for sub in ("new", "cur"):
+                fds[sub] = os.open(sub, DIR_FLAGS, dir_fd=fds[""])
+            for sub, fd in fds.items():
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != self._ids.get(sub):
+                    raise Refused(f"{self.path}/{sub} was replaced during the session")
+        except OSError as exc:
+            for fd in fds.values():
+                os.close(fd)
+            log.error("maildir %s: nothing changed at commit: %s", self.path, exc)
+            raise storage_error(exc, f"maildir {self.path} cannot be updated") from exc
+        return fds
+
     def _commit_sync(self, deleted: set[int], seen: set[int]) -> int:
+        fds = self._dir_fds()
+        try:
+            return self._update(fds, deleted, seen)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _update(self, fds: dict[str, int], deleted: set[int], seen: set[int]) -> int:
         failed = 0
         gone: list[str] = []
         for index in sorted(deleted):
             info = self.messages[index]
             for attempt in range(2):
+                sub, _, name = info.key.partition("/")
                 try:
-                    os.unlink(os.path.join(self.path, info.key))
+                    os.unlink(name, dir_fd=_subdir_fd(fds, sub, name))
                 except FileNotFoundError:
                     if attempt == 0 and self._moved(info):
                         continue
@@ -235,14 +436,14 @@ class MaildirDrop(Maildrop):
                 break
         if self.mark_seen:
             for index in sorted(seen - deleted):
-                self._mark_seen(self.messages[index])
+                self._mark_seen(fds, self.messages[index])
         if gone:
-            self._cache.load()  # we hold the lock: nobody else wrote it since open()
-            self._cache.discard(gone)
+            self._cache.load(fds[""], self.owner)  # we hold the lock: nobody else wrote it since open()
+            self._cache.discard(gone, fds[""], self.owner)
             self._cache.forget()
         return failed
 
-    def _mark_seen(self, info: MessageInfo) -> None:
+    def _mark_seen(self, fds: dict[str, int], info: MessageInfo) -> None:
         """new/NAME -> cur/NAME:2,S, or add S to a cur/ name's flags (kept sorted, as Maildir requires)."""
         for attempt in range(2):
             sub, _, name = info.key.partition("/")
@@ -251,7 +452,7 @@ class MaildirDrop(Maildrop):
                 return
             target = with_seen(base, sep, flags)
             try:
-                os.rename(os.path.join(self.path, info.key), os.path.join(self.path, target))
+                os.rename(name, target.partition("/")[2], src_dir_fd=_subdir_fd(fds, sub, name), dst_dir_fd=fds["cur"])
             except FileNotFoundError:
                 if attempt == 0 and self._moved(info):
                     continue

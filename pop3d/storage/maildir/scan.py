@@ -14,20 +14,23 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from itertools import repeat
 from operator import itemgetter
 from typing import cast
 
-from pop3d.wire import network_size
-from pop3d.storage.base import MessageInfo
+from pop3d.storage.base import MessageInfo, TemporaryError
 from pop3d.storage.maildir.names import STANDARD_NAMES, size_field, split_name, time_key, uid_for
 from pop3d.storage.maildir.sizecache import SizeCache
 from pop3d.storage.offload import no_gc
 from pop3d.storage.oserrors import storage_error
+from pop3d.storage.safefile import DIR_FLAGS, Owner, open_regular, read_upto
+from pop3d.wire import NetworkCount, network_size
 
 log = logging.getLogger(__name__)
 
@@ -57,34 +60,40 @@ def _remember(path: str, stamps: list[int] | None, messages: list[MessageInfo]) 
         total -= len(dropped)
 
 
-def measure(path: str, chunk_size: int = _MEASURE_CHUNK) -> tuple[int, int]:
+def measure(path: str, chunk_size: int = _MEASURE_CHUNK, *, dir_fd: int | None = None,
+            owner: Owner | None = None) -> tuple[int, int]:  # fmt: skip
     """(network size, integer mtime) of a stored message, streaming so a 50 MiB message costs no memory.
 
-    Same result as pop3d.wire.network_size on the whole file, with CRLF split across chunks accounted for.
+    Same result as pop3d.wire.network_size on the whole file. Opened like every message (no link,
+    no blocking, a regular file of `owner`: safefile) and read no further than its fstat size, so a FIFO,
+    a device or a file that keeps growing cannot stall or exhaust the server; OSError when unusable.
     """
-    with open(path, "rb", buffering=0) as f:
-        mtime = int(os.fstat(f.fileno()).st_mtime)
-        data = f.read(chunk_size)
-        if len(data) < chunk_size:
+    fd, st = open_regular(path, dir_fd=dir_fd)
+    try:
+        if owner is not None:
+            owner.check(st, path)
+        mtime = int(st.st_mtime)
+        left = st.st_size
+        if left <= chunk_size:
+            data = read_upto(fd, left)
+            if len(data) != left:
+                raise OSError(errno.EIO, "message shrank while measured")
             return network_size(data), mtime
-        total = lf = crlf = 0
-        prev_cr = False
-        last = b""
-        while data:
-            total += len(data)
-            lf += data.count(b"\n")
-            crlf += data.count(b"\r\n")
-            if prev_cr and data[0] == 0x0A:
-                crlf += 1
-            prev_cr = data[-1] == 0x0D
-            last = data[-1:]
-            data = f.read(chunk_size)
-    return total + lf - crlf + (0 if last == b"\n" else 2), mtime
+        count = NetworkCount()
+        while left:
+            data = os.read(fd, min(chunk_size, left))
+            if not data:
+                raise OSError(errno.EIO, "message shrank while measured")
+            count.feed(data)
+            left -= len(data)
+        return count.size, mtime
+    finally:
+        os.close(fd)
 
 
-def stamps(path: str) -> tuple[list[int] | None, bool]:
-    """(device, inode, mtime, ctime, size of new/ and cur/), taken *before* listing them, and whether
-    they can be trusted to reveal any later change.
+def stamps(subs: Sequence[os.stat_result]) -> tuple[list[int], bool]:
+    """(device, inode, mtime, ctime, size of new/ and cur/) from their lstat taken *before* listing them,
+    and whether they can be trusted to reveal any later change.
 
     Every entry added, removed or renamed sets the directory's mtime and ctime to the current time,
     but that clock is coarse: a change in the same tick as our stat could leave the stamps unchanged.
@@ -93,26 +102,31 @@ def stamps(path: str) -> tuple[list[int] | None, bool]:
     """
     out: list[int] = []
     newest = 0
-    for sub in ("new", "cur"):
-        try:
-            st = os.stat(os.path.join(path, sub))
-        except OSError:
-            return None, False
+    for st in subs:
         out += (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
     return out, time.time_ns() - newest > _STAMP_TRUST * 1_000_000_000
 
 
-def list_names(path: str) -> dict[str, str]:
+def list_names(path: str, root_fd: int, subs: Sequence[os.stat_result]) -> dict[str, str]:
     """name up to its first ":2," -> key, for new/ then cur/, built by C-level map/zip.
 
-    Listing new/ first means a message moved to cur/ between the two listdirs is seen twice (cur/ wins)
-    rather than missed. Dotfiles and `;2,`/`!2,` names are sorted out later by the general scan.
+    Each directory is opened below the maildrop's root fd without following a link and must still be the
+    one whose stamps were taken (`subs`). Listing new/ first means a message moved to cur/ between the
+    two listdirs is seen twice (cur/ wins) rather than missed. Dotfiles and `;2,`/`!2,` names are sorted
+    out later by the general scan.
     """
     found: dict[str, str] = {}
-    for sub in ("new", "cur"):
+    for sub, expect in zip(("new", "cur"), subs, strict=True):
         try:
-            names = os.listdir(os.path.join(path, sub))
+            fd = os.open(sub, DIR_FLAGS, dir_fd=root_fd)
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != (expect.st_dev, expect.st_ino):
+                    raise TemporaryError(f"maildir {path}: {sub}/ was replaced during the login")
+                names = os.listdir(fd)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise storage_error(exc, f"cannot list {path}/{sub}") from exc
         bases = map(_first, map(str.partition, names, repeat(":2,")))
@@ -120,58 +134,73 @@ def list_names(path: str) -> dict[str, str]:
     return found
 
 
-def snapshot(path: str, cache: SizeCache) -> list[MessageInfo]:
-    """The messages of the maildir at `path` (whose lock the caller holds), and the cache brought up to date.
+def snapshot(path: str, root_fd: int, subs: Sequence[os.stat_result], cache: SizeCache,
+             owner: Owner | None = None) -> list[MessageInfo]:  # fmt: skip
+    """The messages of the maildir at `path`, open as `root_fd` (whose lock the caller holds), and the
+    cache brought up to date. `subs`: lstat of new/ and cur/, checked by the caller.
 
     Runs on every login, so per-message Python work is kept out of the common cases: directories unchanged
     since the last listing (no listdir: the in-process memo, else the cache file's keys), nothing renamed
-    (one string compare), or only standard names.
+    (one string compare), or only standard names. No message is opened unless its size is unknown: whether
+    it is a regular file of the owner is checked when it is read (drop.py).
     """
-    now, trusted = stamps(path)
+    now, trusted = stamps(subs)
     memo = _MEMO.get(path)
     if trusted and memo is not None and memo[0] == now:
         _MEMO.move_to_end(path)
         return list(memo[1])
     _MEMO.pop(path, None)
     with no_gc():  # 100k new objects would trigger repeated collections that free nothing
-        cache.load()
-        cached = cache.snapshot_for(now) if trusted and now is not None else None
+        cache.load(root_fd, owner)
+        cached = cache.snapshot_for(now) if trusted else None
         if cached is not None:
             messages = list(map(MessageInfo, *cached))
         else:
-            messages = _scan_listing(path, cache)
+            scan = _Scan(path, root_fd, cache, owner)
+            messages = scan.listing(list_names(path, root_fd, subs))
             cache.remember(now if trusted else None, [m.key for m in messages])
-        cache.flush()
+        cache.flush(root_fd, owner)
     if trusted and len(messages) >= _MEMO_MIN:
         _remember(path, now, messages)
     return messages
 
 
-def _scan_listing(path: str, cache: SizeCache) -> list[MessageInfo]:
-    found = list_names(path)
-    order = sorted(found)
-    joined = "/".join(order)
-    if joined == cache.order_text:
-        # The cached snapshot lists exactly these base names as uids, in this order: so each uid is
-        # its base name and plain sorted order was the right (time, name) order. Nothing to compute.
-        return list(map(MessageInfo, cache.size_list, order, map(found.__getitem__, order)))
-    if STANDARD_NAMES.fullmatch(joined):
-        return _scan_standard(path, cache, found, order)
-    return _scan_general(path, cache, found)
+class _Scan:
+    """One listing of one maildir: where to open the messages whose size is not known yet."""
+
+    __slots__ = ("cache", "owner", "path", "root_fd")
+
+    def __init__(self, path: str, root_fd: int, cache: SizeCache, owner: Owner | None) -> None:
+        self.path, self.root_fd, self.cache, self.owner = path, root_fd, cache, owner
+
+    def measure(self, key: str) -> tuple[int, int]:
+        return measure(key, dir_fd=self.root_fd, owner=self.owner)
+
+    def listing(self, found: dict[str, str]) -> list[MessageInfo]:
+        cache = self.cache
+        order = sorted(found)
+        joined = "/".join(order)
+        if joined == cache.order_text:
+            # The cached snapshot lists exactly these base names as uids, in this order: so each uid is
+            # its base name and plain sorted order was the right (time, name) order. Nothing to compute.
+            return list(map(MessageInfo, cache.size_list, order, map(found.__getitem__, order)))
+        if STANDARD_NAMES.fullmatch(joined):
+            return _scan_standard(self, found, order)
+        return _scan_general(self, found)
 
 
-def _scan_standard(path: str, cache: SizeCache, found: dict[str, str], order: list[str]) -> list[MessageInfo]:
+def _scan_standard(scan: _Scan, found: dict[str, str], order: list[str]) -> list[MessageInfo]:
     """Only standard names (see names.STANDARD_NAMES): uid = base, order = sorted bases; new ones measured."""
+    cache, path = scan.cache, scan.path
     old = cache.sizes
     maybe: list[int | None] = list(map(old.get, order))
     if None in maybe:  # first login, or new mail: use `,W=` or read those bodies once
-        root = path + "/"
         for i in [i for i, size in enumerate(maybe) if size is None]:
             base = order[i]
             try:
                 maybe[i] = size_field(base) if ",W=" in base else None
                 if maybe[i] is None:
-                    maybe[i] = measure(root + found[base])[0]
+                    maybe[i] = scan.measure(found[base])[0]
             except FileNotFoundError:
                 pass  # vanished between listdir and read: not part of this snapshot
             except OSError as exc:
@@ -184,8 +213,9 @@ def _scan_standard(path: str, cache: SizeCache, found: dict[str, str], order: li
     return list(map(MessageInfo, sizes, order, map(found.__getitem__, order)))
 
 
-def _scan_general(path: str, cache: SizeCache, found: dict[str, str]) -> list[MessageInfo]:
+def _scan_general(scan: _Scan, found: dict[str, str]) -> list[MessageInfo]:
     """Any names: dotfiles, `;2,`/`!2,` info, odd characters, times from mtime. Python per message."""
+    cache, path = scan.cache, scan.path
     old = cache.sizes
     new_mtimes: dict[str, int] = {}
     rows: dict[str, MessageInfo] = {}  # sort key -> message
@@ -196,7 +226,6 @@ def _scan_general(path: str, cache: SizeCache, found: dict[str, str]) -> list[Me
         if ";2," in base or "!2," in base:
             base = split_name(base)[0]
         bases[base] = key  # later (cur/) entries win over new/ ones
-    root = path + "/"
     for base, key in bases.items():
         uid = uid_for(base)
         # Keys are unique: an mtime key equals a standard one only if its base starts with "." (skipped).
@@ -208,9 +237,9 @@ def _scan_general(path: str, cache: SizeCache, found: dict[str, str]) -> list[Me
         if size is None or mtime is None:
             try:
                 if size is None:
-                    size, mtime = measure(root + key)
+                    size, mtime = scan.measure(key)
                 else:
-                    mtime = int(os.stat(root + key).st_mtime)
+                    mtime = int(os.stat(key, dir_fd=scan.root_fd, follow_symlinks=False).st_mtime)
             except FileNotFoundError:
                 continue  # vanished between listdir and read: not part of this snapshot
             except OSError as exc:

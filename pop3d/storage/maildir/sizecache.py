@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from functools import partial
 
 from pop3d.storage.atomic import replace_text
+from pop3d.storage.safefile import Owner, read_capped
 
 log = logging.getLogger(__name__)
 
 SIZE_CACHE = ".pop3d.sizes"
+#: Larger than any real cache (about 100 octets a message: 400,000 messages fit), so a bigger file is
+#: garbage or an attack (a link to /dev/zero is refused before, a huge sparse file here) and is not read.
+MAX_CACHE = 64 * 1024 * 1024
+_NOT_IN_UID = bytes(range(0x21)) + b"\x7f"  # RFC 1939 §7: uids are 0x21-0x7E (decode("ascii") refused the rest)
 
 
 class SizeCache:
@@ -28,14 +35,23 @@ class SizeCache:
     nothing changed since the last login, the listing joined the same way compares equal to line 2 in one
     memcmp and the sizes come from one json.loads: no per-message Python code.
     Anything that does not parse makes the whole file ignored and rebuilt (it is only a cache). Rewritten
-    atomically (temporary file + os.replace) and only when its content changed; callers hold the maildrop
-    lock, so there is one writer.
+    atomically (pop3d.storage.atomic) and only when its content changed; callers hold the maildrop lock,
+    so there is one writer.
+
+    The maildrop's owner can write this file, so it is read like any file of the maildrop (safefile: no
+    link, no FIFO, at most MAX_CACHE octets) and nothing in it can make pop3d act outside the maildrop: a
+    key (a path pop3d opens, renames and unlinks) is only renamed or unlinked as a name in new/ or cur/
+    (drop.py), and a message is only served when it is a regular file of the owner, of the size LIST
+    announced; uids are printable ASCII without space (they go on the wire). These checks are per use,
+    not per cached entry: a login that trusts the cache stays a handful of C-level passes.
+    Files are opened relative to the maildrop's root fd (`dir_fd` of load, flush, discard).
     """
 
     MAGIC = "pop3d-sizes 4"
 
     def __init__(self, path: str) -> None:
-        self.path = path
+        self.path = path  # for messages; opened as its base name below the maildrop root's fd
+        self.name = os.path.basename(path)
         self.order_text: str | None = None  # line 2 as read, None when there is no usable cache
         self.size_list: list[int] = []
         self.mtimes: dict[str, int] = {}
@@ -44,12 +60,11 @@ class SizeCache:
         self.keys_text = ""
         self._dirty = False
 
-    def load(self) -> None:
+    def load(self, dir_fd: int, owner: Owner | None = None) -> None:
         self.order_text, self.size_list, self.mtimes, self._sizes = None, [], {}, {}
         self.stamps, self.keys_text, self._dirty = None, "", False
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            data = read_capped(self.name, MAX_CACHE, dir_fd=dir_fd, owner=owner)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -63,6 +78,10 @@ class SizeCache:
             mtimes = json.loads(mtime_text)
             if type(sizes) is not list or type(mtimes) is not dict:
                 raise ValueError("bad types")
+            start = len(magic) + 1  # line 2 in `data`: bytes.translate checks every octet fastest
+            if (len(data[start : start + len(order_text)].translate(None, _NOT_IN_UID)) != len(order_text)
+                    or order_text.startswith("/") or order_text.endswith("/")):  # fmt: skip
+                raise ValueError("uids not printable")  # RFC 1939 §7: 0x21-0x7E
             count = order_text.count("/") + 1 if order_text else 0
             if len(sizes) != count or not set(map(type, sizes)) <= {int} or (sizes and min(sizes) < 0):
                 raise ValueError("sizes do not match uids")
@@ -99,10 +118,10 @@ class SizeCache:
         if (stamps, keys_text) != (self.stamps, self.keys_text):
             self.stamps, self.keys_text, self._dirty = stamps, keys_text, True
 
-    def flush(self) -> None:
+    def flush(self, dir_fd: int, owner: Owner | None = None) -> None:
         if self._dirty:
             self._dirty = False
-            self._write()
+            self._write(dir_fd, owner)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -122,18 +141,20 @@ class SizeCache:
         self.order_text, self.size_list, self.mtimes, self._sizes = order_text, sizes, mtimes, kept
         self.stamps, self.keys_text, self._dirty = None, "", True  # keys of another listing: forget them
 
-    def discard(self, uids: list[str]) -> None:
+    def discard(self, uids: list[str], dir_fd: int, owner: Owner | None = None) -> None:
         """Forget deleted messages (commit)."""
         gone = set(uids)
         if gone & self.sizes.keys():
             self.update({uid: size for uid, size in self.sizes.items() if uid not in gone}, {})
-        self.flush()  # stored keys need no invalidation: any rename or unlink changes the directory stamps
+        self.flush(dir_fd, owner)  # stored keys need no invalidation: any rename or unlink changes the directory stamps
 
-    def _write(self) -> None:
-        """A failure (read-only file system, quota) is logged: it only costs a slower next login."""
+    def _write(self, dir_fd: int, owner: Owner | None) -> None:
+        """A failure (read-only file system, quota) is logged: it only costs a slower next login. Mode
+        0600, given to the maildrop's owner like the rest of the maildrop."""
         text = "\n".join(
             (self.MAGIC, self.order_text or "", json.dumps(self.size_list, separators=(",", ":")),
              json.dumps(self.mtimes, separators=(",", ":")), json.dumps(self.stamps, separators=(",", ":")),
              self.keys_text, "")
         )  # fmt: skip
-        replace_text(self.path, text, "size cache")
+        prepare = None if owner is None else partial(Owner.give, owner)
+        replace_text(self.name, text, "size cache", dir_fd=dir_fd, prepare=prepare)

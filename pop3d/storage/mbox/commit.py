@@ -8,8 +8,9 @@ place, the inode, its owner, group and mode (0660 user:mail) never change.
 The commit, under the spool's write lock (every step is fsynced before the next):
 
 1. the journal `USER.pop3d-journal` is written: a JSON header (device, inode, `x` the first changed
-   offset, `old_size`, `new_end`) and a copy of the old bytes [x, old_size); written as `.tmp` and renamed,
-   so it exists only when complete;
+   offset, `old_size`, `new_end`) and a copy of the old bytes [x, old_size); written to an exclusive
+   temporary file (pop3d.storage.atomic: mode 0600, it is a copy of mail) and renamed, so it exists only
+   when complete;
 2. the kept messages (and whatever the MTA appended after the session's snapshot) are moved down to `x`;
 3. the spool is truncated to `new_end`; 4. the journal is removed.
 
@@ -31,12 +32,21 @@ import logging
 import os
 from collections.abc import Sequence
 
+from pop3d.storage.atomic import create_temp, install
 from pop3d.storage.base import TemporaryError
+from pop3d.storage.safefile import Owner, open_regular
 
 log = logging.getLogger(__name__)
 
 MAGIC = "pop3d-mbox-journal 1"
 BLOCK = 4 * 1024 * 1024
+_MAX_HEADER = 4096  # the JSON header line is ~150 octets; a longer first line is not a journal
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _checkpoint(phase: str) -> None:
@@ -73,24 +83,25 @@ def rewrite(fd: int, journal: str, keep: Sequence[tuple[int, int]], x: int, old_
     st = os.fstat(fd)
     new_end = x + sum(b - a for a, b in keep)
     header = {"magic": MAGIC, "dev": st.st_dev, "ino": st.st_ino, "x": x, "old_size": old_size, "new_end": new_end}
-    tmp = journal + ".tmp"
+    jfd, tmp = create_temp(journal)
     try:
-        with open(tmp, "wb") as j:
-            j.write(json.dumps(header).encode() + b"\n")
+        try:
+            _write_all(jfd, json.dumps(header).encode() + b"\n")
             pos = x
             while pos < old_size:
                 data = os.pread(fd, min(BLOCK, old_size - pos), pos)
                 if not data:
                     raise TemporaryError("spool shorter than expected during commit")
-                j.write(data)
+                _write_all(jfd, data)
                 pos += len(data)
-            j.flush()
-            os.fsync(j.fileno())
+        except BaseException:
+            os.close(jfd)
+            raise
+        install(jfd, tmp, journal, durable=True)
     except BaseException:  # e.g. ENOSPC: the spool is untouched; do not leave a large partial journal
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    os.replace(tmp, journal)
     _fsync_dir(journal)
     _checkpoint("journal")
     dst = x
@@ -108,24 +119,37 @@ def rewrite(fd: int, journal: str, keep: Sequence[tuple[int, int]], x: int, old_
     return new_end
 
 
-def recover(fd: int, journal: str) -> str | None:
-    """Finish or undo an interrupted rewrite of the spool open as `fd`. Returns what was done, or None."""
+def recover(fd: int, journal: str, owner: Owner | None = None) -> str | None:
+    """Finish or undo an interrupted rewrite of the spool open as `fd`. Returns what was done, or None.
+
+    The journal is read like any file beside a maildrop (pop3d.storage.safefile: no link, no FIFO, pop3d's
+    or `owner`'s); one that is not, or does not parse, is left in place and the spool is not touched.
+    """
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(journal + ".tmp")  # an incomplete journal: the spool was not touched yet
+        os.unlink(journal + ".tmp")  # an incomplete journal of an older pop3d: the spool was not touched yet
     try:
-        jfd = os.open(journal, os.O_RDONLY | os.O_CLOEXEC)
+        jfd, jst = open_regular(journal)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        log.error("mbox journal %s refused (%s); left in place, spool not changed", journal, exc.strerror)
+        raise TemporaryError("unusable commit journal") from exc
     with open(jfd, "rb") as j:
         try:
-            header = json.loads(j.readline())
+            if owner is not None:
+                owner.check_ours(jst, journal)
+            first = os.pread(jfd, _MAX_HEADER, 0)
+            nl = first.find(b"\n")
+            if nl < 0:
+                raise ValueError("no header line")
+            header = json.loads(first[:nl])
             if header.get("magic") != MAGIC:
                 raise ValueError("not a pop3d journal")
             x, old_size, new_end = int(header["x"]), int(header["old_size"]), int(header["new_end"])
-            data_at = j.tell()
-            if os.fstat(j.fileno()).st_size != data_at + old_size - x:
+            data_at = nl + 1
+            if not 0 <= x <= new_end <= old_size or jst.st_size != data_at + old_size - x:
                 raise ValueError("journal length does not match its header")
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, OSError) as exc:
             log.error("mbox journal %s unreadable (%s); left in place, spool not changed", journal, exc)
             raise TemporaryError("unreadable commit journal") from exc
         st = os.fstat(fd)

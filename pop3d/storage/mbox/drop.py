@@ -16,26 +16,36 @@ commit.py (crash-safe, undo journal) keeping everything appended after the snaps
 rewritten rather than appended to during the session, nothing is deleted and the commit answers
 `[SYS/TEMP]`. The `seen` set is not written back: an mbox has no flags without rewriting the message
 (`Status:` headers), which would change sizes and UIDLs other readers depend on.
+
+The spool's owner can write it and may be able to write beside it, and pop3d may run as root
+(pop3d.storage.safefile): the spool is opened without following a link or blocking, must be a regular
+file of the owner (the passwd-file uid, else the spool's own owner), else `[SYS/PERM]`; the index and
+journal are read the same way, capped in size, and written only through exclusive temporary files
+(pop3d.storage.atomic), mode 0600. A message whose size disagrees with the index is unreadable for the
+session (MessageUnreadable).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
-import stat
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from pop3d.auth.base import User
+from pop3d.storage.atomic import is_temp_of
 from pop3d.storage.base import (
     CHUNK,
     InUse,
     Maildrop,
     MessageGone,
     MessageInfo,
+    MessageUnreadable,
     PermanentError,
+    RefusedMaildrop,
     Storage,
     StorageError,
     TemporaryError,
@@ -48,6 +58,8 @@ from pop3d.storage.mbox.index import TAIL, SpoolIndex
 from pop3d.storage.mbox.spool_lock import SpoolLock
 from pop3d.storage.offload import ThreadHop, no_gc
 from pop3d.storage.oserrors import storage_error
+from pop3d.storage.safefile import Owner, Refused, open_regular
+from pop3d.wire import NetworkCount, network_size
 
 if TYPE_CHECKING:
     from pop3d.config import SpoolLockMethod, StorageSettings
@@ -69,10 +81,13 @@ class MboxStorage(Storage):
         self.stale = cfg.mbox_dotlock_stale
         self.index_dir = cfg.mbox_index_dir
 
-    def maildrop(self, user: User) -> MboxDrop:
-        spool = expand(self.location, user, "spool")
+    def maildrop(self, user: User) -> Maildrop:
+        try:
+            spool = expand(self.location, user, "spool")
+        except PermanentError as exc:
+            return RefusedMaildrop(exc)
         base = os.path.join(self.index_dir, user.name) if self.index_dir else spool
-        return MboxDrop(spool, base, self)
+        return MboxDrop(spool, base, self, uid=user.uid, gid=user.gid)
 
     async def recover_interrupted(self) -> None:
         """At server start: settle every commit a crash interrupted, so a spool does not stay half-moved
@@ -89,14 +104,23 @@ class MboxStorage(Storage):
             names = await asyncio.to_thread(os.listdir, directory)
         except OSError:
             return
-        for name in sorted({n.split(_JOURNAL)[0] for n in names if n.endswith((_JOURNAL, _JOURNAL + ".tmp"))}):
-            try:
-                drop = self.maildrop(User(name))
-            except PermanentError as exc:
-                log.warning("interrupted commit for %s left for its next login: %s", name, exc)
+        temps: dict[str, list[str]] = defaultdict(list)  # journals whose writer died before renaming them
+        for n in names:
+            if n.startswith(".") and _JOURNAL + "." in n:
+                user = n[1:].rpartition(_JOURNAL + ".")[0]
+                if is_temp_of(n, user + _JOURNAL):
+                    temps[user].append(n)
+        done = {n.split(_JOURNAL)[0] for n in names if n.endswith((_JOURNAL, _JOURNAL + ".tmp"))}
+        for name in sorted(done | temps.keys()):
+            drop = self.maildrop(User(name))
+            if isinstance(drop, RefusedMaildrop):
+                log.warning("interrupted commit for %s left for its next login: %s", name, drop.error)
                 continue
             try:
                 await drop.open()
+                # the session lock is ours: no commit of this user is writing a journal now
+                for temp in temps.get(name, ()):
+                    await asyncio.to_thread(_unlink_quietly, os.path.join(directory, temp))
             except InUse:
                 pass
             except (StorageError, OSError) as exc:
@@ -105,12 +129,25 @@ class MboxStorage(Storage):
                 await drop.close()
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove an unfinished journal %s: %s", path, exc)
+
+
 class MboxDrop(Maildrop):
     """One session on one spool. Not thread-safe; every call comes from the session's event loop."""
 
-    def __init__(self, spool: str, base: str, cfg: MboxStorage) -> None:
+    def __init__(self, spool: str, base: str, cfg: MboxStorage, *, uid: int | None = None,
+                 gid: int | None = None) -> None:  # fmt: skip
         self.spool = spool
         self.cfg = cfg
+        self.uid, self.gid = uid, gid
+        self.owner = Owner(-1, -1)  # set by open(): see safefile.Owner
+        self._broken: dict[int, str] = {}  # message index -> why it is unreadable for this session
         self.messages: list[MessageInfo] = []
         self.index_path = base + ".pop3d-index"
         self.journal = base + _JOURNAL
@@ -156,7 +193,7 @@ class MboxDrop(Maildrop):
             if journal_left:
                 if not self._writable:
                     raise PermanentError(f"{self.spool}: interrupted commit, but the spool is not writable")
-                await self._locked(True, lambda: mbox_commit.recover(self._fd_or_fail(), self.journal))
+                await self._locked(True, lambda: mbox_commit.recover(self._fd_or_fail(), self.journal, self.owner))
             await self._locked(False, self._snapshot)
         except BaseException:
             self._abort()
@@ -172,28 +209,32 @@ class MboxDrop(Maildrop):
         complete or not, is left by a process that died mid-commit."""
         index_dir = os.path.dirname(self.index_path)
         if self.cfg.index_dir and not os.path.isdir(index_dir):
+            # One directory for every user's index, lock and journal (copies of mail): pop3d's alone, 0700.
+            # It is not given to any user, who could then tamper with the others' files.
             try:
-                os.makedirs(index_dir, 0o750, exist_ok=True)
+                os.makedirs(index_dir, 0o700, exist_ok=True)
             except OSError as exc:
                 raise storage_error(exc, f"cannot create mbox index directory {index_dir}") from exc
         self._session_lock.acquire()
-        flags = os.O_CLOEXEC | os.O_NOFOLLOW  # a symbolic link as the spool is refused (ELOOP), by policy
+        # A link as the spool is refused (ELOOP), by policy; O_NONBLOCK: a FIFO there must not block.
+        flags = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
             try:
-                self._fd = os.open(self.spool, os.O_RDWR | flags)
+                self._fd, st = open_regular(self.spool, flags=os.O_RDWR | flags)
                 self._writable = True
             except PermissionError:
-                self._fd = os.open(self.spool, os.O_RDONLY | flags)
+                self._fd, st = open_regular(self.spool, flags=os.O_RDONLY | flags)
                 log.warning("spool %s is read-only for pop3d: deletions will fail", self.spool)
+            self.owner = Owner.of(self.uid, self.gid, st)
+            self.owner.check(st, f"spool {self.spool}")
         except FileNotFoundError:
             self._fd = None
             return False
         except OSError as exc:
+            if isinstance(exc, Refused) or exc.errno == errno.ELOOP:
+                log.error("spool %s refused: %s", self.spool, exc.strerror)
             raise storage_error(exc, f"cannot open spool {self.spool}") from exc
-        st = os.fstat(self._fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise PermanentError(f"spool {self.spool} is not a regular file")
-        return os.path.exists(self.journal) or os.path.exists(self.journal + ".tmp")
+        return os.path.lexists(self.journal) or os.path.lexists(self.journal + ".tmp")
 
     def _pread(self, offset: int, length: int) -> bytes:
         assert self._fd is not None
@@ -214,7 +255,7 @@ class MboxDrop(Maildrop):
         size = st.st_size
         dialect = "mboxrd" if self.cfg.mboxrd else "mboxo"
         idx = SpoolIndex(self.index_path)
-        idx.load()
+        idx.load(size, self.owner)
         same_file = idx.loaded and (idx.dev, idx.ino, idx.dialect) == (st.st_dev, st.st_ino, dialect)
         try:
             if same_file and size == idx.size and st.st_mtime_ns == idx.mtime_ns and self._tail(size) == idx.tail:
@@ -270,9 +311,21 @@ class MboxDrop(Maildrop):
     # ---- read -------------------------------------------------------------------------------------------
 
     def _check(self, index: int, data: bytes) -> None:
+        why = self._broken.get(index)
+        if why is not None:
+            raise MessageUnreadable(why)
         e = self._entries[index]
         if digest(data, e.next - e.start) != e.digest:
             raise MessageGone(f"message {index + 1}: the spool was rewritten by another program")
+
+    def _refuse(self, index: int, size: int) -> NoReturn:
+        """The message's size is not the one LIST announced (an index that lies): unreadable for the
+        session, logged once, as Dovecot does with a broken cached size."""
+        text = (f"spool {self.spool}: message {index + 1} unreadable this session: its size is {size} octets, "
+                f"{self.messages[index].size} announced")  # fmt: skip
+        self._broken[index] = text
+        log.error("%s", text)
+        raise MessageUnreadable(text)
 
     def read_small(self, index: int) -> bytes:
         e = self._entries[index]
@@ -284,7 +337,10 @@ class MboxDrop(Maildrop):
             raise MessageGone(f"message {index + 1}: the spool was truncated by another program")
         self._check(index, data[:HEAD])
         body = data[e.body - e.start : e.end - e.start]
-        return unquote(body) if self.cfg.mboxrd else body
+        body = unquote(body) if self.cfg.mboxrd else body
+        if network_size(body) != self.messages[index].size:
+            self._refuse(index, network_size(body))
+        return body
 
     async def chunks(self, index: int, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
         """Stream [body, end) through threads on a dup of the spool fd (a session cut mid-stream closes the
@@ -295,6 +351,7 @@ class MboxDrop(Maildrop):
             head = await asyncio.to_thread(os.pread, fd, min(HEAD, e.next - e.start), e.start)
             self._check(index, head)
             unq = Unquoter() if self.cfg.mboxrd else None
+            count = NetworkCount()
             pos = e.body
             while pos < e.end:
                 try:
@@ -304,9 +361,13 @@ class MboxDrop(Maildrop):
                 if not data:
                     raise MessageGone(f"message {index + 1}: the spool was truncated by another program")
                 pos += len(data)
-                yield unq.feed(data) if unq else data
-            if unq:
-                yield unq.finish()
+                out = unq.feed(data) if unq else data
+                if pos >= e.end and unq:
+                    out += unq.finish()
+                count.feed(out)
+                if pos >= e.end and count.size != self.messages[index].size:
+                    self._refuse(index, count.size)  # before the last piece: the session cuts the connection
+                yield out
         finally:
             os.close(fd)
 
@@ -324,7 +385,7 @@ class MboxDrop(Maildrop):
 
     def _commit_sync(self, deleted: set[int]) -> None:
         fd = self._fd_or_fail()
-        mbox_commit.recover(fd, self.journal)  # a previous process died mid-commit: settle that first
+        mbox_commit.recover(fd, self.journal, self.owner)  # a previous process died mid-commit: settle that first
         st = os.fstat(fd)
         try:
             pst = os.stat(self.spool, follow_symlinks=False)
@@ -351,7 +412,7 @@ class MboxDrop(Maildrop):
             # an I/O error mid-way (EIO, ENOSPC on a sparse file...): settle it now from the journal, as a
             # restart would; if even that fails, the journal stays and the next start or open settles it
             try:
-                outcome = mbox_commit.recover(fd, self.journal)
+                outcome = mbox_commit.recover(fd, self.journal, self.owner)
             except (OSError, TemporaryError) as again:
                 log.error("spool %s: commit failed (%s) and could not be undone yet (%s)", self.spool, exc, again)
                 outcome = None

@@ -9,7 +9,10 @@ else, and the spool is rescanned with the UIDLs carried over by message digest.
 
 Format: a version line, one JSON line of metadata, then one line per column (starts, bodies, ends, sizes,
 digests, uids), space-separated, so loading 100,000 messages is a handful of C-level splits and maps.
-Written to a temporary file, fsynced and renamed over: a crash leaves the old or the new index. A damaged
+Written to an exclusive temporary file, fsynced and renamed over (pop3d.storage.atomic, mode 0600): a crash
+leaves the old or the new index. Read like any file beside a maildrop (pop3d.storage.safefile: no link, no
+FIFO, pop3d's or the owner's, at most MAX_INDEX octets); nothing in it is trusted further than the spool
+allows: offsets are only ever pread from the spool fd, sizes are checked when a message is read. A damaged
 index is ignored; the cost is a full scan and, if it cannot be matched, new UIDLs for that spool (clients
 then download the messages once more, never lose them), because `uidv` is fresh for every new index.
 """
@@ -25,11 +28,18 @@ from itertools import repeat
 
 from pop3d.storage.atomic import replace_text
 from pop3d.storage.mbox.format import Entry
+from pop3d.storage.safefile import Owner, read_capped
 
 log = logging.getLogger(__name__)
 
 MAGIC = "pop3d-mbox-index 1"
 TAIL = 4096
+
+
+def max_index(spool_size: int) -> int:
+    """A cap on the index of a spool of `spool_size` octets: a message takes at least ~30 octets of spool
+    and at most ~130 of index, so a larger file is garbage (a huge sparse file) and is not read."""
+    return 16 * 1024 * 1024 + 8 * spool_size
 
 
 @dataclass
@@ -47,11 +57,10 @@ class SpoolIndex:
     uids: list[str] = field(default_factory=list)
     loaded: bool = False
 
-    def load(self) -> None:
+    def load(self, spool_size: int, owner: Owner | None = None) -> None:
         """Read the file; `loaded` stays False (and the defaults are kept) if it is missing or damaged."""
         try:
-            with open(self.path, "rb") as f:
-                text = f.read().decode("ascii")
+            text = read_capped(self.path, max_index(spool_size), owner=owner).decode("ascii")
         except FileNotFoundError:
             return
         except (OSError, UnicodeDecodeError) as exc:

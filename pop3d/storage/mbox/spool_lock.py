@@ -37,6 +37,7 @@ from pop3d.storage.base import TemporaryError
 from pop3d.storage.locking import flock_struct
 from pop3d.storage.offload import ThreadHop
 from pop3d.storage.oserrors import is_busy, storage_error
+from pop3d.storage.safefile import open_regular
 
 if TYPE_CHECKING:
     from pop3d.config import SpoolLockMethod as Method
@@ -151,10 +152,12 @@ class SpoolLock:
 
     def _remove_if_stale(self, lock: str) -> None:
         """liblockfile's rule: stale if it names a dead pid, or names none and was not touched for `stale` s."""
-        try:
-            with open(lock, "rb") as f:
-                st = os.fstat(f.fileno())
-                content = f.read(64)
+        try:  # no link followed, no blocking on a FIFO planted there: such a "lock" just stays busy
+            fd, st = open_regular(lock)
+            try:
+                content = os.read(fd, 64)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return  # released meanwhile: the next attempt may get it
         except OSError:
