@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import poplib
 import socket
 import threading
 import time
@@ -148,6 +149,20 @@ def start_server(env: Env) -> Iterator[Any]:
 @pytest.fixture
 def server(start_server: Any) -> ServerThread:
     return start_server()
+
+
+class _SourcedPOP3(poplib.POP3):
+    source: str = "127.0.0.1"
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+
+
+def pop3_from(port: int, source: str, timeout: float = 10) -> poplib.POP3:
+    """A poplib client whose connection comes from `source` (any 127.0.0.0/8 address): another client address,
+    for what is kept per address (penalty, connection limits)."""
+    cls = type("SourcedPOP3", (_SourcedPOP3,), {"source": source})
+    return cls("127.0.0.1", port, timeout=timeout)
 
 
 class Raw:

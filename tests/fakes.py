@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pop3d import wire
-from pop3d.auth.base import Credentials, User
+from pop3d.auth.base import Authenticator, Credentials, User
 from pop3d.config import Settings, load_settings
 from pop3d.pop3.context import ServerContext
 from pop3d.pop3.protocol import CommandParser
@@ -32,8 +32,10 @@ USERS = {"alice": "wonderland", "bob": "builder pass"}
 # ---- authentication ---------------------------------------------------------------------------------------
 
 
-class FakeAuth:
-    """`{name: password}` with PLAIN secrets. While `gate` is set and not open, verify() and lookup() wait."""
+class FakeAuth(Authenticator):
+    """`{name: password}` with PLAIN secrets (APOP, decoys and SASL lookups: the interface's defaults).
+
+    While `gate` is set and not open, verify() and lookup() wait."""
 
     def __init__(self, users: dict[str, str] | None = None) -> None:
         self.users = dict(USERS if users is None else users)

@@ -2,8 +2,8 @@
 passwords, and fake SCRAM parameters that change at restart.
 
 Timing is measured from the client side over loopback against a `python -m pop3d` subprocess, so the
-client's own work never shares the server's interpreter. Tests marked xfail(strict) succeed as attacks on
-the current code; whoever lands the fix removes the marker.
+client's own work never shares the server's interpreter. Each attack
+succeeded against the server before its fix.
 """
 
 from __future__ import annotations
@@ -50,8 +50,6 @@ def send_guess(port: int, how: str, password: str) -> Line:
     return c
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: brute force - a right password is answered at once while the "
-                                       "address is under penalty")
 @pytest.mark.parametrize("how", ["PASS", "AUTH PLAIN"])
 def test_parallel_guessing_learns_nothing_from_early_answers(start_server: Any, how: str) -> None:
     """Attack: the penalty only delays *failures*, so guess on a fresh connection each time and give up on
@@ -72,7 +70,6 @@ def test_parallel_guessing_learns_nothing_from_early_answers(start_server: Any, 
     assert not hits, f"the attacker learned the password from an early +OK: {hits}"
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: brute force - success is not delayed by the penalty")
 def test_closing_connections_neither_cancels_nor_resets_the_penalty(start_server: Any) -> None:
     """Attack: send a wrong password and hang up at once, three times, hoping the penalty is tied to the
     connection; then try the right password.
@@ -101,7 +98,6 @@ def fail_once(c: Line, how: str) -> bytes:
     return c.cmd(b"AUTH PLAIN " + b64(b"\0alice\0nope"))
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: brute force - unlimited failures per connection")
 def test_connection_closed_after_three_failures_by_default(start_server: Any) -> None:
     """Attack: try password after password on one connection (no reconnect cost at all).
 
@@ -119,7 +115,6 @@ def test_connection_closed_after_three_failures_by_default(start_server: Any) ->
     c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: brute force - auth.max_failures_per_connection does not exist")
 def test_max_failures_per_connection_is_configurable(start_server: Any) -> None:
     """Attack: as above, with the operator's `auth.max_failures_per_connection = 2`."""
     srv = start_server(auth={"max_failures_per_connection": 2})
@@ -265,16 +260,10 @@ def enumeration_gap(port: int, mechanism: str) -> tuple[float, float]:
     return median_ms(unknown), median_ms(known)
 
 
-LEAKS = pytest.mark.xfail(strict=True, reason="hardening: user enumeration by timing - an unknown user costs "
-                                              "the dummy hash of the file's most common scheme, with default "
-                                              "parameters, not what the real entry costs")
-
 TIMING_CASES = [
     *[pytest.param("sha512", m, id=f"sha512-{m}") for m in TRY],
-    *[pytest.param("sha512-among-plain", m, id=f"sha512-among-plain-{m}",
-                   marks=[LEAKS] if m in ("USER/PASS", "PLAIN") else []) for m in TRY],
-    *[pytest.param("argon2id-low", m, id=f"argon2id-low-{m}",
-                   marks=[LEAKS] if m in ("USER/PASS", "PLAIN") else []) for m in TRY],
+    *[pytest.param("sha512-among-plain", m, id=f"sha512-among-plain-{m}") for m in TRY],
+    *[pytest.param("argon2id-low", m, id=f"argon2id-low-{m}") for m in TRY],
 ]
 
 
@@ -308,7 +297,6 @@ def _plain_two_steps(port: int, user: str, password: bytes) -> tuple[float, byte
     return t, line
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: a 4,000-byte password is hashed (CPU cost, timing)")
 def test_very_long_password_is_refused_without_hashing(timing_server: Callable[[str], Pop3dProcess]) -> None:
     """Attack: send 4,000-byte passwords; SHA-crypt's cost grows with the password length, so each try costs
     the server ~25 times a normal check (a cheap CPU exhaustion), and unknown vs known users may differ.
@@ -369,8 +357,6 @@ def scram_params(port: int, user: str) -> tuple[str, str]:
     return s.group(1), i.group(1)
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: fake SCRAM salts come from a per-process random key "
-                                       "(server.state_dir does not exist)")
 def test_fake_scram_salt_is_stable_across_restart(tmp_path: Path) -> None:
     """Attack: ask for SCRAM parameters of a name, restart-watch (or wait for a deploy), ask again: a real
     user's stored salt never changes, a made-up one that changes at restart reveals an unknown user.

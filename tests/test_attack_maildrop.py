@@ -2,8 +2,8 @@
 and pop3d runs as root here, as these tests do. Symlinks, FIFOs, /dev/zero, lying sizes, files of other
 users, predictable temporary names, and the modes and owners of what pop3d creates.
 
-Every user has a uid in the passwd-file and owns their maildrop tree, as in a real installation. Tests
-marked xfail(strict) succeed as attacks on the current code; whoever lands the fix removes the marker.
+Every user has a uid in the passwd-file and owns their maildrop tree, as in a real installation. Each attack
+succeeded against the server before its fix.
 """
 
 from __future__ import annotations
@@ -93,7 +93,6 @@ def retrieve_all(c: Line) -> list[tuple[bytes, bytes]]:
 # -- symlinks ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: maildrop symlink to a private file is followed and served")
 def test_symlink_to_private_file_is_not_served(env: Env, start_server: Any) -> None:
     """Attack: `ln -s /etc/shadow Maildir/cur/1.M1.host:2,S` (here a root-owned 0600 file of the test), then
     RETR it through pop3d, which runs as root.
@@ -121,7 +120,6 @@ def test_symlink_to_private_file_is_not_served(env: Env, start_server: Any) -> N
     assert any(b"ALICE-OWN-CONTENT" in body for _, body in got), got
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: maildrop symlink to another user's message is served")
 def test_symlink_to_another_users_message(env: Env, start_server: Any) -> None:
     """Attack: alice links bob's message into her own maildrop, then RETRs and DELEs it.
 
@@ -147,7 +145,6 @@ def test_symlink_to_another_users_message(env: Env, start_server: Any) -> None:
     assert bobs.read_bytes() == BOB_PRIVATE, "bob's message was deleted through alice's session"
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: a Maildir that is a symlink to another user's Maildir is used")
 def test_maildir_symlink_to_another_users_maildir(env: Env, start_server: Any) -> None:
     """Attack: alice replaces her Maildir by `ln -s ../bob/Maildir`, logs in, reads and deletes everything.
 
@@ -175,7 +172,6 @@ def test_maildir_symlink_to_another_users_maildir(env: Env, start_server: Any) -
 # -- files of another owner -------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: maildrop files owned by another uid are served")
 def test_message_owned_by_another_uid_is_refused(env: Env, start_server: Any) -> None:
     """Attack: a file of another user appears in alice's maildrop (here a hard link to bob's message, which
     the test can make as root).
@@ -201,7 +197,6 @@ def test_message_owned_by_another_uid_is_refused(env: Env, start_server: Any) ->
     assert any(line.startswith(b"-ERR [SYS/PERM]") for line, _ in got), f"no [SYS/PERM] refusal: {got}"
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: a maildrop directory owned by another uid is used")
 def test_maildir_directory_owned_by_another_uid_is_refused(env: Env, start_server: Any) -> None:
     """Attack: alice's Maildir/cur belongs to another uid (a directory planted or moved there).
 
@@ -232,8 +227,6 @@ def read_retr(c: Line, n: int) -> tuple[bytes, bytes | None]:
         return line, None
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: a ,W= size that disagrees with the file gives a body of "
-                                       "another length than LIST promised")
 @pytest.mark.parametrize("actual", [500, 300_000], ids=["small", "streamed"])
 def test_size_field_that_lies_makes_the_message_unreadable(env: Env, start_server: Any, actual: int) -> None:
     """Attack: deliver a message whose Dovecot `,W=` size disagrees with its content, so LIST and RETR
@@ -261,8 +254,6 @@ def test_size_field_that_lies_makes_the_message_unreadable(env: Env, start_serve
     c.cmd(b"QUIT")
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: a message rewritten after its size was cached is served "
-                                       "with the stale size")
 @pytest.mark.parametrize("change", ["longer", "shorter"])
 def test_cached_size_that_disagrees_makes_the_message_unreadable(env: Env, start_server: Any, change: str) -> None:
     """Attack: let pop3d cache a message's size, then rewrite the file in place (the user owns it) so the
@@ -320,7 +311,6 @@ def served_meanwhile(port: int, user: str = "bob") -> None:
     c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: a FIFO in a maildrop blocks login in open() forever")
 def test_fifo_message_does_not_wedge_logins(env: Env, maildrop_server: Any) -> None:
     """Attack: `mkfifo Maildir/cur/1.M1.host:2,S`; at login pop3d opens it to measure it and blocks for ever
     (holding the maildrop lock and a thread); eight users doing it take every file-work thread.
@@ -350,8 +340,6 @@ def test_fifo_message_does_not_wedge_logins(env: Env, maildrop_server: Any) -> N
         c.close()
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: RETR opens a FIFO named with ,W= on the event loop and "
-                                       "freezes the whole server")
 def test_fifo_with_size_field_does_not_freeze_the_server(env: Env, maildrop_server: Any) -> None:
     """Attack: a FIFO named `...,W=100:2,S` is listed without being opened; RETR then opens it on the event
     loop, which blocks every connection of the process.
@@ -386,7 +374,6 @@ def link_dev_zero(env: Env, name: str) -> None:
     own_all(env, UIDS)
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: RETR of a /dev/zero link named with ,W= reads without end")
 def test_dev_zero_with_size_field_does_not_grow_memory(env: Env, maildrop_server: Any) -> None:
     """Attack: `ln -s /dev/zero Maildir/cur/1.M1.host,W=100:2,S`; the size comes from the name, and RETR
     reads the "message" to its end, which never comes.
@@ -415,8 +402,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: a /dev/zero link without size is measured for ever, with the "
-                                       "maildrop locked")
 def test_dev_zero_without_size_does_not_spin_or_keep_the_lock(env: Env, maildrop_server: Any) -> None:
     """Attack: `ln -s /dev/zero Maildir/cur/1.M1.host:2,S`; login measures the "message" by reading it to its
     end, spinning a CPU for ever with the maildrop locked, so even later logins get [IN-USE].
@@ -439,7 +424,6 @@ def test_dev_zero_without_size_does_not_spin_or_keep_the_lock(env: Env, maildrop
     assert b"[IN-USE]" not in reply, reply
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: the size cache is read whole at login, even from /dev/zero")
 def test_size_cache_linked_to_dev_zero_does_not_exhaust_memory(env: Env, maildrop_server: Any) -> None:
     """Attack: `ln -s /dev/zero Maildir/.pop3d.sizes`; every login reads the cache file to its end.
 
@@ -484,8 +468,6 @@ def pids_around(pid: int) -> list[int]:
     return sorted({pid, *range(max(2, pid - 20), pid + 21)})
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: the size cache is written through {path}.{pid}.tmp, "
-                                       "following a planted symlink")
 def test_size_cache_temporary_file_does_not_follow_symlinks(env: Env, start_server: Any) -> None:
     """Attack: plant `Maildir/.pop3d.sizes.<pid>.tmp -> victim` for the server's pid (and its neighbours),
     then log in so the cache is rewritten: pop3d, as root, overwrites the victim.
@@ -517,8 +499,6 @@ MBOX = b"".join(b"From m%d@example.org Thu Nov 26 10:00:00 2026\nSubject: %d\n\n
                 for i in range(3))
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: the mbox index is written through {path}.{pid}.tmp, "
-                                       "following a planted symlink")
 def test_mbox_index_temporary_file_does_not_follow_symlinks(env: Env, start_server: Any) -> None:
     """Attack: in the spool directory (writable by users), plant `alice.pop3d-index.<pid>.tmp -> victim`;
     the first login writes the index and overwrites the victim.
@@ -553,8 +533,6 @@ while True:
 """
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: the mbox journal is written through a predictable .tmp name, "
-                                       "following a planted symlink")
 def test_mbox_journal_temporary_file_does_not_follow_symlinks(env: Env, start_server: Any) -> None:
     """Attack: keep `alice.pop3d-journal.tmp -> victim` planted in the spool directory (re-planted at once
     whenever pop3d removes it as stale), then DELE and QUIT: the commit writes its undo journal through the
@@ -602,7 +580,6 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: mbox index and journal are created with the umask (0644)")
 def test_mbox_index_and_journal_are_private(env: Env, maildrop_server: Any) -> None:
     """Attack: read another user's mbox index and undo journal (the journal holds a copy of deleted mail)
     from the shared spool directory.
@@ -649,7 +626,6 @@ def test_mbox_index_and_journal_are_private(env: Env, maildrop_server: Any) -> N
     assert not problems, f"created with modes beyond 0640: {problems}"
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: new Maildirs are created owned by root, not the passwd-file uid")
 def test_new_maildir_gets_the_users_uid_and_gid(env: Env, start_server: Any) -> None:
     """Attack surface: pop3d (root) creates a missing Maildir; owned by root the user cannot manage it, and
     later deliveries as the user fail or go elsewhere.

@@ -1,7 +1,6 @@
 """Attacks on the running server as a whole: root privileges kept, user names that escape the mail root, a
 passwd-file caught half-written, the metrics endpoint, and a second instance on the same address.
-
-Tests marked xfail(strict) succeed as attacks on the current code; whoever lands the fix removes the marker.
+Each attack succeeded against the server before its fix.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ def sections_in(d: Path, **extra: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="hardening: server.user does not exist; every process keeps root")
 def test_server_user_drops_root_in_supervisor_and_workers(open_dir: Path) -> None:
     """Attack surface: any bug in a pop3d process that runs as root is a root compromise.
 
@@ -78,7 +76,6 @@ def test_server_user_drops_root_in_supervisor_and_workers(open_dir: Path) -> Non
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="hardening: running as root without server.user is not warned about")
 def test_running_as_root_without_server_user_warns(open_dir: Path) -> None:
     """Attack surface: an operator who never set `server.user` runs every session as root without knowing.
 
@@ -104,8 +101,6 @@ ESCAPES = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: a user name unusable as a path raises out of the login "
-                                       "(-ERR [SYS/TEMP] and a traceback)")
 @pytest.mark.parametrize(("name", "field"), ESCAPES)
 def test_user_names_that_would_escape_the_mail_root(env: Env, start_server: Any, caplog: pytest.LogCaptureFixture,
                                                     name: str, field: str) -> None:
@@ -139,8 +134,6 @@ def test_user_names_that_would_escape_the_mail_root(env: Env, start_server: Any,
 # -- the passwd-file caught half-written -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: a passwd-file truncated or half-written in place is taken "
-                                       "as the new user table")
 def test_passwd_file_rewritten_in_place_never_fails_a_correct_login(env: Env, start_server: Any) -> None:
     """Attack (or an operator's editor): rewrite the passwd-file in place: truncate it, then write it slowly
     in two parts (the first ends in the middle of alice's password), while alice logs in again and again.
@@ -186,8 +179,6 @@ def test_passwd_file_rewritten_in_place_never_fails_a_correct_login(env: Env, st
 # -- the metrics endpoint -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="hardening: the metrics endpoint starts one thread per connection and "
-                                       "never times idle ones out")
 def test_idle_metrics_connections_make_no_threads_and_are_closed(open_dir: Path) -> None:
     """Attack: open 300 connections to `metrics.listen` and send nothing.
 
@@ -231,8 +222,7 @@ def test_idle_metrics_connections_make_no_threads_and_are_closed(open_dir: Path)
 
 @pytest.mark.parametrize("workers", [
     pytest.param(1, id="one-process"),
-    pytest.param(2, id="workers", marks=pytest.mark.xfail(
-        strict=True, reason="hardening: with workers, SO_REUSEPORT lets a second pop3d share the port silently")),
+    pytest.param(2, id="workers"),
 ])
 def test_second_instance_on_a_served_address_fails(open_dir: Path, workers: int) -> None:
     """Attack (or accident): start a second `pop3d serve` on an address a running pop3d serves; with

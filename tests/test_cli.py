@@ -136,7 +136,7 @@ def test_demo(tmp_path):
         p.pass_("demo")
         count, _ = p.stat()
         assert count >= 3
-        assert any(b".hidden" == ln for ln in p.retr(2)[1])
+        assert any(ln == b".hidden" for ln in p.retr(2)[1])
         p.quit()
     finally:
         proc.send_signal(signal.SIGINT)

@@ -70,7 +70,7 @@ def test_no_password_or_auth_payload_in_logs(start_server, caplog):
     """Every way a secret can arrive (USER/PASS, APOP, SASL initial responses and continuation lines, good
     and bad), at DEBUG, rendered by both formatters."""
     caplog.set_level(logging.DEBUG)
-    st = start_server(log={"level": "DEBUG"})
+    st = start_server(log={"level": "DEBUG"}, auth={"max_failures_per_connection": 10})  # 3 failures, then in
     b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
     plain_bad, plain_good = b64(b"\0alice\0Wr0ng-Plain!"), b64(b"\0alice\0wonderland")
     login_pw = b64(b"Wr0ng-Login!")

@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop3d.auth.base import User
-from pop3d.wire import network_size
 from pop3d.storage.base import InUse, MessageGone, PermanentError, TemporaryError
 from pop3d.storage.maildir import MaildirDrop, MaildirStorage
 from pop3d.storage.maildir import scan as scan_mod
 from pop3d.storage.maildir.names import split_name, uid_for
 from pop3d.storage.maildir.scan import measure
+from pop3d.wire import network_size
 
 ROOT = Path(__file__).resolve().parent.parent
 UID_RE = re.compile(r"[\x21-\x7e]{1,70}\Z")  # RFC 1939 §7

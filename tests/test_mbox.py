@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from pop3d import wire
 from pop3d.auth.base import User
 from pop3d.config import load_settings
-from pop3d import wire
 from pop3d.storage import build_storage
 from pop3d.storage.base import InUse, MessageGone, PermanentError, TemporaryError
 from pop3d.storage.mbox import MboxDrop

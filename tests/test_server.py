@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import Raw, deliver
+from conftest import Raw, deliver, pop3_from
 
 from pop3d import wire
 
@@ -445,7 +445,9 @@ def test_failed_login_delay_does_not_slow_others(start_server, alice):
     t = threading.Thread(target=bad)
     t.start()
     time.sleep(0.2)
-    p = login(srv, "bob", "builder pass")
+    p = pop3_from(srv.port, "127.0.0.2")  # another address: the penalty is per address, and holds every answer
+    p.user("bob")
+    p.pass_("builder pass")
     p.stat()
     p.quit()
     order.append("other session done")

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 import scramp
-from conftest import deliver
+from conftest import deliver, pop3_from
 from tls_helpers import Pki, TlsRaw, challenge
 from tooling import needs_tool, which
 
@@ -344,8 +344,9 @@ def test_penalty_grows_resets_and_blocks_no_one(start_server, alice):
     slow = TlsRaw(srv.port)
     slow.send(b"USER alice\r\nPASS wrong\r\n")
     assert slow.line().startswith(b"+OK")  # USER; the PASS reply is held back 30 s
-    # meanwhile another client is served at once (its socket timeout is 10 s, far below the penalty)
-    p = poplib.POP3("127.0.0.1", srv.port, timeout=10)
+    # meanwhile a client from another address is served at once (its socket timeout is 10 s, far below the
+    # penalty); one from the penalised address would wait too, right password or not (tests/test_attack_auth.py)
+    p = pop3_from(srv.port, "127.0.0.2")
     p.user("alice")
     p.pass_("wonderland")
     p.quit()
@@ -355,7 +356,7 @@ def test_penalty_grows_resets_and_blocks_no_one(start_server, alice):
 
 
 def test_penalty_counts_consecutive_failures(start_server, alice):
-    srv = start_server(auth={"failure_delay": 0.001, "failure_delay_max": 0.004})
+    srv = start_server(auth={"failure_delay": 0.001, "failure_delay_max": 0.004, "max_failures_per_connection": 4})
     r = TlsRaw(srv.port)
     for _ in range(3):
         r.cmd(b"USER alice")

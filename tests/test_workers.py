@@ -146,7 +146,7 @@ def test_port_in_use_fails_before_forking(env):
 
 
 def test_open_files_limit_is_raised_to_hard():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard < 256:
         pytest.skip("needs a finite hard limit")
     code = "from pop3d.runtime.workers import raise_nofile_limit; import resource; raise_nofile_limit(); " \
@@ -169,9 +169,9 @@ def test_workers_serve_implicit_tls_too(env, tmp_path):
     proc = start(cfg, port)
     try:
         ctx = pki.client_context()
-        with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:
-            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
-                assert s.recv(100).startswith(b"+OK")
+        with (socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw,
+              ctx.wrap_socket(raw, server_hostname="localhost") as s):
+            assert s.recv(100).startswith(b"+OK")
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=15)
@@ -194,7 +194,7 @@ def test_metrics_add_up_across_workers(env):
     proc = start(cfg, port)
     try:
         conns = one_per_worker(port)  # one connection on each worker
-        for c, user in zip(conns.values(), ["alice", "bob"]):
+        for c, user in zip(conns.values(), ["alice", "bob"], strict=True):
             assert c.cmd(f"USER {user}".encode()).startswith(b"+OK")
             assert c.cmd(f"PASS {USERS[user]}".encode()).startswith(b"+OK")
             assert c.cmd(b"STAT").startswith(b"+OK")

@@ -44,6 +44,8 @@ class SharedState:
     metrics: metrics_mod.NullMetrics  # Prometheus instruments (NullMetrics: metrics off)
     #: connections per address, per server, unauthenticated (pop3d.net.limits); None: counted in this process
     limits: ConnectionLimits | None = None
+    #: the server secret decoys for unknown users derive from (pop3d.auth.state_secret); None: not loaded yet
+    auth_secret: bytes | None = None
 
 
 def process_local(settings: Settings) -> SharedState:
@@ -107,6 +109,8 @@ class ServerContext:
         self.login_delays = state.login_delays
         self.metrics = state.metrics
         self.limits = state.limits if state.limits is not None else ConnectionLimits.from_settings(settings)
+        #: kept for reloads: a new user database must derive the same decoys (pop3d.auth.build_auth)
+        self.auth_secret = state.auth_secret
         self.hostname = settings.server.hostname
         self.implementation = f"pop3d-{__version__}"
         self.sessions: set[LiveSession] = set()

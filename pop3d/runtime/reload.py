@@ -95,7 +95,7 @@ def apply(ctx: ServerContext, new: Settings) -> Plan:
     if old.auth.passwd_file != s.auth.passwd_file:
         from pop3d.auth import build_auth
 
-        ctx.auth = build_auth(s.auth)
+        ctx.auth = build_auth(s.auth, ctx.auth_secret)
     else:
         ctx.auth.reload_soon()  # re-read users now, even if the mtime did not move
     if (old.storage.location, old.storage.mark_seen) != (s.storage.location, s.storage.mark_seen):

@@ -8,6 +8,7 @@ is already committing (after QUIT) is left to finish.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -16,11 +17,11 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from pop3d.auth import build_auth
+from pop3d.auth import build_auth, state_secret
 from pop3d.config import ConfigError, Settings, parse_hostport
 from pop3d.net.proxy_gate import ProxyGate
 from pop3d.net.proxy_tls import ProxiedTlsListener, bind
-from pop3d.pop3.context import ServerContext, SharedState
+from pop3d.pop3.context import ServerContext, SharedState, process_local
 from pop3d.pop3.protocol import CommandParser
 from pop3d.pop3.session import Pop3Session
 from pop3d.runtime.startup import Bound
@@ -46,7 +47,12 @@ def build_context(settings: Settings, shared: SharedState | None = None,
         from pop3d.net.tls import TlsManager
 
         tls = TlsManager(settings.tls)
-    return ServerContext(settings, build_auth(settings.auth), build_storage(settings.storage), tls, shared)
+    if shared is None or shared.auth_secret is None:
+        # a single process (or a test): read the secret here; a supervisor reads it once for all its workers
+        shared = dataclasses.replace(shared or process_local(settings),
+                                     auth_secret=state_secret.load_or_create(settings.server.state_dir))
+    auth = build_auth(settings.auth, shared.auth_secret)
+    return ServerContext(settings, auth, build_storage(settings.storage), tls, shared)
 
 
 class Pop3Server:

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from pop3d.auth import state_secret
 from pop3d.auth.login_delay import SharedLoginDelays
 from pop3d.auth.penalty import SharedPenalty, SharedTable
 from pop3d.config import Settings
@@ -61,7 +62,8 @@ def share_between_workers(settings: Settings) -> WorkerShare:
         metrics_dir, own = _claim_metrics_dir()
         metrics.enable_multiprocess(metrics_dir)  # before the instruments below are made
     state = SharedState(penalty, SharedLoginDelays(login_delay_dir), metrics.build(settings.metrics.listen, VERBS),
-                        ConnectionLimits.from_settings(settings, shared=True))
+                        ConnectionLimits.from_settings(settings, shared=True),
+                        state_secret.load_or_create(settings.server.state_dir))
     return WorkerShare(state, login_delay_dir, metrics_dir, own)
 
 
