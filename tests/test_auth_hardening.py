@@ -445,17 +445,23 @@ async def test_hostile_names_are_unknown_users(tmp_path: Path, name: str, monkey
 
 def test_plausible_names() -> None:
     assert all(plausible_name(n) for n in ("alice", "alice@example.org", "a.b", "Ünïcode", "x" * 255))
-    assert not any(plausible_name(n) for n in HOSTILE if n.strip())
+    # path-like names may be in a passwd-file: the storage refuses them at login with [SYS/PERM]
+    pathlike = {"..", "../etc/passwd", "a/b"}
+    assert all(plausible_name(n) for n in pathlike)
+    assert not any(plausible_name(n) for n in HOSTILE if n.strip() and n not in pathlike)
     assert not plausible_name("é" * 128)  # 256 octets
 
 
 async def test_hostile_names_in_the_file_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Names that cannot be names (too long, control characters) are skipped with a warning; path-like names
+    load, and the storage refuses them at login with [SYS/PERM] (tests/test_attack_runtime.py)."""
     path = tmp_path / "p"
-    path.write_text("ok:{PLAIN}x\n../x:{PLAIN}x\na/b:{PLAIN}x\n" + "y" * 300 + ":{PLAIN}x\n")
+    path.write_text("ok:{PLAIN}x\n../x:{PLAIN}x\na/b:{PLAIN}x\n" + "y" * 300 + ":{PLAIN}x\nc\x01d:{PLAIN}x\n")
     with caplog.at_level(logging.WARNING, logger="pop3d.auth.passwd_file"):
         a = PasswdFileAuthenticator(path)
-    assert len([r for r in caplog.records if "line" in r.getMessage()]) == 3
+    assert len([r for r in caplog.records if "line" in r.getMessage()]) == 2
     assert await a.lookup("ok") is not None
+    assert await a.lookup("a/b") is not None and await a.lookup("../x") is not None
 
 
 async def test_interface_defaults_use_decoys_too() -> None:

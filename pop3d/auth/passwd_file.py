@@ -73,15 +73,17 @@ class _Changing(OSError):
 
 def plausible_name(name: str) -> bool:
     """False for what cannot be a user name: empty, over MAX_NAME_OCTETS, not UTF-8 (lone surrogates from
-    undecodable input), control characters, '/', or '..'. Such names are unknown users, never errors."""
+    undecodable input), control characters. Such names are unknown users, never errors.
+
+    '/' and '..' are fine here (`john..doe` is a real name): whether a name can be a maildrop path is the
+    storage's question (pop3d.storage.location), which answers -ERR [SYS/PERM] at login."""
     if not name or len(name) > MAX_NAME_OCTETS:
         return False
     try:
         raw = name.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return (len(raw) <= MAX_NAME_OCTETS and "/" not in name and ".." not in name
-            and not any(b < 0x20 or b == 0x7F for b in raw))
+    return len(raw) <= MAX_NAME_OCTETS and not any(b < 0x20 or b == 0x7F for b in raw)
 
 
 def _too_long(password: str, limit: int) -> bool:
@@ -137,7 +139,7 @@ def _parse_line(line: str) -> Credentials:
     if not name:
         raise _Malformed("empty user name")
     if not plausible_name(name):
-        raise _Malformed("user name with '/', '..', control characters or over 255 octets")
+        raise _Malformed("user name with control characters or over 255 octets")
     scheme, secret = schemes.split_scheme(stored)
     if not secret:
         raise _Malformed("empty password")  # never "anyone may log in": the account is simply not loaded

@@ -28,6 +28,11 @@ class Refused(OSError):
         super().__init__(errno.EPERM, what)
 
 
+class ForeignOwner(Refused):
+    """Someone else's file inside the maildrop: the whole maildrop is refused (`[SYS/PERM]` at login), not
+    just the file, since somebody with rights over it put it there (a hard link, a chown)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Owner:
     """Whose maildrop this is: `uid` must own every message; `gid` is given to what pop3d creates.
@@ -49,13 +54,13 @@ class Owner:
         """Message files and spools: the owner's and nobody else's (a hard link to another user's file, or
         to a root-owned one, is refused: only the owner's own files are served)."""
         if st.st_uid != self.uid:
-            raise Refused(f"{what} is owned by uid {st.st_uid}, not by the maildrop owner {self.uid}")
+            raise ForeignOwner(f"{what} is owned by uid {st.st_uid}, not by the maildrop owner {self.uid}")
 
     def check_ours(self, st: os.stat_result, what: str) -> None:
         """Directories and pop3d's own files (lock, cache): the owner's, or pop3d's own uid. Earlier pop3d
         versions created them as root, and a user cannot make a file or directory owned by root."""
         if st.st_uid != self.uid and st.st_uid != os.geteuid():
-            raise Refused(f"{what} is owned by uid {st.st_uid}, not by the maildrop owner {self.uid}")
+            raise ForeignOwner(f"{what} is owned by uid {st.st_uid}, not by the maildrop owner {self.uid}")
 
     def give(self, fd: int) -> None:
         """Make a file or directory pop3d has just created the owner's (only root can, and only root needs

@@ -148,6 +148,9 @@ class MaildirDrop(Maildrop):
             self._lock.acquire(dir_fd=root_fd, owner=self.owner)
             try:
                 self.messages = scan.snapshot(self.path, root_fd, subs, self._cache, self.owner)
+            except Refused as exc:  # someone else's file among the messages: the maildrop is refused
+                self._lock.release()
+                raise self._refused(exc, f"maildir {self.path}") from exc
             except BaseException:
                 self._lock.release()
                 raise

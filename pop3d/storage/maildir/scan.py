@@ -29,7 +29,7 @@ from pop3d.storage.maildir.names import STANDARD_NAMES, size_field, split_name, 
 from pop3d.storage.maildir.sizecache import SizeCache
 from pop3d.storage.offload import no_gc
 from pop3d.storage.oserrors import storage_error
-from pop3d.storage.safefile import DIR_FLAGS, Owner, open_regular, read_upto
+from pop3d.storage.safefile import DIR_FLAGS, ForeignOwner, Owner, open_regular, read_upto
 from pop3d.wire import NetworkCount, network_size
 
 log = logging.getLogger(__name__)
@@ -203,6 +203,8 @@ def _scan_standard(scan: _Scan, found: dict[str, str], order: list[str]) -> list
                     maybe[i] = scan.measure(found[base])[0]
             except FileNotFoundError:
                 pass  # vanished between listdir and read: not part of this snapshot
+            except ForeignOwner:
+                raise  # the maildrop is refused, not just this file
             except OSError as exc:
                 log.warning("maildir %s: skipping unreadable %s: %s", path, found[base], exc)
         if None in maybe:
@@ -242,6 +244,8 @@ def _scan_general(scan: _Scan, found: dict[str, str]) -> list[MessageInfo]:
                     mtime = int(os.stat(key, dir_fd=scan.root_fd, follow_symlinks=False).st_mtime)
             except FileNotFoundError:
                 continue  # vanished between listdir and read: not part of this snapshot
+            except ForeignOwner:
+                raise  # the maildrop is refused, not just this file
             except OSError as exc:
                 log.warning("maildir %s: skipping unreadable %s: %s", path, key, exc)
                 continue
