@@ -24,13 +24,15 @@ RUN useradd --system --uid 110 --gid mail --home-dir /nonexistent --no-create-ho
 COPY --from=build /wheels /wheels
 RUN python -m pip install --no-cache-dir --no-index --find-links=/wheels pop3d && rm -rf /wheels
 COPY contrib/docker/pop3d.toml /etc/pop3d/pop3d.toml
-RUN mkdir -p /srv/mail && chown pop3d:mail /srv/mail
+# /var/lib/pop3d (server.state_dir): the secret that keeps answers for unknown users the same across
+# restarts, and the mbox index directory; a volume, so a new container keeps them
+RUN mkdir -p /srv/mail /var/lib/pop3d && chown pop3d:mail /srv/mail /var/lib/pop3d && chmod 0700 /var/lib/pop3d
 
 # logs go to stdout unbuffered; the config file is found without arguments; POP3D_<SECTION>__<KEY> overrides it
 ENV PYTHONUNBUFFERED=1 \
     POP3D_CONFIG_FILE=/etc/pop3d/pop3d.toml
 
-VOLUME ["/srv/mail"]
+VOLUME ["/srv/mail", "/var/lib/pop3d"]
 EXPOSE 110 995
 USER pop3d
 
