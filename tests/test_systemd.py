@@ -318,7 +318,8 @@ def test_unit_files():
     assert svc["Type"] == "notify"
     assert "kill -HUP $MAINPID" in svc["ExecReload"]
     assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict" and svc["PrivateTmp"] == "yes"
-    assert "/srv/mail" in svc["ReadWritePaths"].split()
+    assert "-/srv/mail" in svc["ReadWritePaths"].split()  # "-": the unit starts where it does not exist
+    assert svc["StateDirectory"] == "pop3d"  # server.state_dir, writable under ProtectSystem=strict
     assert svc["User"] == "pop3d" and svc["Group"] == "mail"
     assert "pop3d serve" in svc["ExecStart"] and "WatchdogSec" in svc
     for name, fdname, port in (("pop3d.socket", "pop3", "110"), ("pop3d-tls.socket", "pop3s", "995")):
