@@ -39,8 +39,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{platform.node()} {platform.machine()} {model}, {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+    return (
+        f"{platform.node()} {platform.machine()} {model}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
 
 
 def make_spool(path: Path, count: int, size: int, first: int = 0) -> None:

@@ -41,8 +41,12 @@ class Sink:
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
-    def is_closing(self) -> bool: return False
-    def get_write_buffer_size(self) -> int: return 0
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def close(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -86,8 +90,13 @@ async def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "passwd").write_text("alice:{PLAIN}x\n")
-        s = load_settings(None, auth={"passwd_file": f"{d}/passwd"}, server={"hostname": "bench"},
-                          storage={"location": d + "/{user}"}, session={"max_bad_commands": 10**9})
+        s = load_settings(
+            None,
+            auth={"passwd_file": f"{d}/passwd"},
+            server={"hostname": "bench"},
+            storage={"location": d + "/{user}"},
+            session={"max_bad_commands": 10**9},
+        )
         ctx = build_context(s)
         off, on = [], []
         for _ in range(a.rounds):  # interleaved, so drift hits both alike

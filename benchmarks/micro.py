@@ -47,8 +47,9 @@ def cases() -> list[Case]:
         for line in burst.split(b"\r\n"):
             line.split(b" ")
 
-    out: list[Case] = [("parser: 300 pipelined commands (LineBuffer + CommandParser)", split_burst, parse_burst,
-                        len(burst))]
+    out: list[Case] = [
+        ("parser: 300 pipelined commands (LineBuffer + CommandParser)", split_burst, parse_burst, len(burst))
+    ]
     for size in (4 * 1024, 100 * 1024, 5 * 1024 * 1024):
         raw = _message(size)
 
@@ -102,10 +103,18 @@ def read_cases() -> list[Case]:
         return await asyncio.to_thread(direct)
 
     return [
-        ("read 4 KiB: aiofiles open+read+close vs direct read", direct,
-         lambda: loop.run_until_complete(via_aiofiles()), 4096),
-        ("read 4 KiB: one to_thread(open+read+close) vs direct read", direct,
-         lambda: loop.run_until_complete(via_to_thread()), 4096),
+        (
+            "read 4 KiB: aiofiles open+read+close vs direct read",
+            direct,
+            lambda: loop.run_until_complete(via_aiofiles()),
+            4096,
+        ),
+        (
+            "read 4 KiB: one to_thread(open+read+close) vs direct read",
+            direct,
+            lambda: loop.run_until_complete(via_to_thread()),
+            4096,
+        ),
     ]
 
 

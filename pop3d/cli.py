@@ -90,9 +90,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if settings.tls.cert is not None:
         implicit = f", implicit TLS on {', '.join(settings.server.tls_listen)}" if settings.server.tls_listen else ""
         tls = f" (STLS offered{implicit})"
-    print(f"configuration OK: listening on {', '.join(settings.server.listen)}{tls}, "
-          f"storage {settings.storage.driver} at {settings.storage.location}, "
-          f"SASL {' '.join(settings.auth.mechanisms) or 'off'}")
+    print(
+        f"configuration OK: listening on {', '.join(settings.server.listen)}{tls}, "
+        f"storage {settings.storage.driver} at {settings.storage.location}, "
+        f"SASL {' '.join(settings.auth.mechanisms) or 'off'}"
+    )
     return _report_privileges(settings)
 
 
@@ -154,25 +156,37 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the server")
-    s.add_argument("--config", "-c", metavar="FILE", default=os.environ.get("POP3D_CONFIG_FILE") or None,
-                   help="TOML configuration file (default: $POP3D_CONFIG_FILE, else none: defaults + env)")
-    s.add_argument("--demo", action="store_true",
-                   help="create a demo user and Maildir and listen on 127.0.0.1:8110")
-    s.add_argument("--demo-dir", default="pop3d-demo", metavar="DIR",
-                   help="where --demo keeps its files (default: ./pop3d-demo)")
+    s.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=os.environ.get("POP3D_CONFIG_FILE") or None,
+        help="TOML configuration file (default: $POP3D_CONFIG_FILE, else none: defaults + env)",
+    )
+    s.add_argument("--demo", action="store_true", help="create a demo user and Maildir and listen on 127.0.0.1:8110")
+    s.add_argument(
+        "--demo-dir", default="pop3d-demo", metavar="DIR", help="where --demo keeps its files (default: ./pop3d-demo)"
+    )
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check-config", help="validate a configuration file and exit")
-    c.add_argument("--config", "-c", metavar="FILE", default=os.environ.get("POP3D_CONFIG_FILE") or None,
-                   help="TOML configuration file (default: $POP3D_CONFIG_FILE)")
+    c.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=os.environ.get("POP3D_CONFIG_FILE") or None,
+        help="TOML configuration file (default: $POP3D_CONFIG_FILE)",
+    )
     c.set_defaults(func=cmd_check_config)
 
     h = sub.add_parser("health", help="exit 0 only if a POP3 server at HOST:PORT greets with +OK")
-    h.add_argument("address", nargs="?", default="127.0.0.1:110", metavar="HOST:PORT",
-                   help="default 127.0.0.1:110")
+    h.add_argument("address", nargs="?", default="127.0.0.1:110", metavar="HOST:PORT", help="default 127.0.0.1:110")
     h.add_argument("--timeout", type=float, default=5.0, help="seconds for connect + greeting (default 5)")
-    h.add_argument("--proxy", action="store_true",
-                   help="send a PROXY v1 UNKNOWN header first (for a server with server.proxy_protocol on)")
+    h.add_argument(
+        "--proxy",
+        action="store_true",
+        help="send a PROXY v1 UNKNOWN header first (for a server with server.proxy_protocol on)",
+    )
     h.add_argument("--tls", action="store_true", help="implicit TLS first (a server.tls_listen port, e.g. 995)")
     h.set_defaults(func=cmd_health)
 

@@ -118,12 +118,18 @@ class Pop3dProcess:
     (the watchdog samples every 10 ms and remembers the peak it saw; `peak_growth()` also uses VmHWM).
     """
 
-    def __init__(self, root: Path, sections: dict[str, dict[str, Any]], *, name: str = "pop3d",
-                 memory_cap: int = 768 * MIB, port: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        sections: dict[str, dict[str, Any]],
+        *,
+        name: str = "pop3d",
+        memory_cap: int = 768 * MIB,
+        port: int | None = None,
+    ) -> None:
         self.root = root
         self.port = port or free_port()
-        server = {"listen": [f"127.0.0.1:{self.port}"], "hostname": "test.invalid", "shutdown_grace": 0.5,
-                  "workers": 1}
+        server = {"listen": [f"127.0.0.1:{self.port}"], "hostname": "test.invalid", "shutdown_grace": 0.5, "workers": 1}
         self.sections = merged({"server": server}, sections)
         self.config = write_toml(root / f"{name}.toml", self.sections)
         self.log_path = root / f"{name}.log"
@@ -142,8 +148,13 @@ class Pop3dProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([*POP3D, "serve", "--config", str(self.config)], stdout=log,
-                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [*POP3D, "serve", "--config", str(self.config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         end = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -242,10 +253,12 @@ class Pop3dProcess:
 class Line:
     """A minimal blocking line client with a deadline on every read (no reply = AssertionError/TimeoutError)."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1", source: str | None = None, timeout: float = 10,
-                 greet: bool = True) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout,
-                                             source_address=(source, 0) if source else None)
+    def __init__(
+        self, port: int, host: str = "127.0.0.1", source: str | None = None, timeout: float = 10, greet: bool = True
+    ) -> None:
+        self.sock = socket.create_connection(
+            (host, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
         self.buf = b""
         self.greeting = self.line() if greet else b""
 

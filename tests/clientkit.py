@@ -24,7 +24,8 @@ EDGE_MESSAGES: list[bytes] = [
     b"From: a@example.org\nSubject: no final newline\nMessage-ID: <3@test>\n\nlast line has no newline",
     b"From: a@example.org\r\nSubject: stored CRLF\r\nMessage-ID: <4@test>\r\n\r\nline one\r\nline two\r\n",
     "From: a@example.org\nSubject: 8-bit\nMessage-ID: <5@test>\nContent-Type: text/plain; charset=UTF-8\n"
-    "Content-Transfer-Encoding: 8bit\n\nGrüße, café, naïve, 日本語\n".encode() + b"raw latin-1 \xe9\xff\n",
+    "Content-Transfer-Encoding: 8bit\n\nGrüße, café, naïve, 日本語\n".encode()
+    + b"raw latin-1 \xe9\xff\n",
     b"From: a@example.org\nSubject: long line\nMessage-ID: <6@test>\n\n" + b"L" * 5000 + b"\nafter\n",
     b"From: a@example.org\nSubject: long message\nMessage-ID: <7@test>\n\n"
     + b"".join(b".%06d line of a long message that is streamed in slices\n" % i for i in range(6000)),
@@ -45,15 +46,27 @@ def need(program: str) -> str:
     return require_tool(program, CLIENT_PACKAGES.get(program, program))
 
 
-def run(cmd: list[str], *, timeout: float = 60, env: dict[str, str] | None = None,
-        input: bytes | None = None, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+def run(
+    cmd: list[str],
+    *,
+    timeout: float = 60,
+    env: dict[str, str] | None = None,
+    input: bytes | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[bytes]:
     """Run a client, bounded in time; on failure show everything it said."""
-    proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env={**os.environ, **(env or {})},
-                          input=input if input is not None else b"")
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        input=input if input is not None else b"",
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{cmd[0]} exited {proc.returncode}\nstdout:\n{proc.stdout.decode(errors='replace')}\n"
-            f"stderr:\n{proc.stderr.decode(errors='replace')}")
+            f"stderr:\n{proc.stderr.decode(errors='replace')}"
+        )
     return proc
 
 
@@ -64,11 +77,13 @@ class Inbox:
         self.dir = root / "inbox"
         self.dir.mkdir(parents=True)
         self.mda = root / "mda.sh"
-        self.mda.write_text(textwrap.dedent(f"""\
+        self.mda.write_text(
+            textwrap.dedent(f"""\
             #!/bin/sh
             n=$(ls '{self.dir}' | wc -l)
             exec cat > '{self.dir}'/$(printf '%05d' "$n")
-        """))
+        """)
+        )
         self.mda.chmod(0o755)
 
     def messages(self) -> list[bytes]:

@@ -107,8 +107,7 @@ class FakeMaildrop(Maildrop):
         s.locked.add(self.user)
         self._locked = True
         box = s.boxes.setdefault(self.user, [])
-        self.messages = [MessageInfo(wire.network_size(raw), f"uid{i}-{len(raw)}", str(i))
-                         for i, raw in enumerate(box)]
+        self.messages = [MessageInfo(wire.network_size(raw), f"uid{i}-{len(raw)}", str(i)) for i, raw in enumerate(box)]
 
     def _raw(self, index: int) -> bytes:
         return self.storage.boxes[self.user][int(self.messages[index].key)]
@@ -121,7 +120,7 @@ class FakeMaildrop(Maildrop):
         raw = self._raw(index)
         for start in range(0, len(raw), chunk_size):
             self.storage.fail("chunks")
-            yield raw[start:start + chunk_size]
+            yield raw[start : start + chunk_size]
 
     async def commit(self, deleted: set[int], seen: set[int]) -> None:
         s = self.storage
@@ -151,8 +150,13 @@ class FakeTransport:
     as asyncio's transports do. `buffered` may also be set directly.
     """
 
-    def __init__(self, protocol: asyncio.Protocol, loop: asyncio.AbstractEventLoop,
-                 peer: tuple[str, int] = ("127.0.0.1", 40000), extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        protocol: asyncio.Protocol,
+        loop: asyncio.AbstractEventLoop,
+        peer: tuple[str, int] = ("127.0.0.1", 40000),
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.protocol = protocol
         self.loop = loop
         self.extra: dict[str, Any] = {"peername": peer, **(extra or {})}
@@ -260,9 +264,17 @@ class ClockLoop(asyncio.SelectorEventLoop):
         self._now += seconds
         self.settle()
 
-    async def start_tls(self, transport: Any, protocol: Any, sslcontext: Any, *, server_side: bool = False,
-                        server_hostname: str | None = None, ssl_handshake_timeout: float | None = None,
-                        ssl_shutdown_timeout: float | None = None) -> Any:
+    async def start_tls(
+        self,
+        transport: Any,
+        protocol: Any,
+        sslcontext: Any,
+        *,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+    ) -> Any:
         """A handshake that lasts until the test calls finish_handshake()."""
         self.tls_calls.append((transport, sslcontext))
         self.handshake = self.create_future()
@@ -298,19 +310,32 @@ def make_settings(**sections: dict[str, Any]) -> Settings:
     return load_settings(None, **base)
 
 
-def make_context(fake_auth: FakeAuth | None = None, fake_storage: FakeStorage | None = None,
-                 with_tls: bool = False, **sections: dict[str, Any]) -> ServerContext:
+def make_context(
+    fake_auth: FakeAuth | None = None,
+    fake_storage: FakeStorage | None = None,
+    with_tls: bool = False,
+    **sections: dict[str, Any],
+) -> ServerContext:
     """A ServerContext over the fakes, built like pop3d.runtime.server.build_context builds the real one.
     `sections` are configuration sections (server=, session=, auth=...), as tests/conftest.py's Env takes."""
-    return ServerContext(make_settings(**sections), fake_auth or FakeAuth(), fake_storage or FakeStorage(),
-                         FakeTls() if with_tls else None)  # type: ignore[arg-type]
+    return ServerContext(
+        make_settings(**sections),
+        fake_auth or FakeAuth(),
+        fake_storage or FakeStorage(),
+        FakeTls() if with_tls else None,
+    )  # type: ignore[arg-type]
 
 
 class Connection:
     """A Pop3Session on a FakeTransport, driven by the test: send() feeds bytes and settles the loop."""
 
-    def __init__(self, loop: ClockLoop, ctx: ServerContext, peer: tuple[str, int] = ("127.0.0.1", 40000),
-                 extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        loop: ClockLoop,
+        ctx: ServerContext,
+        peer: tuple[str, int] = ("127.0.0.1", 40000),
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.loop = loop
         self.ctx = ctx
         self.storage = cast(FakeStorage, ctx.storage)
@@ -352,7 +377,7 @@ def messages(*bodies: bytes | int) -> list[bytes]:
     for b in bodies:
         if isinstance(b, int):
             line = b"Subject: filler line of a test message, 60 octets long....\n"
-            b = (b"From: a@example.org\n\n" + line * (b // len(line) + 1))[:b - 1] + b"\n"
+            b = (b"From: a@example.org\n\n" + line * (b // len(line) + 1))[: b - 1] + b"\n"
         out.append(b)
     return out
 

@@ -291,8 +291,10 @@ def maildrop_server(env: Env) -> Iterator[Any]:
     started: list[Pop3dProcess] = []
 
     def start(memory_cap: int = 512 * MIB) -> Pop3dProcess:
-        sections: dict[str, dict[str, Any]] = {"auth": {"passwd_file": str(env.passwd), "failure_delay": 0},
-                    "storage": {"location": str(env.mail / "{user}" / "Maildir")}}
+        sections: dict[str, dict[str, Any]] = {
+            "auth": {"passwd_file": str(env.passwd), "failure_delay": 0},
+            "storage": {"location": str(env.mail / "{user}" / "Maildir")},
+        }
         p = Pop3dProcess(env.root, sections, memory_cap=memory_cap)
         started.append(p)
         return p.start()
@@ -495,8 +497,9 @@ def mbox_sections(env: Env) -> dict[str, Any]:
     return {"driver": "mbox", "location": str(env.mail / "{user}"), "mbox_index_dir": ""}
 
 
-MBOX = b"".join(b"From m%d@example.org Thu Nov 26 10:00:00 2026\nSubject: %d\n\nbody %d\n\n" % (i, i, i)
-                for i in range(3))
+MBOX = b"".join(
+    b"From m%d@example.org Thu Nov 26 10:00:00 2026\nSubject: %d\n\nbody %d\n\n" % (i, i, i) for i in range(3)
+)
 
 
 def test_mbox_index_temporary_file_does_not_follow_symlinks(env: Env, start_server: Any) -> None:
@@ -542,8 +545,9 @@ def test_mbox_journal_temporary_file_does_not_follow_symlinks(env: Env, start_se
     """
     write_passwd(env, UIDS)
     spool = env.mail / "alice"
-    body = b"".join(b"From m%d@example.org Thu Nov 26 10:00:00 2026\nSubject: %d\n\nbody %d\n\n" % (i, i, i)
-                    for i in range(12))
+    body = b"".join(
+        b"From m%d@example.org Thu Nov 26 10:00:00 2026\nSubject: %d\n\nbody %d\n\n" % (i, i, i) for i in range(12)
+    )
     spool.write_bytes(body)
     os.lchown(spool, UIDS["alice"], UIDS["alice"])
     target = victim(env)
@@ -588,14 +592,17 @@ def test_mbox_index_and_journal_are_private(env: Env, maildrop_server: Any) -> N
     """
     write_passwd(env, UIDS)
     spool = env.mail / "alice"
-    big = b"".join(b"From m%d@example.org Thu Nov 26 10:00:00 2026\nSubject: %d\n\n" % (i, i) + b"B" * 999_000
-                   + b"\n\n" for i in range(1, 25))
+    big = b"".join(
+        b"From m%d@example.org Thu Nov 26 10:00:00 2026\nSubject: %d\n\n" % (i, i) + b"B" * 999_000 + b"\n\n"
+        for i in range(1, 25)
+    )
     spool.write_bytes(MBOX[: MBOX.index(b"From m1")] + big)  # ~24 MB to move down after deleting message 1
     os.lchown(spool, UIDS["alice"], UIDS["alice"])
     old = os.umask(0o022)  # the usual umask, inherited by the server
     try:
-        srv = Pop3dProcess(env.root, {"auth": {"passwd_file": str(env.passwd), "failure_delay": 0},
-                                      "storage": mbox_sections(env)}).start()
+        srv = Pop3dProcess(
+            env.root, {"auth": {"passwd_file": str(env.passwd), "failure_delay": 0}, "storage": mbox_sections(env)}
+        ).start()
     finally:
         os.umask(old)
     try:
@@ -640,6 +647,9 @@ def test_new_maildir_gets_the_users_uid_and_gid(env: Env, start_server: Any) -> 
     srv.wait_idle()
     md = env.maildir("carol")
     created = [env.mail / "carol", md, md / "cur", md / "new", md / "tmp"]
-    wrong = {str(p): (os.stat(p).st_uid, os.stat(p).st_gid) for p in created
-             if (os.stat(p).st_uid, os.stat(p).st_gid) != (12345, 12345)}
+    wrong = {
+        str(p): (os.stat(p).st_uid, os.stat(p).st_gid)
+        for p in created
+        if (os.stat(p).st_uid, os.stat(p).st_gid) != (12345, 12345)
+    }
     assert not wrong, f"created with the wrong owner: {wrong}"

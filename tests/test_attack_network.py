@@ -235,8 +235,9 @@ def test_per_address_limit(start_server: Any) -> None:
     connection from that address gets `-ERR [SYS/TEMP]` and is closed; other addresses are not affected;
     a freed slot can be used again.
     """
-    srv = start_server(server={"max_connections_per_ip": 3, "max_connections": 100, "max_unauthenticated": 100,
-                               "limit_exempt": []})
+    srv = start_server(
+        server={"max_connections_per_ip": 3, "max_connections": 100, "max_unauthenticated": 100, "limit_exempt": []}
+    )
     held = open_greeted(srv.port, 3, source="127.0.0.1")
     for _ in range(5):
         assert refused(*first_line(srv.port, "127.0.0.1"))
@@ -254,8 +255,9 @@ def test_total_connection_limit(start_server: Any) -> None:
     unauthenticated one (as Dovecot's login processes do when full); when every held connection is logged in,
     the new one gets `-ERR [SYS/TEMP]` and is closed. Logged-in sessions are never evicted.
     """
-    srv = start_server(server={"max_connections": 2, "max_connections_per_ip": 100, "max_unauthenticated": 100,
-                               "limit_exempt": []})
+    srv = start_server(
+        server={"max_connections": 2, "max_connections_per_ip": 100, "max_unauthenticated": 100, "limit_exempt": []}
+    )
     alice = Line(srv.port, source="127.0.0.1")
     assert alice.login("alice", USERS["alice"]).startswith(b"+OK")
     idle = open_greeted(srv.port, 1, source="127.0.0.2")  # full now: one logged in, one not
@@ -280,8 +282,9 @@ def test_unauthenticated_connections_evict_oldest_not_logged_in(start_server: An
     Required: with `server.max_unauthenticated` reached, a new connection is admitted and the *oldest
     unauthenticated* one is closed; a logged-in session is never evicted.
     """
-    srv = start_server(server={"max_unauthenticated": 3, "max_connections_per_ip": 100, "max_connections": 100,
-                               "limit_exempt": []})
+    srv = start_server(
+        server={"max_unauthenticated": 3, "max_connections_per_ip": 100, "max_connections": 100, "limit_exempt": []}
+    )
     user = Line(srv.port)
     assert user.login("alice", USERS["alice"]).startswith(b"+OK")
     idle = open_greeted(srv.port, 3)
@@ -310,8 +313,15 @@ def test_per_address_limit_holds_across_workers(env: Env, spawn: Any) -> None:
 
     Required: `server.max_connections_per_ip` counts the connections of all workers (`server.workers = 2`).
     """
-    srv = spawn(server={"workers": 2, "max_connections_per_ip": 4, "max_connections": 100,
-                        "max_unauthenticated": 100, "limit_exempt": []})
+    srv = spawn(
+        server={
+            "workers": 2,
+            "max_connections_per_ip": 4,
+            "max_connections": 100,
+            "max_unauthenticated": 100,
+            "limit_exempt": [],
+        }
+    )
     time.sleep(0.5)  # the start-up probe connection is gone
     results = [first_line(srv.port, "127.0.0.1") for _ in range(12)]
     greeted = [c for line, c in results if c is not None and line.startswith(b"+OK")]
@@ -322,4 +332,3 @@ def test_per_address_limit_holds_across_workers(env: Env, spawn: Any) -> None:
     assert pids, "no worker greeted anybody"
     for c in greeted:
         c.close()
-

@@ -102,8 +102,9 @@ ESCAPES = [
 
 
 @pytest.mark.parametrize(("name", "field"), ESCAPES)
-def test_user_names_that_would_escape_the_mail_root(env: Env, start_server: Any, caplog: pytest.LogCaptureFixture,
-                                                    name: str, field: str) -> None:
+def test_user_names_that_would_escape_the_mail_root(
+    env: Env, start_server: Any, caplog: pytest.LogCaptureFixture, name: str, field: str
+) -> None:
     """Attack: a passwd-file entry (or a future user database) with the name `..`, `.`, `a/b`, or a `{home}`
     location for an entry with an empty home, so the maildrop path points outside the user's own place.
 
@@ -126,8 +127,12 @@ def test_user_names_that_would_escape_the_mail_root(env: Env, start_server: Any,
     assert not tracebacks, f"logged with a traceback: {tracebacks}"
     loud = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(loud) == 1, f"expected one log line about it, got {loud}"
-    escaped = {"..": env.root / "Maildir", ".": env.mail / "Maildir", "a/b": env.mail / "a",
-               "nohome": Path("/Maildir")}[name]
+    escaped = {
+        "..": env.root / "Maildir",
+        ".": env.mail / "Maildir",
+        "a/b": env.mail / "a",
+        "nohome": Path("/Maildir"),
+    }[name]
     assert not escaped.exists(), f"{escaped} was created"
 
 
@@ -220,10 +225,13 @@ def test_idle_metrics_connections_make_no_threads_and_are_closed(open_dir: Path)
 # -- a second instance ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [
-    pytest.param(1, id="one-process"),
-    pytest.param(2, id="workers"),
-])
+@pytest.mark.parametrize(
+    "workers",
+    [
+        pytest.param(1, id="one-process"),
+        pytest.param(2, id="workers"),
+    ],
+)
 def test_second_instance_on_a_served_address_fails(open_dir: Path, workers: int) -> None:
     """Attack (or accident): start a second `pop3d serve` on an address a running pop3d serves; with
     SO_REUSEPORT it would quietly take half of the connections (with its own, maybe older, configuration).
@@ -234,8 +242,14 @@ def test_second_instance_on_a_served_address_fails(open_dir: Path, workers: int)
     try:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         try:
-            second = subprocess.run([*POP3D, "serve", "--config", str(first.config)], capture_output=True,
-                                    text=True, timeout=8, env=env, start_new_session=True)
+            second = subprocess.run(
+                [*POP3D, "serve", "--config", str(first.config)],
+                capture_output=True,
+                text=True,
+                timeout=8,
+                env=env,
+                start_new_session=True,
+            )
         except subprocess.TimeoutExpired:
             raise AssertionError("the second pop3d started on the same address and kept running") from None
     finally:

@@ -27,8 +27,10 @@ POP3D = [sys.executable, "-m", "pop3d"]
 
 # ---- pure ------------------------------------------------------------------------------------------------
 
-@given(st.lists(st.floats(min_value=1e-6, max_value=60.0), min_size=1, max_size=300),
-       st.sampled_from([50, 95, 99, 100]))
+
+@given(
+    st.lists(st.floats(min_value=1e-6, max_value=60.0), min_size=1, max_size=300), st.sampled_from([50, 95, 99, 100])
+)
 def test_percentile_is_an_upper_bound_within_one_bucket(samples, p):
     h = Histogram()
     for s in samples:
@@ -50,12 +52,12 @@ class _Transport:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=6),
-       st.data())
+@given(st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=6), st.data())
 def test_client_matches_replies_across_any_chunking(lines, data):
     body = wire.encode(b"\n".join(lines) + b"\n" if lines else b"")
-    stream = (b"+OK hello\r\n" + b"+OK 2 20\r\n" + b"+OK follows\r\n" + body + b"-ERR [IN-USE] busy\r\n"
-              + b"+OK\r\n.\r\n")
+    stream = (
+        b"+OK hello\r\n" + b"+OK 2 20\r\n" + b"+OK follows\r\n" + body + b"-ERR [IN-USE] busy\r\n" + b"+OK\r\n.\r\n"
+    )
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
 
     async def go() -> list:
@@ -116,20 +118,27 @@ def test_mkmaildrops_mbox(tmp_path):
 
 # ---- against a real pop3d ----------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def drops(tmp_path):
     """5 users x 3 messages of 2000 octets, and a pop3d serving them in a thread."""
     users_file = mkmaildrops.make(tmp_path / "b", users=5, messages=3, size=2000)
-    settings = load_settings(tmp_path / "b" / "pop3d.toml", server={"listen": ["127.0.0.1:0"],
-                                                                   "hostname": "t.invalid", "workers": 1})
+    settings = load_settings(
+        tmp_path / "b" / "pop3d.toml", server={"listen": ["127.0.0.1:0"], "hostname": "t.invalid", "workers": 1}
+    )
     srv = ServerThread(settings).start()
     yield srv, users_file, tmp_path / "b"
     srv.stop()
 
 
 def _plan(srv, users_file, scenario, concurrency=3, duration=0.6, **kw):
-    return runner.Plan(RunConfig("127.0.0.1", srv.port, scenario, noop_interval=0.2), runner.read_users(users_file),
-                       concurrency, duration, **kw)
+    return runner.Plan(
+        RunConfig("127.0.0.1", srv.port, scenario, noop_interval=0.2),
+        runner.read_users(users_file),
+        concurrency,
+        duration,
+        **kw,
+    )
 
 
 def _octets_per_message(root: Path) -> int:
@@ -197,9 +206,28 @@ def test_errors_are_counted_by_kind(drops, tmp_path):
 
 def test_cli_json_with_two_processes(drops):
     srv, users_file, _ = drops
-    r = subprocess.run([*POP3D, "bench", f"127.0.0.1:{srv.port}", "--users", str(users_file), "--scenario",
-                        "download", "--concurrency", "4", "--procs", "2", "--duration", "0.5", "--json"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [
+            *POP3D,
+            "bench",
+            f"127.0.0.1:{srv.port}",
+            "--users",
+            str(users_file),
+            "--scenario",
+            "download",
+            "--concurrency",
+            "4",
+            "--procs",
+            "2",
+            "--duration",
+            "0.5",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["errors"] == {} and out["sessions"] > 0 and out["messages"] == 3 * out["sessions"]
@@ -210,14 +238,29 @@ def test_cli_json_with_two_processes(drops):
 
 def test_cli_table_and_usage_errors(drops, tmp_path):
     srv, users_file, _ = drops
-    r = subprocess.run([*POP3D, "bench", f"127.0.0.1:{srv.port}", "--users", str(users_file), "-c", "2", "-d", "0.3"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [*POP3D, "bench", f"127.0.0.1:{srv.port}", "--users", str(users_file), "-c", "2", "-d", "0.3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 0 and "sessions/s" not in r.stdout and "/s" in r.stdout and "p99 ms" in r.stdout
-    r = subprocess.run([*POP3D, "bench", f"127.0.0.1:{srv.port}", "--users", str(users_file), "-c", "50"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [*POP3D, "bench", f"127.0.0.1:{srv.port}", "--users", str(users_file), "-c", "50"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 2 and "distinct users" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([*POP3D, "mkmaildrops", str(tmp_path / "m"), "--users", "2", "--messages", "1",
-                        "--size", "1k"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [*POP3D, "mkmaildrops", str(tmp_path / "m"), "--users", "2", "--messages", "1", "--size", "1k"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.returncode == 0 and (tmp_path / "m" / "users.txt").read_text().count("\n") == 2
 
 
@@ -227,9 +270,11 @@ def test_tls_and_stls_verified_against_the_ca(tmp_path, mode):
 
     pki = Pki.make(tmp_path)
     users_file = mkmaildrops.make(tmp_path / "b", users=2, messages=2, size=500)
-    settings = load_settings(tmp_path / "b" / "pop3d.toml", server={
-        "listen": ["127.0.0.1:0"], "tls_listen": ["127.0.0.1:0"], "hostname": "t.invalid", "workers": 1},
-        tls=pki.tls_section())
+    settings = load_settings(
+        tmp_path / "b" / "pop3d.toml",
+        server={"listen": ["127.0.0.1:0"], "tls_listen": ["127.0.0.1:0"], "hostname": "t.invalid", "workers": 1},
+        tls=pki.tls_section(),
+    )
     srv = ServerThread(settings).start()
     try:
         port = srv.server.tls_addresses()[0][1] if mode == "tls" else srv.port
@@ -261,12 +306,14 @@ def test_ramp_starts_clients_gradually(drops):
 def test_mkmaildrops_mbox_is_served_exactly(tmp_path):
     """The mbox fixture is what the mbox driver reads back: same count, same octets as the messages."""
     users_file = mkmaildrops.make(tmp_path / "m", users=2, messages=3, size=700, fmt="mbox")
-    settings = load_settings(tmp_path / "m" / "pop3d.toml", server={"listen": ["127.0.0.1:0"],
-                                                                   "hostname": "t.invalid", "workers": 1})
+    settings = load_settings(
+        tmp_path / "m" / "pop3d.toml", server={"listen": ["127.0.0.1:0"], "hostname": "t.invalid", "workers": 1}
+    )
     srv = ServerThread(settings).start()
     try:
-        stats, _ = runner.run(runner.Plan(RunConfig("127.0.0.1", srv.port, "download"),
-                                          runner.read_users(users_file), 2, 0.4))
+        stats, _ = runner.run(
+            runner.Plan(RunConfig("127.0.0.1", srv.port, "download"), runner.read_users(users_file), 2, 0.4)
+        )
     finally:
         srv.stop()
     assert not stats.errors and stats.sessions > 0 and stats.messages == 3 * stats.sessions

@@ -26,9 +26,16 @@ def free_port() -> int:
 def write_config(env, port: int, **extra: str) -> Path:
     cfg = env.root / "pop3d.toml"
     lines = [
-        "[server]", f'listen = ["127.0.0.1:{port}"]', 'hostname = "test.invalid"', "shutdown_grace = 1.0",
-        "[auth]", f'passwd_file = "{env.passwd}"', "failure_delay = 0",
-        "[storage]", 'driver = "maildir"', f'location = "{env.mail}/{{user}}/Maildir"',
+        "[server]",
+        f'listen = ["127.0.0.1:{port}"]',
+        'hostname = "test.invalid"',
+        "shutdown_grace = 1.0",
+        "[auth]",
+        f'passwd_file = "{env.passwd}"',
+        "failure_delay = 0",
+        "[storage]",
+        'driver = "maildir"',
+        f'location = "{env.mail}/{{user}}/Maildir"',
     ]
     cfg.write_text("\n".join(lines) + "\n" + "".join(f"{v}\n" for v in extra.values()))
     return cfg
@@ -58,8 +65,9 @@ def wait_port_closed(port: int, timeout: float = 10) -> None:
 
 
 def start(cfg: Path, port: int, **kw) -> subprocess.Popen:
-    proc = subprocess.Popen([*POP3D, "serve", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
+    proc = subprocess.Popen(
+        [*POP3D, "serve", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw
+    )
     wait_port(port, proc)
     return proc
 
@@ -71,14 +79,17 @@ def test_check_config_ok(env):
     assert "configuration OK" in r.stdout
 
 
-@pytest.mark.parametrize("bad, key", [
-    ('[server]\nlisten = ["nohostport"]\n', "server.listen"),
-    ("[server]\nbacklog = -3\n", "server.backlog"),
-    ("[storage]\nlocation = \"/srv/mail\"\n", "storage.location"),
-    ("[storage]\ndriver = \"floppy\"\n", "storage.driver"),
-    ("[sesion]\ntimeout = 700\n", "sesion"),
-    ("[server\n", "config file"),
-])
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ('[server]\nlisten = ["nohostport"]\n', "server.listen"),
+        ("[server]\nbacklog = -3\n", "server.backlog"),
+        ('[storage]\nlocation = "/srv/mail"\n', "storage.location"),
+        ('[storage]\ndriver = "floppy"\n', "storage.driver"),
+        ("[sesion]\ntimeout = 700\n", "sesion"),
+        ("[server\n", "config file"),
+    ],
+)
 def test_bad_config_one_line_exit_2(env, bad, key):
     cfg = env.root / "bad.toml"
     cfg.write_text(bad)
@@ -90,8 +101,12 @@ def test_bad_config_one_line_exit_2(env, bad, key):
 
 def test_env_override_bad_value_names_key(env):
     cfg = write_config(env, 110)
-    r = subprocess.run([*POP3D, "check-config", "--config", str(cfg)], capture_output=True, text=True,
-                       env={**os.environ, "POP3D_SESSION__LOGIN_DELAY": "soon"})
+    r = subprocess.run(
+        [*POP3D, "check-config", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "POP3D_SESSION__LOGIN_DELAY": "soon"},
+    )
     assert r.returncode == 2 and "session.login_delay" in r.stderr
 
 
@@ -105,8 +120,9 @@ def test_missing_passwd_file_is_a_config_error(env):
 def test_passwd_command_makes_a_working_entry(env, start_server):
     from pop3d.auth.schemes import split_scheme, verify
 
-    r = subprocess.run([*POP3D, "passwd", "carol", "--scheme", "SHA512-CRYPT"], input="s3cret pw\n",
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*POP3D, "passwd", "carol", "--scheme", "SHA512-CRYPT"], input="s3cret pw\n", capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()
     assert line.startswith("carol:{SHA512-CRYPT}$6$")
@@ -126,9 +142,13 @@ def test_passwd_default_scheme_is_strong():
 
 def test_demo(tmp_path):
     port = free_port()
-    proc = subprocess.Popen([*POP3D, "serve", "--demo", "--demo-dir", str(tmp_path / "demo")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "POP3D_SERVER__LISTEN": f'["127.0.0.1:{port}"]'})
+    proc = subprocess.Popen(
+        [*POP3D, "serve", "--demo", "--demo-dir", str(tmp_path / "demo")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "POP3D_SERVER__LISTEN": f'["127.0.0.1:{port}"]'},
+    )
     try:
         wait_port(port, proc)
         p = poplib.POP3("127.0.0.1", port, timeout=10)

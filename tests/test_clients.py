@@ -37,8 +37,17 @@ def remaining(md: Path) -> int:
 # -- fetchmail -----------------------------------------------------------------------------------
 
 
-def fetchmail(tmp: Path, port: int, inbox: Inbox, *, proto: str = "POP3", extra: str = "",
-              server_opts: str = "", tls: str = "sslproto ''", options: list[str] | None = None) -> str:
+def fetchmail(
+    tmp: Path,
+    port: int,
+    inbox: Inbox,
+    *,
+    proto: str = "POP3",
+    extra: str = "",
+    server_opts: str = "",
+    tls: str = "sslproto ''",
+    options: list[str] | None = None,
+) -> str:
     """One fetchmail poll. fetchmail 6.4 tries STLS even when CAPA does not offer it: `sslproto ''`
     turns that off for the plain-text runs."""
     exe = need("fetchmail")
@@ -50,10 +59,14 @@ def fetchmail(tmp: Path, port: int, inbox: Inbox, *, proto: str = "POP3", extra:
         f"poll 127.0.0.1 protocol {proto} port {port} timeout 30 {server_opts}\n"
         f'  user "alice" there password "{PASSWORD}" is "root" here\n'
         f"  {extra} {tls}\n"
-        f'  mda "{inbox.mda}"\n')
+        f'  mda "{inbox.mda}"\n'
+    )
     rc.chmod(0o600)
-    proc = run([exe, "-f", str(rc), "-N", "-d0", "-v", "--invisible", "--norewrite", *(options or [])],
-               env={"FETCHMAILHOME": str(home), "HOME": str(home)}, check=False)
+    proc = run(
+        [exe, "-f", str(rc), "-N", "-d0", "-v", "--invisible", "--norewrite", *(options or [])],
+        env={"FETCHMAILHOME": str(home), "HOME": str(home)},
+        check=False,
+    )
     out = (proc.stdout + proc.stderr).decode(errors="replace")
     # 0: mail fetched; 1: no new mail (both fine; the tests check what was delivered)
     assert proc.returncode in (0, 1), out
@@ -99,14 +112,23 @@ def test_fetchmail_delete_run(tmp_path, srv, drop):
 # -- mpop ----------------------------------------------------------------------------------------
 
 
-def mpop(tmp: Path, port: int, inbox: Inbox, *, auth: str = "user", tls: str = "tls off",
-         keep: str = "on", only_new: str = "off") -> str:
+def mpop(
+    tmp: Path,
+    port: int,
+    inbox: Inbox,
+    *,
+    auth: str = "user",
+    tls: str = "tls off",
+    keep: str = "on",
+    only_new: str = "off",
+) -> str:
     exe = need("mpop")
     rc = tmp / "mpoprc"
     rc.write_text(
         f"account alice\nhost 127.0.0.1\nport {port}\nuser alice\npassword {PASSWORD}\nauth {auth}\n"
         f"{tls}\nkeep {keep}\nonly_new {only_new}\nreceived_header off\ntimeout 30\n"
-        f"delivery mda {inbox.mda}\nuidls_file {tmp / 'mpop-uidls'}\n")
+        f"delivery mda {inbox.mda}\nuidls_file {tmp / 'mpop-uidls'}\n"
+    )
     rc.chmod(0o600)
     proc = run([exe, "-C", str(rc), "--debug", "alice"])
     return (proc.stdout + proc.stderr).decode(errors="replace")
@@ -141,8 +163,7 @@ def test_mpop_only_new_and_delete(tmp_path, srv, drop):
 # -- getmail6 ------------------------------------------------------------------------------------
 
 
-def getmail(tmp: Path, port: int, inbox: Inbox, *, retriever: str = "SimplePOP3Retriever",
-            extra: str = "") -> None:
+def getmail(tmp: Path, port: int, inbox: Inbox, *, retriever: str = "SimplePOP3Retriever", extra: str = "") -> None:
     exe = need("getmail")
     gdir = tmp / "getmail"
     gdir.mkdir(exist_ok=True)
@@ -150,7 +171,8 @@ def getmail(tmp: Path, port: int, inbox: Inbox, *, retriever: str = "SimplePOP3R
         f"[retriever]\ntype = {retriever}\nserver = 127.0.0.1\nport = {port}\nusername = alice\n"
         f"password = {PASSWORD}\n{extra}\n"
         f"[destination]\ntype = MDA_external\npath = {inbox.mda}\nallow_root_commands = true\n\n"
-        "[options]\nread_all = false\ndelete = false\ndelivered_to = false\nreceived = false\nverbose = 0\n")
+        "[options]\nread_all = false\ndelete = false\ndelivered_to = false\nreceived = false\nverbose = 0\n"
+    )
     run([exe, "--getmaildir", str(gdir), "--rcfile", "getmailrc"])
 
 
@@ -252,15 +274,19 @@ def pki(tmp_path):
 
     pki = Pki.make(tmp_path)
     # fetchmail 6.4 wants the host name in the subject CN as well as in subjectAltName
-    pki.ca.issue_cert("localhost", "127.0.0.1", common_name="localhost") \
-        .private_key_and_cert_chain_pem.write_to_path(str(pki.server_pem))
+    pki.ca.issue_cert("localhost", "127.0.0.1", common_name="localhost").private_key_and_cert_chain_pem.write_to_path(
+        str(pki.server_pem)
+    )
     return pki
 
 
 @pytest.fixture
 def tls_srv(start_server, drop, pki):
-    return start_server(tls=pki.tls_section(), server={"tls_listen": ["127.0.0.1:0"]},
-                        auth={"mechanisms": SASL_ALL, "secure_networks": []})
+    return start_server(
+        tls=pki.tls_section(),
+        server={"tls_listen": ["127.0.0.1:0"]},
+        auth={"mechanisms": SASL_ALL, "secure_networks": []},
+    )
 
 
 def tls_port(srv) -> int:
@@ -276,24 +302,34 @@ def test_fetchmail_cram_md5(tmp_path, tls_srv, drop):
 
 def test_fetchmail_stls(tmp_path, tls_srv, drop, pki):
     inbox = Inbox(tmp_path)
-    out = fetchmail(tmp_path, tls_srv.port, inbox, extra="keep fetchall", server_opts="auth password",
-                    tls=f"sslproto 'TLS1.2+' sslcertck sslcertfile '{pki.cafile}' sslcommonname localhost")
+    out = fetchmail(
+        tmp_path,
+        tls_srv.port,
+        inbox,
+        extra="keep fetchall",
+        server_opts="auth password",
+        tls=f"sslproto 'TLS1.2+' sslcertck sslcertfile '{pki.cafile}' sslcommonname localhost",
+    )
     assert "STLS" in out and "USER alice" in out
     assert_same(inbox.messages(), EDGE_MESSAGES)
 
 
 def test_fetchmail_implicit_tls(tmp_path, tls_srv, drop, pki):
     inbox = Inbox(tmp_path)
-    fetchmail(tmp_path, tls_port(tls_srv), inbox, extra="keep fetchall",
-              tls=f"ssl sslcertck sslcertfile '{pki.cafile}' sslcommonname localhost")
+    fetchmail(
+        tmp_path,
+        tls_port(tls_srv),
+        inbox,
+        extra="keep fetchall",
+        tls=f"ssl sslcertck sslcertfile '{pki.cafile}' sslcommonname localhost",
+    )
     assert_same(inbox.messages(), EDGE_MESSAGES)
 
 
 @pytest.mark.parametrize("auth", ["plain", "cram-md5"])
 def test_mpop_sasl_over_stls(tmp_path, tls_srv, drop, pki, auth):
     inbox = Inbox(tmp_path)
-    out = mpop(tmp_path, tls_srv.port, inbox, auth=auth,
-               tls=f"tls on\ntls_starttls on\ntls_trust_file {pki.cafile}")
+    out = mpop(tmp_path, tls_srv.port, inbox, auth=auth, tls=f"tls on\ntls_starttls on\ntls_trust_file {pki.cafile}")
     assert "--> STLS" in out and f"--> AUTH {auth.upper()}" in out
     assert_same(inbox.messages(), EDGE_MESSAGES)
 
@@ -307,22 +343,28 @@ def test_mpop_cram_md5_without_tls(tmp_path, tls_srv, drop):
 
 def test_mpop_implicit_tls(tmp_path, tls_srv, drop, pki):
     inbox = Inbox(tmp_path)
-    mpop(tmp_path, tls_port(tls_srv), inbox, auth="user",
-         tls=f"tls on\ntls_starttls off\ntls_trust_file {pki.cafile}")
+    mpop(tmp_path, tls_port(tls_srv), inbox, auth="user", tls=f"tls on\ntls_starttls off\ntls_trust_file {pki.cafile}")
     assert_same(inbox.messages(), EDGE_MESSAGES)
 
 
 def test_getmail_implicit_tls(tmp_path, tls_srv, drop, pki):
     inbox = Inbox(tmp_path)
-    getmail(tmp_path, tls_port(tls_srv), inbox, retriever="SimplePOP3SSLRetriever",
-            extra=f"ca_certs = {pki.cafile}")
+    getmail(tmp_path, tls_port(tls_srv), inbox, retriever="SimplePOP3SSLRetriever", extra=f"ca_certs = {pki.cafile}")
     assert_same(inbox.messages(), EDGE_MESSAGES, GETMAIL_ADDS)
 
 
 @pytest.mark.parametrize("mech", ["PLAIN", "LOGIN", "CRAM-MD5"])
 def test_curl_sasl_over_stls(tls_srv, drop, pki, mech):
-    got = curl(f"pop3://127.0.0.1:{tls_srv.port}/2", "--ssl-reqd", "--cacert", str(pki.cafile),
-               "-u", f"alice:{PASSWORD}", "--login-options", f"AUTH={mech}")
+    got = curl(
+        f"pop3://127.0.0.1:{tls_srv.port}/2",
+        "--ssl-reqd",
+        "--cacert",
+        str(pki.cafile),
+        "-u",
+        f"alice:{PASSWORD}",
+        "--login-options",
+        f"AUTH={mech}",
+    )
     assert got == wire_form(EDGE_MESSAGES[1])
 
 

@@ -106,11 +106,14 @@ def test_entrypoint_and_healthcheck_run_directly(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("POP3D_")}
     env.update(_env())
     # what `docker run -v ... -e POP3D_...` would do; the TOML is the one the image copies to /etc/pop3d
-    env.update(POP3D_CONFIG_FILE=str(ROOT / "contrib" / "docker" / "pop3d.toml"),
-               POP3D_SERVER__LISTEN=f'["127.0.0.1:{port}"]', POP3D_SERVER__SHUTDOWN_GRACE="5",
-               POP3D_AUTH__PASSWD_FILE=str(tmp_path / "passwd"),
-               POP3D_STORAGE__LOCATION=str(tmp_path / "mail" / "{user}" / "Maildir"),
-               PYTHONPATH=str(ROOT))
+    env.update(
+        POP3D_CONFIG_FILE=str(ROOT / "contrib" / "docker" / "pop3d.toml"),
+        POP3D_SERVER__LISTEN=f'["127.0.0.1:{port}"]',
+        POP3D_SERVER__SHUTDOWN_GRACE="5",
+        POP3D_AUTH__PASSWD_FILE=str(tmp_path / "passwd"),
+        POP3D_STORAGE__LOCATION=str(tmp_path / "mail" / "{user}" / "Maildir"),
+        PYTHONPATH=str(ROOT),
+    )
     cmd = _as_module(_exec_form(_all("ENTRYPOINT")[-1]) + _exec_form(_all("CMD")[-1]))
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out: list[bytes] = []

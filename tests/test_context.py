@@ -108,6 +108,16 @@ def test_log_session_end(env, caplog):
     build_context(env.settings()).log_session_end(_Handler())
     record = caplog.records[-1]
     assert "session end user=alice rip=192.0.2.5 reason=QUIT" in record.getMessage()
-    assert record.fields == {"event": "session_end", "user": "alice", "rip": "192.0.2.5", "reason": "QUIT",
-                             "top": 1, "top_bytes": 10, "retr": 2, "retr_bytes": 300, "del": 1,
-                             "messages": 2, "size": 12}
+    assert record.fields == {
+        "event": "session_end",
+        "user": "alice",
+        "rip": "192.0.2.5",
+        "reason": "QUIT",
+        "top": 1,
+        "top_bytes": 10,
+        "retr": 2,
+        "retr_bytes": 300,
+        "del": 1,
+        "messages": 2,
+        "size": 12,
+    }

@@ -59,9 +59,19 @@ def logged_in(loop: ClockLoop, **kw: Any) -> Pop3Handler:
 
 def test_fast_verbs_return_replies_synchronously(clock: ClockLoop) -> None:
     h = logged_in(clock)
-    for verb, args in [("STAT", ()), ("LIST", ()), ("LIST", ("1",)), ("UIDL", ()), ("UIDL", ("2",)),
-                       ("DELE", ("1",)), ("RSET", ()), ("LAST", ()), ("CAPA", ()), ("RETR", ("1",)),
-                       ("TOP", ("1", "0"))]:
+    for verb, args in [
+        ("STAT", ()),
+        ("LIST", ()),
+        ("LIST", ("1",)),
+        ("UIDL", ()),
+        ("UIDL", ("2",)),
+        ("DELE", ("1",)),
+        ("RSET", ()),
+        ("LAST", ()),
+        ("CAPA", ()),
+        ("RETR", ("1",)),
+        ("TOP", ("1", "0")),
+    ]:
         r = h.dispatch(Command(verb, args))
         assert type(r) is Reply and not r.close and r.reason is None, verb
     assert h.dispatch(Command("NOOP", ())) is OK  # a constant, built once
@@ -218,10 +228,33 @@ def test_random_event_sequences_never_reach_an_illegal_state(events: list[Sessio
         state = new
 
 
-VOCABULARY = [b"USER alice", b"USER bob", b"PASS wonderland", b"PASS builder pass", b"PASS x", b"STAT", b"LIST",
-              b"LIST 2", b"UIDL", b"RETR 1", b"RETR 3", b"TOP 2 1", b"DELE 1", b"DELE 2", b"RSET", b"NOOP",
-              b"LAST", b"CAPA", b"QUIT", b"AUTH PLAIN", b"AGFsaWNlAHdvbmRlcmxhbmQ=", b"*", b"APOP alice " + b"0" * 32,
-              b"BOGUS", b""]
+VOCABULARY = [
+    b"USER alice",
+    b"USER bob",
+    b"PASS wonderland",
+    b"PASS builder pass",
+    b"PASS x",
+    b"STAT",
+    b"LIST",
+    b"LIST 2",
+    b"UIDL",
+    b"RETR 1",
+    b"RETR 3",
+    b"TOP 2 1",
+    b"DELE 1",
+    b"DELE 2",
+    b"RSET",
+    b"NOOP",
+    b"LAST",
+    b"CAPA",
+    b"QUIT",
+    b"AUTH PLAIN",
+    b"AGFsaWNlAHdvbmRlcmxhbmQ=",
+    b"*",
+    b"APOP alice " + b"0" * 32,
+    b"BOGUS",
+    b"",
+]
 
 
 @settings(max_examples=60, deadline=None)

@@ -40,8 +40,10 @@ def test_haproxy_v1_v2_and_implicit_tls(start_server, tmp_path):
     from tls_helpers import Pki
 
     pki = Pki.make(tmp_path)
-    st_ = start_server(server={"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"],
-                               "tls_listen": ["127.0.0.1:0"]}, tls=pki.tls_section())
+    st_ = start_server(
+        server={"proxy_protocol": True, "proxy_trusted": ["127.0.0.1/32"], "tls_listen": ["127.0.0.1:0"]},
+        tls=pki.tls_section(),
+    )
     (tls_port,) = [p for _h, p in st_.server.tls_addresses()]
     front1, front2, front3 = _free_port(), _free_port(), _free_port()
     cfg = tmp_path / "haproxy.cfg"
@@ -69,8 +71,7 @@ backend v2
 backend tls
     server pop 127.0.0.1:{tls_port} send-proxy-v2
 """)
-    proc = subprocess.Popen([str(HAPROXY), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([str(HAPROXY), "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_port(front1, proc)
         _wait_port(front2, proc)

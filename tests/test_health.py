@@ -41,11 +41,14 @@ def test_with_proxy_header(start_server):
     assert not check("127.0.0.1", st.port, 0.5)[0]  # without the header the gate waits: no greeting
 
 
-@pytest.mark.parametrize("behaviour,expect", [
-    (b"-ERR [SYS/TEMP] go away\r\n", "greeted"),
-    (b"", "without a greeting"),
-    (None, "no greeting within"),
-])
+@pytest.mark.parametrize(
+    "behaviour,expect",
+    [
+        (b"-ERR [SYS/TEMP] go away\r\n", "greeted"),
+        (b"", "without a greeting"),
+        (None, "no greeting within"),
+    ],
+)
 def test_unhealthy(behaviour, expect, capsys):
     srv, port = _fake_server(behaviour)
     try:

@@ -112,7 +112,8 @@ print("\n".join(failed))
 def test_every_module_imports_on_its_own():
     names = sorted(n for n in _modules() if n != "pop3d.__main__")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", EACH, *names], capture_output=True, text=True, cwd=ROOT, env=env,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", EACH, *names], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ""

@@ -262,7 +262,7 @@ def test_slowloris_is_cut_at_the_login_deadline(start_server):
     received = b""
     closed = False
     end = time.monotonic() + 6
-    for octet in (b"CAPA\r\nNOOP\r\nUSER alice\r\n" * 3)[: 30]:  # a byte every 0.2 s: never idle
+    for octet in (b"CAPA\r\nNOOP\r\nUSER alice\r\n" * 3)[:30]:  # a byte every 0.2 s: never idle
         if time.monotonic() > end:
             break
         with contextlib.suppress(BlockingIOError):

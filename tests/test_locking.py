@@ -41,9 +41,15 @@ def mechanism(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
 
 
 def spawn_holder(path: Path, mechanism: str) -> subprocess.Popen[str]:
-    code = HOLDER if mechanism == "ofd" else HOLDER.replace(
-        "from pop3d.storage.locking import MaildropLock",
-        "from pop3d.storage import locking\nlocking._USE_OFD = False\nfrom pop3d.storage.locking import MaildropLock",
+    code = (
+        HOLDER
+        if mechanism == "ofd"
+        else HOLDER.replace(
+            "from pop3d.storage.locking import MaildropLock",
+            "from pop3d.storage import locking\n"
+            "locking._USE_OFD = False\n"
+            "from pop3d.storage.locking import MaildropLock",
+        )
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True, env=env)

@@ -60,8 +60,7 @@ def test_session_end_line_fields(server, env, caplog):
     r.close()
     server.wait_idle()
     (rec,) = [x for x in caplog.records if x.getMessage().startswith("session end")]
-    assert rec.getMessage() == ("session end user=alice rip=127.0.0.1 reason=QUIT "
-                                "top=0/0, retr=1/23, del=1/1, size=20")
+    assert rec.getMessage() == ("session end user=alice rip=127.0.0.1 reason=QUIT top=0/0, retr=1/23, del=1/1, size=20")
     out = json.loads(logfmt.JsonFormatter().format(rec))
     assert out["event"] == "session_end" and out["retr_bytes"] == 23 and out["del"] == 1 and out["rip"] == "127.0.0.1"
 
@@ -74,8 +73,16 @@ def test_no_password_or_auth_payload_in_logs(start_server, caplog):
     b64 = lambda raw: base64.b64encode(raw).decode()  # noqa: E731
     plain_bad, plain_good = b64(b"\0alice\0Wr0ng-Plain!"), b64(b"\0alice\0wonderland")
     login_pw = b64(b"Wr0ng-Login!")
-    secrets = ["wonderland", "Wr0ng-Secret!", "Wr0ng-Plain!", "Wr0ng-Login!", "builder pass",
-               plain_bad, plain_good, login_pw]
+    secrets = [
+        "wonderland",
+        "Wr0ng-Secret!",
+        "Wr0ng-Plain!",
+        "Wr0ng-Login!",
+        "builder pass",
+        plain_bad,
+        plain_good,
+        login_pw,
+    ]
     r = Raw(st.port)
     assert r.cmd(b"USER alice").startswith(b"+OK")
     assert r.cmd(b"PASS Wr0ng-Secret!").startswith(b"-ERR [AUTH]")  # logged, never with the password

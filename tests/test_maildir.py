@@ -201,12 +201,16 @@ async def test_uid_independent_of_flags_and_directory(md: Path) -> None:
     os.rename(md / "cur/1700000001.M2P1.h:2,", md / "cur/1700000001.M2P1.h:2,FRS")
     os.rename(md / "cur/1700000002.M3P1.h;2,S", md / "cur/1700000002.M3P1.h;2,ST")
     after = await snapshot(md)
-    assert [u for _, u, _ in before] == [u for _, u, _ in after] == [
-        "1700000000.M1P1.h",
-        "1700000001.M2P1.h",
-        "1700000002.M3P1.h",
-        "1700000003.M4P1.h",
-    ]
+    assert (
+        [u for _, u, _ in before]
+        == [u for _, u, _ in after]
+        == [
+            "1700000000.M1P1.h",
+            "1700000001.M2P1.h",
+            "1700000002.M3P1.h",
+            "1700000003.M4P1.h",
+        ]
+    )
     assert [s for s, _, _ in before] == [s for s, _, _ in after]
 
 

@@ -68,8 +68,9 @@ async def test_unchanged_old_stamps_skip_listing_via_cache_file(md: Path, later:
     assert "\0" in (md / ".pop3d.sizes").read_text()  # the keys line
 
 
-async def test_memo_serves_big_maildrops_and_is_a_copy(md: Path, later: None, listings: list[str],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_memo_serves_big_maildrops_and_is_a_copy(
+    md: Path, later: None, listings: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(scan_mod, "_MEMO_MIN", 1)
     _fill(md)
     first = await snapshot(md)

@@ -259,7 +259,6 @@ async def test_kill_during_commit_recovers(tmp_path: Path, spool: Path, phase: s
     assert [p.name for p in (tmp_path / "idx").iterdir() if "journal" in p.name] == []
 
 
-
 async def test_index_beside_the_spool(tmp_path: Path, spool: Path) -> None:
     spool.write_bytes(msg(1))
     d = await opened(tmp_path, mbox_index_dir="")
@@ -274,7 +273,10 @@ def test_mbox_settings_validated() -> None:
 
     s = load_settings(None, storage={"driver": "mbox", "location": "/var/mail/{user}"})
     assert (s.storage.mbox_dialect, s.storage.mbox_lock_read, s.storage.mbox_lock_write) == (
-        "mboxrd", ["fcntl"], ["dotlock", "fcntl"])
+        "mboxrd",
+        ["fcntl"],
+        ["dotlock", "fcntl"],
+    )
     for bad in ({"mbox_dialect": "mboxcl2"}, {"mbox_lock_write": ["dotlock", "dotlock"]},
                 {"mbox_lock_read": ["lockf"]}, {"mbox_lock_timeout": -1}):  # fmt: skip
         with pytest.raises(ConfigError, match=r"storage\.mbox_"):
@@ -316,8 +318,9 @@ async def test_journal_failure_deletes_nothing(tmp_path: Path, spool: Path, monk
     assert [p.name for p in (tmp_path / "idx").iterdir() if "journal" in p.name] == []
 
 
-async def test_io_error_while_moving_is_undone_at_once(tmp_path: Path, spool: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_io_error_while_moving_is_undone_at_once(
+    tmp_path: Path, spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pop3d.storage.mbox import commit as mbox_commit
 
     original = b"".join(msg(i) for i in range(1, 6))

@@ -255,8 +255,9 @@ sys.stdin.read()
 """
 
 
-def test_login_answers_sys_temp_while_an_mta_writes_and_in_use_for_a_second_session(env: Env,
-                                                                                   start_server: Any) -> None:
+def test_login_answers_sys_temp_while_an_mta_writes_and_in_use_for_a_second_session(
+    env: Env, start_server: Any
+) -> None:
     spool = env.mail / "alice"
     spool.write_bytes(b"From x\nMessage-ID: <1@t>\n\nbody\n\n")
     srv = start_server(storage=mbox_settings(env, mbox_lock_timeout=0.3))

@@ -91,8 +91,9 @@ def test_latency_buckets_match_observe():
         le = floatToGoString(bound)
         got = m.registry.get_sample_value("pop3d_command_duration_seconds_bucket", {"verb": "RETR", "le": le})
         assert got == ref_reg.get_sample_value("ref_bucket", {"le": le}), le
-    assert m.registry.get_sample_value("pop3d_command_duration_seconds_sum", {"verb": "RETR"}) == \
-        ref_reg.get_sample_value("ref_sum")
+    assert m.registry.get_sample_value(
+        "pop3d_command_duration_seconds_sum", {"verb": "RETR"}
+    ) == ref_reg.get_sample_value("ref_sum")
     assert m.registry.get_sample_value("pop3d_command_duration_seconds_count", {"verb": "RETR"}) == len(samples)
     assert m.registry.get_sample_value("pop3d_commands_total", {"verb": "RETR"}) == len(samples)
 
@@ -144,8 +145,14 @@ endpoint.shutdown()
 def test_multiprocess_sums_across_workers(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([sys.executable, "-c", WORKERS, str(tmp_path / "prom")], env=env, capture_output=True,
-                         text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", WORKERS, str(tmp_path / "prom")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
     before, after = out.split("AFTER")
     assert 'pop3d_logins_total{result="ok"} 15.0' in before
     assert 'pop3d_commands_total{verb="STAT"} 15.0' in before

@@ -36,7 +36,8 @@ def test_arguments():
     assert parse(b"LIST 3") == Command("LIST", ("3",))
     assert parse(b"TOP 1 0") == Command("TOP", ("1", "0"))
     assert parse(b"APOP mrose c4c9334bac560ecc979e58001b3e22fb", A) == Command(
-        "APOP", ("mrose", "c4c9334bac560ecc979e58001b3e22fb"))
+        "APOP", ("mrose", "c4c9334bac560ecc979e58001b3e22fb")
+    )
 
 
 def test_pass_keeps_spaces_in_password():
@@ -44,9 +45,24 @@ def test_pass_keeps_spaces_in_password():
 
 
 def test_malformed_arguments_are_rejected_with_err():
-    for line in [b"RETR", b"RETR x", b"RETR 0", b"RETR -1", b"RETR +1", b"RETR 1 2", b"LIST 1 2",
-                 b"TOP 1", b"TOP 1 -1", b"TOP 0 1", b"DELE 1.0", b"STAT 1", b"NOOP x", b"UIDL a",
-                 "RETR ١".encode(), b"RETR 99999999999"]:
+    for line in [
+        b"RETR",
+        b"RETR x",
+        b"RETR 0",
+        b"RETR -1",
+        b"RETR +1",
+        b"RETR 1 2",
+        b"LIST 1 2",
+        b"TOP 1",
+        b"TOP 1 -1",
+        b"TOP 0 1",
+        b"DELE 1.0",
+        b"STAT 1",
+        b"NOOP x",
+        b"UIDL a",
+        "RETR ١".encode(),
+        b"RETR 99999999999",
+    ]:
         ev = parse(line)
         assert isinstance(ev, Rejected), line
         assert ev.reply.startswith(b"-ERR ") and ev.reply.endswith(b"\r\n")

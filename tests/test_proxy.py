@@ -48,21 +48,24 @@ def test_v1_byte_by_byte():
     assert ProxyParser().feed(b"PROXY TCP4 10.1") is None
 
 
-@pytest.mark.parametrize("bad", [
-    b"PROXY TCP4 192.0.2.7 198.51.100.1 56324\r\n",          # missing field
-    b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n",             # family mismatch
-    b"PROXY TCP6 192.0.2.7 198.51.100.1 1 2\r\n",
-    b"PROXY TCP4 192.0.2.7 198.51.100.1 65536 110\r\n",      # port range
-    b"PROXY TCP4 192.0.2.7 198.51.100.1 -1 110\r\n",
-    b"PROXY TCP4 192.0.2.7 198.51.100.1 0110 110\r\n",       # leading zero
-    b"PROXY TCP4 192.0.2.999 198.51.100.1 1 110\r\n",
-    b"PROXY TCP4  192.0.2.7 198.51.100.1 1 110\r\n",         # double space
-    b"PROXY UDP4 192.0.2.7 198.51.100.1 1 110\r\n",
-    b"PROXY TCP4 192.0.2.7 198.51.100.1 1 110\n",            # bare LF
-    b"PROXY " + b"A" * 120,                                  # no CRLF within 107 octets
-    b"USER alice\r\n",                                       # no header at all
-    b"proxy TCP4 1.2.3.4 1.2.3.4 1 1\r\n",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 56324\r\n",  # missing field
+        b"PROXY TCP4 2001:db8::1 192.0.2.1 1 2\r\n",  # family mismatch
+        b"PROXY TCP6 192.0.2.7 198.51.100.1 1 2\r\n",
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 65536 110\r\n",  # port range
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 -1 110\r\n",
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 0110 110\r\n",  # leading zero
+        b"PROXY TCP4 192.0.2.999 198.51.100.1 1 110\r\n",
+        b"PROXY TCP4  192.0.2.7 198.51.100.1 1 110\r\n",  # double space
+        b"PROXY UDP4 192.0.2.7 198.51.100.1 1 110\r\n",
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 1 110\n",  # bare LF
+        b"PROXY " + b"A" * 120,  # no CRLF within 107 octets
+        b"USER alice\r\n",  # no header at all
+        b"proxy TCP4 1.2.3.4 1.2.3.4 1 1\r\n",
+    ],
+)
 def test_v1_malformed(bad):
     with pytest.raises(ProxyError):
         parse_all(bad)
@@ -83,23 +86,31 @@ def test_v2_tcp4_tcp6_local_and_tlvs():
 
 def test_v2_hand_made_bytes():
     """Spelled out from the spec, independent of encode_v2."""
-    raw = (b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a" + b"\x21\x11\x00\x0c"
-           + bytes([203, 0, 113, 9]) + bytes([10, 0, 0, 1]) + struct.pack("!HH", 40000, 110))
+    raw = (
+        b"\x0d\x0a\x0d\x0a\x00\x0d\x0a\x51\x55\x49\x54\x0a"
+        + b"\x21\x11\x00\x0c"
+        + bytes([203, 0, 113, 9])
+        + bytes([10, 0, 0, 1])
+        + struct.pack("!HH", 40000, 110)
+    )
     assert parse_all(raw) == ProxyHeader(2, ("203.0.113.9", 40000), ("10.0.0.1", 110), b"")
     unix = V2_SIGNATURE + b"\x21\x31" + struct.pack("!H", 216) + b"\0" * 216
     h = parse_all(unix)
     assert h is not None and h.source is None
 
 
-@pytest.mark.parametrize("bad", [
-    V2_SIGNATURE + b"\x11\x11\x00\x0c" + b"\0" * 12,              # version 1 in a v2 header
-    V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\0" * 12,              # command 2
-    V2_SIGNATURE + b"\x21\x41\x00\x0c" + b"\0" * 12,              # unknown family
-    V2_SIGNATURE + b"\x21\x11\x00\x04" + b"\0" * 4,               # address block too short
-    V2_SIGNATURE + b"\x21\x21\x00\x0c" + b"\0" * 12,              # TCP6 needs 36 octets
-    V2_SIGNATURE + b"\x21\x11\xff\xff",                           # absurd length
-    b"\r\n\r\n\x00\r\nQUIX\n" + b"\x21\x11\x00\x0c",              # signature off by one octet
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        V2_SIGNATURE + b"\x11\x11\x00\x0c" + b"\0" * 12,  # version 1 in a v2 header
+        V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\0" * 12,  # command 2
+        V2_SIGNATURE + b"\x21\x41\x00\x0c" + b"\0" * 12,  # unknown family
+        V2_SIGNATURE + b"\x21\x11\x00\x04" + b"\0" * 4,  # address block too short
+        V2_SIGNATURE + b"\x21\x21\x00\x0c" + b"\0" * 12,  # TCP6 needs 36 octets
+        V2_SIGNATURE + b"\x21\x11\xff\xff",  # absurd length
+        b"\r\n\r\n\x00\r\nQUIX\n" + b"\x21\x11\x00\x0c",  # signature off by one octet
+    ],
+)
 def test_v2_malformed(bad):
     with pytest.raises(ProxyError):
         parse_all(bad)
@@ -113,8 +124,14 @@ port = st.integers(0, 65535)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(st.tuples(ipv4, ipv4), st.tuples(ipv6, ipv6)), port, port, st.booleans(),
-       st.binary(max_size=40), st.integers(1, 40))
+@given(
+    st.one_of(st.tuples(ipv4, ipv4), st.tuples(ipv6, ipv6)),
+    port,
+    port,
+    st.booleans(),
+    st.binary(max_size=40),
+    st.integers(1, 40),
+)
 def test_roundtrip_any_split(addrs, sp, dp, v2, rest, step):
     src, dst = (addrs[0], sp), (addrs[1], dp)
     data = (encode_v2(src, dst) if v2 else encode_v1(src, dst)) + rest
@@ -124,8 +141,14 @@ def test_roundtrip_any_split(addrs, sp, dp, v2, rest, step):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.one_of(st.binary(max_size=300), st.binary(max_size=60).map(lambda b: b"PROXY " + b),
-                 st.binary(max_size=60).map(lambda b: V2_SIGNATURE + b)), st.integers(1, 20))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.binary(max_size=60).map(lambda b: b"PROXY " + b),
+        st.binary(max_size=60).map(lambda b: V2_SIGNATURE + b),
+    ),
+    st.integers(1, 20),
+)
 def test_garbage_only_ever_raises_proxy_error(data, step):
     with contextlib.suppress(ProxyError):
         parse_all(data, step)
@@ -166,8 +189,9 @@ def _closed_without_greeting(sock: socket.socket) -> bool:
 
 def test_real_client_address_in_logs_and_session(start_server, caplog):
     caplog.set_level(logging.INFO, logger="pop3d")
-    st_ = start_server(server={"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"]},
-                       auth={"secure_networks": ["203.0.113.0/24"]})
+    st_ = start_server(
+        server={"proxy_protocol": True, "proxy_trusted": ["127.0.0.0/8"]}, auth={"secure_networks": ["203.0.113.0/24"]}
+    )
     s = _connect(st_.port)
     # header, then pipelined commands in the same segment: nothing is lost
     s.sendall(encode_v1(("203.0.113.7", 40001), ("127.0.0.1", st_.port)) + b"USER alice\r\nPASS wonderland\r\n")
@@ -207,8 +231,9 @@ def test_local_and_unknown_keep_socket_address(start_server):
         st_.wait_idle()
 
 
-@pytest.mark.parametrize("payload", [b"USER alice\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n",
-                                     V2_SIGNATURE + b"\x21\x11\x00\x01\x00"])
+@pytest.mark.parametrize(
+    "payload", [b"USER alice\r\n", b"PROXY TCP4 1.2.3.4 5.6.7.8 99999 1\r\n", V2_SIGNATURE + b"\x21\x11\x00\x01\x00"]
+)
 def test_malformed_header_closes_without_greeting(start_server, payload, caplog):
     caplog.set_level(logging.WARNING, logger="pop3d")
     st_ = start_server(server={"proxy_protocol": True})

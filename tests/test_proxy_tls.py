@@ -15,12 +15,15 @@ from pop3d.net.proxy import ProxyError, encode_v1, encode_v2
 from pop3d.net.proxy_tls import read_header
 
 
-@pytest.mark.parametrize("header", [
-    encode_v1(("192.0.2.1", 1), ("192.0.2.2", 995)),
-    encode_v1(None, None),  # exactly the 15-octet minimum
-    encode_v2(("2001:db8::1", 7), ("2001:db8::2", 995), b"\x04\x00\x03abc"),
-    encode_v2(None, None),  # LOCAL: zero-length payload
-])
+@pytest.mark.parametrize(
+    "header",
+    [
+        encode_v1(("192.0.2.1", 1), ("192.0.2.2", 995)),
+        encode_v1(None, None),  # exactly the 15-octet minimum
+        encode_v2(("2001:db8::1", 7), ("2001:db8::2", 995), b"\x04\x00\x03abc"),
+        encode_v2(None, None),  # LOCAL: zero-length payload
+    ],
+)
 async def test_read_header_consumes_nothing_after_it(header):
     loop = asyncio.get_running_loop()
     a, b = socket.socketpair()
@@ -49,8 +52,7 @@ async def test_read_header_refuses_garbage_and_eof():
             await read_header(loop, b)
 
 
-def _tls_through_header(port: int, header: bytes, ctx: ssl.SSLContext) -> tuple[socket.socket, ssl.SSLObject,
-                                                                                   bytes]:
+def _tls_through_header(port: int, header: bytes, ctx: ssl.SSLContext) -> tuple[socket.socket, ssl.SSLObject, bytes]:
     """Connect, send the header *and* the ClientHello in one write, finish the handshake, read the greeting."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -86,7 +88,8 @@ def test_implicit_tls_behind_proxy(start_server, tmp_path, caplog):
     st = start_server(server={"proxy_protocol": True, "tls_listen": ["127.0.0.1:0"]}, tls=pki.tls_section())
     (tls_port,) = [p for _h, p in st.server.tls_addresses()]
     sock, _obj, greeting = _tls_through_header(
-        tls_port, encode_v2(("203.0.113.50", 4444), ("127.0.0.1", tls_port)), pki.client_context())
+        tls_port, encode_v2(("203.0.113.50", 4444), ("127.0.0.1", tls_port)), pki.client_context()
+    )
     assert greeting.startswith(b"+OK pop3d ready")
     (session,) = list(st.ctx.sessions)
     assert session.handler.peer == "203.0.113.50" and session.transport.get_extra_info("ssl_object") is not None
@@ -110,8 +113,10 @@ def test_implicit_tls_behind_proxy(start_server, tmp_path, caplog):
 def test_implicit_tls_untrusted_peer(start_server, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="pop3d")
     pki = Pki.make(tmp_path)
-    st = start_server(server={"proxy_protocol": True, "proxy_trusted": ["10.0.0.0/8"],
-                              "tls_listen": ["127.0.0.1:0"]}, tls=pki.tls_section())
+    st = start_server(
+        server={"proxy_protocol": True, "proxy_trusted": ["10.0.0.0/8"], "tls_listen": ["127.0.0.1:0"]},
+        tls=pki.tls_section(),
+    )
     (tls_port,) = [p for _h, p in st.server.tls_addresses()]
     s = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
     s.sendall(encode_v1(None, None))
@@ -124,8 +129,11 @@ def test_implicit_tls_untrusted_peer(start_server, tmp_path, caplog):
 def test_implicit_tls_header_timeout(start_server, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="pop3d")
     pki = Pki.make(tmp_path)
-    st = start_server(server={"proxy_protocol": True, "tls_listen": ["127.0.0.1:0"]},
-                      session={"timeout_authorization": 0.3}, tls=pki.tls_section())
+    st = start_server(
+        server={"proxy_protocol": True, "tls_listen": ["127.0.0.1:0"]},
+        session={"timeout_authorization": 0.3},
+        tls=pki.tls_section(),
+    )
     (tls_port,) = [p for _h, p in st.server.tls_addresses()]
     s = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
     s.sendall(b"PROXY TCP4 192.0.2.1")  # and then silence

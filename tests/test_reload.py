@@ -13,9 +13,13 @@ from pop3d.runtime.reload import plan, reload
 
 def test_plan_splits_live_and_restart(env):
     old = env.settings()
-    new = env.settings(server={"listen": ["127.0.0.1:2"], "backlog": 7, "proxy_protocol": True},
-                       session={"login_delay": 30}, log={"level": "DEBUG"}, storage={"mark_seen": False},
-                       metrics={"listen": "127.0.0.1:9"})
+    new = env.settings(
+        server={"listen": ["127.0.0.1:2"], "backlog": 7, "proxy_protocol": True},
+        session={"login_delay": 30},
+        log={"level": "DEBUG"},
+        storage={"mark_seen": False},
+        metrics={"listen": "127.0.0.1:9"},
+    )
     p = plan(old, new)
     assert sorted(p.live) == ["log.level", "server.proxy_protocol", "session.login_delay", "storage.mark_seen"]
     assert sorted(p.restart) == ["metrics.listen", "server.backlog", "server.listen"]
@@ -46,8 +50,11 @@ def test_live_reload_keeps_sessions_and_applies(start_server, env, caplog):
 
     users2 = env.root / "passwd2"
     users2.write_text("carol:{PLAIN}c4rol\n")
-    new: Settings = env.settings(auth={"passwd_file": str(users2)}, session={"login_delay": 0,
-                                 "max_bad_commands": 2}, server={"listen": ["127.0.0.1:1"]})
+    new: Settings = env.settings(
+        auth={"passwd_file": str(users2)},
+        session={"login_delay": 0, "max_bad_commands": 2},
+        server={"listen": ["127.0.0.1:1"]},
+    )
     p = _reload(st, lambda: new)
     assert p is not None and "auth.passwd_file" in p.live and p.restart == ["server.listen"]
     assert "needs a restart to take effect: server.listen" in caplog.text
@@ -129,8 +136,10 @@ def test_bad_certificate_on_reload_changes_nothing(start_server, env, tmp_path, 
     before, context = st.ctx.settings, st.ctx.tls.context
     broken = tmp_path / "broken.pem"
     broken.write_text("not a certificate\n")
-    assert _reload(st, lambda: env.settings(tls={"cert": str(broken), "key": str(broken)},
-                                            session={"login_delay": 9})) is None
+    assert (
+        _reload(st, lambda: env.settings(tls={"cert": str(broken), "key": str(broken)}, session={"login_delay": 9}))
+        is None
+    )
     assert st.ctx.settings is before and st.ctx.tls.context is context
     assert st.ctx.tls.settings.cert == pki.server_pem
     assert "TLS reload failed" in caplog.text and "reload failed, configuration unchanged: tls" in caplog.text

@@ -51,18 +51,31 @@ def site(user: pwd.struct_passwd) -> Iterator[Path]:
 
 def config(site: Path, port: int, workers: int, *extra: str) -> Path:
     cfg = site / f"pop3d-{port}.toml"
-    cfg.write_text("\n".join([
-        "[server]", f'listen = ["127.0.0.1:{port}"]', 'hostname = "test.invalid"', "shutdown_grace = 0.5",
-        f"workers = {workers}", *extra,
-        "[auth]", f'passwd_file = "{site}/passwd"', "failure_delay = 0",
-        "[storage]", f'location = "{site}/mail/{{user}}/Maildir"',
-    ]) + "\n")
+    cfg.write_text(
+        "\n".join(
+            [
+                "[server]",
+                f'listen = ["127.0.0.1:{port}"]',
+                'hostname = "test.invalid"',
+                "shutdown_grace = 0.5",
+                f"workers = {workers}",
+                *extra,
+                "[auth]",
+                f'passwd_file = "{site}/passwd"',
+                "failure_delay = 0",
+                "[storage]",
+                f'location = "{site}/mail/{{user}}/Maildir"',
+            ]
+        )
+        + "\n"
+    )
     return cfg
 
 
 def serve(cfg: Path, port: int) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([*POP3D, "serve", "--config", str(cfg)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [*POP3D, "serve", "--config", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+    )
     wait_port(port, proc)
     return proc
 
@@ -129,9 +142,13 @@ def test_root_without_server_user_warns(site):
 
 
 def test_unknown_server_user_is_a_config_error(site):
-    r = subprocess.run([*POP3D, "serve", "--config",
-                        str(config(site, free_port(), 1, 'user = "no-such-user-pop3d"'))],
-                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+    r = subprocess.run(
+        [*POP3D, "serve", "--config", str(config(site, free_port(), 1, 'user = "no-such-user-pop3d"'))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=ROOT,
+    )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["pop3d: server.user: no such user 'no-such-user-pop3d'"]
 
@@ -141,14 +158,18 @@ def test_second_instance_on_the_same_address_is_refused(site, first, second):
     port = free_port()
     running = serve(config(site, port, first), port)
     try:
-        r = subprocess.run([*POP3D, "serve", "--config", str(config(site, port, second))],
-                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+        r = subprocess.run(
+            [*POP3D, "serve", "--config", str(config(site, port, second))],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
     finally:
         stop(running)
     assert r.returncode == 1
     errors = [line for line in r.stderr.splitlines() if line.startswith("pop3d:")]
-    assert errors == [f"pop3d: cannot listen: 127.0.0.1:{port}: address already in use by pid {running.pid}"], \
-        r.stderr
+    assert errors == [f"pop3d: cannot listen: 127.0.0.1:{port}: address already in use by pid {running.pid}"], r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -186,8 +207,7 @@ def test_check_config_reports_what_the_user_can_reach(site, user):
     assert f"access: storage.location {site}/mail (fixed part of" in ok.stdout
     assert f"searchable by {TEST_USER}" in ok.stdout
     (site / "passwd").chmod(0o600)
-    bad = subprocess.run([*POP3D, "check-config", "--config", str(cfg)], capture_output=True, text=True,
-                         cwd=ROOT)
+    bad = subprocess.run([*POP3D, "check-config", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2
     assert f"access: auth.passwd_file {site}/passwd: NOT readable by {TEST_USER}" in bad.stdout
     assert bad.stderr.strip() == f"pop3d: auth.passwd_file {site}/passwd: not readable by {TEST_USER}"
@@ -195,8 +215,9 @@ def test_check_config_reports_what_the_user_can_reach(site, user):
 
 @needs_root
 def test_check_config_warns_about_root(site):
-    r = subprocess.run([*POP3D, "check-config", "--config", str(config(site, 110, 1))], capture_output=True,
-                       text=True, cwd=ROOT)
+    r = subprocess.run(
+        [*POP3D, "check-config", "--config", str(config(site, 110, 1))], capture_output=True, text=True, cwd=ROOT
+    )
     assert r.returncode == 0, r.stderr
     assert "privileges: running as root: every session reads maildrops with root's rights" in r.stdout
     assert "access: auth.passwd_file" in r.stdout and "readable by root" in r.stdout

@@ -49,7 +49,13 @@ KNOWN: list[tuple[str, str, str]] = [
 
 def test_public_constants() -> None:
     assert SCHEMES == (
-        "PLAIN", "SHA512-CRYPT", "SHA256-CRYPT", "BLF-CRYPT", "ARGON2ID", "CRAM-MD5", "SCRAM-SHA-256",
+        "PLAIN",
+        "SHA512-CRYPT",
+        "SHA256-CRYPT",
+        "BLF-CRYPT",
+        "ARGON2ID",
+        "CRAM-MD5",
+        "SCRAM-SHA-256",
     )
     assert DEFAULT_SCHEME == "ARGON2ID" and DEFAULT_SCHEME in SCHEMES
     assert issubclass(UnknownScheme, ValueError)
@@ -240,12 +246,20 @@ def test_passwd_offers_what_verification_knows() -> None:
 
 def test_no_scheme_arrives_by_import_side_effect() -> None:
     """Importing the scheme modules in any order yields the same registry; the leaves do not import it."""
-    code = ("import sys; import pop3d.auth.sasl_schemes, pop3d.auth.crypt_schemes; "
-            "assert 'pop3d.auth.schemes' not in sys.modules, 'a leaf imported the registry'; "
-            "from pop3d.auth import schemes; print(','.join(schemes.REGISTRY.names()))")
+    code = (
+        "import sys; import pop3d.auth.sasl_schemes, pop3d.auth.crypt_schemes; "
+        "assert 'pop3d.auth.schemes' not in sys.modules, 'a leaf imported the registry'; "
+        "from pop3d.auth import schemes; print(','.join(schemes.REGISTRY.names()))"
+    )
     root = Path(__file__).resolve().parent.parent
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
-                         env={**os.environ, "PYTHONPATH": str(root)}).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    ).stdout
     assert out.strip() == ",".join(REGISTRY.names())
 
 
@@ -265,7 +279,7 @@ def _cheap(scheme: str) -> str:
         "ARGON2ID": PasswordHasher(time_cost=2, memory_cost=1024, parallelism=1, type=Type.ID).hash("x"),
         "ARGON2I": PasswordHasher(time_cost=1, memory_cost=2048, parallelism=2, type=Type.I).hash("x"),
         "CRYPT": bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=4)).decode(),
-        "CRAM-MD5": hash_password("CRAM-MD5", "x")[len("{CRAM-MD5}"):],
+        "CRAM-MD5": hash_password("CRAM-MD5", "x")[len("{CRAM-MD5}") :],
         "SCRAM-SHA-256": sasl_schemes.ScramKeys.from_password("x", 5000, b"salt1234salt1234").encode(),
     }[scheme]
 
@@ -282,8 +296,14 @@ def test_every_scheme_has_a_decoy_of_the_same_shape(scheme: str) -> None:
 
 
 def test_shape_rejects_malformed_secrets() -> None:
-    for scheme, bad in [("SHA512-CRYPT", "nonsense"), ("BLF-CRYPT", "$2b$99$x"), ("ARGON2ID", "$argon2id$bad"),
-                        ("CRYPT", "$y$yescrypt"), ("SCRAM-SHA-256", "1,2"), ("CRAM-MD5", "abcd")]:
+    for scheme, bad in [
+        ("SHA512-CRYPT", "nonsense"),
+        ("BLF-CRYPT", "$2b$99$x"),
+        ("ARGON2ID", "$argon2id$bad"),
+        ("CRYPT", "$y$yescrypt"),
+        ("SCRAM-SHA-256", "1,2"),
+        ("CRAM-MD5", "abcd"),
+    ]:
         entry = REGISTRY.entry(scheme)
         assert entry is not None and entry.shape is not None
         with pytest.raises(ValueError):

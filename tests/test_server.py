@@ -348,7 +348,7 @@ def test_pipelining_one_segment_and_byte_by_byte(server, alice):
     assert whole[2].startswith(b"+OK 3 ")
     assert whole[-4].startswith(b"+OK message 1") and whole[-3] == b"+OK" and whole[-2].startswith(b"+OK")
     assert whole[-1].startswith(b"+OK")
-    assert body_lines(MSG1) == whole[-4 - len(body_lines(MSG1)):-4]
+    assert body_lines(MSG1) == whole[-4 - len(body_lines(MSG1)) : -4]
     server.wait_idle()
     r2 = Raw(server.port)
     for b in PIPELINE:

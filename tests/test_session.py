@@ -32,8 +32,9 @@ def clock() -> Iterator[ClockLoop]:
     loop.close()
 
 
-def connect(clock: ClockLoop, boxes: dict[str, Any] | None = None, fake_auth: FakeAuth | None = None,
-            **kw: Any) -> Connection:
+def connect(
+    clock: ClockLoop, boxes: dict[str, Any] | None = None, fake_auth: FakeAuth | None = None, **kw: Any
+) -> Connection:
     """A connection from loopback (a secure network: cleartext passwords allowed) to alice's two messages."""
     storage = stored(boxes if boxes is not None else {"alice": [b"Subject: one\n\nbody 1\n", 300]})
     ctx = make_context(fake_auth, storage, **kw)
@@ -66,8 +67,10 @@ def test_pipelined_burst_is_answered_in_one_write_without_a_task(clock: ClockLoo
     total = size2 + c.handler.messages[0].size
     assert c.lines(before) == [
         f"+OK 2 {total}".encode(),
-        f"+OK 2 messages ({total} octets)".encode(), f"1 {c.handler.messages[0].size}".encode(),
-        f"2 {size2}".encode(), b".",
+        f"+OK 2 messages ({total} octets)".encode(),
+        f"1 {c.handler.messages[0].size}".encode(),
+        f"2 {size2}".encode(),
+        b".",
         b"+OK 2 " + c.handler.messages[1].uid.encode(),
         b"+OK message 1 deleted",
         f"+OK 1 {size2}".encode(),
@@ -142,7 +145,7 @@ def test_big_retr_waits_for_resume_writing(clock: ClockLoop) -> None:
     body = b"".join(t.writes[before:])
     _header, _, rest = body.partition(b"\r\n")
     assert rest.startswith(wire.encode(raw))
-    assert rest[len(wire.encode(raw)):].startswith(b"+OK 1 ")  # STAT waited for the whole body
+    assert rest[len(wire.encode(raw)) :].startswith(b"+OK 1 ")  # STAT waited for the whole body
     assert t.reading_calls[-1] == "resume"
     assert c.handler.counters.retr == 1 and c.handler.last == 1
 
@@ -315,8 +318,11 @@ def test_pipelined_sasl_exchange_then_commands(clock: ClockLoop) -> None:
 def test_bad_sasl_response_ends_the_exchange_only(clock: ClockLoop) -> None:
     c = connect(clock, auth={"mechanisms": ["PLAIN"]})
     c.send(b"AUTH PLAIN\r\n!!!\r\nNOOP\r\n")
-    assert c.lines(1) == [b"+ ", b"-ERR [AUTH] SASL response is not valid base64",
-                          b"-ERR NOOP not allowed before login"]
+    assert c.lines(1) == [
+        b"+ ",
+        b"-ERR [AUTH] SASL response is not valid base64",
+        b"-ERR NOOP not allowed before login",
+    ]
 
 
 # ---- timers -----------------------------------------------------------------------------------------------
@@ -493,8 +499,9 @@ def test_session_end_log_line(clock: ClockLoop, caplog: pytest.LogCaptureFixture
     with caplog.at_level(logging.INFO, logger="pop3d"):
         c.send(b"RETR 1\r\nTOP 2 0\r\nDELE 2\r\nQUIT\r\n")
         clock.settle()
-    fields = [r.__dict__["fields"] for r in caplog.records
-              if r.__dict__.get("fields", {}).get("event") == "session_end"]
+    fields = [
+        r.__dict__["fields"] for r in caplog.records if r.__dict__.get("fields", {}).get("event") == "session_end"
+    ]
     assert len(fields) == 1
     f = fields[0]
     assert f["user"] == "alice" and f["reason"] == "QUIT" and f["retr"] == 1 and f["top"] == 1

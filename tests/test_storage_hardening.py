@@ -420,8 +420,9 @@ def spool_for(tmp_path: Path, count: int = 3, uid: int = ALICE) -> Path:
     return own(spool, uid)
 
 
-async def test_mbox_index_and_journal_temp_links_are_not_followed(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_mbox_index_and_journal_temp_links_are_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     spool = spool_for(tmp_path)
     (tmp_path / "idx").mkdir()
     victims = [tmp_path / "v1", tmp_path / "v2"]
@@ -516,8 +517,9 @@ async def test_mbox_index_that_lies_about_a_size(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("whose", ["root", "cur", "tmp"])
-async def test_maildir_owned_by_someone_else_is_refused(tmp_path: Path, whose: str,
-                                                        caplog: pytest.LogCaptureFixture) -> None:
+async def test_maildir_owned_by_someone_else_is_refused(
+    tmp_path: Path, whose: str, caplog: pytest.LogCaptureFixture
+) -> None:
     md = maildir(tmp_path / "Maildir")
     deliver(md, "1700000000.M1.host:2,S", b"x\n")
     own(md if whose == "root" else md / whose, BOB)

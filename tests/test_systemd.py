@@ -108,8 +108,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(args: list[str], socks: list[socket.socket], names: str, notify: FakeSystemd | None,
-           log: Path, **env: str) -> subprocess.Popen[bytes]:
+def _spawn(
+    args: list[str], socks: list[socket.socket], names: str, notify: FakeSystemd | None, log: Path, **env: str
+) -> subprocess.Popen[bytes]:
     full = {k: v for k, v in os.environ.items() if not k.startswith(("POP3D_", "LISTEN_", "PROMETHEUS_"))}
     full.update(PYTHONPATH=str(ROOT), LISTEN_FDNAMES=names, **env)
     if notify is not None:
@@ -117,7 +118,11 @@ def _spawn(args: list[str], socks: list[socket.socket], names: str, notify: Fake
     fds = [s.fileno() for s in socks]
     return subprocess.Popen(
         [sys.executable, "-c", WRAPPER, ",".join(map(str, fds)), *args],
-        pass_fds=fds, env=full, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        pass_fds=fds,
+        env=full,
+        cwd=ROOT,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -240,8 +245,7 @@ def test_plain_and_tls_sockets_told_apart_by_name(tmp_path):
     passwd = tmp_path / "passwd"
     passwd.write_text("alice:{PLAIN}x\n")
     cfg = tmp_path / "pop3d.toml"
-    _config(cfg, tmp_path, passwd, _free_port(),
-            extra=f'[tls]\ncert = "{pki.server_pem}"\nkey = "{pki.server_pem}"\n')
+    _config(cfg, tmp_path, passwd, _free_port(), extra=f'[tls]\ncert = "{pki.server_pem}"\nkey = "{pki.server_pem}"\n')
     socks = [_listener(), _listener()]
     plain_port, tls_port = (s.getsockname()[1] for s in socks)
     fake = FakeSystemd()
@@ -334,9 +338,17 @@ def test_units_verify(tmp_path):
     for name in ("pop3d.service", "pop3d.socket", "pop3d-tls.socket"):
         text = (ROOT / "contrib" / "systemd" / name).read_text()
         (tmp_path / name).write_text(text.replace("/usr/local/bin/pop3d", "/bin/true"))
-    out = subprocess.run(["systemd-analyze", "verify", "--man=no", *(str(tmp_path / n) for n in
-                          ("pop3d.service", "pop3d.socket", "pop3d-tls.socket"))],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            *(str(tmp_path / n) for n in ("pop3d.service", "pop3d.socket", "pop3d-tls.socket")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     problems = [ln for ln in (out.stdout + out.stderr).splitlines() if ln.strip()]
     assert not problems, problems
 

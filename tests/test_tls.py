@@ -168,8 +168,12 @@ async def _reload(srv):
 
 
 def test_cleartext_refused_on_insecure_connection(start_server, pki, alice):
-    srv = tls_server(start_server, pki, implicit=False,
-                     auth={"secure_networks": [], "mechanisms": ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"]})
+    srv = tls_server(
+        start_server,
+        pki,
+        implicit=False,
+        auth={"secure_networks": [], "mechanisms": ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"]},
+    )
     r = TlsRaw(srv.port)
     caps = r.capa()
     assert b"USER" not in caps
@@ -210,8 +214,6 @@ def sasl_srv(start_server, pki, env, alice):
     for u in ("carol", "dave", "erin", "frank"):
         deliver(env.maildir(u), MSG)
     return tls_server(start_server, pki, client_ca=True, auth=ALL)
-
-
 
 
 @pytest.mark.parametrize("user,password", [("alice", "wonderland"), ("dave", "dav€ pw")])
@@ -321,8 +323,9 @@ def test_external_after_stls(sasl_srv, pki):
 
 
 def test_external_email_localpart_mapping(start_server, pki, alice):
-    srv = tls_server(start_server, pki, client_ca=True, auth={"mechanisms": ["EXTERNAL"]},
-                     tls={"client_identity": "email-localpart"})
+    srv = tls_server(
+        start_server, pki, client_ca=True, auth={"mechanisms": ["EXTERNAL"]}, tls={"client_identity": "email-localpart"}
+    )
     cert = pki.client_cert("a.pem", "alice@example.org", common_name="somebody else")
     r = TlsRaw(tls_port(srv), pki.client_context(cert))
     assert r.cmd(b"AUTH EXTERNAL =").startswith(b"+OK alice")
@@ -388,8 +391,16 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize("mech", ["PLAIN", "LOGIN", "CRAM-MD5"])
 def test_curl_stls_ssl_reqd(sasl_srv, pki, mech):
     port = sasl_srv.port
-    out = curl("--ssl-reqd", "--cacert", str(pki.cafile), "--login-options", f"AUTH={mech}",
-               "-u", "alice:wonderland", f"pop3://127.0.0.1:{port}/1")
+    out = curl(
+        "--ssl-reqd",
+        "--cacert",
+        str(pki.cafile),
+        "--login-options",
+        f"AUTH={mech}",
+        "-u",
+        "alice:wonderland",
+        f"pop3://127.0.0.1:{port}/1",
+    )
     assert out.returncode == 0, out.stderr
     assert "hello" in out.stdout
 
@@ -397,21 +408,30 @@ def test_curl_stls_ssl_reqd(sasl_srv, pki, mech):
 @needs_curl
 def test_curl_pop3s_and_external(sasl_srv, pki):
     port = tls_port(sasl_srv)
-    out = curl("--cacert", str(pki.cafile), "--login-options", "AUTH=PLAIN", "-u", "dave:dav€ pw",
-               f"pop3s://127.0.0.1:{port}/")
+    out = curl(
+        "--cacert", str(pki.cafile), "--login-options", "AUTH=PLAIN", "-u", "dave:dav€ pw", f"pop3s://127.0.0.1:{port}/"
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("1 ")
     cert = pki.client_cert("alice-curl.pem", common_name="alice")
-    out = curl("--cacert", str(pki.cafile), "--cert", str(cert), "--login-options", "AUTH=EXTERNAL",
-               "-u", "alice:", f"pop3s://127.0.0.1:{port}/1")
+    out = curl(
+        "--cacert",
+        str(pki.cafile),
+        "--cert",
+        str(cert),
+        "--login-options",
+        "AUTH=EXTERNAL",
+        "-u",
+        "alice:",
+        f"pop3s://127.0.0.1:{port}/1",
+    )
     assert out.returncode == 0, out.stderr
     assert "hello" in out.stdout
 
 
 @needs_curl
 def test_curl_refuses_server_without_stls(server, pki, alice):
-    out = curl("--ssl-reqd", "--cacert", str(pki.cafile), "-u", "alice:wonderland",
-               f"pop3://127.0.0.1:{server.port}/")
+    out = curl("--ssl-reqd", "--cacert", str(pki.cafile), "-u", "alice:wonderland", f"pop3://127.0.0.1:{server.port}/")
     assert out.returncode != 0  # --ssl-reqd and no STLS: curl never sends the password
 
 

@@ -72,12 +72,15 @@ def test_check_config_reports_bad_tls_files(env, tmp_path):
     assert bad.stderr.startswith("pop3d: tls.cert") and len(bad.stderr.splitlines()) == 1
 
 
-@pytest.mark.parametrize("bad,msg", [
-    ('[server]\ntls_listen = [":995"]\n', "server.tls_listen needs tls.cert"),
-    ('[auth]\nmechanisms = ["GSSAPI"]\n', "auth.mechanisms"),
-    ('[auth]\nmechanisms = ["EXTERNAL"]\n', "EXTERNAL needs tls.client_ca"),
-    ('[auth]\nsecure_networks = ["10.0.0.300/8"]\n', "auth.secure_networks"),
-])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        ('[server]\ntls_listen = [":995"]\n', "server.tls_listen needs tls.cert"),
+        ('[auth]\nmechanisms = ["GSSAPI"]\n', "auth.mechanisms"),
+        ('[auth]\nmechanisms = ["EXTERNAL"]\n', "EXTERNAL needs tls.client_ca"),
+        ('[auth]\nsecure_networks = ["10.0.0.300/8"]\n', "auth.secure_networks"),
+    ],
+)
 def test_bad_tls_and_auth_config(tmp_path, bad, msg):
     cfg = tmp_path / "c.toml"
     cfg.write_text(bad)
@@ -87,8 +90,9 @@ def test_bad_tls_and_auth_config(tmp_path, bad, msg):
 
 @pytest.mark.parametrize("scheme", ["CRAM-MD5", "SCRAM-SHA-256"])
 def test_passwd_sasl_schemes_work_with_their_mechanism(env, start_server, scheme):
-    r = subprocess.run([*POP3D, "passwd", "carol", "--scheme", scheme], input="c4rol pw\n",
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [*POP3D, "passwd", "carol", "--scheme", scheme], input="c4rol pw\n", capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("carol:{" + scheme + "}")
     env.passwd.write_text(r.stdout)

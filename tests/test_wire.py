@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 from pop3d import wire
 
 # messages made of the bytes that matter: CR, LF, dot, and ordinary text
-_msg = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"..", b"a", b"From ", b"\xe9", b" "]),
-                max_size=60).map(b"".join)
+_msg = st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b".", b"..", b"a", b"From ", b"\xe9", b" "]), max_size=60).map(
+    b"".join
+)
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -139,8 +139,13 @@ def test_port_in_use_fails_before_forking(env):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([*POP3D, "serve", "--config", str(config_with_workers(env, port, 2))],
-                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+        r = subprocess.run(
+            [*POP3D, "serve", "--config", str(config_with_workers(env, port, 2))],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd=ROOT,
+        )
     assert r.returncode == 1
     assert "cannot listen" in r.stderr and str(port) in r.stderr
 
@@ -149,10 +154,18 @@ def test_open_files_limit_is_raised_to_hard():
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard < 256:
         pytest.skip("needs a finite hard limit")
-    code = "from pop3d.runtime.workers import raise_nofile_limit; import resource; raise_nofile_limit(); " \
-           "print(*resource.getrlimit(resource.RLIMIT_NOFILE))"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30,
-                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard)))
+    code = (
+        "from pop3d.runtime.workers import raise_nofile_limit; import resource; raise_nofile_limit(); "
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard)),
+    )
     assert r.stdout.split() == [str(hard), str(hard)], r.stderr
 
 
@@ -164,13 +177,17 @@ def test_workers_serve_implicit_tls_too(env, tmp_path):
     pki = Pki.make(tmp_path)
     port, tls_port = free_port(), free_port()
     cfg = config_with_workers(env, port, 2)
-    cfg.write_text(cfg.read_text().replace("[server]\n", f'[server]\ntls_listen = ["127.0.0.1:{tls_port}"]\n', 1)
-                   + f'[tls]\ncert = "{pki.server_pem}"\nkey = "{pki.server_pem}"\n')
+    cfg.write_text(
+        cfg.read_text().replace("[server]\n", f'[server]\ntls_listen = ["127.0.0.1:{tls_port}"]\n', 1)
+        + f'[tls]\ncert = "{pki.server_pem}"\nkey = "{pki.server_pem}"\n'
+    )
     proc = start(cfg, port)
     try:
         ctx = pki.client_context()
-        with (socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw,
-              ctx.wrap_socket(raw, server_hostname="localhost") as s):
+        with (
+            socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
             assert s.recv(100).startswith(b"+OK")
     finally:
         proc.terminate()

@@ -34,8 +34,7 @@ class Pki:
 
     def client_cert(self, filename: str, *identities: str, common_name: str | None = None) -> Path:
         path = self.dir / filename
-        self.ca.issue_cert(*identities, common_name=common_name).private_key_and_cert_chain_pem.write_to_path(
-            str(path))
+        self.ca.issue_cert(*identities, common_name=common_name).private_key_and_cert_chain_pem.write_to_path(str(path))
         return path
 
     def client_context(self, cert: Path | None = None) -> ssl.SSLContext:
@@ -58,8 +57,9 @@ class TlsRaw(Raw):
         if ctx is None:
             super().__init__(port)
             return
-        self.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
-                                    server_hostname="127.0.0.1")
+        self.sock = ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="127.0.0.1"
+        )
         self.buf = b""
         self.greeting = self.line()
 

@@ -34,9 +34,11 @@ def parse_size(text: str) -> int:
 
 def message(user: str, n: int, size: int) -> bytes:
     """A message of exactly `size` octets (headers alone may exceed a tiny size; then it is cut)."""
-    head = (f"From: Bench Sender <sender@bench.invalid>\nTo: {user}@bench.invalid\n"
-            f"Subject: benchmark message {n}\nMessage-ID: <{n}.{user}@bench.invalid>\n"
-            f"Date: Thu, 26 Nov 2026 12:00:00 +0000\n\n").encode()
+    head = (
+        f"From: Bench Sender <sender@bench.invalid>\nTo: {user}@bench.invalid\n"
+        f"Subject: benchmark message {n}\nMessage-ID: <{n}.{user}@bench.invalid>\n"
+        f"Date: Thu, 26 Nov 2026 12:00:00 +0000\n\n"
+    ).encode()
     line = b"The quick brown fox jumps over the lazy dog. 0123456789 abcdefghijklmnopqrstuv\n"
     dotted = b".A line that starts with a dot, stuffed on the wire.\n"
     body = bytearray()
@@ -70,8 +72,9 @@ def _write_mbox(root: Path, user: str, messages: int, size: int) -> None:
             f.write(b"From sender@bench.invalid Thu Nov 26 12:00:00 2026\n" + body + b"\n")
 
 
-def make(directory: str | Path, users: int, messages: int, size: int, fmt: str = "maildir",
-         prefix: str = "user") -> Path:
+def make(
+    directory: str | Path, users: int, messages: int, size: int, fmt: str = "maildir", prefix: str = "user"
+) -> Path:
     """Create everything; returns the users file. Existing maildrops of the same names are replaced."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
@@ -94,8 +97,8 @@ def make(directory: str | Path, users: int, messages: int, size: int, fmt: str =
     users_file.write_text("".join(f"{u}:{passwords[u]}\n" for u in names))
     location = f"{mail}/{{user}}/Maildir" if fmt == "maildir" else f"{mail}/{{user}}"
     (root / "pop3d.toml").write_text(
-        "# written by pop3d mkmaildrops\n[server]\nlisten = [\"127.0.0.1:1110\"]\nhostname = \"bench.invalid\"\n"
-        f"[auth]\npasswd_file = \"{root / 'passwd'}\"\nfailure_delay = 0\n"
-        f"[storage]\ndriver = \"{fmt}\"\nlocation = \"{location}\"\n"
+        '# written by pop3d mkmaildrops\n[server]\nlisten = ["127.0.0.1:1110"]\nhostname = "bench.invalid"\n'
+        f'[auth]\npasswd_file = "{root / "passwd"}"\nfailure_delay = 0\n'
+        f'[storage]\ndriver = "{fmt}"\nlocation = "{location}"\n'
     )
     return users_file

@@ -36,9 +36,13 @@ def result(stats: Stats, elapsed: float, meta: dict[str, Any]) -> dict[str, Any]
 
 def table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
     w = out.write
-    w(f"pop3d bench {r['scenario']} against {r['target']}: concurrency {r['concurrency']}, "
-      f"{r['procs']} process(es), {r['duration_s']} s" + (f", rate {r['rate']}/s" if r.get("rate") else "")
-      + (f", {r['tls']}" if r.get("tls") else "") + "\n")
+    w(
+        f"pop3d bench {r['scenario']} against {r['target']}: concurrency {r['concurrency']}, "
+        f"{r['procs']} process(es), {r['duration_s']} s"
+        + (f", rate {r['rate']}/s" if r.get("rate") else "")
+        + (f", {r['tls']}" if r.get("tls") else "")
+        + "\n"
+    )
     w(f"  elapsed      {r['elapsed_s']:.2f} s\n")
     w(f"  sessions     {r['sessions']:>10}   {r['sessions_per_s']:>10.1f} /s   (logins {r['logins']})\n")
     w(f"  messages     {r['messages']:>10}   {r['messages_per_s']:>10.1f} /s\n")
@@ -47,8 +51,10 @@ def table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
         w(f"  held         {r['held_max']:>10}   sessions logged in at once (max)\n")
     if "server_memory" in r:
         m = r["server_memory"]
-        w(f"  server RSS   {m['baseline_kib']} KiB idle, {m['peak_kib']} KiB with {m['sessions']} sessions: "
-          f"{m['kib_per_session']:.2f} KiB per session\n")
+        w(
+            f"  server RSS   {m['baseline_kib']} KiB idle, {m['peak_kib']} KiB with {m['sessions']} sessions: "
+            f"{m['kib_per_session']:.2f} KiB per session\n"
+        )
     if r["unfinished"]:
         w(f"  unfinished   {r['unfinished']:>10}   (still running at the end; not counted)\n")
     w(f"  errors       {r['errors_total']:>10}\n")
@@ -74,8 +80,10 @@ class ProgressLine:
         dt = snap["elapsed"] - self.last_elapsed
         rate = (snap["sessions"] - self.last_sessions) / dt if dt > 0 else 0.0
         self.last_sessions, self.last_elapsed = snap["sessions"], snap["elapsed"]
-        self.out.write(f"\r{snap['elapsed']:6.1f} s  sessions {snap['sessions']:>9} ({rate:8.1f}/s)  "
-                       f"held {snap['held']:>6}  {snap['octets'] / 1e6:9.1f} MB  errors {snap['errors']:>6} ")
+        self.out.write(
+            f"\r{snap['elapsed']:6.1f} s  sessions {snap['sessions']:>9} ({rate:8.1f}/s)  "
+            f"held {snap['held']:>6}  {snap['octets'] / 1e6:9.1f} MB  errors {snap['errors']:>6} "
+        )
         self.out.flush()
 
     def finish(self) -> None:

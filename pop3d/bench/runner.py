@@ -72,8 +72,10 @@ def check(plan: Plan) -> None:
     if plan.ramp < 0 or plan.ramp >= plan.duration:
         raise UsageError("--ramp must be >= 0 and shorter than --duration")
     if len({u for u, _ in plan.users}) < plan.concurrency:
-        raise UsageError(f"--concurrency {plan.concurrency} needs as many distinct users; "
-                         f"the users file has {len({u for u, _ in plan.users})}")
+        raise UsageError(
+            f"--concurrency {plan.concurrency} needs as many distinct users; "
+            f"the users file has {len({u for u, _ in plan.users})}"
+        )
     if plan.procs > plan.concurrency:
         raise UsageError("--procs cannot exceed --concurrency")
 
@@ -85,8 +87,14 @@ def raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _run(rc: RunConfig, users: list[tuple[str, str]], duration: float, rate: float | None,
-               progress: Progress | None, ramp: float = 0.0) -> tuple[Stats, float]:
+async def _run(
+    rc: RunConfig,
+    users: list[tuple[str, str]],
+    duration: float,
+    rate: float | None,
+    progress: Progress | None,
+    ramp: float = 0.0,
+) -> tuple[Stats, float]:
     """Run until `duration` is over and in-flight sessions ended (at most rc.timeout more)."""
     loop = asyncio.get_running_loop()
     stats = Stats()
@@ -144,12 +152,25 @@ async def _run(rc: RunConfig, users: list[tuple[str, str]], duration: float, rat
 
 
 def _snapshot(stats: Stats, elapsed: float) -> dict[str, Any]:
-    return {"elapsed": elapsed, "sessions": stats.sessions, "logins": stats.logins, "octets": stats.octets,
-            "errors": sum(stats.errors.values()), "held": stats.held}
+    return {
+        "elapsed": elapsed,
+        "sessions": stats.sessions,
+        "logins": stats.logins,
+        "octets": stats.octets,
+        "errors": sum(stats.errors.values()),
+        "held": stats.held,
+    }
 
 
-def _run_loop(rc: RunConfig, users: list[tuple[str, str]], duration: float, rate: float | None,
-              cafile: str | None, progress: Progress | None, ramp: float = 0.0) -> tuple[Stats, float]:
+def _run_loop(
+    rc: RunConfig,
+    users: list[tuple[str, str]],
+    duration: float,
+    rate: float | None,
+    cafile: str | None,
+    progress: Progress | None,
+    ramp: float = 0.0,
+) -> tuple[Stats, float]:
     if rc.tls:
         rc = replace(rc, ssl_context=client_context(cafile))
     try:
@@ -160,8 +181,15 @@ def _run_loop(rc: RunConfig, users: list[tuple[str, str]], duration: float, rate
         return asyncio.run(_run(rc, users, duration, rate, progress, ramp))
 
 
-def _child(conn: Connection, rc: RunConfig, users: list[tuple[str, str]], duration: float,
-           rate: float | None, cafile: str | None, ramp: float) -> None:
+def _child(
+    conn: Connection,
+    rc: RunConfig,
+    users: list[tuple[str, str]],
+    duration: float,
+    rate: float | None,
+    cafile: str | None,
+    ramp: float,
+) -> None:
     raise_nofile()
     stats, elapsed = _run_loop(rc, users, duration, rate, cafile, lambda snap: conn.send(("progress", snap)), ramp)
     conn.send(("result", (stats.to_state(), elapsed)))

@@ -60,8 +60,10 @@ class Stats:
         return h
 
     def to_state(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in ("sessions", "logins", "messages", "octets", "received", "held_max",
-                                            "unfinished")}
+        d = {
+            k: getattr(self, k)
+            for k in ("sessions", "logins", "messages", "octets", "received", "held_max", "unfinished")
+        }
         d["errors"] = dict(self.errors)
         d["latency"] = {verb: h.to_state() for verb, h in self.latency.items()}
         return d
@@ -103,8 +105,9 @@ async def _wait(fut: Awaitable[Reply], verb: str, limit: float) -> Reply:
         raise BenchError(f"closed during {verb}") from None
 
 
-async def command(conn: ClientProtocol, stats: Stats, rc: RunConfig, line: bytes, multi: bool = False,
-                  label: str | None = None) -> Reply:
+async def command(
+    conn: ClientProtocol, stats: Stats, rc: RunConfig, line: bytes, multi: bool = False, label: str | None = None
+) -> Reply:
     verb = label or line.split(b" ", 1)[0].decode()
     t0 = time.perf_counter()
     (fut,) = conn.send([(line, multi)])
@@ -173,8 +176,7 @@ async def poll(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str, pas
     await _quit(conn, stats, rc)
 
 
-async def _download(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str, password: str,
-                    delete: bool) -> None:
+async def _download(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str, password: str, delete: bool) -> None:
     await _login(conn, stats, rc, user, password)
     n = _count(await command(conn, stats, rc, b"STAT"))
     await command(conn, stats, rc, b"UIDL", multi=True)
@@ -201,8 +203,14 @@ async def pipelined(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str
     n is what STAT said in this user's previous session (0 the first time): a client cannot know it before.
     """
     n = rc.message_counts.get(user, 0)
-    cmds = [(b"USER " + user.encode(), False), (b"PASS " + password.encode(), False), (b"STAT", False),
-            (b"UIDL", True), *((b"RETR %d" % i, True) for i in range(1, n + 1)), (b"QUIT", False)]
+    cmds = [
+        (b"USER " + user.encode(), False),
+        (b"PASS " + password.encode(), False),
+        (b"STAT", False),
+        (b"UIDL", True),
+        *((b"RETR %d" % i, True) for i in range(1, n + 1)),
+        (b"QUIT", False),
+    ]
     t0 = time.perf_counter()
     futures = conn.send(cmds)
     for (line, _), fut in zip(cmds, futures, strict=True):
@@ -246,7 +254,11 @@ async def idle(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str, pas
 
 Scenario = Callable[[ClientProtocol, Stats, RunConfig, str, str], Awaitable[None]]
 BY_NAME: dict[str, Scenario] = {
-    "poll": poll, "download": download, "download-delete": download_delete, "idle": idle, "pipelined": pipelined,
+    "poll": poll,
+    "download": download,
+    "download-delete": download_delete,
+    "idle": idle,
+    "pipelined": pipelined,
 }
 
 

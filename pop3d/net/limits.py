@@ -66,8 +66,9 @@ class Policy:
     process_connections: int
     unauthenticated: int
 
-    def decide(self, from_ip: int | None, connections: int, process_connections: int, unauthenticated: int,
-               can_evict: bool) -> Verdict:
+    def decide(
+        self, from_ip: int | None, connections: int, process_connections: int, unauthenticated: int, can_evict: bool
+    ) -> Verdict:
         """`from_ip`: connections already open from the new client's address (None: exempt);
         `can_evict`: this process has an unauthenticated connection it could close."""
         if from_ip is not None and 0 < self.per_ip <= from_ip:
@@ -205,8 +206,12 @@ class SharedCounts:
         return _HEAD.size + self._entries * _ENTRY.size
 
     def _hash(self, key: str) -> int:
-        return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8,
-                                              key=self._key).digest(), "little") | 1
+        return (
+            int.from_bytes(
+                hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8, key=self._key).digest(), "little"
+            )
+            | 1
+        )
 
     # -- regions -----------------------------------------------------------------------------------------------
 
@@ -232,7 +237,7 @@ class SharedCounts:
 
     def _clear(self, region: int) -> None:
         start = region * self._stride
-        self.buf[start:start + self._stride] = bytes(self._stride)
+        self.buf[start : start + self._stride] = bytes(self._stride)
 
     def reclaim(self, pid: int) -> None:
         """A worker died: its connections are gone (the kernel closed its sockets)."""
@@ -379,8 +384,9 @@ class ConnectionLimits:
         counts = self.counts
         key = None if address in self._exempt else address_key(address)
         total, unauth = counts.totals()
-        verdict = self.policy.decide(None if key is None else counts.of(key), total, self._open, unauth,
-                                     bool(self._unauth))
+        verdict = self.policy.decide(
+            None if key is None else counts.of(key), total, self._open, unauth, bool(self._unauth)
+        )
         if verdict is Verdict.EVICT:
             oldest = next(iter(self._unauth))
             self.logged_in(oldest)  # no longer waiting to log in: it is being closed

@@ -25,8 +25,15 @@ V1_PREFIX: Final = b"PROXY "
 V1_MAX: Final = 107  # §2.1: worst case "PROXY UNKNOWN ffff:...:ffff ffff:...:ffff 65535 65535\r\n"
 V2_MAX_PAYLOAD: Final = 4096  # §2.2 allows 65535; no real proxy sends more than a few hundred octets of TLVs
 
-_V2_FAMILIES: Final = {0x11: ("TCP4", 12), 0x12: ("UDP4", 12), 0x21: ("TCP6", 36), 0x22: ("UDP6", 36),
-                       0x31: ("UNIX", 216), 0x32: ("UNIX", 216), 0x00: ("UNSPEC", 0)}
+_V2_FAMILIES: Final = {
+    0x11: ("TCP4", 12),
+    0x12: ("UDP4", 12),
+    0x21: ("TCP6", 36),
+    0x22: ("UDP6", 36),
+    0x31: ("UNIX", 216),
+    0x32: ("UNIX", 216),
+    0x00: ("UNSPEC", 0),
+}
 
 
 class ProxyError(ValueError):

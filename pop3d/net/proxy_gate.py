@@ -29,8 +29,9 @@ class ProxyGate(asyncio.Protocol):
 
     __slots__ = ("_make", "_parser", "_peer", "_timeout", "_timer", "_transport", "_trusted")
 
-    def __init__(self, make_session: Callable[[str], asyncio.Protocol], trusted: tuple[str, ...],
-                 timeout: float) -> None:
+    def __init__(
+        self, make_session: Callable[[str], asyncio.Protocol], trusted: tuple[str, ...], timeout: float
+    ) -> None:
         self._make = make_session
         self._trusted = trusted
         self._timeout = timeout

@@ -62,7 +62,8 @@ def bind(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[s
     out: list[socket.socket] = []
     try:
         for family, type_, proto, _name, addr in socket.getaddrinfo(
-                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
             s = socket.socket(family, type_, proto)
             out.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -83,9 +84,14 @@ def bind(host: str, port: int, backlog: int, reuse_port: bool = False) -> list[s
 class ProxiedTlsListener:
     """Accept loop for one listening socket: trust check, PROXY header, then TLS and the POP3 session."""
 
-    def __init__(self, sock: socket.socket, make_session: Callable[[str], asyncio.Protocol],
-                 trusted: Callable[[], tuple[str, ...]], timeout: Callable[[], float],
-                 tls_options: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        make_session: Callable[[str], asyncio.Protocol],
+        trusted: Callable[[], tuple[str, ...]],
+        timeout: Callable[[], float],
+        tls_options: dict[str, Any],
+    ) -> None:
         self.sockets = [sock]
         self._sock = sock
         self._make = make_session

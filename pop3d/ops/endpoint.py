@@ -33,8 +33,9 @@ _HEAD_LIMIT = 16 * 1024  # a longer request head is not a scrape
 class MetricsEndpoint:
     """A bound metrics socket; serving starts with `start(registry)`, ends with `shutdown()`."""
 
-    def __init__(self, sock: socket.socket, idle_timeout: float = IDLE_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS) -> None:
+    def __init__(
+        self, sock: socket.socket, idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS
+    ) -> None:
         self.sock = sock
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
@@ -44,11 +45,13 @@ class MetricsEndpoint:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def bind(cls, listen: str, idle_timeout: float = IDLE_TIMEOUT,
-             max_connections: int = MAX_CONNECTIONS) -> MetricsEndpoint:
+    def bind(
+        cls, listen: str, idle_timeout: float = IDLE_TIMEOUT, max_connections: int = MAX_CONNECTIONS
+    ) -> MetricsEndpoint:
         host, port = parse_hostport(listen)
         family, stype, proto, _, addr = socket.getaddrinfo(
-            host or "0.0.0.0", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            host or "0.0.0.0", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         sock = socket.socket(family, stype, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -72,8 +75,7 @@ class MetricsEndpoint:
 
         def main() -> None:
             asyncio.set_event_loop(loop)
-            server = loop.run_until_complete(
-                asyncio.start_server(self._handle, sock=self.sock, limit=_HEAD_LIMIT))
+            server = loop.run_until_complete(asyncio.start_server(self._handle, sock=self.sock, limit=_HEAD_LIMIT))
             started.set()
             try:
                 loop.run_forever()
@@ -129,11 +131,18 @@ class MetricsEndpoint:
         except Exception:  # a collector failing must not kill the endpoint
             log.exception("metrics: collecting failed")
             return _response(b"500 Internal Server Error", b"text/plain", b"collecting failed\n")
-        return _response(b"200 OK", CONTENT_TYPE_LATEST.encode(), b"" if method == b"HEAD" else body,
-                         len(body))
+        return _response(b"200 OK", CONTENT_TYPE_LATEST.encode(), b"" if method == b"HEAD" else body, len(body))
 
 
 def _response(status: bytes, ctype: bytes, body: bytes, length: int | None = None) -> bytes:
     size = len(body) if length is None else length
-    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: " + str(size).encode()
-            + b"\r\nConnection: close\r\n\r\n" + body)
+    return (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\nContent-Type: "
+        + ctype
+        + b"\r\nContent-Length: "
+        + str(size).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+        + body
+    )

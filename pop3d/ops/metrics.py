@@ -34,8 +34,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("pop3d")
 
 #: seconds; POP3 commands range from a dict lookup (STAT) to an Argon2 check (PASS) or a 50 MiB RETR
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-                   1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 FLUSH_INTERVAL = 1.0
 LOGIN_RESULTS = ("ok", "failed", "in_use", "login_delay", "unavailable")
 STORAGE_OPS = ("open", "read", "commit")
@@ -120,21 +137,29 @@ class Metrics(NullMetrics):
         # our own registry: several servers in one process (tests) must not collide in the global one
         reg = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.registry = reg
-        self.sessions_open = Gauge("pop3d_sessions_open", "POP3 sessions currently connected",
-                                   registry=reg, multiprocess_mode="livesum")
+        self.sessions_open = Gauge(
+            "pop3d_sessions_open", "POP3 sessions currently connected", registry=reg, multiprocess_mode="livesum"
+        )
         self.sessions_total = Counter("pop3d_sessions", "POP3 sessions accepted", registry=reg)
         self.logins = Counter("pop3d_logins", "Login attempts by result", ["result"], registry=reg)
-        self.auth_failures = Counter("pop3d_auth_failures", "Failed authentications (bad user or password)",
-                                     registry=reg)
+        self.auth_failures = Counter(
+            "pop3d_auth_failures", "Failed authentications (bad user or password)", registry=reg
+        )
         self.commands = Counter("pop3d_commands", "Commands answered, by verb", ["verb"], registry=reg)
-        self.latency = Histogram("pop3d_command_duration_seconds", "Time from command to complete reply",
-                                 ["verb"], buckets=LATENCY_BUCKETS, registry=reg)
-        self.bytes_sent = Counter("pop3d_sent_bytes", "Octets sent to clients (added at session end)",
-                                  registry=reg)
-        self.lock_conflicts = Counter("pop3d_lock_conflicts", "Logins refused because the maildrop was locked",
-                                      registry=reg)
-        self.storage_errors = Counter("pop3d_storage_errors", "Storage failures by operation", ["operation"],
-                                      registry=reg)
+        self.latency = Histogram(
+            "pop3d_command_duration_seconds",
+            "Time from command to complete reply",
+            ["verb"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.bytes_sent = Counter("pop3d_sent_bytes", "Octets sent to clients (added at session end)", registry=reg)
+        self.lock_conflicts = Counter(
+            "pop3d_lock_conflicts", "Logins refused because the maildrop was locked", registry=reg
+        )
+        self.storage_errors = Counter(
+            "pop3d_storage_errors", "Storage failures by operation", ["operation"], registry=reg
+        )
         # bind label children once: the per-event cost is then one dict get at most
         self._logins = {r: self.logins.labels(r) for r in LOGIN_RESULTS}
         self._storage = {op: self.storage_errors.labels(op) for op in STORAGE_OPS}
@@ -217,14 +242,18 @@ def build(listen: str | None, verbs: Iterable[str] = ()) -> NullMetrics:
     return Metrics(verbs=verbs) if listen else NullMetrics()
 
 
-def start_endpoint(listen: str, registry: CollectorRegistry, idle_timeout: float | None = None,
-                   max_connections: int | None = None) -> MetricsEndpoint:
+def start_endpoint(
+    listen: str, registry: CollectorRegistry, idle_timeout: float | None = None, max_connections: int | None = None
+) -> MetricsEndpoint:
     """Bind `listen` ("host:port") and serve GET /metrics from one thread (pop3d.ops.endpoint).
 
     A server that drops root binds first (`MetricsEndpoint.bind`) and starts serving after the drop."""
     from pop3d.ops.endpoint import IDLE_TIMEOUT, MAX_CONNECTIONS, MetricsEndpoint
 
-    endpoint = MetricsEndpoint.bind(listen, IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
-                                    MAX_CONNECTIONS if max_connections is None else max_connections)
+    endpoint = MetricsEndpoint.bind(
+        listen,
+        IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
+        MAX_CONNECTIONS if max_connections is None else max_connections,
+    )
     endpoint.start(registry)
     return endpoint

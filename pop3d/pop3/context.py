@@ -51,8 +51,12 @@ class SharedState:
 def process_local(settings: Settings) -> SharedState:
     """The state of a server that is a single process (or a test): nothing to share with anybody."""
     a = settings.auth
-    return SharedState(Penalty(a.failure_delay, a.failure_delay_max), LoginDelays(),
-                       metrics_mod.build(settings.metrics.listen, VERBS), ConnectionLimits.from_settings(settings))
+    return SharedState(
+        Penalty(a.failure_delay, a.failure_delay_max),
+        LoginDelays(),
+        metrics_mod.build(settings.metrics.listen, VERBS),
+        ConnectionLimits.from_settings(settings),
+    )
 
 
 class LiveSession(Protocol):
@@ -96,8 +100,14 @@ class EndedSession(Protocol):
 class ServerContext:
     """Everything a session needs from its server."""
 
-    def __init__(self, settings: Settings, auth: Authenticator, storage: Storage,
-                 tls: TlsManager | None = None, shared: SharedState | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        auth: Authenticator,
+        storage: Storage,
+        tls: TlsManager | None = None,
+        shared: SharedState | None = None,
+    ) -> None:
         """`tls` None: no TLS configured (no STLS, no implicit-TLS listeners). `shared` None: this process
         is the whole server, and penalties, LOGIN-DELAY and metrics are kept here."""
         self.settings = settings
@@ -136,8 +146,24 @@ class ServerContext:
         """One line per session end, in the spirit of Dovecot's logout line. Never a password."""
         user = handler.user.name if handler.user is not None else "-"
         c = handler.counters
-        fields = {"event": "session_end", "user": user, "rip": handler.peer, "reason": handler.end_reason,
-                  "top": c.top, "top_bytes": c.top_bytes, "retr": c.retr, "retr_bytes": c.retr_bytes,
-                  "del": c.dele, "messages": len(handler.messages), "size": sum(m.size for m in handler.messages)}
-        log.info("session end user=%s rip=%s reason=%s %s", user, handler.peer, handler.end_reason,
-                 handler.summary(), extra={"fields": fields})
+        fields = {
+            "event": "session_end",
+            "user": user,
+            "rip": handler.peer,
+            "reason": handler.end_reason,
+            "top": c.top,
+            "top_bytes": c.top_bytes,
+            "retr": c.retr,
+            "retr_bytes": c.retr_bytes,
+            "del": c.dele,
+            "messages": len(handler.messages),
+            "size": sum(m.size for m in handler.messages),
+        }
+        log.info(
+            "session end user=%s rip=%s reason=%s %s",
+            user,
+            handler.peer,
+            handler.end_reason,
+            handler.summary(),
+            extra={"fields": fields},
+        )

@@ -33,8 +33,9 @@ AUTH_FAILED = Reply(err("authentication failed", "AUTH"))  # RFC 3206 §4; same 
 #: the same -ERR [AUTH] line, then the connection closes (auth.max_failures_per_connection)
 TOO_MANY_FAILURES = Reply(AUTH_FAILED.data, close=True, reason="too many authentication failures")
 #: Dovecot's wording; RFC 3206 §4 [AUTH]: the client should not retry the same way
-PLAINTEXT_REFUSED = Reply(err("plaintext authentication disallowed on non-secure connections (use STLS or port 995)",
-                              "AUTH"))
+PLAINTEXT_REFUSED = Reply(
+    err("plaintext authentication disallowed on non-secure connections (use STLS or port 995)", "AUTH")
+)
 OK = Reply(ok())
 SEND_PASS = Reply(ok("send PASS"))
 USER_FIRST = Reply(err("USER first"))
@@ -149,8 +150,7 @@ class Pop3Handler:
         c = self.counters
         size = sum(m.size for m in self.messages)
         return (
-            f"top={c.top}/{c.top_bytes}, retr={c.retr}/{c.retr_bytes}, "
-            f"del={c.dele}/{len(self.messages)}, size={size}"
+            f"top={c.top}/{c.top_bytes}, retr={c.retr}/{c.retr_bytes}, del={c.dele}/{len(self.messages)}, size={size}"
         )
 
     # -- AUTHORIZATION ---------------------------------------------------------------------------
@@ -331,8 +331,15 @@ class Pop3Handler:
         STLS likewise, RFC 2595 §4). What it contains depends on the connection: USER and PLAIN/LOGIN only
         where cleartext is allowed, STLS only until TLS is on, SASL exactly what this connection accepts."""
         s = self.ctx.settings.session
-        caps = ["TOP", "UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE",
-                f"EXPIRE {s.expire}", f"LOGIN-DELAY {s.login_delay}"]
+        caps = [
+            "TOP",
+            "UIDL",
+            "PIPELINING",
+            "RESP-CODES",
+            "AUTH-RESP-CODE",
+            f"EXPIRE {s.expire}",
+            f"LOGIN-DELAY {s.login_delay}",
+        ]
         if self.plaintext_ok:
             caps.insert(1, "USER")
         mechs = self.mechanisms()
@@ -368,15 +375,17 @@ class Pop3Handler:
         except StorageError as exc:
             log.warning("commit failed user=%s: %s", self.user.name if self.user else "?", exc)
             self.ctx.metrics.storage_error("commit")
-            return Reply(err("some deleted messages were not removed", exc.code), close=True,
-                         reason="QUIT, commit failed")
+            return Reply(
+                err("some deleted messages were not removed", exc.code), close=True, reason="QUIT, commit failed"
+            )
         finally:
             self.drop = None
             await drop.close()
         self.counters.dele = len(deleted)
         left = len(self.messages) - len(deleted)
-        return Reply(ok(f"pop3d signing off ({left} message{'s' if left != 1 else ''} left)"), close=True,
-                     reason="QUIT")
+        return Reply(
+            ok(f"pop3d signing off ({left} message{'s' if left != 1 else ''} left)"), close=True, reason="QUIT"
+        )
 
     # -- TRANSACTION -----------------------------------------------------------------------------
 

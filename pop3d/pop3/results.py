@@ -57,8 +57,9 @@ class Stream:
 
     __slots__ = ("chunks", "encoder", "header", "index", "lines")
 
-    def __init__(self, header: bytes, chunks: AsyncIterator[bytes], encoder: wire.Encoder, index: int,
-                 lines: int | None) -> None:
+    def __init__(
+        self, header: bytes, chunks: AsyncIterator[bytes], encoder: wire.Encoder, index: int, lines: int | None
+    ) -> None:
         self.header: Final = header
         self.chunks: Final = chunks
         self.encoder: Final = encoder

@@ -337,8 +337,11 @@ class Pop3Session(asyncio.Protocol):
 
     def _overflow(self, unsent: int) -> None:
         """Before login, a client that does not read what it asked for is cut (it may be flooding us)."""
-        log.info("unread output over session.max_unsent_before_login rip=%s unsent=%d",
-                 self.handler.peer if self.handler is not None else "-", unsent)
+        log.info(
+            "unread output over session.max_unsent_before_login rip=%s unsent=%d",
+            self.handler.peer if self.handler is not None else "-",
+            unsent,
+        )
         self._end_reason = "output not read before login"
         self.transport.abort()
 
@@ -411,7 +414,10 @@ class Pop3Session(asyncio.Protocol):
         raw = self.transport
         try:
             tls_transport = await self._loop.start_tls(
-                raw, self, context, server_side=True,
+                raw,
+                self,
+                context,
+                server_side=True,
                 ssl_handshake_timeout=self.ctx.settings.tls.handshake_timeout,
             )
         except asyncio.CancelledError:
@@ -427,8 +433,7 @@ class Pop3Session(asyncio.Protocol):
             return
         self.transport = tls_transport
         tls_transport.set_write_buffer_limits(high=self.ctx.settings.server.write_buffer)
-        identity = peer_identity(tls_transport.get_extra_info("ssl_object"),
-                                 self.ctx.settings.tls.client_identity)
+        identity = peer_identity(tls_transport.get_extra_info("ssl_object"), self.ctx.settings.tls.client_identity)
         self._tls = True
         handler.tls_established(identity)
         self._deaf = False

@@ -41,8 +41,7 @@ def fixed_dir(template: str) -> str:
 
 def _plan(settings: Settings) -> list[tuple[str, str, str, int]]:
     """(what, need, path, access mode) to check."""
-    items = [(f"auth.passwd_file {settings.auth.passwd_file}", "readable", str(settings.auth.passwd_file),
-              os.R_OK)]
+    items = [(f"auth.passwd_file {settings.auth.passwd_file}", "readable", str(settings.auth.passwd_file), os.R_OK)]
     st = settings.storage
     base = fixed_dir(st.location)
     if base:
@@ -71,8 +70,9 @@ def check(settings: Settings, target: Target | None) -> tuple[str, list[Check], 
     items = _plan(settings)
     notes = []
     if not fixed_dir(settings.storage.location):
-        notes.append(f"access: storage.location {settings.storage.location}: every part depends on the "
-                     f"login; not checked")
+        notes.append(
+            f"access: storage.location {settings.storage.location}: every part depends on the login; not checked"
+        )
     if target is None or os.geteuid() != 0:
         if target is not None and target.uid != os.geteuid():
             notes.append(f"access: cannot switch to {target.user} without root; checked as the current user")

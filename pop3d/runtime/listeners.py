@@ -41,8 +41,9 @@ def address_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def open_listeners(listen: Sequence[str], tls_listen: Sequence[str], copies: int = 1
-                   ) -> tuple[list[list[Inherited]], list[tuple[str, int, bool]]]:
+def open_listeners(
+    listen: Sequence[str], tls_listen: Sequence[str], copies: int = 1
+) -> tuple[list[list[Inherited]], list[tuple[str, int, bool]]]:
     """`copies` sets of bound sockets for every address; and the concrete (host, port, implicit TLS)
     addresses (a configured port 0 becomes the port the kernel chose, the same in every set).
 
@@ -56,7 +57,8 @@ def open_listeners(listen: Sequence[str], tls_listen: Sequence[str], copies: int
             host, port = parse_hostport(item)
             kind = "tls" if implicit else "plain"
             for family, stype, proto, _, addr in socket.getaddrinfo(
-                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE):
+                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            ):
                 if port:
                     _probe(family, stype, proto, (addr[0], port, *addr[2:]), item)
                 for copy in sets:
@@ -106,8 +108,9 @@ def _probe(family: int, stype: int, proto: int, addr: tuple[object, ...], item: 
             holder = f" by pid {pids[0]}" if pids else ""
             raise ListenError(errno.EADDRINUSE, f"{item}: address already in use{holder}")
         if sys.platform.startswith("linux") and not _sockets_on(family, host, port, any_state=True):
-            raise ListenError(errno.EADDRINUSE, f"{item}: address already in use "
-                                                f"(bound by another process that is starting)")
+            raise ListenError(
+                errno.EADDRINUSE, f"{item}: address already in use (bound by another process that is starting)"
+            )
 
 
 def listening_pids(family: int, host: str, port: int) -> list[int]:
@@ -154,7 +157,7 @@ def _sockets_on(family: int, host: str, port: int, any_state: bool = False) -> s
 def _unhex(text: str) -> bytes:
     """/proc/net/tcp prints addresses as 32-bit words in host byte order."""
     raw = bytes.fromhex(text)
-    words = [raw[i:i + 4] for i in range(0, len(raw), 4)]
+    words = [raw[i : i + 4] for i in range(0, len(raw), 4)]
     return b"".join(w[::-1] if sys.byteorder == "little" else w for w in words)
 
 

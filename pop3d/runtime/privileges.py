@@ -20,8 +20,9 @@ from pop3d.config import ConfigError, ServerSettings
 
 log = logging.getLogger("pop3d")
 
-ROOT_WARNING = ("running as root: every session reads maildrops with root's rights; "
-                "set server.user (see README, Privileges)")
+ROOT_WARNING = (
+    "running as root: every session reads maildrops with root's rights; set server.user (see README, Privileges)"
+)
 
 
 class PrivilegeError(RuntimeError):
@@ -79,15 +80,28 @@ def check_start(target: Target | None) -> bool:
             return False
         return True
     if target is not None and target.uid != os.geteuid():
-        raise ConfigError(f"server.user: cannot switch to {target.user!r} when not started as root "
-                          f"(running as uid {os.geteuid()})")
+        raise ConfigError(
+            f"server.user: cannot switch to {target.user!r} when not started as root (running as uid {os.geteuid()})"
+        )
     return False
 
 
 #: modules the serving processes import lazily, loaded before the drop (see `preload`)
-_PRELOAD = ("select", "resource", "ssl", "json", "uvloop", "prometheus_client", "prometheus_client.values",
-            "prometheus_client.multiprocess", "prometheus_client.exposition", "encodings.ascii",
-            "encodings.latin_1", "encodings.utf_8", "encodings.idna")
+_PRELOAD = (
+    "select",
+    "resource",
+    "ssl",
+    "json",
+    "uvloop",
+    "prometheus_client",
+    "prometheus_client.values",
+    "prometheus_client.multiprocess",
+    "prometheus_client.exposition",
+    "encodings.ascii",
+    "encodings.latin_1",
+    "encodings.utf_8",
+    "encodings.idna",
+)
 
 
 def preload() -> None:
@@ -100,8 +114,11 @@ def preload() -> None:
     import pop3d
 
     names = list(_PRELOAD)
-    names += [m.name for m in pkgutil.walk_packages(pop3d.__path__, "pop3d.")
-              if not m.name.startswith(("pop3d.bench", "pop3d.demo", "pop3d.__main__"))]
+    names += [
+        m.name
+        for m in pkgutil.walk_packages(pop3d.__path__, "pop3d.")
+        if not m.name.startswith(("pop3d.bench", "pop3d.demo", "pop3d.__main__"))
+    ]
     for name in names:
         try:
             importlib.import_module(name)

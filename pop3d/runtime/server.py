@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pop3d")
 
 
-def build_context(settings: Settings, shared: SharedState | None = None,
-                  tls: TlsManager | None = None) -> ServerContext:
+def build_context(
+    settings: Settings, shared: SharedState | None = None, tls: TlsManager | None = None
+) -> ServerContext:
     """Wire the configured user database, storage driver and TLS into a context.
 
     `shared`: what this process shares with its sibling workers (pop3d.runtime.shared); None for a server
@@ -49,8 +50,9 @@ def build_context(settings: Settings, shared: SharedState | None = None,
         tls = TlsManager(settings.tls)
     if shared is None or shared.auth_secret is None:
         # a single process (or a test): read the secret here; a supervisor reads it once for all its workers
-        shared = dataclasses.replace(shared or process_local(settings),
-                                     auth_secret=state_secret.load_or_create(settings.server.state_dir))
+        shared = dataclasses.replace(
+            shared or process_local(settings), auth_secret=state_secret.load_or_create(settings.server.state_dir)
+        )
     auth = build_auth(settings.auth, shared.auth_secret)
     return ServerContext(settings, auth, build_storage(settings.storage), tls, shared)
 
@@ -58,8 +60,13 @@ def build_context(settings: Settings, shared: SharedState | None = None,
 class Pop3Server:
     """The listening sockets of one process and the sessions they accepted."""
 
-    def __init__(self, ctx: ServerContext, inherited: list[Inherited] | None = None, activated: bool = True,
-                 listener_ssl: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        ctx: ServerContext,
+        inherited: list[Inherited] | None = None,
+        activated: bool = True,
+        listener_ssl: ssl.SSLContext | None = None,
+    ) -> None:
         """`inherited`: listening sockets bound already, by systemd (`activated`) or by pop3d before it
         dropped root (pop3d.runtime.startup); they replace `server.listen`/`tls_listen`.
         `listener_ssl`: the implicit-TLS context, made while the key was readable; else made here."""
@@ -80,8 +87,11 @@ class Pop3Server:
         cfg = ctx.settings.server
         if cfg.proxy_protocol:
             parser = self.parser
-            return ProxyGate(lambda rip: Pop3Session(ctx, parser, peer=rip), tuple(cfg.proxy_trusted),
-                             ctx.settings.session.timeout_authorization)
+            return ProxyGate(
+                lambda rip: Pop3Session(ctx, parser, peer=rip),
+                tuple(cfg.proxy_trusted),
+                ctx.settings.session.timeout_authorization,
+            )
         return Pop3Session(ctx, self.parser)
 
     def tls_protocol(self) -> asyncio.Protocol:
@@ -92,16 +102,18 @@ class Pop3Server:
         """Implicit TLS behind a proxy: the header is read from the socket before TLS starts (proxy_tls)."""
         ctx, parser = self.ctx, self.parser
         return ProxiedTlsListener(
-            sock, lambda rip: Pop3Session(ctx, parser, peer=rip),
-            lambda: tuple(ctx.settings.server.proxy_trusted), lambda: ctx.settings.session.timeout_authorization,
-            self._tls_options())
+            sock,
+            lambda rip: Pop3Session(ctx, parser, peer=rip),
+            lambda: tuple(ctx.settings.server.proxy_trusted),
+            lambda: ctx.settings.session.timeout_authorization,
+            self._tls_options(),
+        )
 
     def _tls_options(self) -> dict[str, Any]:
         assert self.ctx.tls is not None  # config validation guarantees it
         if self._listener_ssl is None:
             self._listener_ssl = self.ctx.tls.listener_context()
-        return {"ssl": self._listener_ssl,
-                "ssl_handshake_timeout": self.ctx.settings.tls.handshake_timeout}
+        return {"ssl": self._listener_ssl, "ssl_handshake_timeout": self.ctx.settings.tls.handshake_timeout}
 
     async def start(self) -> None:
         self.ctx.metrics.start_flushing(asyncio.get_running_loop())
@@ -127,8 +139,11 @@ class Pop3Server:
                     self.tls_servers.append(listener)  # type: ignore[arg-type]
                 continue
             srv = await loop.create_server(
-                self.tls_protocol if implicit else self.protocol, host or None, port,
-                backlog=cfg.backlog, reuse_address=True,
+                self.tls_protocol if implicit else self.protocol,
+                host or None,
+                port,
+                backlog=cfg.backlog,
+                reuse_address=True,
                 **(self._tls_options() if implicit else {}),
             )
             self.servers.append(srv)
@@ -149,15 +164,15 @@ class Pop3Server:
                 if self.ctx.settings.server.proxy_protocol:
                     srv: Any = self._proxied_tls(inh.sock)
                 else:
-                    srv = await loop.create_server(self.tls_protocol, sock=inh.sock, **backlog,
-                                                   **self._tls_options())
+                    srv = await loop.create_server(self.tls_protocol, sock=inh.sock, **backlog, **self._tls_options())
                 self.servers.append(srv)
                 self.tls_servers.append(srv)
             else:
                 self.servers.append(await loop.create_server(self.protocol, sock=inh.sock, **backlog))
         if self._activated:
-            log.info("listening on %s (sockets from systemd; server.listen is not used)",
-                     ", ".join(self.addresses_text()))
+            log.info(
+                "listening on %s (sockets from systemd; server.listen is not used)", ", ".join(self.addresses_text())
+            )
         else:
             log.info("listening on %s", ", ".join(self.addresses_text()))
 
@@ -195,9 +210,13 @@ class Pop3Server:
         log.info("stopped")
 
 
-async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | None = None,
-                load: Callable[[], Settings] | None = None, bound: Bound | None = None,
-                shared: SharedState | None = None) -> None:
+async def serve(
+    settings: Settings,
+    on_ready: Callable[[Pop3Server], None] | None = None,
+    load: Callable[[], Settings] | None = None,
+    bound: Bound | None = None,
+    shared: SharedState | None = None,
+) -> None:
     """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.runtime.reload).
 
     Under systemd: sockets come from LISTEN_FDS when socket-activated, and the manager hears READY=1 once
@@ -214,8 +233,7 @@ async def serve(settings: Settings, on_ready: Callable[[Pop3Server], None] | Non
 
     if bound is None:
         bound = prepare(settings, 1).for_slot(0, with_metrics=True)
-    server = Pop3Server(build_context(settings, shared, bound.tls), bound.sockets, bound.activated,
-                        bound.listener_ssl)
+    server = Pop3Server(build_context(settings, shared, bound.tls), bound.sockets, bound.activated, bound.listener_ssl)
     ctx = server.ctx
     await server.start()
     endpoint = bound.metrics
@@ -281,8 +299,9 @@ class _Watchdog:
         self._handle.cancel()
 
 
-def serve_forever(settings: Settings, on_ready: Callable[[list[str]], None] | None = None,
-                  load: Callable[[], Settings] | None = None) -> int:
+def serve_forever(
+    settings: Settings, on_ready: Callable[[list[str]], None] | None = None, load: Callable[[], Settings] | None = None
+) -> int:
     """The `pop3d serve` main: in this process for `server.workers = 1`, else under a Supervisor.
 
     Order: resolve `server.user` (a missing one is a ConfigError), raise the open-files limit (each
@@ -309,8 +328,7 @@ def serve_forever(settings: Settings, on_ready: Callable[[list[str]], None] | No
             raise
     if count == 1:
         bound = prepared.for_slot(0, with_metrics=True)
-        run(lambda: serve(settings, (lambda srv: on_ready(srv.addresses_text())) if on_ready else None, load,
-                          bound))
+        run(lambda: serve(settings, (lambda srv: on_ready(srv.addresses_text())) if on_ready else None, load, bound))
         return 0
 
     def worker_main(bound: Bound, ready_fd: int, shared: SharedState) -> None:
@@ -334,8 +352,10 @@ def _check_as_user(settings: Settings, target: privileges.Target) -> None:
         with open(path, "rb"):
             pass
     except OSError as exc:
-        raise ConfigError(f"auth.passwd_file: cannot read {path} as {target.user}: {exc.strerror} "
-                          f"(pop3d check-config tells what the user can reach)") from None
+        raise ConfigError(
+            f"auth.passwd_file: cannot read {path} as {target.user}: {exc.strerror} "
+            f"(pop3d check-config tells what the user can reach)"
+        ) from None
 
 
 def run(coro_factory: Callable[[], asyncio.Future[None] | object]) -> None:

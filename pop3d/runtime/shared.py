@@ -61,9 +61,13 @@ def share_between_workers(settings: Settings) -> WorkerShare:
     if settings.metrics.listen:
         metrics_dir, own = _claim_metrics_dir()
         metrics.enable_multiprocess(metrics_dir)  # before the instruments below are made
-    state = SharedState(penalty, SharedLoginDelays(login_delay_dir), metrics.build(settings.metrics.listen, VERBS),
-                        ConnectionLimits.from_settings(settings, shared=True),
-                        state_secret.load_or_create(settings.server.state_dir))
+    state = SharedState(
+        penalty,
+        SharedLoginDelays(login_delay_dir),
+        metrics.build(settings.metrics.listen, VERBS),
+        ConnectionLimits.from_settings(settings, shared=True),
+        state_secret.load_or_create(settings.server.state_dir),
+    )
     return WorkerShare(state, login_delay_dir, metrics_dir, own)
 
 

@@ -45,8 +45,9 @@ class Prepared:
     closed: bool = field(default=False, init=False)
 
     def for_slot(self, slot: int, with_metrics: bool = False) -> Bound:
-        return Bound(self.slots[slot], self.activated, self.tls, self.listener_ssl,
-                     self.metrics if with_metrics else None)
+        return Bound(
+            self.slots[slot], self.activated, self.tls, self.listener_ssl, self.metrics if with_metrics else None
+        )
 
     def close_listeners(self) -> None:
         """Our own copies of the bound sockets (systemd's stay: the manager owns them)."""
@@ -75,8 +76,9 @@ def prepare(settings: Settings, copies: int) -> Prepared:
         if settings.server.tls_listen or tls_socket is not None:
             listener_ssl = tls.listener_context()
     if inherited:
-        prepared = Prepared([inherited] * copies,
-                            [(*i.sock.getsockname()[:2], i.kind == "tls") for i in inherited], True)
+        prepared = Prepared(
+            [inherited] * copies, [(*i.sock.getsockname()[:2], i.kind == "tls") for i in inherited], True
+        )
     else:
         cfg = settings.server
         slots, addresses = open_listeners(cfg.listen, cfg.tls_listen, copies)

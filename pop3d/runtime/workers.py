@@ -135,8 +135,7 @@ class Supervisor:
                     self.metrics_endpoint.close_socket()
                 for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor speaks
                     os.environ.pop(var, None)
-                self.worker_main(self.prepared.for_slot(slot), -1 if ready_w is None else ready_w,
-                                 self.share.state)
+                self.worker_main(self.prepared.for_slot(slot), -1 if ready_w is None else ready_w, self.share.state)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:  # report anything and exit non-zero; the parent restarts us
