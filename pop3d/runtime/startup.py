@@ -64,7 +64,7 @@ class Prepared:
 def prepare(settings: Settings, copies: int) -> Prepared:
     """Bind or take over the listeners, load TLS, bind the metrics port. Raises ListenError (OSError),
     ActivationError, or ConfigError-worthy ssl errors (the CLI has checked the files already)."""
-    inherited = systemd.listen_fds()
+    inherited = systemd.listen_fds(settings.server.listen, settings.server.tls_listen)
     tls_socket = next((i for i in inherited if i.kind == "tls"), None)
     if tls_socket is not None and settings.tls.cert is None:
         raise systemd.ActivationError(f"systemd passed a {tls_socket.name!r} socket but tls.cert/tls.key are not set")
