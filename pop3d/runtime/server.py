@@ -31,6 +31,7 @@ from pop3d.storage import build_storage
 if TYPE_CHECKING:
     from pop3d.net.tls import TlsManager
     from pop3d.runtime import privileges
+    from pop3d.runtime.heartbeat import Heartbeat
 
 log = logging.getLogger("pop3d")
 
@@ -216,6 +217,7 @@ async def serve(
     load: Callable[[], Settings] | None = None,
     bound: Bound | None = None,
     shared: SharedState | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> None:
     """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.runtime.reload).
 
@@ -224,7 +226,8 @@ async def serve(
     `bound`: the sockets, TLS state and metrics port made before privileges were dropped
     (pop3d.runtime.startup); None binds them here. A worker's `bound` has no metrics port (its supervisor
     serves the summed metrics) and `shared` is its share with the other workers; it does not talk to
-    systemd either (its supervisor removed NOTIFY_SOCKET).
+    systemd either (its supervisor removed NOTIFY_SOCKET) but, when the unit has a watchdog, beats into
+    `heartbeat` from its loop, which the supervisor reads before each WATCHDOG=1.
     """
     from pop3d.ops import metrics
     from pop3d.runtime import systemd
@@ -263,8 +266,11 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     # a forked worker starts with these blocked (pop3d.runtime.workers): from here on they are handled, not fatal
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
-    interval = systemd.watchdog_interval()
-    watchdog = _Watchdog(loop, interval) if interval is not None else None
+    watchdog = None
+    if heartbeat is not None:
+        watchdog = _Watchdog(loop, heartbeat.period, heartbeat.beat)
+    elif (interval := systemd.watchdog_interval()) is not None:
+        watchdog = _Watchdog(loop, interval, lambda: systemd.notify("WATCHDOG=1"))
     if on_ready is not None:
         on_ready(server)
     systemd.notify("READY=1", _status(server))
@@ -283,16 +289,15 @@ def _status(server: Pop3Server) -> str:
 
 
 class _Watchdog:
-    """WATCHDOG=1 from the event loop itself, so a stuck loop (not just a live process) trips WatchdogSec=."""
+    """WATCHDOG=1 (or a worker's heartbeat) from the event loop itself, so a stuck loop (not just a live
+    process) trips WatchdogSec=."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        self._loop, self._interval = loop, interval
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float, ping: Callable[[], object]) -> None:
+        self._loop, self._interval, self._ping_once = loop, interval, ping
         self._handle = loop.call_soon(self._ping)
 
     def _ping(self) -> None:
-        from pop3d.runtime import systemd
-
-        systemd.notify("WATCHDOG=1")
+        self._ping_once()
         self._handle = self._loop.call_later(self._interval, self._ping)
 
     def cancel(self) -> None:
@@ -331,7 +336,7 @@ def serve_forever(
         run(lambda: serve(settings, (lambda srv: on_ready(srv.addresses_text())) if on_ready else None, load, bound))
         return 0
 
-    def worker_main(bound: Bound, ready_fd: int, shared: SharedState) -> None:
+    def worker_main(bound: Bound, ready_fd: int, shared: SharedState, heartbeat: Heartbeat | None) -> None:
         """One forked worker: its own loop on its own listeners; tells the supervisor once it serves."""
 
         def ready(server: Pop3Server) -> None:
@@ -339,7 +344,7 @@ def serve_forever(
                 os.write(ready_fd, b"r")
                 os.close(ready_fd)
 
-        run(lambda: serve(settings, ready, load, bound, shared))
+        run(lambda: serve(settings, ready, load, bound, shared, heartbeat))
 
     sup = workers.Supervisor(settings, worker_main, prepared)
     return sup.run((lambda s: on_ready(s.addresses_text())) if on_ready else None)

@@ -20,8 +20,11 @@ With more workers a small synchronous supervisor (this module) stays in the pare
   supervisor never leaves orphans holding ports and maildrop locks;
 * under systemd the supervisor is the main process: it takes socket-activated sockets (then every worker
   accepts on those same inherited sockets), sends READY/RELOADING/STOPPING and the watchdog pings; workers
-  do not talk to the manager. With `metrics.listen` it serves the metrics summed over the workers
-  (prometheus-client multiprocess mode) and tells the collector when a worker died;
+  do not talk to the manager. With WatchdogSec= each worker beats from its event loop into a shared slot
+  (pop3d.runtime.heartbeat) and WATCHDOG=1 goes out only while every worker has beaten within the ping
+  interval: a stuck or stopped worker stops the pings, and systemd restarts the service. With
+  `metrics.listen` it serves the metrics summed over the workers (prometheus-client multiprocess mode) and
+  tells the collector when a worker died;
 * what the workers must agree on (login penalties, LOGIN-DELAY, metrics) is built before the first fork
   (pop3d.runtime.shared) and handed to each worker, never looked up from globals or the environment.
 
@@ -42,6 +45,8 @@ from collections.abc import Callable
 
 from pop3d.config import Settings
 from pop3d.pop3.context import SharedState
+from pop3d.runtime import systemd
+from pop3d.runtime.heartbeat import Heartbeat, HeartbeatTable
 from pop3d.runtime.shared import share_between_workers
 from pop3d.runtime.startup import Bound, Prepared
 
@@ -78,18 +83,20 @@ def _die_with_parent() -> None:
         pass
 
 
-#: worker_main(its sockets and TLS state, ready_fd, shared state): runs one worker until it should exit
-WorkerMain = Callable[[Bound, int, SharedState], None]
+#: worker_main(its sockets and TLS state, ready_fd, shared state, heartbeat or None): runs one worker until it
+#: should exit
+WorkerMain = Callable[[Bound, int, SharedState, Heartbeat | None], None]
 
 
 class Supervisor:
     """Forks `settings.server.workers` workers and keeps that many alive until told to stop."""
 
     def __init__(self, settings: Settings, worker_main: WorkerMain, prepared: Prepared) -> None:
-        """`worker_main(bound, ready_fd, shared)` runs one worker; it writes a byte to `ready_fd` once it
-        listens (-1: nobody waits) and returns when the worker should exit. `prepared`: the sockets (one set
-        per worker slot), TLS state and metrics port, made before privileges were dropped; from here on the
-        supervisor owns them."""
+        """`worker_main(bound, ready_fd, shared, heartbeat)` runs one worker; it writes a byte to `ready_fd` once
+        it listens (-1: nobody waits), calls `heartbeat.beat()` from its loop every `heartbeat.period` seconds
+        when the unit has a watchdog (else heartbeat is None) and returns when the worker should exit.
+        `prepared`: the sockets (one set per worker slot), TLS state and metrics port, made before privileges
+        were dropped; from here on the supervisor owns them."""
         self.settings = settings
         self.count = settings.server.workers
         self.worker_main = worker_main
@@ -110,12 +117,19 @@ class Supervisor:
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}  # slot -> monotonic time of its last start
         self.stopping = False
+        interval = systemd.watchdog_interval()  # read before the fork: WATCHDOG_PID names this process
+        self.heartbeats = HeartbeatTable(self.count, interval) if interval is not None else None
+        self.withheld = False  # a watchdog ping is being held back for a worker that does not answer
 
     def addresses_text(self) -> list[str]:
         return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p, _ in self.addresses]
 
     def _spawn(self, slot: int, ready_w: int | None) -> int:
         parent = os.getpid()
+        heartbeat = None
+        if self.heartbeats is not None:
+            self.heartbeats.stamp(slot)  # a new worker has one interval to start beating
+            heartbeat = self.heartbeats.beat_for(slot)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 0
@@ -135,7 +149,8 @@ class Supervisor:
                     self.metrics_endpoint.close_socket()
                 for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor speaks
                     os.environ.pop(var, None)
-                self.worker_main(self.prepared.for_slot(slot), -1 if ready_w is None else ready_w, self.share.state)
+                ready_fd = -1 if ready_w is None else ready_w
+                self.worker_main(self.prepared.for_slot(slot), ready_fd, self.share.state, heartbeat)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:  # report anything and exit non-zero; the parent restarts us
@@ -168,8 +183,6 @@ class Supervisor:
         log.info("%d workers listening on %s", self.count, ", ".join(self.addresses_text()))
         if on_ready is not None:
             on_ready(self)
-        from pop3d.runtime import systemd
-
         systemd.notify("READY=1", self._status())
         return self._supervise()
 
@@ -198,15 +211,14 @@ class Supervisor:
         return True
 
     def _supervise(self) -> int:
-        from pop3d.runtime import systemd
-
-        watchdog = systemd.watchdog_interval()
         next_ping = time.monotonic()
         while self.pids:
-            if watchdog is not None and time.monotonic() >= next_ping:
-                systemd.notify("WATCHDOG=1")
-                next_ping = time.monotonic() + watchdog
-            info = signal.sigtimedwait(_WATCHED, min(1.0, watchdog or 1.0))
+            wait = 1.0
+            if self.heartbeats is not None:
+                if time.monotonic() >= next_ping:
+                    next_ping = self._watchdog(self.heartbeats)
+                wait = min(wait, max(0.001, next_ping - time.monotonic()))
+            info = signal.sigtimedwait(_WATCHED, wait)
             if info is not None and info.si_signo in _FORWARDED:
                 if info.si_signo == signal.SIGHUP:
                     log.info("SIGHUP: forwarding to workers")
@@ -226,10 +238,33 @@ class Supervisor:
         log.info("all workers stopped")
         return 0
 
+    def _watchdog(self, heartbeats: HeartbeatTable) -> float:
+        """WATCHDOG=1 when every worker beat within the interval; else hold it back and say why in STATUS=
+        (systemctl status shows it). Returns when to look again."""
+        stale = heartbeats.stale(self.pids)
+        now = time.monotonic()
+        if not stale:
+            if self.withheld:
+                self.withheld = False
+                log.info("every worker answers again: watchdog pings resume")
+                systemd.notify("WATCHDOG=1", "STATUS=draining sessions" if self.stopping else self._status())
+            else:
+                systemd.notify("WATCHDOG=1")
+            return now + heartbeats.interval
+        slot, pid, age = stale[0]
+        what = f"worker {slot} (pid {pid}) has not answered for {age:.1f} s"
+        if not self.withheld:
+            self.withheld = True
+            log.error("%s: withholding the watchdog ping (WatchdogSec= restarts the service if it stays so)", what)
+        systemd.notify(f"STATUS={what}; watchdog ping withheld")
+        return now + heartbeats.interval / 4  # look again soon: a worker that recovers must not miss WatchdogSec=
+
     def _release(self) -> None:
         """After the last worker: the listening sockets, the metrics endpoint, the shared files."""
         self.prepared.close()
         self.share.remove()
+        if self.heartbeats is not None:
+            self.heartbeats.close()
 
     def _status(self) -> str:
         return f"STATUS=listening on {', '.join(self.addresses_text())}"
