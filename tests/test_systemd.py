@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -75,18 +76,27 @@ class FakeSystemd:
 
     def wait_for(self, state: str, timeout: float = 20) -> str:
         """The first datagram (after those already consumed) containing the line `state`."""
+        return self.wait_until(lambda lines: state in lines, state, timeout)
+
+    def wait_until(self, test: Callable[[list[str]], bool], what: str, timeout: float = 20) -> str:
+        """The first datagram (after those already consumed) whose lines pass `test`."""
         end = time.monotonic() + timeout
         with self._cond:
             while True:
                 while self._next < len(self.seen):
                     msg = self.seen[self._next]
                     self._next += 1
-                    if state in msg.split("\n"):
+                    if test(msg.split("\n")):
                         return msg
                 left = end - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"no {state} from the service; got {self.seen[-20:]}")
+                    raise AssertionError(f"no {what} from the service; got {self.seen[-20:]}")
                 self._cond.wait(left)
+
+    def consumed(self) -> list[str]:
+        """The datagrams wait_for/wait_until have looked at so far."""
+        with self._cond:
+            return self.seen[: self._next]
 
     def close(self) -> None:
         self.sock.shutdown(socket.SHUT_RDWR)
@@ -271,6 +281,143 @@ def test_plain_and_tls_sockets_told_apart_by_name(tmp_path):
         fake.close()
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (the supervisor's workers)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+    return sorted(kids)
+
+
+def test_watchdog_stops_while_a_worker_is_stopped(tmp_path):
+    """WATCHDOG=1 keeps coming while both workers beat; a SIGSTOPped worker holds it back (STATUS= says which),
+    so systemd's WatchdogSec= would restart the service; SIGCONT and the pings resume."""
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}x\n")
+    cfg = tmp_path / "pop3d.toml"
+    _config(cfg, tmp_path, passwd, _free_port())
+    cfg.write_text(cfg.read_text().replace("shutdown_grace = 0.5", "shutdown_grace = 0.5\nworkers = 2"))
+    lsock = _listener()
+    fake = FakeSystemd()
+    log = tmp_path / "out.log"
+    proc = _spawn(["serve", "--config", str(cfg)], [lsock], "pop3", fake, log, WATCHDOG_USEC="1000000")
+    lsock.close()
+    stopped = 0
+    try:
+        fake.wait_for("READY=1")
+        for _ in range(3):  # healthy workers: the pings keep coming
+            fake.wait_for("WATCHDOG=1")
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        stopped = workers[1]
+        os.kill(stopped, signal.SIGSTOP)
+
+        def withheld(lines: list[str]) -> bool:
+            return any(ln.startswith("STATUS=") and "watchdog ping withheld" in ln for ln in lines)
+
+        first = fake.wait_until(withheld, "a withheld ping")
+        assert f"(pid {stopped}) has not answered" in first
+        mark = len(fake.consumed())
+        for _ in range(4):  # four more looks at the workers, none of them a ping
+            fake.wait_until(withheld, "a withheld ping")
+        assert not any("WATCHDOG=1" in msg.split("\n") for msg in fake.consumed()[mark:])
+
+        os.kill(stopped, signal.SIGCONT)
+        stopped = 0
+        resumed = fake.wait_for("WATCHDOG=1")
+        assert any(ln.startswith("STATUS=listening on") for ln in resumed.split("\n"))
+        fake.wait_for("WATCHDOG=1")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if stopped:
+            os.kill(stopped, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        fake.close()
+    text = log.read_text()
+    assert "withholding the watchdog ping" in text and "watchdog pings resume" in text
+
+
+@pytest.mark.parametrize(
+    ("names", "tls_item"),
+    [
+        ("", "127.0.0.1:{port}"),  # no LISTEN_FDNAMES at all: systemd's "unknown"
+        ("pop3d.socket:pop3d-tls.socket", ":{port}"),  # socket units without FileDescriptorName=, wildcard config
+        ("pop3d.socket:unknown", "[::]:{port}"),
+    ],
+)
+def test_default_named_sockets_matched_by_address(tmp_path, names, tls_item):
+    """Sockets named after their unit (or not at all) are told apart by their bound address: the one in
+    server.tls_listen speaks implicit TLS (RFC 8314 §3.3), the one in server.listen plain POP3."""
+    from tls_helpers import Pki
+
+    pki = Pki.make(tmp_path)
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}x\n")
+    socks = [_listener(), _listener()]
+    plain_port, tls_port = (s.getsockname()[1] for s in socks)
+    cfg = tmp_path / "pop3d.toml"
+    _config(cfg, tmp_path, passwd, _free_port(), extra=f'[tls]\ncert = "{pki.server_pem}"\nkey = "{pki.server_pem}"\n')
+    listen = f'listen = ["127.0.0.1:{plain_port}"]\ntls_listen = ["{tls_item.format(port=tls_port)}"]'
+    cfg.write_text(
+        cfg.read_text().replace('listen = ["127.0.0.1:1"]   # ignored: the sockets come from systemd', listen)
+    )
+    fake = FakeSystemd()
+    proc = _spawn(["serve", "--config", str(cfg)], socks, names, fake, tmp_path / "out.log")
+    for s in socks:
+        s.close()
+    try:
+        fake.wait_for("READY=1")
+        c, f = _pop(plain_port)
+        assert f.readline().startswith(b"+OK pop3d ready")
+        c.close()
+        raw = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
+        with pki.client_context().wrap_socket(raw, server_hostname="localhost") as t:
+            assert t.makefile("rb").readline().startswith(b"+OK pop3d ready")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        fake.close()
+    assert "matches server.tls_listen: implicit TLS" in (tmp_path / "out.log").read_text()
+
+
+def test_default_named_socket_matching_nothing_is_plain(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}x\n")
+    cfg = tmp_path / "pop3d.toml"
+    _config(cfg, tmp_path, passwd, _free_port())  # server.listen is 127.0.0.1:1: not the socket's address
+    lsock = _listener()
+    port = lsock.getsockname()[1]
+    fake = FakeSystemd()
+    log = tmp_path / "out.log"
+    proc = _spawn(["serve", "--config", str(cfg)], [lsock], "pop3d.socket", fake, log)
+    lsock.close()
+    try:
+        fake.wait_for("READY=1")
+        c, f = _pop(port)
+        assert f.readline().startswith(b"+OK pop3d ready")
+        c.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        fake.close()
+    assert f"socket 3 (pop3d.socket) on 127.0.0.1:{port} matches no server.listen" in log.read_text()
+
+
 # -- pure pieces ------------------------------------------------------------------------------------------
 
 
@@ -307,6 +454,92 @@ def test_listen_fds_for_another_process_or_bad(monkeypatch):
         systemd.listen_fds()
 
 
+def test_address_matching_is_wildcard_aware():
+    """2: same address and port; 1: same port with a wildcard on either side; 0: anything else."""
+    ip = systemd._ip
+    v4 = ip("127.0.0.1")
+    assert v4 is not None and ip("::ffff:127.0.0.1") == v4  # a dual-stack socket's view of an IPv4 peer
+    assert systemd._match(v4, 995, ["127.0.0.1:995"]) == 2
+    assert systemd._match(v4, 995, ["localhost:995"]) == 2
+    assert systemd._match(v4, 995, [":995", "0.0.0.0:995"]) == 1
+    assert systemd._match(v4, 995, ["[::]:995"]) == 1
+    assert systemd._match(v4, 995, ["127.0.0.2:995", "127.0.0.1:110", "127.0.0.1:0", "bad"]) == 0
+    any6 = ip("::")
+    assert any6 is not None and systemd._match(any6, 995, ["192.0.2.1:995"]) == 1  # ListenStream=995
+
+
+# -- check-config in the unit's sandbox ---------------------------------------------------------------------
+
+
+def _can_unshare_mounts() -> bool:
+    try:
+        return subprocess.run(["unshare", "-m", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@needs_tool("unshare", "util-linux")
+def test_check_config_warns_about_read_only_mail_and_state(tmp_path):
+    """What ProtectSystem=strict does to a path ReadWritePaths= forgot: a read-only bind mount. check-config
+    (run by ExecReload= in the same sandbox) names the path and the unit setting, and still exits 0."""
+    if not _can_unshare_mounts():
+        pytest.skip("no private mount namespace here (needs CAP_SYS_ADMIN)")
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}x\n")
+    (tmp_path / "mail").mkdir()
+    cfg = tmp_path / "pop3d.toml"
+    _config(cfg, tmp_path, passwd, _free_port())
+    cfg.write_text(cfg.read_text().replace("[server]\n", f'[server]\nstate_dir = "{tmp_path}/state"\n', 1))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    check = [sys.executable, "-m", "pop3d", "check-config", "--config", str(cfg)]
+    free = subprocess.run(check, capture_output=True, text=True, env=env, timeout=60)
+    assert free.returncode == 0, free.stderr
+    assert "WARNING" not in free.stdout
+
+    script = 'mount --bind -o ro "$1" "$1" && shift && exec "$@"'
+    boxed = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", str(tmp_path), *check],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert boxed.returncode == 0, boxed.stderr  # a warning: serve starts, it only cannot write
+    lines = boxed.stdout.splitlines()
+    mail = next(ln for ln in lines if ln.startswith(f"access: storage.location {tmp_path}/mail") and "WARNING" in ln)
+    assert "read-only file system" in mail and f"ReadWritePaths=-{tmp_path}/mail" in mail
+    state = next(ln for ln in lines if ln.startswith(f"access: server.state_dir {tmp_path}/state"))
+    assert "WARNING on a read-only file system" in state and f"ReadWritePaths=-{tmp_path}/state" in state
+
+
+def test_check_config_names_protect_home_for_home_locations(tmp_path, monkeypatch):
+    """`{home}/Maildir` with homes under /home: ProtectHome=yes makes /home an inaccessible read-only mount;
+    check-config finds the homes in the passwd-file and says to turn ProtectHome= off."""
+    from pop3d.config import Settings
+    from pop3d.runtime import access
+
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}x::::/home/alice::\nbob:{PLAIN}y::::/home/bob::\ncarol:{PLAIN}z\n")
+    settings = Settings.model_validate(
+        {
+            "auth": {"passwd_file": str(passwd)},
+            "storage": {"location": "{home}/Maildir"},
+            "server": {"state_dir": str(tmp_path / "state")},
+        }
+    )
+    monkeypatch.setattr(access, "_read_only", lambda path: path == "/home" or path.startswith("/home/"))
+    (tmp_path / "state").mkdir()
+    exists = os.path.exists
+    monkeypatch.setattr(access.os.path, "exists", lambda path: str(path).startswith("/home") or exists(path))
+    _who, _checks, notes = access.check(settings, None)
+    warning = next(n for n in notes if "WARNING" in n)
+    assert warning.startswith("access: storage.location {home}/Maildir (homes in /home): WARNING on a read-only")
+    assert "ProtectHome=no and ReadWritePaths=-/home in pop3d.service" in warning
+    assert sum("WARNING" in n for n in notes) == 1  # /home once, not once per user; the state dir is fine
+    assert access._unit_hint("/var/lib/pop3d/mbox").startswith("under systemd: StateDirectory=pop3d")
+    assert access._unit_hint("/srv/mail") == "under systemd: ReadWritePaths=-/srv/mail in pop3d.service"
+
+
 # -- the unit files ---------------------------------------------------------------------------------------
 
 
@@ -320,7 +553,12 @@ def _unit(name: str) -> configparser.ConfigParser:
 def test_unit_files():
     svc = _unit("pop3d.service")["Service"]
     assert svc["Type"] == "notify"
-    assert "kill -HUP $MAINPID" in svc["ExecReload"]
+    # several ExecReload= run in order, stopping at the first failure: check-config gates the SIGHUP
+    lines = (ROOT / "contrib" / "systemd" / "pop3d.service").read_text().splitlines()
+    reload = [ln.split("=", 1)[1] for ln in lines if ln.startswith("ExecReload=")]
+    assert len(reload) == 2 and "pop3d check-config --config /etc/pop3d/pop3d.toml" in reload[0]
+    assert reload[1] == "/bin/kill -HUP $MAINPID" and not reload[0].startswith("-")
+    assert svc["ProtectHome"] == "yes" and "ProtectHome=no" in "\n".join(lines)  # says what to change for {home}
     assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict" and svc["PrivateTmp"] == "yes"
     assert "-/srv/mail" in svc["ReadWritePaths"].split()  # "-": the unit starts where it does not exist
     assert svc["StateDirectory"] == "pop3d"  # server.state_dir, writable under ProtectSystem=strict
