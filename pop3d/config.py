@@ -2,7 +2,9 @@
 
 Key names are an interface other tools depend on (`server.listen`, `server.hostname`, `auth.passwd_file`,
 `storage.driver`, `storage.location`); keep them. `config.example.toml` documents every key.
-Unknown keys are errors: a typo in a config file must not silently fall back to a default.
+Unknown keys are errors: a typo in a config file, or in a variable name, must not silently fall back to a
+default. The variables are parsed here (`env_overrides`), not by pydantic-settings, so that an error names the
+variable and its value in one line and a variable that names no key is refused.
 """
 
 from __future__ import annotations
@@ -307,7 +309,6 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-#: section name -> its model, for naming keys outside pydantic (environment variables)
 def _sections() -> dict[str, type[BaseModel]]:
     out: dict[str, type[BaseModel]] = {}
     for name, info in Settings.model_fields.items():
@@ -317,6 +318,7 @@ def _sections() -> dict[str, type[BaseModel]]:
     return out
 
 
+#: section name -> its model, for naming keys outside pydantic (environment variables)
 SECTIONS: Mapping[str, type[BaseModel]] = MappingProxyType(_sections())
 
 
