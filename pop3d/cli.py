@@ -1,6 +1,12 @@
-"""The `pop3d` command: serve, check-config, passwd, bench, mkmaildrops.
+"""The `pop3d` command: serve, check-config, health, passwd, bench, mkmaildrops.
 
-Exit status 2 with one line on stderr for every configuration or usage problem; no tracebacks for those.
+Every failure ends in one line on stderr and one of these exit statuses (README "Exit status"), never a
+traceback for a mistake the operator can fix:
+
+- 0: done (serve: stopped by SIGTERM/SIGINT after draining);
+- 1: the command ran and failed (cannot listen, cannot switch user, not healthy, an OS error while working);
+- 2: usage or configuration error (a bad argument, key or POP3D_* variable; a named file missing or unreadable);
+- 130: interrupted by Ctrl-C before it finished.
 """
 
 from __future__ import annotations
@@ -12,11 +18,24 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from pop3d import __version__
 from pop3d.config import ConfigError, Settings, load_settings, target_address
 
 log = logging.getLogger("pop3d")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors on one line (exit 2), like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _setup_logging(settings: Settings) -> None:
@@ -54,10 +73,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pop3d.runtime.server import serve_forever
     from pop3d.runtime.systemd import ActivationError
 
+    if args.listen and not args.demo:
+        raise ConfigError("--listen is for --demo; set server.listen in the configuration file")
     if args.demo:
         from pop3d import demo
 
-        settings = demo.prepare(Path(args.demo_dir))
+        for item in args.listen or ():
+            target_address(item, "--listen")  # ConfigError naming the option, not server.listen
+        settings = demo.prepare(Path(args.demo_dir), args.listen)
     else:
         settings = _load(args)
     _check_runtime(settings)
@@ -74,13 +97,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve_forever(settings, ready, load)
     except ActivationError as exc:
         print(f"pop3d: socket activation: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except OSError as exc:  # e.g. address in use, permission denied on a low port
-        print(f"pop3d: cannot listen: {exc}", file=sys.stderr)
-        return 1
+        print(f"pop3d: cannot listen: {_os_error(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
     except PrivilegeError as exc:
         print(f"pop3d: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -116,17 +139,19 @@ def _report_privileges(settings: Settings) -> int:
     failed = [c for c in checks if not c.ok]
     if failed:
         print(f"pop3d: {failed[0].what}: not {failed[0].need} by {who}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    return EXIT_OK
 
 
 def cmd_health(args: argparse.Namespace) -> int:
     from pop3d.ops.health import check
 
     host, port = target_address(args.address, "address")
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
     ok, message = check(host, port, args.timeout, proxy=args.proxy, tls=args.tls)
     print(message, file=sys.stdout if ok else sys.stderr)
-    return 0 if ok else 1
+    return EXIT_OK if ok else EXIT_FAILURE
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
@@ -135,23 +160,71 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     scheme = args.scheme.upper()
     if scheme not in schemes.SCHEMES:
         raise ConfigError(f"--scheme: unknown scheme {args.scheme!r} (choose from {', '.join(schemes.SCHEMES)})")
-    if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat: ") != password:
-            raise ConfigError("passwords do not match")
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
+    if args.user is not None and (not args.user or any(c == ":" or not c.isprintable() for c in args.user)):
+        raise ConfigError(f"user name {args.user!r}: must be non-empty, without ':' or control characters")
+    password = _read_password()
+    try:
+        entry = schemes.hash_password(scheme, password)
+    except ValueError as exc:  # the scheme refuses this password (e.g. BLF-CRYPT over 72 bytes)
+        raise ConfigError(f"password refused: {exc} (or choose another --scheme)") from None
+    print(f"{args.user}:{entry}" if args.user else entry)
+    return EXIT_OK
+
+
+def _read_password() -> str:
+    """Asked twice on a terminal; otherwise the first line of stdin (for scripts: `echo pw | pop3d passwd`)."""
+    try:
+        if sys.stdin.isatty():
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Repeat: ") != password:
+                raise ConfigError("passwords do not match")
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+    except EOFError:
+        raise ConfigError("no password given") from None
+    except UnicodeDecodeError:
+        raise ConfigError("the password on stdin is not UTF-8") from None
     if not password:
         raise ConfigError("empty password")
-    entry = schemes.hash_password(scheme, password)
-    print(f"{args.user}:{entry}" if args.user else entry)
-    return 0
+    return password
+
+
+#: login methods a stored secret allows beyond USER/PASS, SASL PLAIN and SASL LOGIN (which verify the password
+#: the client sends against any scheme): APOP and the challenge-response SASL mechanisms need the password itself
+#: or the scheme's own precomputed keys (README "Users")
+_EXTRA_METHODS = {
+    "PLAIN": "APOP, AUTH CRAM-MD5, AUTH SCRAM-SHA-256",
+    "CRAM-MD5": "AUTH CRAM-MD5",
+    "SCRAM-SHA-256": "AUTH SCRAM-SHA-256",
+}
+
+
+def _passwd_epilog() -> str:
+    from pop3d.auth.schemes import DEFAULT_SCHEME, SCHEMES
+
+    width = max(len(s) for s in SCHEMES) + 2
+    rows = []
+    for name in SCHEMES:
+        extra = _EXTRA_METHODS.get(name)
+        methods = "USER/PASS, AUTH PLAIN, AUTH LOGIN" + (f", {extra}" if extra else "")
+        rows.append(f"  {name:<{width}}{methods}{'  (default)' if name == DEFAULT_SCHEME else ''}")
+    return (
+        "schemes, and the login methods (USER/PASS, APOP, AUTH <SASL mechanism>) each allows:\n"
+        + "\n".join(rows)
+        + "\nAUTH EXTERNAL (client certificates) works for any user in the file. {PLAIN} and {CRAM-MD5} are\n"
+        "password-equivalent: protect the file. BLF-CRYPT takes passwords of at most 72 bytes.\n"
+        "The password is asked twice on a terminal, else read from the first line of stdin."
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pop3d.auth.schemes import DEFAULT_SCHEME
+    from pop3d.auth.schemes import DEFAULT_SCHEME, SCHEMES
 
-    p = argparse.ArgumentParser(prog="pop3d", description="POP3 server (RFC 1939) for Maildir maildrops.")
+    p = _Parser(
+        prog="pop3d",
+        description="POP3 server (RFC 1939) for Maildir and mbox maildrops.",
+        epilog="exit status: 0 ok, 1 failure while running, 2 usage or configuration error, 130 interrupted",
+    )
     p.add_argument("--version", action="version", version=f"pop3d {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -164,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML configuration file (default: $POP3D_CONFIG_FILE, else none: defaults + env)",
     )
     s.add_argument("--demo", action="store_true", help="create a demo user and Maildir and listen on 127.0.0.1:8110")
+    s.add_argument(
+        "--listen",
+        action="append",
+        metavar="HOST:PORT",
+        help="with --demo: listen here instead (repeatable; default 127.0.0.1:8110, or $POP3D_SERVER__LISTEN)",
+    )
     s.add_argument(
         "--demo-dir", default="pop3d-demo", metavar="DIR", help="where --demo keeps its files (default: ./pop3d-demo)"
     )
@@ -190,15 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--tls", action="store_true", help="implicit TLS first (a server.tls_listen port, e.g. 995)")
     h.set_defaults(func=cmd_health)
 
-    w = sub.add_parser("passwd", help="print a passwd-file entry with a strong hash (password on stdin)")
+    w = sub.add_parser(
+        "passwd",
+        help="print a passwd-file entry with a strong hash (password on stdin)",
+        description="Print a passwd-file entry: USER:{SCHEME}secret, or only {SCHEME}secret without USER.",
+        epilog=_passwd_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     w.add_argument("user", nargs="?", help="user name to prefix the entry with")
-    w.add_argument("--scheme", default=DEFAULT_SCHEME, help=f"hash scheme (default {DEFAULT_SCHEME})")
+    w.add_argument(
+        "--scheme", default=DEFAULT_SCHEME, help=f"hash scheme: {', '.join(SCHEMES)} (default {DEFAULT_SCHEME})"
+    )
     w.set_defaults(func=cmd_passwd)
 
     from pop3d.bench.cli import add_parsers as add_bench_parsers
 
     add_bench_parsers(sub)  # bench, mkmaildrops
     return p
+
+
+def _os_error(exc: OSError) -> str:
+    """'path: reason' without the errno noise; the reason alone when no file is involved."""
+    reason = exc.strerror or str(exc)
+    return f"{exc.filename}: {reason}" if exc.filename else reason
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,9 +301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         print(f"pop3d: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except OSError as exc:  # creating files (--demo-dir, mkmaildrops), writing to a closed pipe, ...
+        print(f"pop3d {args.command}: {_os_error(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,21 +2,34 @@
 
 Key names are an interface other tools depend on (`server.listen`, `server.hostname`, `auth.passwd_file`,
 `storage.driver`, `storage.location`); keep them. `config.example.toml` documents every key.
-Unknown keys are errors: a typo in a config file must not silently fall back to a default.
+Unknown keys are errors: a typo in a config file, or in a variable name, must not silently fall back to a
+default. The variables are parsed here (`env_overrides`), not by pydantic-settings, so that an error names the
+variable and its value in one line and a variable that names no key is refused.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
 import os
 import re
 import socket
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 # leaf modules that import no server code: the names they define are not restated here
 from pop3d.auth.mechanisms import KNOWN as KNOWN_MECHANISMS
@@ -254,9 +267,7 @@ class MetricsSettings(_Section):
 class Settings(BaseSettings):
     """The whole configuration. Build with `load_settings(path)`."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="POP3D_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
-    )
+    model_config = SettingsConfigDict(extra="forbid")
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     session: SessionSettings = Field(default_factory=SessionSettings)
@@ -286,42 +297,173 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        # POP3D_* variables are parsed by env_overrides (one-line errors naming the variable, unknown ones
+        # refused), not by pydantic-settings' own source
+        env = getattr(settings_cls, "__env__", None)
+        if env is None:
+            env = env_overrides(os.environ)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, InitSettingsSource(settings_cls, env.values)]
         toml_file = getattr(settings_cls, "__toml_path__", None)
         if toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
         return tuple(sources)
 
 
+def _sections() -> dict[str, type[BaseModel]]:
+    out: dict[str, type[BaseModel]] = {}
+    for name, info in Settings.model_fields.items():
+        model = info.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        out[name] = model
+    return out
+
+
+#: section name -> its model, for naming keys outside pydantic (environment variables)
+SECTIONS: Mapping[str, type[BaseModel]] = MappingProxyType(_sections())
+
+
 class ConfigError(Exception):
-    """A configuration problem, already phrased as one line naming the key."""
+    """A configuration problem, already phrased as one line naming the key (or the variable)."""
 
 
-def _describe(exc: ValidationError) -> str:
+#: every environment variable pop3d reads starts with this; the configuration keys are POP3D_<SECTION>__<KEY>
+ENV_PREFIX = "POP3D_"
+#: POP3D_* variables that are not configuration keys (read by pop3d.cli), so not errors
+NON_KEY_VARIABLES = frozenset({"POP3D_CONFIG_FILE"})
+
+
+@dataclass(frozen=True)
+class EnvOverrides:
+    """The POP3D_<SECTION>__<KEY> variables, parsed: values for the model, and which variable set each key."""
+
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: (section, key) -> "NAME='value'", so a validation error can name the variable instead of the key alone
+    origin: dict[tuple[str, str], str] = field(default_factory=dict)
+
+
+def _suggest(word: str, choices: Iterable[str], template: str) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {template.format(close[0].upper())}?)" if close else ""
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list
+
+
+def _is_optional(annotation: Any) -> bool:
+    return type(None) in typing.get_args(annotation)
+
+
+def _env_value(var: str, section: str, key: str, raw: str) -> Any:
+    """The text of a variable as the model wants it: JSON for lists, None for an empty optional, else the string
+    (pydantic converts it, and its error then names the key)."""
+    info = SECTIONS[section].model_fields[key]
+    if _is_list(info.annotation):
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, list):
+            example = json.dumps(info.get_default(call_default_factory=True) or ["..."])
+            raise ConfigError(f"{var}={raw!r}: {section}.{key} takes a JSON list, e.g. {var}='{example}'")
+        return value
+    if raw == "" and _is_optional(info.annotation):
+        return None
+    return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> EnvOverrides:
+    """Parse the POP3D_* variables of `environ`. A variable that names no key is an error, as an unknown key in
+    the file is: `POP3D_SESION__TIMEOUT` must not be silently ignored. Raises ConfigError naming the variable."""
+    out = EnvOverrides()
+    problems: list[str] = []
+    for var, raw in sorted(environ.items()):
+        upper = var.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NON_KEY_VARIABLES:
+            continue
+        section, sep, key = upper.removeprefix(ENV_PREFIX).lower().partition("__")
+        if not sep or not key or "__" in key:
+            problems.append(
+                f"{var}: not a configuration variable (POP3D_<SECTION>__<KEY>, e.g. POP3D_SERVER__LISTEN)"
+                + _suggest(section, SECTIONS, "POP3D_{}__...")
+            )
+            continue
+        if section not in SECTIONS:
+            hint = _suggest(section, SECTIONS, f"POP3D_{{}}__{key.upper()}")
+            problems.append(f"{var}: unknown section {section!r}" + (hint or f" (sections: {', '.join(SECTIONS)})"))
+            continue
+        if key not in SECTIONS[section].model_fields:
+            problems.append(
+                f"{var}: unknown key {section}.{key}"
+                + _suggest(key, SECTIONS[section].model_fields, f"POP3D_{section.upper()}__{{}}")
+            )
+            continue
+        try:
+            out.values.setdefault(section, {})[key] = _env_value(var, section, key, raw)
+        except ConfigError as exc:
+            problems.append(str(exc))
+            continue
+        out.origin[(section, key)] = f"{var}={raw!r}"
+    if problems:
+        more = len(problems) - 1
+        raise ConfigError(problems[0] + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""))
+    return out
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    """('server', 'listen', 0) -> 'server.listen[0]'."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _describe(exc: ValidationError, env: EnvOverrides) -> str:
     first = exc.errors()[0]
-    key = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
+    loc = tuple(first["loc"])
+    key = _location(loc)
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     more = len(exc.errors()) - 1
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     if not key:  # cross-key checks name their keys themselves
-        return msg.removeprefix("Value error, ") + tail
+        return msg + tail
+    variable = env.origin.get((str(loc[0]), str(loc[1]))) if len(loc) >= 2 else None
+    if variable is not None:  # the variable echoes its value
+        return f"{variable}: {key}: {msg}{tail}"
+    value = first.get("input")
+    if isinstance(value, str | int | float | bool) and first["type"] != "extra_forbidden":
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        msg += f" (got {shown})"
     return f"{key}: {msg}{tail}"
 
 
-def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
-    """Read the TOML file (if any), apply env overrides, validate. Raises ConfigError with one line."""
+def load_settings(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
+    """Read the TOML file (if any), apply `POP3D_*` overrides from `environ` (default: the process environment),
+    then `overrides`; validate. Raises ConfigError with one line naming the key or the variable."""
+    env = env_overrides(os.environ if environ is None else environ)
+    for section, values in overrides.items():  # keys the caller sets are not the variables' doing
+        for key in values if isinstance(values, dict) else ():
+            env.origin.pop((section, key), None)
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p}: not found or not a regular file")
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"config file {p}: cannot read: {exc.strerror}") from None
     try:
-        # a throw-away subclass carries the file path into settings_customise_sources, thread-safely
-        cls = type("Settings", (Settings,), {"__toml_path__": Path(path) if path is not None else None})
+        # a throw-away subclass carries the file path and the variables into settings_customise_sources
+        attrs = {"__toml_path__": Path(path) if path is not None else None, "__env__": env}
+        cls = type("Settings", (Settings,), attrs)
         settings: Settings = cls(**overrides)
         return settings
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, env)) from None
     except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
         raise ConfigError(f"config file {path}: {exc}") from None

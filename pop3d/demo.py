@@ -2,7 +2,8 @@
 
 It writes a passwd-file with user `demo` / password `demo` ({PLAIN}, so APOP works too) and a Maildir with a
 few sample messages that show the edge cases a POP3 server must get right (a line starting with a dot, a
-message without final newline, 8-bit text).
+message without final newline, 8-bit text). `--listen HOST:PORT` (or POP3D_SERVER__LISTEN) moves it off
+127.0.0.1:8110, e.g. to run it in a container or next to another demo.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ SAMPLES: list[bytes] = [
 ]
 
 
-def prepare(directory: Path) -> Settings:
-    """Create (once) the demo passwd-file and Maildir under `directory`; return settings that use them."""
+def prepare(directory: Path, listen: list[str] | None = None) -> Settings:
+    """Create (once) the demo passwd-file and Maildir under `directory`; return settings that use them.
+
+    Listens on `listen` (`serve --demo --listen`), else on $POP3D_SERVER__LISTEN, else on DEMO_LISTEN."""
     directory = directory.resolve()
     maildir = directory / "mail" / "demo" / "Maildir"
     passwd = directory / "passwd"
@@ -46,7 +49,9 @@ def prepare(directory: Path) -> Settings:
             name = f"{now + n}.M{n}P{os.getpid()}.demo"
             (maildir / "new" / name).write_bytes(body)
     server: dict[str, object] = {"hostname": "localhost", "state_dir": str(directory / "state")}
-    if "POP3D_SERVER__LISTEN" not in os.environ:  # env overrides win, as for every other key
+    if listen:
+        server["listen"] = listen
+    elif "POP3D_SERVER__LISTEN" not in os.environ:  # env overrides win, as for every other key
         server["listen"] = [DEMO_LISTEN]
     return load_settings(
         None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import poplib
+import re
 import signal
 import socket
 import subprocess
@@ -143,11 +144,10 @@ def test_passwd_default_scheme_is_strong():
 def test_demo(tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [*POP3D, "serve", "--demo", "--demo-dir", str(tmp_path / "demo")],
+        [*POP3D, "serve", "--demo", "--demo-dir", str(tmp_path / "demo"), "--listen", f"127.0.0.1:{port}"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "POP3D_SERVER__LISTEN": f'["127.0.0.1:{port}"]'},
     )
     try:
         wait_port(port, proc)
@@ -226,3 +226,135 @@ def test_logout_line_never_shows_password(env):
     out, _ = proc.communicate(timeout=15)
     assert "wrong-secret-xyz" not in out and USERS["alice"] not in out
     assert "session end user=alice rip=127.0.0.1 reason=QUIT top=0/0, retr=1/" in out
+
+
+def test_demo_listen_option_then_variable_then_default(tmp_path, monkeypatch):
+    from pop3d import demo
+
+    monkeypatch.delenv("POP3D_SERVER__LISTEN", raising=False)
+    assert demo.prepare(tmp_path).server.listen == [demo.DEMO_LISTEN]
+    monkeypatch.setenv("POP3D_SERVER__LISTEN", '["127.0.0.1:2"]')
+    assert demo.prepare(tmp_path).server.listen == ["127.0.0.1:2"]
+    assert demo.prepare(tmp_path, ["127.0.0.1:3", "[::1]:3"]).server.listen == ["127.0.0.1:3", "[::1]:3"]
+
+
+# -- every failure: one line on stderr, a documented exit status (README "Exit status") ---------------------
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `pop3d ARGV` in this process with `stdin`; (status, stderr) after checking stderr is one line."""
+    import io
+
+    from pop3d.cli import main
+
+    def run(argv: list[str], stdin: str = "") -> tuple[int, str]:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        try:
+            status = main(argv)
+        except SystemExit as exc:  # argparse
+            status = int(exc.code or 0)
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        return status, err
+
+    return run
+
+
+@pytest.mark.parametrize(
+    "argv, status, fragment",
+    [
+        ([], 2, "pop3d: the following arguments are required: command (see pop3d --help)"),
+        (["nosuch"], 2, "invalid choice: 'nosuch'"),
+        (["serve", "--config", "{tmp}/missing.toml"], 2, "missing.toml: not found"),
+        (["check-config", "--config", "{tmp}"], 2, "not a regular file"),
+        (["serve", "--listen", "127.0.0.1:1"], 2, "--listen is for --demo"),
+        (["serve", "--demo", "--demo-dir", "{tmp}/d", "--listen", "nohost"], 2, "--listen: 'nohost' is not host:port"),
+        (["serve", "--demo", "--demo-dir", "{file}/d"], 1, "pop3d serve: {file}/d: Not a directory"),
+        (["health", "nohost"], 2, "address: 'nohost' is not host:port"),
+        (["health", "127.0.0.1:99999"], 2, "port 99999 out of range"),
+        (["health", "--timeout", "-1", "127.0.0.1:1"], 2, "--timeout: -1 is not a positive number"),
+        (["health", "--timeout", "soon"], 2, "pop3d health: argument --timeout: invalid float value: 'soon'"),
+        (["passwd", "--scheme", "MD5"], 2, "--scheme: unknown scheme 'MD5'"),
+        (["passwd", "a:b"], 2, "user name 'a:b'"),
+        (["passwd"], 2, "empty password"),
+        (["passwd", "--scheme", "PLAIN"], 2, "password refused"),  # stdin "a:b", see below
+        (["bench", "nohost", "--users", "{users}"], 2, "'nohost' is not host:port"),
+        (["bench", "127.0.0.1:1", "--users", "{tmp}/missing"], 2, "missing"),
+        (["bench", "127.0.0.1:1", "--users", "{users}", "-c", "0"], 2, "--concurrency"),
+        (["bench", "127.0.0.1:1", "--users", "{users}", "-c", "many"], 2, "invalid int value: 'many'"),
+        (["mkmaildrops", "{file}/d"], 1, "pop3d mkmaildrops: {file}/d"),
+        (["mkmaildrops", "{tmp}/d", "--size", "4q"], 2, "4q"),
+        (["mkmaildrops", "{tmp}/d", "--users", "0"], 2, "--users"),
+    ],
+)
+def test_bad_input_one_line_and_exit_status(cli, tmp_path, argv, status, fragment):
+    names = {"tmp": str(tmp_path), "file": str(tmp_path / "a-file"), "users": str(tmp_path / "users.txt")}
+    (tmp_path / "a-file").write_text("not a directory\n")
+    (tmp_path / "users.txt").write_text("alice:pw\n")
+    got, err = cli([a.format(**names) for a in argv], stdin="a:b\n" if "PLAIN" in argv else "")
+    assert got == status, err
+    assert fragment.format(**names) in err
+
+
+def test_passwd_blf_crypt_long_password_one_line():
+    r = subprocess.run(
+        [*POP3D, "passwd", "--scheme", "BLF-CRYPT"], input="x" * 100 + "\n", capture_output=True, text=True
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert (
+        r.stderr
+        == "pop3d: password refused: BLF-CRYPT passwords are limited to 72 bytes (or choose another --scheme)\n"
+    )
+
+
+def test_passwd_help_lists_schemes_and_login_methods():
+    from pop3d.auth.schemes import SCHEMES
+
+    r = subprocess.run([*POP3D, "passwd", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    rows = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith("  ") and ln.split()[0] in SCHEMES}
+    assert set(rows) == set(SCHEMES)
+    for name, row in rows.items():
+        assert "USER/PASS, AUTH PLAIN, AUTH LOGIN" in row, row
+        assert ("APOP" in row) == (name == "PLAIN"), row
+        assert ("CRAM-MD5" in row.split(None, 1)[1]) == (name in ("PLAIN", "CRAM-MD5")), row
+        assert ("SCRAM-SHA-256" in row.split(None, 1)[1]) == (name in ("PLAIN", "SCRAM-SHA-256")), row
+
+
+def test_unreadable_config_file(cli, tmp_path, monkeypatch):
+    cfg = tmp_path / "pop3d.toml"
+    cfg.write_text("")
+    cfg.chmod(0)
+    if os.geteuid() == 0:  # root reads any file: make open() refuse as the kernel would for anybody else
+        import pop3d.config
+
+        def refuse(path, *args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(pop3d.config, "open", refuse, raising=False)
+    assert cli(["check-config", "--config", str(cfg)]) == (
+        2,
+        f"pop3d: config file {cfg}: cannot read: Permission denied\n",
+    )
+
+
+def test_env_typo_from_the_command_line(env):
+    cfg = write_config(env, 110)
+    r = subprocess.run(
+        [*POP3D, "check-config", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "POP3D_SESION__TIMEOUT": "700", "POP3D_CONFIG_FILE": str(cfg)},
+    )
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == "pop3d: POP3D_SESION__TIMEOUT: unknown section 'sesion' (did you mean POP3D_SESSION__TIMEOUT?)\n"
+
+
+def test_exit_statuses_are_the_documented_ones():
+    from pop3d import cli
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("### Exit status", 1)[1].split("\n#", 1)[0]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert documented == {cli.EXIT_OK, cli.EXIT_FAILURE, cli.EXIT_USAGE, cli.EXIT_INTERRUPTED}
