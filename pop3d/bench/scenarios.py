@@ -103,10 +103,11 @@ async def pipelined(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str
     ]
     t0 = time.perf_counter()
     futures = conn.send(cmds)
-    for (line, _), fut in zip(cmds, futures, strict=True):
+    for i, ((line, _), fut) in enumerate(zip(cmds, futures, strict=True)):
         verb = line.split(b" ", 1)[0].decode()
-        reply = check(stats, verb, r := await wait_reply(fut, verb, rc.timeout), r.done - t0)
-        if line is login[-1]:
+        reply = await wait_reply(fut, verb, rc.timeout)
+        check(stats, verb, reply, reply.done - t0)
+        if i == len(login) - 1:  # the reply that decides the login
             stats.logins += 1
         elif verb == "STAT":
             rc.message_counts[user] = _count(reply)
