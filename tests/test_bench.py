@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -154,7 +156,8 @@ def test_scenarios_count_what_happened(drops, scenario):
     assert not stats.errors and stats.sessions > 3 and elapsed > 0
     assert stats.logins == stats.sessions == stats.latency["QUIT"].count
     if scenario == "poll":
-        assert stats.messages == 0 and set(stats.latency) == {"connect", "USER", "PASS", "STAT", "QUIT"}
+        assert stats.messages == 0 and set(stats.latency) == {"connect", "USER", "PASS", "STAT", "QUIT", "session"}
+        assert stats.latency["session"].count == stats.sessions
     elif scenario == "download":
         assert stats.messages == 3 * stats.sessions and stats.octets == per * stats.messages
     else:  # the first session of each user learns the count; the rest fetch everything in one write
@@ -163,7 +166,10 @@ def test_scenarios_count_what_happened(drops, scenario):
 
 def test_download_delete_empties_the_maildrops(drops):
     srv, users_file, root = drops
-    stats, _ = runner.run(_plan(srv, users_file, "download-delete", concurrency=2))
+    plan = _plan(srv, users_file, "download-delete", concurrency=2)
+    assert runner.messages_left(plan) == 6
+    stats, _ = runner.run(plan)
+    assert runner.messages_left(plan) == 0
     assert not stats.errors and stats.messages == 6 and stats.latency["DELE"].count == 6
     for user in ("user00001", "user00002"):
         md = root / "mail" / user / "Maildir"
@@ -182,8 +188,10 @@ def test_idle_holds_every_session_and_noops(drops):
 def test_open_loop_rate(drops):
     srv, users_file, _ = drops
     stats, _ = runner.run(_plan(srv, users_file, "poll", concurrency=5, duration=1.0, rate=20))
-    # 20 arrivals in one second, all served by a fast server (no timing assert beyond the schedule itself)
-    assert stats.sessions + sum(stats.errors.values()) == 20
+    # 20 arrivals in one second, each one accounted for exactly once (no timing assert beyond the schedule)
+    assert stats.arrivals == 20
+    assert stats.sessions + sum(stats.errors.values()) + stats.unfinished + stats.not_started == 20
+    assert stats.latency["start-lag"].count == 20 - stats.not_started
 
 
 def test_errors_are_counted_by_kind(drops, tmp_path):
@@ -337,3 +345,333 @@ def test_progress_line_only_on_a_terminal():
         line.finish()
     assert tty.getvalue().startswith("\r") and "120" in tty.getvalue() and "errors      2" in tty.getvalue()
     assert pipe.getvalue() == ""
+
+
+# ---- gating: durations, thresholds, exit status ------------------------------------------------------------
+
+
+def test_durations_take_units():
+    from pop3d.bench.units import format_duration, parse_duration
+
+    assert parse_duration("10s") == 10.0 and parse_duration("2m") == 120.0 and parse_duration("1h") == 3600.0
+    assert parse_duration("250ms") == 0.25 and parse_duration("1.5") == 1.5 and parse_duration(" 3 s ") == 3.0
+    for bad in ("", "ten", "5 minutes", "-1s", "1d"):
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_duration(bad)
+    assert [format_duration(x) for x in (10.0, 120.0, 0.25)] == ["10s", "2m", "250ms"]
+    from pop3d.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "h:1", "--users", "u", "-d", "2m", "--interval", "500ms"])
+    assert args.duration == 120.0 and args.interval == 0.5 and args.timeout == 30.0 and args.ramp == 0.0
+
+
+def _stats_with(**latencies: list[float]):
+    from pop3d.bench.stats import Stats
+
+    stats = Stats(sessions=90)
+    stats.errors["-ERR PASS [AUTH]"] = 10
+    for key, samples in latencies.items():
+        for s in samples:
+            stats.record(key, s)
+    return stats
+
+
+def test_threshold_grammar_and_verdicts():
+    from pop3d.bench import report, thresholds
+
+    stats = _stats_with(PASS=[0.001] * 98 + [0.2, 0.3], **{"PASS-failed": [2.0]})
+    result = report.result(stats, 1.0, {})
+    cases = {
+        "errors>0": (10, True),
+        "errors >= 11": (10, False),
+        "error_rate>5%": (10.0, True),
+        "error_rate>10": (10.0, False),
+        "sessions<100": (90, True),
+        "sessions_per_s!=90": (90.0, False),
+        "p99(PASS)>50ms": (0.2, True),
+        "p50(pass) > 0.5 s": (0.001, False),
+        "p99.9(PASS)>0.25s": (0.3, True),
+        "max(PASS-failed)>=2s": (2.0, True),
+        "mean(PASS)<1ms": (sum([0.001] * 98 + [0.2, 0.3]) / 100, False),
+        "count(PASS-failed)>0": (1, True),
+        "errors(AUTH)==10": (10, True),
+        "errors(IN-USE)>0": (0, False),
+        "p99(RETR-failed)>1ms": (None, False),  # nothing failed: the good case
+        "p99(RETR)>1ms": (None, True),  # nothing measured: cannot pass a gate
+    }
+    verdicts = thresholds.evaluate([thresholds.parse(c) for c in cases], stats, result)
+    for v in verdicts:
+        value, crossed = cases[v.threshold.text]
+        assert v.crossed == crossed, v.describe()
+        assert v.value == pytest.approx(value, rel=0.02) if value is not None else v.value is None
+    assert "p99(PASS) = " in verdicts[6].describe() and " ms" in verdicts[6].describe()
+    assert "cannot check" in verdicts[-1].describe()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("p99(PASS)>50", "needs a unit"),
+        ("p99(PASSS)>50ms", "unknown latency"),
+        ("p101(PASS)>1ms", "unknown function"),
+        ("errors>5ms", "takes no unit"),
+        ("sessions>5%", "takes no unit"),
+        ("bogus>1", "unknown metric"),
+        ("__import__('os').system('true')>0", "expected METRIC OP NUMBER"),
+        ("errors>0 or 1", "expected METRIC OP NUMBER"),
+        ("errors=0", "expected METRIC OP NUMBER"),
+        ("count(PASS)>1ms", "takes no unit"),
+    ],
+)
+def test_threshold_errors_name_the_problem(text, message):
+    from pop3d.bench import thresholds
+
+    with pytest.raises(thresholds.ThresholdError, match=message):
+        thresholds.parse(text)
+
+
+def _bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*POP3D, "bench", *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+
+
+def test_exit_status_follows_the_thresholds(drops, tmp_path):
+    srv, users_file, _ = drops
+    users = runner.read_users(users_file)
+    mixed = tmp_path / "mixed"  # one user in four with a wrong password: 25 % failed logins
+    mixed.write_text("".join(f"{u}:{p if i else 'wrong'}\n" for i, (u, p) in enumerate(users[:4])))
+    target = f"127.0.0.1:{srv.port}"
+    r = _bench(target, "--users", str(mixed), "-c", "4", "-d", "300ms", "--json")
+    out = json.loads(r.stdout)
+    assert r.returncode == 0 and out["errors"]["-ERR PASS [AUTH]"] > 0 and out["exit_status"] == 0
+    assert "no --fail-if was given" in r.stderr
+    assert out["latency_ms"]["PASS-failed"]["count"] == out["errors"]["-ERR PASS [AUTH]"]
+    assert out["latency_ms"]["PASS"]["count"] == out["logins"]  # failed and successful PASS kept apart
+
+    r = _bench(target, "--users", str(mixed), "-c", "4", "-d", "300ms", "--fail-if", "errors>0", "--json")
+    out = json.loads(r.stdout)
+    assert r.returncode == 1 and out["exit_status"] == 1
+    assert out["thresholds"][0]["crossed"] and out["thresholds"][0]["condition"] == "errors>0"
+
+    r = _bench(
+        target,
+        "--users",
+        str(users_file),
+        "-c",
+        "2",
+        "-d",
+        "300ms",
+        "--fail-if",
+        "errors>0",
+        "--fail-if",
+        "count(PASS-failed)>0",
+        "--fail-if",
+        "p99(session)>10s",
+    )
+    assert r.returncode == 0 and "fail-if" in r.stdout and "CROSSED" not in r.stdout, r.stdout
+    r = _bench(target, "--users", str(users_file), "-c", "2", "-d", "300ms", "--fail-if", "sessions>=0")
+    assert r.returncode == 1 and "CROSSED  sessions>=0: sessions = " in r.stdout
+
+    r = _bench(target, "--users", str(users_file), "--fail-if", "p99(PASS)>50")
+    assert r.returncode == 2 and "needs a unit" in r.stderr and "Traceback" not in r.stderr
+    r = _bench(target, "--users", str(users_file), "-d", "ten")
+    assert r.returncode == 2 and "not a duration" in r.stderr
+
+    srv.stop()  # nothing can complete: 3, whatever the thresholds say
+    r = _bench(target, "--users", str(users_file), "-c", "1", "-d", "200ms", "--fail-if", "errors>1000")
+    assert r.returncode == 3 and "no session completed" in r.stderr
+
+
+def test_help_shows_defaults_and_exit_codes():
+    r = subprocess.run([*POP3D, "bench", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    for expected in (
+        "(default: 10s)",
+        "(default: 30s)",
+        "(default: poll)",
+        "(default: 10)",
+        "exit status",
+        "3 no session completed",
+        "p99(PASS)>50ms",
+        "EMPTIES the maildrops",
+    ):
+        assert expected in text, expected
+
+
+def test_interval_lines_add_up_to_the_run(drops):
+    srv, users_file, _ = drops
+    target = f"127.0.0.1:{srv.port}"
+    r = _bench(target, "--users", str(users_file), "-c", "2", "-d", "1s", "--interval", "250ms", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    records = out["intervals"]
+    assert len(records) >= 4 and records[0]["start_s"] == 0.0
+    assert all(a["end_s"] == b["start_s"] for a, b in itertools.pairwise(records))
+    assert sum(rec["sessions"] for rec in records) == out["sessions"]  # each session in exactly one interval
+    assert sum(rec["latency_ms"].get("session", {}).get("count", 0) for rec in records) == out["sessions"]
+    lines = [line for line in r.stderr.splitlines() if "sessions" in line and "session p50" in line]
+    assert len(lines) >= 3  # with --json the lines go to stderr, stdout stays one JSON object
+    r = _bench(target, "--users", str(users_file), "-c", "2", "-d", "600ms", "--interval", "200ms")
+    assert (
+        r.returncode == 0
+        and r.stdout.count("session p50") >= 2
+        and r.stdout.index("session p50") < r.stdout.index("latency")
+    )
+
+
+# ---- open loop: what the generator could not start -------------------------------------------------------
+
+
+def test_open_loop_against_a_stalling_server_counts_late_and_not_started(tmp_path):
+    """A server that accepts connections and never greets: 2 clients, 10 arrivals per second, 0.3 s timeout.
+
+    Each session ties a client up for the timeout, so arrivals wait (late) and the last ones never start;
+    none of that may show up as a server error, and every arrival is accounted for exactly once."""
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(64)  # the kernel completes the handshakes; nobody ever accepts, nothing is ever sent
+    try:
+        rc = RunConfig("127.0.0.1", stalled.getsockname()[1], "poll", timeout=0.3)
+        plan = runner.Plan(rc, [("a", "1"), ("b", "2")], concurrency=2, duration=1.5, rate=10)
+        stats, _ = runner.run(plan)
+    finally:
+        stalled.close()
+    assert stats.arrivals == 15 and stats.sessions == 0
+    assert set(stats.errors) == {"timeout greeting"}
+    assert stats.late >= 1 and stats.not_started >= 1
+    started = stats.arrivals - stats.not_started
+    assert sum(stats.errors.values()) + stats.unfinished == started
+    assert stats.latency["start-lag"].count == started
+
+
+def test_open_loop_latency_runs_from_the_scheduled_arrival(drops):
+    """A session due 5 s ago and started now is 5 s late for its client: connect and session say so."""
+    import time
+
+    from pop3d.bench.scenarios import BY_NAME, one_session
+    from pop3d.bench.stats import Stats
+
+    srv, users_file, _ = drops
+    user, password = runner.read_users(users_file)[0]
+    stats = Stats()
+    rc = RunConfig("127.0.0.1", srv.port, "poll")
+    asyncio.run(one_session(BY_NAME["poll"], stats, rc, user, password, scheduled=time.perf_counter() - 5.0))
+    assert stats.sessions == 1
+    assert stats.latency["connect"].min >= 5.0 and stats.latency["session"].min >= 5.0
+    assert stats.latency["STAT"].max < 5.0  # later commands: from their own write
+
+
+# ---- logins, TOP/LIST, hashed fixtures ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("login", "verb"), [("apop", "APOP"), ("plain", "AUTH"), ("scram", "AUTH")])
+def test_logins_against_a_real_server(drops, login, verb):
+    srv, users_file, _ = drops
+    plan = _plan(srv, users_file, "poll", concurrency=2, duration=0.4)
+    plan.rc.login = login
+    stats, _ = runner.run(plan)
+    assert not stats.errors and stats.sessions > 0 and stats.logins == stats.sessions
+    assert stats.latency[verb].count == stats.logins and "PASS" not in stats.latency
+
+
+@pytest.mark.parametrize("login", ["apop", "plain"])
+def test_pipelined_with_one_line_logins(drops, login):
+    srv, users_file, _ = drops
+    plan = _plan(srv, users_file, "pipelined", concurrency=2, duration=0.4)
+    plan.rc.login = login
+    stats, _ = runner.run(plan)
+    assert not stats.errors and stats.sessions > 2 and stats.messages == 3 * (stats.sessions - 2)
+    plan.rc.login = "scram"
+    with pytest.raises(runner.UsageError, match="one-line login"):
+        runner.check(plan)
+
+
+def test_top_list_fetches_headers_only(drops):
+    srv, users_file, _ = drops
+    stats, _ = runner.run(_plan(srv, users_file, "top-list", concurrency=2, duration=0.4))
+    assert not stats.errors and stats.sessions > 0 and stats.messages == 3 * stats.sessions
+    assert stats.latency["LIST"].count == stats.sessions and stats.latency["TOP"].count == stats.messages
+    head = mkmaildrops.message("user00001", 1, 2000).split(b"\n\n", 1)[0] + b"\n\n"
+    assert stats.octets == (len(wire.encode(head)) - 3) * stats.messages  # headers and the blank line, as sent
+
+
+@pytest.mark.parametrize(
+    ("scheme", "prefix", "login"),
+    [
+        ("SHA512-CRYPT", "{SHA512-CRYPT}$6$", "user"),
+        ("ARGON2ID", "{ARGON2ID}$argon2id$", "plain"),
+        ("SCRAM-SHA-256", "{SCRAM-SHA-256}4096,", "scram"),
+    ],
+)
+def test_mkmaildrops_hashed_secrets_log_in(tmp_path, scheme, prefix, login):
+    users_file = mkmaildrops.make(tmp_path / "h", users=2, messages=1, size=300, scheme=scheme)
+    users = runner.read_users(users_file)
+    entries = (tmp_path / "h" / "passwd").read_text().splitlines()
+    assert [e.split(":", 1)[0] for e in entries] == [u for u, _ in users]
+    assert all(e.split(":", 1)[1].startswith(prefix) for e in entries)
+    assert not any(p in "".join(entries) for _, p in users)  # no clear password in the passwd-file
+    settings = load_settings(
+        tmp_path / "h" / "pop3d.toml", server={"listen": ["127.0.0.1:0"], "hostname": "t.invalid", "workers": 1}
+    )
+    srv = ServerThread(settings).start()
+    try:
+        rc = RunConfig("127.0.0.1", srv.port, "download", login=login)
+        stats, _ = runner.run(runner.Plan(rc, users, 2, 0.5))
+        assert not stats.errors and stats.sessions > 0 and stats.messages == stats.sessions
+        if scheme != "SCRAM-SHA-256":  # APOP needs the clear secret: a hash cannot answer it
+            rc = RunConfig("127.0.0.1", srv.port, "poll", login="apop")
+            stats, _ = runner.run(runner.Plan(rc, users, 1, 0.2))
+            assert stats.sessions == 0 and set(stats.errors) == {"-ERR APOP [AUTH]"}
+            assert "APOP-failed" in stats.latency
+    finally:
+        srv.stop()
+    assert (
+        mkmaildrops.logins_for(scheme)
+        == {
+            "SHA512-CRYPT": ("user", "plain"),
+            "ARGON2ID": ("user", "plain"),
+            "SCRAM-SHA-256": ("user", "plain", "scram"),
+        }[scheme]
+    )
+
+
+def test_mkmaildrops_cli_scheme(tmp_path):
+    r = subprocess.run(
+        [*POP3D, "mkmaildrops", str(tmp_path / "m"), "--users", "2", "--messages", "1", "--scheme", "sha256-crypt"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "{SHA256-CRYPT}" in r.stdout and "--login user / plain" in r.stdout
+    assert (tmp_path / "m" / "passwd").read_text().count(":{SHA256-CRYPT}$5$") == 2
+    r = subprocess.run(
+        [*POP3D, "mkmaildrops", str(tmp_path / "n"), "--users", "2", "--scheme", "ROT13"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert r.returncode == 2 and "unknown scheme 'ROT13'" in r.stderr and "ARGON2ID" in r.stderr
+    assert not (tmp_path / "n").exists()  # nothing written for a scheme that cannot hash
+
+
+def test_download_delete_says_so_and_counts_what_is_left(drops):
+    srv, users_file, _ = drops
+    r = _bench(
+        f"127.0.0.1:{srv.port}",
+        "--users",
+        str(users_file),
+        "--scenario",
+        "download-delete",
+        "-c",
+        "2",
+        "-d",
+        "300ms",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "empty after one session" in r.stderr
+    assert out["messages"] == 6 and out["maildrops_left"] == 0

@@ -4,6 +4,12 @@ processes, each on its own event loop.
 
 Each concurrent client owns distinct users (a maildrop lock is exclusive, RFC 1939 §4), so a client never
 collides with another one: an `[IN-USE]` in the results is the server's doing, not the generator's.
+
+Open-loop accounting: an arrival that finds every client busy waits for the first one freed and starts
+late; its `connect` and `session` latencies run from the scheduled time, like wrk2's, so a stalling server
+cannot hide its stall by slowing the generator down (coordinated omission). Arrivals still waiting when the
+schedule is over never reached the server: they are `not_started`, apart from the server's errors, and
+`arrivals == sessions + errors + unfinished + not_started`.
 """
 
 from __future__ import annotations
@@ -22,11 +28,19 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, cast
 
+from pop3d.bench import logins
 from pop3d.bench.client import client_context
-from pop3d.bench.scenarios import BY_NAME, RunConfig, Stats, one_session
+from pop3d.bench.commands import BenchError, RunConfig, command, open_connection
+from pop3d.bench.hist import Histogram
+from pop3d.bench.names import LOGINS, PIPELINABLE
+from pop3d.bench.scenarios import BY_NAME, one_session
+from pop3d.bench.stats import Stats
 
+#: receives one snapshot per tick, merged over the generator processes (see `Ticks`)
 Progress = Callable[[dict[str, Any]], None]
 _TICK = 0.5
+#: cumulative counters a snapshot carries
+SNAPSHOT_COUNTS = ("sessions", "logins", "messages", "octets", "arrivals", "late", "not_started", "held")
 
 
 class UsageError(Exception):
@@ -62,6 +76,7 @@ class Plan:
     rate: float | None = None
     cafile: str | None = None
     ramp: float = 0.0  # closed loop: client i starts at i * ramp / concurrency seconds
+    interval: float | None = None  # seconds between snapshots (interval lines); None: every half second
 
 
 def check(plan: Plan) -> None:
@@ -69,8 +84,14 @@ def check(plan: Plan) -> None:
         raise UsageError("--concurrency and --procs must be >= 1, --duration > 0")
     if plan.rate is not None and plan.rate <= 0:
         raise UsageError("--rate must be > 0")
+    if plan.interval is not None and plan.interval <= 0:
+        raise UsageError("--interval must be > 0")
     if plan.ramp < 0 or plan.ramp >= plan.duration:
         raise UsageError("--ramp must be >= 0 and shorter than --duration")
+    if plan.rc.login not in LOGINS:
+        raise UsageError(f"--login must be one of {', '.join(LOGINS)}")
+    if plan.rc.scenario == "pipelined" and plan.rc.login not in PIPELINABLE:
+        raise UsageError(f"--scenario pipelined needs a one-line login: --login {' or '.join(PIPELINABLE)}")
     if len({u for u, _ in plan.users}) < plan.concurrency:
         raise UsageError(
             f"--concurrency {plan.concurrency} needs as many distinct users; "
@@ -87,20 +108,39 @@ def raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _run(
-    rc: RunConfig,
-    users: list[tuple[str, str]],
-    duration: float,
-    rate: float | None,
-    progress: Progress | None,
-    ramp: float = 0.0,
-) -> tuple[Stats, float]:
+@dataclass
+class _Job:
+    """What one generator process runs (picklable: it crosses to child processes)."""
+
+    rc: RunConfig
+    users: list[tuple[str, str]]
+    duration: float
+    rate: float | None
+    cafile: str | None
+    ramp: float
+    tick: float
+
+
+def _snapshot(stats: Stats, tick: int, elapsed: float, final: bool = False) -> dict[str, Any]:
+    snap: dict[str, Any] = {k: getattr(stats, k) for k in SNAPSHOT_COUNTS}
+    snap.update(
+        tick=tick,
+        elapsed=elapsed,
+        final=final,
+        errors=sum(stats.errors.values()),
+        window={key: h.to_state() for key, h in stats.take_window().items()},
+    )
+    return snap
+
+
+async def _run(job: _Job, emit: Callable[[dict[str, Any]], None]) -> tuple[Stats, float]:
     """Run until `duration` is over and in-flight sessions ended (at most rc.timeout more)."""
     loop = asyncio.get_running_loop()
     stats = Stats()
-    scenario = BY_NAME[rc.scenario]
+    scenario = BY_NAME[job.rc.scenario]
     start = loop.time()
-    rc = replace(rc, deadline=start + duration, clients=len(users))
+    users = job.users
+    rc = replace(job.rc, deadline=start + job.duration, clients=len(users))
     tasks: set[asyncio.Task[None]] = set()
 
     async def client(user: str, password: str, delay: float) -> None:
@@ -113,99 +153,149 @@ async def _run(
 
     async def arrivals(rate: float) -> None:
         free = deque(users)  # round robin: every user gets sessions, not only the last one freed
+        waiting: deque[float] = deque()  # due times of arrivals that found every client busy
         interval = 1.0 / rate
+        t0 = time.perf_counter()  # the schedule's clock is the one latencies are measured with
 
-        async def one(user: str, password: str) -> None:
+        def begin(user: tuple[str, str], due: float) -> None:
+            stats.record("start-lag", time.perf_counter() - due)
+            t = loop.create_task(one(user, due))
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+
+        async def one(user: tuple[str, str], due: float) -> None:
             try:
-                await one_session(scenario, stats, rc, user, password)
+                await one_session(scenario, stats, rc, *user, scheduled=due)
             finally:
-                free.append((user, password))
+                if waiting and loop.time() < rc.deadline:  # the oldest waiting arrival takes this client
+                    stats.late += 1
+                    begin(user, waiting.popleft())
+                else:
+                    free.append(user)
 
-        for k in range(max(1, round(duration * rate))):  # exactly duration x rate arrivals
-            await asyncio.sleep(max(0.0, start + k * interval - loop.time()))
+        for k in range(max(1, round(job.duration * rate))):  # exactly duration x rate arrivals
+            due = t0 + k * interval
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            stats.arrivals += 1
             if free:
-                t = loop.create_task(one(*free.popleft()))
-                tasks.add(t)
-                t.add_done_callback(tasks.discard)
+                begin(free.popleft(), due)
             else:
-                stats.errors["dropped: every user busy"] += 1
+                waiting.append(due)
+        await asyncio.sleep(max(0.0, rc.deadline - loop.time()))  # waiting arrivals may still start until then
+        stats.not_started += len(waiting)
+        waiting.clear()
+
+    ticks = 0
 
     async def ticker() -> None:
+        nonlocal ticks
         while True:
-            await asyncio.sleep(_TICK)
-            if progress is not None:
-                progress(_snapshot(stats, loop.time() - start))
+            await asyncio.sleep(max(0.0, start + (ticks + 1) * job.tick - loop.time()))
+            ticks += 1
+            emit(_snapshot(stats, ticks, loop.time() - start))
 
     tick = loop.create_task(ticker())
-    if rate is None:
-        main = [loop.create_task(client(u, p, i * ramp / len(users))) for i, (u, p) in enumerate(users)]
+    if job.rate is None:
+        main = [loop.create_task(client(u, p, i * job.ramp / len(users))) for i, (u, p) in enumerate(users)]
     else:
-        main = [loop.create_task(arrivals(rate))]
+        main = [loop.create_task(arrivals(job.rate))]
     await asyncio.wait(main)
     if tasks:
         _done, pending = await asyncio.wait(set(tasks), timeout=rc.timeout)
         stats.unfinished += len(pending)
         for t in pending:
             t.cancel()
+        if pending:
+            await asyncio.wait(pending)
     tick.cancel()
-    return stats, loop.time() - start
+    elapsed = loop.time() - start
+    emit(_snapshot(stats, ticks + 1, elapsed, final=True))
+    return stats, elapsed
 
 
-def _snapshot(stats: Stats, elapsed: float) -> dict[str, Any]:
-    return {
-        "elapsed": elapsed,
-        "sessions": stats.sessions,
-        "logins": stats.logins,
-        "octets": stats.octets,
-        "errors": sum(stats.errors.values()),
-        "held": stats.held,
-    }
-
-
-def _run_loop(
-    rc: RunConfig,
-    users: list[tuple[str, str]],
-    duration: float,
-    rate: float | None,
-    cafile: str | None,
-    progress: Progress | None,
-    ramp: float = 0.0,
-) -> tuple[Stats, float]:
-    if rc.tls:
-        rc = replace(rc, ssl_context=client_context(cafile))
+def _run_loop(job: _Job, emit: Callable[[dict[str, Any]], None]) -> tuple[Stats, float]:
+    if job.rc.tls:
+        job = replace(job, rc=replace(job.rc, ssl_context=client_context(job.cafile)))
     try:
         import uvloop
 
-        return uvloop.run(_run(rc, users, duration, rate, progress, ramp))
+        return uvloop.run(_run(job, emit))
     except ImportError:  # pragma: no cover
-        return asyncio.run(_run(rc, users, duration, rate, progress, ramp))
+        return asyncio.run(_run(job, emit))
 
 
-def _child(
-    conn: Connection,
-    rc: RunConfig,
-    users: list[tuple[str, str]],
-    duration: float,
-    rate: float | None,
-    cafile: str | None,
-    ramp: float,
-) -> None:
+def _child(conn: Connection, job: _Job) -> None:
     raise_nofile()
-    stats, elapsed = _run_loop(rc, users, duration, rate, cafile, lambda snap: conn.send(("progress", snap)), ramp)
+    stats, elapsed = _run_loop(job, lambda snap: conn.send(("progress", snap)))
     conn.send(("result", (stats.to_state(), elapsed)))
     conn.close()
+
+
+class Ticks:
+    """Merges the k-th snapshot of every generator process into one, in tick order.
+
+    Counters are cumulative (a process that finished counts with its last snapshot); `window` holds the
+    latencies recorded during tick k only, merged into Histograms.
+    """
+
+    def __init__(self, procs: int, progress: Progress | None) -> None:
+        self.procs = procs
+        self.progress = progress
+        self.pending: dict[int, dict[int, dict[str, Any]]] = {}
+        self.last: dict[int, dict[str, Any]] = {}
+        self.finished: set[int] = set()
+        self.next = 1
+
+    def add(self, proc: int, snap: dict[str, Any]) -> None:
+        self.pending.setdefault(snap["tick"], {})[proc] = snap
+        self._flush()
+
+    def finish(self, proc: int) -> None:
+        self.finished.add(proc)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.next in self.pending:
+            group = self.pending[self.next]
+            if any(p not in group and p not in self.finished for p in range(self.procs)):
+                return
+            del self.pending[self.next]
+            self.next += 1
+            self.last.update(group)
+            merged: dict[str, Any] = {k: 0 for k in (*SNAPSHOT_COUNTS, "errors")}
+            for snap in self.last.values():
+                for k in merged:
+                    merged[k] += snap[k]
+            window: dict[str, Histogram] = {}
+            for snap in group.values():
+                for key, state in snap["window"].items():
+                    window.setdefault(key, Histogram()).merge(Histogram.from_state(state))
+            merged.update(
+                tick=self.next - 1,
+                elapsed=max(s["elapsed"] for s in group.values()),
+                final=all(s["final"] for s in group.values()),
+                window=window,
+            )
+            if self.progress is not None:
+                self.progress(merged)
 
 
 def run(plan: Plan, progress: Progress | None = None) -> tuple[Stats, float]:
     """Run the plan; returns merged Stats and the wall-clock seconds until the last process finished.
 
-    `progress` receives aggregated snapshots (sessions, octets, errors, held, elapsed) every half second.
+    `progress` receives merged snapshots every `plan.interval` seconds (half a second without one): the
+    cumulative counters (sessions, logins, messages, octets, errors, held, arrivals, late, not_started),
+    `elapsed`, the tick number, and `window`, the latencies recorded during that tick. The last one,
+    `final`, covers the end of the run (in-flight sessions finishing).
     """
     check(plan)
     raise_nofile()
     users = plan.users[: plan.concurrency]
+    tick = plan.interval or _TICK
+    ticks = Ticks(plan.procs, progress)
     if plan.procs == 1:
-        return _run_loop(plan.rc, users, plan.duration, plan.rate, plan.cafile, progress, plan.ramp)
+        job = _Job(plan.rc, users, plan.duration, plan.rate, plan.cafile, plan.ramp, tick)
+        return _run_loop(job, lambda snap: ticks.add(0, snap))
     # fork is fast, but unsafe from a process with other threads (a test harness): spawn there
     ctx = multiprocessing.get_context("fork") if threading.active_count() == 1 else multiprocessing.get_context("spawn")
     rate = plan.rate / plan.procs if plan.rate is not None else None
@@ -213,16 +303,16 @@ def run(plan: Plan, progress: Progress | None = None) -> tuple[Stats, float]:
     procs = []
     for i in range(plan.procs):
         r, w = ctx.Pipe(duplex=False)
-        args = (w, plan.rc, users[i :: plan.procs], plan.duration, rate, plan.cafile, plan.ramp)
-        p = ctx.Process(target=_child, args=args, daemon=True)
+        job = _Job(plan.rc, users[i :: plan.procs], plan.duration, rate, plan.cafile, plan.ramp, tick)
+        p = ctx.Process(target=_child, args=(w, job), daemon=True)
         p.start()
         w.close()
         pipes.append(r)
         procs.append(p)
     start = time.monotonic()
-    latest: dict[int, dict[str, Any]] = {}
     total = Stats()
     elapsed = 0.0
+    got_result: set[int] = set()
     open_pipes = {id(r): i for i, r in enumerate(pipes)}
     while open_pipes:
         for ready in wait([p for p in pipes if id(p) in open_pipes], timeout=1.0):
@@ -232,29 +322,52 @@ def run(plan: Plan, progress: Progress | None = None) -> tuple[Stats, float]:
                 kind, payload = r.recv()
             except EOFError:
                 del open_pipes[id(r)]
-                if i not in latest or "done" not in latest[i]:
+                if i not in got_result:
                     total.errors["generator process died"] += 1
+                ticks.finish(i)
                 continue
             if kind == "progress":
-                latest[i] = payload
-                if progress is not None:
-                    progress(_merge_snapshots(latest.values(), time.monotonic() - start))
+                ticks.add(i, payload)
             else:
                 state, child_elapsed = payload
                 total.merge(state)
                 elapsed = max(elapsed, child_elapsed)
-                latest[i] = {**latest.get(i, {}), "done": True}
+                got_result.add(i)
     for p in procs:
         p.join(5)
     return total, elapsed or time.monotonic() - start
 
 
-def _merge_snapshots(snaps: Any, elapsed: float) -> dict[str, Any]:
-    out = {"elapsed": elapsed, "sessions": 0, "logins": 0, "octets": 0, "errors": 0, "held": 0}
-    for s in snaps:
-        for k in ("sessions", "logins", "octets", "errors", "held"):
-            out[k] += s.get(k, 0)
-    return out
+async def _left(rc: RunConfig, users: list[tuple[str, str]]) -> int | None:
+    stats = Stats()
+    sem = asyncio.Semaphore(50)
+    counts: list[int | None] = []
+
+    async def stat(user: str, password: str) -> None:
+        async with sem:
+            conn = None
+            try:
+                conn = await open_connection(rc, stats)
+                await logins.BY_NAME[rc.login](conn, stats, rc, user, password)
+                reply = await command(conn, stats, rc, b"STAT")
+                counts.append(int(reply.status.split()[1]))
+                await command(conn, stats, rc, b"QUIT")
+            except (BenchError, IndexError, ValueError):
+                counts.append(None)
+            finally:
+                if conn is not None and conn.transport is not None:
+                    conn.transport.close()
+
+    await asyncio.gather(*(stat(u, p) for u, p in users))
+    return None if None in counts else sum(c for c in counts if c is not None)
+
+
+def messages_left(plan: Plan) -> int | None:
+    """STAT every user of the run once more: the messages left in their maildrops (None: some check failed)."""
+    rc = plan.rc
+    if rc.tls:
+        rc = replace(rc, ssl_context=client_context(plan.cafile))
+    return asyncio.run(_left(rc, plan.users[: plan.concurrency]))
 
 
 def server_rss_kib(pid: int) -> int:

@@ -6,155 +6,29 @@ Counting rules (the numbers are compared with independent generators, so they mu
   (dot-stuffed, CRLF line ends, without the terminating `.` line);
 * every failure is counted once, by kind (`connect ECONNREFUSED`, `-ERR PASS [IN-USE]`, `timeout RETR`,
   `closed during STAT`), and ends that session;
-* latency is from the write of a command to the last octet of its reply; for a pipelined write, from the
-  write of the whole batch, which is what a pipelining client waits.
+* latency is from the write of a command to the last octet of its reply (pop3d.bench.commands); for a
+  pipelined write, from the write of the whole batch, which is what a pipelining client waits. `session` is
+  a whole successful session, from its start (open loop: its scheduled arrival) to the `+OK` of QUIT.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import random
-import re
-import ssl
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
-from pop3d.bench.client import ClientProtocol, Reply, connect, start_tls
-from pop3d.bench.hist import Histogram
+from pop3d.bench import logins
+from pop3d.bench.client import ClientProtocol, Reply
+from pop3d.bench.commands import BenchError, RunConfig, check, command, open_connection, wait_reply
+from pop3d.bench.names import SCENARIOS
+from pop3d.bench.stats import LATENCY_KEYS, Stats
 
-SCENARIOS = ("poll", "download", "download-delete", "idle", "pipelined")
-_CODE = re.compile(rb"^-ERR \[([A-Z/-]+)\]")
-
-
-class BenchError(Exception):
-    """A session failed; `kind` is the key it is counted under."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind
-
-
-@dataclass
-class Stats:
-    """What one generator process measured; merged across processes by `merge`."""
-
-    sessions: int = 0
-    logins: int = 0
-    messages: int = 0
-    octets: int = 0
-    received: int = 0
-    held: int = 0  # idle: sessions logged in right now
-    held_max: int = 0
-    unfinished: int = 0  # sessions still running when the run ended (neither counted nor errors)
-    errors: Counter[str] = field(default_factory=Counter)
-    latency: dict[str, Histogram] = field(default_factory=dict)
-
-    def hist(self, verb: str) -> Histogram:
-        h = self.latency.get(verb)
-        if h is None:
-            h = self.latency[verb] = Histogram()
-        return h
-
-    def to_state(self) -> dict[str, Any]:
-        d = {
-            k: getattr(self, k)
-            for k in ("sessions", "logins", "messages", "octets", "received", "held_max", "unfinished")
-        }
-        d["errors"] = dict(self.errors)
-        d["latency"] = {verb: h.to_state() for verb, h in self.latency.items()}
-        return d
-
-    def merge(self, state: dict[str, Any]) -> None:
-        for k in ("sessions", "logins", "messages", "octets", "received", "held_max", "unfinished"):
-            setattr(self, k, getattr(self, k) + state[k])
-        self.errors.update(state["errors"])
-        for verb, h in state["latency"].items():
-            self.hist(verb).merge(Histogram.from_state(h))
-
-
-@dataclass
-class RunConfig:
-    host: str
-    port: int
-    scenario: str
-    deadline: float = 0.0  # loop.time() after which no new session starts and idle sessions QUIT
-    timeout: float = 30.0  # per command
-    tls: str | None = None  # None, "tls" (implicit, RFC 8314) or "stls" (RFC 2595)
-    ssl_context: ssl.SSLContext | None = None
-    server_hostname: str | None = None
-    noop_interval: float = 5.0
-    message_counts: dict[str, int] = field(default_factory=dict)  # pipelined: user -> count seen by STAT
-    clients: int = 0  # concurrent clients of this generator process (idle: "all held" means this many)
-
-
-def _error_kind(verb: str, reply: Reply) -> str:
-    m = _CODE.match(reply.status)
-    return f"-ERR {verb} [{m[1].decode()}]" if m else f"-ERR {verb}"
-
-
-async def _wait(fut: Awaitable[Reply], verb: str, limit: float) -> Reply:
-    try:
-        return await asyncio.wait_for(fut, limit)
-    except TimeoutError:
-        raise BenchError(f"timeout {verb}") from None
-    except ConnectionError:
-        raise BenchError(f"closed during {verb}") from None
-
-
-async def command(
-    conn: ClientProtocol, stats: Stats, rc: RunConfig, line: bytes, multi: bool = False, label: str | None = None
-) -> Reply:
-    verb = label or line.split(b" ", 1)[0].decode()
-    t0 = time.perf_counter()
-    (fut,) = conn.send([(line, multi)])
-    reply = await _wait(fut, verb, rc.timeout)
-    stats.hist(verb).add(reply.done - t0)
-    if not reply.ok:
-        raise BenchError(_error_kind(verb, reply))
-    return reply
-
-
-async def open_connection(rc: RunConfig, stats: Stats) -> ClientProtocol:
-    """Connect and read the greeting (latency `connect`), then STLS if asked."""
-    t0 = time.perf_counter()
-    try:
-        conn = await asyncio.wait_for(
-            connect(rc.host, rc.port, rc.ssl_context if rc.tls == "tls" else None, rc.server_hostname),
-            rc.timeout,
-        )
-    except TimeoutError:
-        raise BenchError("timeout connect") from None
-    except ssl.SSLError as exc:
-        raise BenchError(f"tls {exc.reason or type(exc).__name__}") from None
-    except OSError as exc:
-        raise BenchError(f"connect {errno.errorcode.get(exc.errno or 0, type(exc).__name__)}") from None
-    try:
-        greeting = await _wait(conn.greeting, "greeting", rc.timeout)
-        if not greeting.ok:
-            raise BenchError(_error_kind("greeting", greeting))
-        stats.hist("connect").add(greeting.done - t0)
-        if rc.tls == "stls":
-            await command(conn, stats, rc, b"STLS")
-            assert rc.ssl_context is not None
-            try:
-                await asyncio.wait_for(start_tls(conn, rc.ssl_context, rc.server_hostname), rc.timeout)
-            except TimeoutError:
-                raise BenchError("timeout STLS handshake") from None
-            except (ssl.SSLError, OSError) as exc:
-                raise BenchError(f"tls {getattr(exc, 'reason', None) or type(exc).__name__}") from None
-    except BaseException:
-        conn.abort()
-        raise
-    return conn
+__all__ = ["BY_NAME", "LATENCY_KEYS", "SCENARIOS", "BenchError", "RunConfig", "Stats", "one_session"]
 
 
 async def _login(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str, password: str) -> None:
-    await command(conn, stats, rc, b"USER " + user.encode())
-    await command(conn, stats, rc, b"PASS " + password.encode())
+    await logins.BY_NAME[rc.login](conn, stats, rc, user, password)
     stats.logins += 1
 
 
@@ -194,18 +68,34 @@ async def download(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str,
 
 
 async def download_delete(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str, password: str) -> None:
+    """RETR and DELE every message: the maildrops are empty after the first session of each user."""
     await _download(conn, stats, rc, user, password, delete=True)
+
+
+async def top_list(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str, password: str) -> None:
+    """A client showing a message list: LIST, then the headers of each message (TOP n 0, RFC 1939 §7).
+
+    Only TOP replies count as messages and octets (headers plus the blank line, as sent)."""
+    await _login(conn, stats, rc, user, password)
+    n = _count(await command(conn, stats, rc, b"STAT"))
+    await command(conn, stats, rc, b"LIST", multi=True)
+    for i in range(1, n + 1):
+        reply = await command(conn, stats, rc, b"TOP %d 0" % i, multi=True)
+        stats.messages += 1
+        stats.octets += reply.octets
+    await _quit(conn, stats, rc)
 
 
 async def pipelined(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str, password: str) -> None:
     """The whole session in one write: USER PASS STAT UIDL RETR 1..n QUIT (RFC 2449 §6.6 PIPELINING).
 
     n is what STAT said in this user's previous session (0 the first time): a client cannot know it before.
+    The login is USER/PASS, APOP or AUTH PLAIN with an initial response (one line each way, so it pipelines).
     """
     n = rc.message_counts.get(user, 0)
+    login = logins.one_line(conn, rc.login, user, password)
     cmds = [
-        (b"USER " + user.encode(), False),
-        (b"PASS " + password.encode(), False),
+        *((line, False) for line in login),
         (b"STAT", False),
         (b"UIDL", True),
         *((b"RETR %d" % i, True) for i in range(1, n + 1)),
@@ -213,13 +103,11 @@ async def pipelined(conn: ClientProtocol, stats: Stats, rc: RunConfig, user: str
     ]
     t0 = time.perf_counter()
     futures = conn.send(cmds)
-    for (line, _), fut in zip(cmds, futures, strict=True):
+    for i, ((line, _), fut) in enumerate(zip(cmds, futures, strict=True)):
         verb = line.split(b" ", 1)[0].decode()
-        reply = await _wait(fut, verb, rc.timeout)
-        stats.hist(verb).add(reply.done - t0)
-        if not reply.ok:
-            raise BenchError(_error_kind(verb, reply))
-        if verb == "PASS":
+        reply = await wait_reply(fut, verb, rc.timeout)
+        check(stats, verb, reply, reply.done - t0)
+        if i == len(login) - 1:  # the reply that decides the login
             stats.logins += 1
         elif verb == "STAT":
             rc.message_counts[user] = _count(reply)
@@ -257,17 +145,27 @@ BY_NAME: dict[str, Scenario] = {
     "poll": poll,
     "download": download,
     "download-delete": download_delete,
+    "top-list": top_list,
     "idle": idle,
     "pipelined": pipelined,
 }
+assert tuple(BY_NAME) == SCENARIOS
 
 
-async def one_session(scenario: Scenario, stats: Stats, rc: RunConfig, user: str, password: str) -> None:
-    """Run one session; count its failure by kind instead of raising. The connection is always closed."""
+async def one_session(
+    scenario: Scenario, stats: Stats, rc: RunConfig, user: str, password: str, scheduled: float | None = None
+) -> None:
+    """Run one session; count its failure by kind instead of raising. The connection is always closed.
+
+    `scheduled` (time.perf_counter()) is an open-loop arrival's due time: `connect` and `session` are then
+    measured from it, so a session the generator started late is as late in the results (no coordinated
+    omission)."""
+    t0 = time.perf_counter() if scheduled is None else scheduled
     conn: ClientProtocol | None = None
     try:
-        conn = await open_connection(rc, stats)
-        await scenario(conn, stats, rc, user, password)
+        conn = await open_connection(rc, stats, t0)
+        await scenario(conn, stats, rc, user, password)  # returns only after the +OK to QUIT
+        stats.record("session", time.perf_counter() - t0)
     except BenchError as exc:
         stats.errors[exc.kind] += 1
     finally:
