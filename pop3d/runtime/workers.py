@@ -21,7 +21,7 @@ With more workers a small synchronous supervisor (this module) stays in the pare
 * under systemd the supervisor is the main process: it takes socket-activated sockets (then every worker
   accepts on those same inherited sockets), sends READY/RELOADING/STOPPING and the watchdog pings; workers
   do not talk to the manager. With `metrics.listen` it serves the metrics summed over the workers
-  (prometheus-client multiprocess mode) and tells the collector when a worker died;
+  (pop3d.ops.metrics: one totals file per worker) and tells the collector when a worker died;
 * what the workers must agree on (login penalties, LOGIN-DELAY, metrics) is built before the first fork
   (pop3d.runtime.shared) and handed to each worker, never looked up from globals or the environment.
 
@@ -107,6 +107,8 @@ class Supervisor:
             from pop3d.ops import metrics
 
             self.metrics_endpoint.start(metrics.exposition_registry(None, self.share.metrics_dir))
+        #: run on SIGHUP before it is forwarded: checks and logs the new configuration once (pop3d.runtime.server)
+        self.on_hup: Callable[[], None] = lambda: None
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}  # slot -> monotonic time of its last start
         self.stopping = False
@@ -211,6 +213,7 @@ class Supervisor:
                 if info.si_signo == signal.SIGHUP:
                     log.info("SIGHUP: forwarding to workers")
                     systemd.notify(*systemd.reloading_states())
+                    self.on_hup()
                     self._stop_all(signal.SIGHUP)
                     systemd.notify("READY=1", self._status())
                 elif not self.stopping:
