@@ -145,8 +145,9 @@ def test_session_ids_are_short_and_unique_per_process(env):
     ids = [ctx.session_id() for _ in range(2000)]
     assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[a-z2-7]{7,9}", i) for i in ids)
     assert len({i[:6] for i in ids}) == 1  # one random prefix per process, then a counter
-    ctx._sid_pid = -1  # as after a fork: a new process draws its own prefix
-    assert ctx.session_id()[:6] != ids[0][:6] or ctx.session_id() not in ids
+    ctx._sid_pid = -1  # as after a fork: a new process draws its own prefix, and counts from 1 again
+    after = ctx.session_id()
+    assert after[6:] == ids[0][6:] == "b" and after != ids[0]
 
 
 def test_tls_sessions_say_so(start_server, pki, caplog):

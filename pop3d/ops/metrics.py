@@ -106,7 +106,7 @@ class _VerbStats:
 
     def drain_into(self, published: list[float]) -> list[float]:
         """`published` plus what was counted since; resets the accumulator."""
-        out = [a + b for a, b in zip(published, self.buckets, strict=False)]
+        out = [a + b for a, b in zip(published[:-1], self.buckets, strict=True)]
         out.append(published[-1] + self.total)
         self.buckets = [0] * len(self.buckets)
         self.count = 0
@@ -421,7 +421,12 @@ def process_dead(pid: int, directory: str) -> None:
     """The supervisor reaped worker `pid`: its counts move to retired.json (its open sessions are gone, its
     counters stay), in an order a concurrent scrape cannot count twice or miss (see `_DirectoryTotals`)."""
     prefix = f"{pid}-"
-    for name in os.listdir(directory):
+    try:
+        names = os.listdir(directory)
+    except OSError as exc:  # the supervisor must go on supervising
+        log.warning("metrics: cannot read %s: %s", directory, exc)
+        return
+    for name in names:
         if not (name.startswith(prefix) and name.endswith(".json")):
             continue
         path = os.path.join(directory, name)
@@ -431,8 +436,11 @@ def process_dead(pid: int, directory: str) -> None:
             t["sessions_open"] = 0
             retired["totals"] = _add(retired["totals"], t)
         retired["files"].append(name)
-        _write_json(os.path.join(directory, RETIRED), retired)
-        os.unlink(path)
+        try:
+            _write_json(os.path.join(directory, RETIRED), retired)
+            os.unlink(path)
+        except OSError as exc:
+            log.warning("metrics: cannot retire %s: %s", path, exc)
 
 
 def prepare_directory(directory: str) -> None:
