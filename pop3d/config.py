@@ -250,6 +250,9 @@ class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: "text" for people, "json" (one object per line) for log shippers
     format: Literal["text", "json"] = "text"
+    #: False: the end of a health-check session (no login attempted, ended by QUIT or a hang-up before
+    #: login, as `pop3d health` and TCP probes do) is logged at DEBUG instead of INFO
+    health_checks: bool = True
 
 
 class MetricsSettings(_Section):

@@ -98,9 +98,15 @@ class _Handler:
     end_reason: str = "QUIT"
     counters: _Counters = field(default_factory=_Counters)
     messages: list[MessageInfo] = field(default_factory=lambda: [MessageInfo(5, "a", "a"), MessageInfo(7, "b", "b")])
+    tried: str | None = "alice"
+    mech: str | None = "USER"
+    auth_failures: int = 0
 
     def summary(self) -> str:
         return "top=1/10, retr=2/300, del=1/2, size=12"
+
+    def log_fields(self) -> dict[str, object]:
+        return {"session": "abcdef1", "lip": "192.0.2.1:110", "tls": False, "mech": self.mech, "duration": 1.5}
 
 
 def test_log_session_end(env, caplog):
@@ -120,4 +126,10 @@ def test_log_session_end(env, caplog):
         "del": 1,
         "messages": 2,
         "size": 12,
+        "session": "abcdef1",
+        "lip": "192.0.2.1:110",
+        "tls": False,
+        "mech": "USER",
+        "duration": 1.5,
+        "health_check": False,
     }

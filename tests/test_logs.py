@@ -6,9 +6,16 @@ import base64
 import hashlib
 import json
 import logging
+import os
+import poplib
+import re
+import signal
+import socket
 import sys
 
+import pytest
 from conftest import Raw, deliver
+from tls_helpers import Pki
 
 from pop3d.config import LogSettings
 from pop3d.ops import logfmt
@@ -25,6 +32,7 @@ def test_json_formatter():
     out = json.loads(logfmt.JsonFormatter().format(_record("session end user=%s", "älice", user="älice", retr=2)))
     assert out["msg"] == "session end user=älice" and out["user"] == "älice" and out["retr"] == 2
     assert out["level"] == "INFO" and out["logger"] == "pop3d" and out["ts"].endswith("Z")
+    assert out["pid"] == os.getpid()
     try:
         raise RuntimeError("boom")
     except RuntimeError:
@@ -47,6 +55,18 @@ def test_configure_is_idempotent_and_switches_format():
         root.setLevel(before[1])
 
 
+@pytest.fixture
+def pki(tmp_path):
+    return Pki.make(tmp_path)
+
+
+def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, object]]:
+    """The JSON objects of the records that are event `name`, as `log.format = "json"` prints them."""
+    js = logfmt.JsonFormatter()
+    out = [json.loads(js.format(r)) for r in caplog.records]
+    return [o for o in out if o.get("event") == name]
+
+
 def test_session_end_line_fields(server, env, caplog):
     caplog.set_level(logging.INFO, logger="pop3d")
     deliver(env.maildir("alice"), b"Subject: x\r\n\r\nbody\r\n")
@@ -60,9 +80,157 @@ def test_session_end_line_fields(server, env, caplog):
     r.close()
     server.wait_idle()
     (rec,) = [x for x in caplog.records if x.getMessage().startswith("session end")]
-    assert rec.getMessage() == ("session end user=alice rip=127.0.0.1 reason=QUIT top=0/0, retr=1/23, del=1/1, size=20")
-    out = json.loads(logfmt.JsonFormatter().format(rec))
-    assert out["event"] == "session_end" and out["retr_bytes"] == 23 and out["del"] == 1 and out["rip"] == "127.0.0.1"
+    text = rec.getMessage()
+    assert text.startswith("session end user=alice rip=127.0.0.1 reason=QUIT top=0/0, retr=1/23, del=1/1, size=20 ")
+    assert re.search(
+        rf" session=[a-z2-7]{{7,}} lip=127\.0\.0\.1:{server.port} tls=no mech=USER duration=\d+\.\d{{3}}$", text
+    )
+    assert "health_check" not in text
+    (out,) = _events(caplog, "session_end")
+    assert out["retr_bytes"] == 23 and out["del"] == 1 and out["rip"] == "127.0.0.1" and out["user"] == "alice"
+    assert out["mech"] == "USER" and out["tls"] is False and out["lip"] == f"127.0.0.1:{server.port}"
+    assert out["pid"] == os.getpid() and isinstance(out["duration"], float) and out["health_check"] is False
+
+
+def test_session_ids_follow_one_session_in_text_and_json(start_server, env, caplog):
+    """Two sessions interleaved: every line about one carries its id, and only its id; JSON has the events
+    with their fields (mechanism, TLS, local address, duration) rather than bare strings."""
+    caplog.set_level(logging.INFO, logger="pop3d")
+    st = start_server(auth={"failure_delay": 0})
+    deliver(env.maildir("alice"), b"Subject: x\r\n\r\nbody\r\n")
+    a, b = Raw(st.port), Raw(st.port)
+    assert a.cmd(b"USER alice").startswith(b"+OK") and a.cmd(b"PASS nope").startswith(b"-ERR [AUTH]")
+    assert a.cmd(b"APOP alice " + b"0" * 32).startswith(b"-ERR [AUTH]")
+    assert b.cmd(b"USER alice").startswith(b"+OK") and b.cmd(b"PASS wonderland").startswith(b"+OK")
+    assert a.cmd(b"USER alice").startswith(b"+OK") and a.cmd(b"PASS wonderland").startswith(b"-ERR [IN-USE]")
+    a.cmd(b"QUIT")
+    b.cmd(b"QUIT")
+    a.close()
+    b.close()
+    st.wait_idle()
+
+    (login,) = _events(caplog, "login")
+    failed = _events(caplog, "auth_failed")
+    (in_use,) = _events(caplog, "in_use")
+    ends = _events(caplog, "session_end")
+    sid_b = login["session"]
+    sid_a = in_use["session"]
+    assert isinstance(sid_a, str) and isinstance(sid_b, str) and sid_a != sid_b and len(sid_a) <= 12
+    assert [f["session"] for f in failed] == [sid_a, sid_a]
+    assert [f["mech"] for f in failed] == ["USER", "APOP"] and [f["failures"] for f in failed] == [1, 2]
+    assert all(f["user"] == "alice" and f["rip"] == "127.0.0.1" and f["tls"] is False for f in failed)
+    assert login["mech"] == "USER" and login["user"] == "alice" and login["messages"] == 1
+    assert in_use["user"] == "alice" and in_use["mech"] == "USER"
+    for event in (login, in_use, *failed, *ends):
+        assert event["lip"] == f"127.0.0.1:{st.port}" and isinstance(event["duration"], float), event
+        assert event["pid"] == os.getpid()
+    end_a = next(e for e in ends if e["session"] == sid_a)
+    # never logged in: the user it tried, how often it failed, why it ended
+    assert end_a["user"] == "-" and end_a["tried"] == "alice" and end_a["auth_failures"] == 2
+    assert end_a["reason"] == "QUIT before login" and end_a["health_check"] is False
+    assert "top" not in end_a
+    # the text lines: grep the id, get that session's lines and nothing else
+    lines = [r.getMessage() for r in caplog.records]
+    of_a = [ln for ln in lines if f"session={sid_a} " in ln]
+    assert len(of_a) == 4  # two auth failures, in use, the end
+    assert not any(f"session={sid_b} " in ln for ln in of_a)
+    assert any(ln.startswith("session end user=- rip=127.0.0.1 reason=QUIT before login tried=alice") for ln in of_a)
+    assert any(ln.startswith("auth failed user='alice' rip=127.0.0.1") and " mech=APOP " in ln for ln in of_a)
+
+
+def test_session_ids_are_short_and_unique_per_process(env):
+    from pop3d.runtime.server import build_context
+
+    ctx = build_context(env.settings())
+    ids = [ctx.session_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[a-z2-7]{7,9}", i) for i in ids)
+    assert len({i[:6] for i in ids}) == 1  # one random prefix per process, then a counter
+    ctx._sid_pid = -1  # as after a fork: a new process draws its own prefix, and counts from 1 again
+    after = ctx.session_id()
+    assert after[6:] == ids[0][6:] == "b" and after != ids[0]
+
+
+def test_tls_sessions_say_so(start_server, pki, caplog):
+    caplog.set_level(logging.INFO, logger="pop3d")
+    st = start_server(tls=pki.tls_section(False))
+    p = poplib.POP3("127.0.0.1", st.port, timeout=10)
+    p.stls(pki.client_context())
+    p.user("alice")
+    p.pass_("wonderland")
+    p.quit()
+    st.wait_idle()
+    (login,) = _events(caplog, "login")
+    (end,) = _events(caplog, "session_end")
+    assert login["tls"] is True and end["tls"] is True and login["session"] == end["session"]
+
+
+def test_values_from_the_wire_cannot_forge_a_line():
+    assert logfmt.text_value("alice") == "alice"
+    assert logfmt.text_value('a\nb c"') == '"a\\nb c\\""'
+    assert logfmt.text_value(None) == "-" and logfmt.text_value(True) == "yes" and logfmt.text_value(0.5) == "0.500"
+
+
+# -- health checks ---------------------------------------------------------------------------------
+
+
+def _probe(port: int) -> None:
+    """What `pop3d health` does: read the greeting, QUIT at once."""
+    r = Raw(port)
+    assert r.cmd(b"QUIT").startswith(b"+OK")
+    r.close()
+
+
+@pytest.mark.parametrize("logged", [True, False])
+def test_health_checks_are_recognisable_and_can_be_left_out(start_server, caplog, logged):
+    caplog.set_level(logging.DEBUG, logger="pop3d")
+    st = start_server(log={"health_checks": logged})
+    _probe(st.port)
+    tcp = socket.create_connection(("127.0.0.1", st.port), timeout=10)  # a load balancer's TCP check
+    tcp.recv(100)
+    tcp.close()
+    r = Raw(st.port)  # not a health check: it tried to log in
+    r.cmd(b"USER nobody")
+    r.cmd(b"QUIT")
+    r.close()
+    st.wait_idle()
+    ends = [x for x in caplog.records if getattr(x, "fields", {}).get("event") == "session_end"]
+    assert len(ends) == 3
+    probes = [x for x in ends if x.fields["health_check"]]
+    assert sorted(x.fields["reason"] for x in probes) == ["QUIT before login", "disconnected"]
+    assert all("health_check=yes" in x.getMessage() for x in probes)
+    assert {x.levelno for x in probes} == {logging.INFO if logged else logging.DEBUG}
+    (real,) = [x for x in ends if not x.fields["health_check"]]
+    assert real.levelno == logging.INFO and real.fields["tried"] == "nobody"
+
+
+# -- supervisor and workers ------------------------------------------------------------------------
+
+
+def test_supervisor_logs_start_up_and_reload_once(env):
+    """workers = 2, JSON: the start-up and reload outcome lines appear once, from the supervisor's pid."""
+    from test_cli import free_port, start, write_config
+
+    port = free_port()
+    cfg = write_config(env, port, log='[log]\nformat = "json"')
+    cfg.write_text(cfg.read_text().replace("[server]\n", "[server]\nworkers = 2\n", 1))
+    proc = start(cfg, port)
+    try:
+        _probe(port)
+        # both pending at once: the supervisor takes SIGHUP first (sigtimedwait: lowest number first)
+        proc.send_signal(signal.SIGHUP)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    recs = [json.loads(ln) for ln in out.splitlines() if ln.startswith("{")]
+    assert recs, out
+    sup = proc.pid
+    listening = [r for r in recs if "listening on" in r["msg"]]
+    assert [(r["msg"].startswith("2 workers listening on"), r["pid"]) for r in listening] == [(True, sup)], out
+    reloaded = [r for r in recs if r["msg"].startswith("configuration reloaded")]
+    assert [r["pid"] for r in reloaded] == [sup], out
+    assert [r["pid"] for r in recs if r["msg"].startswith("SIGHUP: re-reading")] == [sup]
+    ends = [r for r in recs if r.get("event") == "session_end"]  # ours, and start()'s wait for the port
+    assert ends and all(e["pid"] != sup and e["health_check"] is True and e["session"] for e in ends), out
 
 
 def test_no_password_or_auth_payload_in_logs(start_server, caplog):

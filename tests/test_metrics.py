@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -69,6 +71,77 @@ def test_session_counters(start_server, env):
     assert v("pop3d_command_duration_seconds_count", verb="PASS") == 3  # async replies are timed too
     assert v("pop3d_sessions_total") == 3 and v("pop3d_sessions_open") == 0
     assert v("pop3d_sent_bytes_total") > len(b"Subject: 1\r\n\r\none\r\n") + 3 * len(a.greeting)
+    assert v("pop3d_messages_retrieved_total") == 1 and v("pop3d_messages_deleted_total") == 0
+    assert v("pop3d_session_duration_seconds_count") == 3
+    assert v("pop3d_session_duration_seconds_bucket", le="+Inf") == 3 and v("pop3d_session_duration_seconds_sum") > 0
+    assert v("pop3d_tls_handshakes_total", result="ok") == 0
+
+
+def test_exposition_adds_build_and_process_metrics_and_deletions(start_server, env):
+    """What GET /metrics of a one-process server shows besides the session counters."""
+    from prometheus_client import generate_latest
+
+    from pop3d import __version__
+    from pop3d.ops.metrics import exposition_registry
+
+    st = start_server(metrics={"listen": "127.0.0.1:0"})
+    box = env.maildir("alice")
+    deliver(box, b"Subject: 1\r\n\r\none\r\n")
+    deliver(box, b"Subject: 2\r\n\r\ntwo\r\n")
+    a = Raw(st.port)
+    assert a.cmd(b"USER alice").startswith(b"+OK") and a.cmd(b"PASS wonderland").startswith(b"+OK")
+    a.cmd(b"DELE 1")
+    a.cmd(b"DELE 2")
+    assert a.cmd(b"QUIT").startswith(b"+OK")
+    a.close()
+    st.wait_idle()
+    st.call(_flush(st.ctx.metrics))
+    body = generate_latest(exposition_registry(st.ctx.metrics)).decode()
+    assert 'pop3d_build_info{python="' in body and f'version="{__version__}"' in body
+    assert "pop3d_messages_deleted_total 2.0" in body
+    pid = os.getpid()
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        assert f'{name}{{pid="{pid}",role="main"}}' in body, name
+    assert "# TYPE pop3d_session_duration_seconds histogram" in body
+
+
+async def _flush(m) -> None:
+    m.flush()
+
+
+def test_tls_handshakes_counted(start_server, tmp_path):
+    """STLS (counted by the session) and implicit TLS (counted where asyncio runs the handshake)."""
+    import poplib
+    import socket
+    import ssl
+
+    from tls_helpers import Pki
+
+    pki = Pki.make(tmp_path)
+    st = start_server(
+        metrics={"listen": "127.0.0.1:0"}, server={"tls_listen": ["127.0.0.1:0"]}, tls=pki.tls_section(False)
+    )
+    tls_port = st.server.tls_addresses()[0][1]
+    p = poplib.POP3("127.0.0.1", st.port, timeout=10)
+    p.stls(pki.client_context())
+    p.quit()
+    p = poplib.POP3_SSL("127.0.0.1", tls_port, context=pki.client_context(), timeout=10)
+    p.quit()
+    s = socket.create_connection(("127.0.0.1", tls_port), timeout=10)  # not TLS at all
+    s.sendall(b"USER alice\r\n" * 20)
+    with contextlib.suppress(OSError):
+        s.recv(100)
+    s.close()
+    bad = ssl.create_default_context()  # does not trust the test CA: the client aborts the handshake
+    with contextlib.suppress(ssl.SSLError):
+        bad.wrap_socket(socket.create_connection(("127.0.0.1", tls_port), timeout=10), server_hostname="localhost")
+    st.wait_idle()
+    reg = st.ctx.metrics.registry
+    end = time.monotonic() + 10
+    while reg.get_sample_value("pop3d_tls_handshakes_total", {"result": "failed"}) < 2 and time.monotonic() < end:
+        time.sleep(0.02)  # the server notices the aborted handshakes on its own loop
+    assert reg.get_sample_value("pop3d_tls_handshakes_total", {"result": "ok"}) == 2
+    assert reg.get_sample_value("pop3d_tls_handshakes_total", {"result": "failed"}) == 2
 
 
 def test_latency_buckets_match_observe():
@@ -112,29 +185,33 @@ def test_http_endpoint():
 
 
 # A "supervisor" starts the endpoint, three forked "workers" count into one directory, the endpoint sums
-# them over HTTP. Run in a fresh interpreter because multiprocess mode is process-wide.
+# them over HTTP. Run in a fresh interpreter: it forks.
 WORKERS = r"""
 import os, sys, urllib.request
 from pop3d.ops import metrics
 directory = sys.argv[1]
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # as pop3d.runtime.shared does: the library reads it
-metrics.enable_multiprocess(directory)
+metrics.prepare_directory(directory)
 endpoint = metrics.start_endpoint("127.0.0.1:0", metrics.exposition_registry(None, directory))
 url = f"http://127.0.0.1:{endpoint.server_port}/metrics"
+m = metrics.Metrics(verbs=["STAT"], directory=directory)  # made before the fork, as pop3d.runtime.shared does
 pids = []
 for _ in range(3):
     pid = os.fork()
     if pid == 0:
-        m = metrics.Metrics(verbs=["STAT"])
         for _ in range(5):
             m.session_opened(); m.login("ok"); m.command("STAT", 0.002)
-        m.session_closed(100)
+        m.session_closed(100, 2.0, 1, 1)
         m.flush()
+        if len(pids) == 2:  # the last one stays alive until told: its process metrics are served
+            os.read(0, 1)
         os._exit(0)
     pids.append(pid)
-for p in pids:
+for p in pids[:2]:
     os.waitpid(p, 0)
 print(urllib.request.urlopen(url, timeout=10).read().decode())
+print("LIVE", pids[2])
+os.close(0)
+os.waitpid(pids[2], 0)
 metrics.process_dead(pids[0], directory)
 print("AFTER")
 print(urllib.request.urlopen(url, timeout=10).read().decode())
@@ -147,6 +224,7 @@ def test_multiprocess_sums_across_workers(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run(
         [sys.executable, "-c", WORKERS, str(tmp_path / "prom")],
+        input="",  # the live worker's stdin: EOF once the parent closes its own copy
         env=env,
         capture_output=True,
         text=True,
@@ -159,5 +237,11 @@ def test_multiprocess_sums_across_workers(tmp_path):
     assert 'pop3d_command_duration_seconds_count{verb="STAT"} 15.0' in before
     assert "pop3d_sent_bytes_total 300.0" in before
     assert "pop3d_sessions_open 12.0" in before  # 3 workers x (5 opened - 1 closed)
+    assert "pop3d_messages_retrieved_total 3.0" in before and "pop3d_messages_deleted_total 3.0" in before
+    assert "pop3d_session_duration_seconds_count 3.0" in before
+    assert "pop3d_build_info{" in before
+    live = int(before.split("LIVE ")[1].split()[0])
+    assert f'process_cpu_seconds_total{{pid="{live}",role="worker"}}' in before
+    assert 'role="supervisor"' in before
     assert "pop3d_sessions_open 8.0" in after  # a dead worker's open sessions no longer count
     assert 'pop3d_logins_total{result="ok"} 15.0' in after  # counters keep what dead workers counted

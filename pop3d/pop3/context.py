@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pop3d.auth.login_delay import LoginDelays, LoginDelayStore
 from pop3d.auth.penalty import Penalty
 from pop3d.net.addresses import in_networks
 from pop3d.net.limits import ConnectionLimits
+from pop3d.ops import logfmt
 from pop3d.ops import metrics as metrics_mod
 from pop3d.pop3.protocol import VERBS
 
@@ -93,8 +95,36 @@ class EndedSession(Protocol):
     def counters(self) -> SessionCounters: ...
     @property
     def messages(self) -> Sequence[MessageInfo]: ...
+    @property
+    def tried(self) -> str | None: ...  # the last user name an authentication named, logged in or not
+    @property
+    def mech(self) -> str | None: ...  # the last authentication method tried (USER, APOP, a SASL name)
+    @property
+    def auth_failures(self) -> int: ...
 
     def summary(self) -> str: ...
+    def log_fields(self) -> dict[str, object]: ...
+
+
+#: how a session that never logged in may end and still count as a health check (see `is_health_check`)
+_PROBE_ENDINGS = frozenset({"QUIT", "disconnected"})
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower case
+
+
+def _base32(n: int, width: int = 0) -> str:
+    out: list[str] = []
+    while n or len(out) < max(width, 1):
+        n, r = divmod(n, 32)
+        out.append(_ID_ALPHABET[r])
+    return "".join(reversed(out))
+
+
+def is_health_check(handler: EndedSession) -> bool:
+    """A session that never tried to authenticate (no USER, APOP or AUTH) and ended by QUIT or by hanging
+    up before login: what `pop3d health` and load-balancer TCP probes do. Anything else a client can do
+    (a login, a failure, a timeout, an eviction, a refused STLS) is not one, so hiding these hides no attack
+    on an account."""
+    return handler.user is None and handler.mech is None and handler.end_reason in _PROBE_ENDINGS
 
 
 class ServerContext:
@@ -125,6 +155,9 @@ class ServerContext:
         self.implementation = f"pop3d-{__version__}"
         self.sessions: set[LiveSession] = set()
         self._counter = itertools.count(1)
+        self._sid_pid = 0  # the process the session-id prefix was drawn in (see `session_id`)
+        self._sid_prefix = ""
+        self._sid_counter = itertools.count(1)
         #: called as hook(old, new) after a SIGHUP reload swapped `settings` (TLS plugs its certificates in here)
         self.reload_hooks: list[Callable[[Settings, Settings], None]] = []
 
@@ -142,28 +175,60 @@ class ServerContext:
         """
         return f"<{os.getpid()}.{next(self._counter)}.{time.time_ns() // 1000}@{self.hostname}>"
 
+    def session_id(self) -> str:
+        """A short id for the log lines of one session, unique within this run of the server.
+
+        A random prefix drawn once per process (6 base32 characters, 30 bits) followed by a counter. Why not
+        the pid: worker processes are forked and, when one dies, replaced, and a pid may come back within one
+        run (small pid spaces in containers); a prefix drawn after the fork does not depend on that, and ids
+        from several hosts or runs merged into one log rarely collide either. The pid is on every line anyway
+        (pop3d.ops.logfmt). Drawn lazily: a worker forked after this object was built gets its own.
+        """
+        pid = os.getpid()
+        if pid != self._sid_pid:
+            self._sid_pid, self._sid_prefix = pid, _base32(secrets.randbits(30), 6)
+            self._sid_counter = itertools.count(1)
+        return self._sid_prefix + _base32(next(self._sid_counter))
+
     def log_session_end(self, handler: EndedSession) -> None:
-        """One line per session end, in the spirit of Dovecot's logout line. Never a password."""
+        """One line per session end, in the spirit of Dovecot's logout line. Never a password.
+
+        A session that logged in reports its counters; one that did not, the user it tried (if any) and how
+        many authentications failed. Health checks (`is_health_check`) go to DEBUG with
+        `log.health_checks = false`.
+        """
+        logged_in = handler.user is not None
         user = handler.user.name if handler.user is not None else "-"
-        c = handler.counters
-        fields = {
-            "event": "session_end",
-            "user": user,
-            "rip": handler.peer,
-            "reason": handler.end_reason,
-            "top": c.top,
-            "top_bytes": c.top_bytes,
-            "retr": c.retr,
-            "retr_bytes": c.retr_bytes,
-            "del": c.dele,
-            "messages": len(handler.messages),
-            "size": sum(m.size for m in handler.messages),
-        }
-        log.info(
-            "session end user=%s rip=%s reason=%s %s",
-            user,
-            handler.peer,
-            handler.end_reason,
-            handler.summary(),
-            extra={"fields": fields},
-        )
+        reason = handler.end_reason
+        probe = is_health_check(handler)
+        if not logged_in and reason == "QUIT":
+            reason = "QUIT before login"
+        fields: dict[str, object] = {"user": user, "rip": handler.peer, "reason": reason}
+        if logged_in:
+            c = handler.counters
+            fields |= {
+                "top": c.top,
+                "top_bytes": c.top_bytes,
+                "retr": c.retr,
+                "retr_bytes": c.retr_bytes,
+                "del": c.dele,
+                "messages": len(handler.messages),
+                "size": sum(m.size for m in handler.messages),
+            }
+            text = f"session end user={logfmt.text_value(user)} rip={handler.peer} reason={reason} {handler.summary()}"
+            shown: dict[str, object] = {}
+        else:
+            fields |= {"tried": handler.tried, "auth_failures": handler.auth_failures}
+            shown = {}  # in the text only when there is something to say
+            if handler.tried is not None:
+                shown["tried"] = handler.tried
+            if handler.auth_failures:
+                shown["auth_failures"] = handler.auth_failures
+            text = f"session end user=- rip={handler.peer} reason={reason}"
+        shown |= handler.log_fields()
+        if probe:  # said in the text only when it is one; always a boolean in JSON
+            shown["health_check"] = True
+        fields |= shown
+        fields["health_check"] = probe
+        level = logging.DEBUG if probe and not self.settings.log.health_checks else logging.INFO
+        logfmt.event(log, level, "session_end", text, fields, shown)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pop3d import wire
 from pop3d.auth import sasl
 from pop3d.auth.base import User
+from pop3d.ops import logfmt
 from pop3d.pop3.context import ServerContext
 from pop3d.pop3.protocol import CRLF, MAX_SASL_LINE, Command, err, multiline, ok
 from pop3d.pop3.results import Challenge, Pending, Reply, Resolved, Result, StartTLS, Stream
@@ -63,6 +64,7 @@ class Pop3Handler:
 
     __slots__ = (
         "auth_failures",
+        "born",
         "counters",
         "ctx",
         "deleted",
@@ -70,20 +72,30 @@ class Pop3Handler:
         "end_reason",
         "external_identity",
         "last",
+        "local",
+        "mech",
         "messages",
         "peer",
         "retrieved",
         "secure",
+        "sid",
         "state",
         "timestamp",
         "tls",
+        "tried",
         "user",
         "user_name",
     )
 
-    def __init__(self, ctx: ServerContext, peer: str) -> None:
+    def __init__(self, ctx: ServerContext, peer: str, local: str = "-") -> None:
+        """`peer`: the client's address; `local`: the address it connected to, "host:port" (for the log)."""
         self.ctx = ctx
         self.peer = peer
+        self.local = local
+        self.sid = ctx.session_id()  # on every log line about this session
+        self.born = time.monotonic()
+        self.mech: str | None = None  # the last authentication method tried: USER, APOP or a SASL name
+        self.tried: str | None = None  # the last user name an authentication named
         self.state = State.AUTHORIZATION
         self.timestamp = ctx.apop_timestamp()
         self.user_name: str | None = None  # from USER, waiting for PASS
@@ -145,6 +157,20 @@ class Pop3Handler:
         finally:
             self.state = next_state(self.state, SessionEvent.DISCONNECT)
 
+    def log_fields(self) -> dict[str, object]:
+        """What every event line about this session carries after its own fields (pop3d.ops.logfmt.event)."""
+        return {
+            "session": self.sid,
+            "lip": self.local,
+            "tls": self.tls,
+            "mech": self.mech,
+            "duration": round(time.monotonic() - self.born, 3),
+        }
+
+    def _event(self, level: int, name: str, text: str, **fields: object) -> None:
+        """A login, auth failure or lock refusal: `text`, then `fields`, then the session's own fields."""
+        logfmt.event(log, level, name, text, {**fields, **self.log_fields()}, stacklevel=3)
+
     def summary(self) -> str:
         """The logout line's counters."""
         c = self.counters
@@ -156,6 +182,7 @@ class Pop3Handler:
     # -- AUTHORIZATION ---------------------------------------------------------------------------
 
     def do_USER(self, cmd: Command) -> Result:
+        self.mech, self.tried = "USER", cmd.args[0]
         if not self.plaintext_ok:
             return PLAINTEXT_REFUSED
         # RFC 1939 §7: we never say whether the mailbox exists (no user enumeration)
@@ -163,6 +190,7 @@ class Pop3Handler:
         return SEND_PASS
 
     def do_PASS(self, cmd: Command) -> Result:
+        self.mech = "USER"
         if not self.plaintext_ok:
             return PLAINTEXT_REFUSED
         if self.user_name is None:
@@ -175,6 +203,7 @@ class Pop3Handler:
         return await self._login(user, name)
 
     def do_APOP(self, cmd: Command) -> Result:
+        self.mech, self.tried = "APOP", cmd.args[0]
         return Pending(self._apop(cmd.args[0], cmd.args[1].lower()))
 
     async def _apop(self, name: str, digest: str) -> Resolved:
@@ -186,6 +215,7 @@ class Pop3Handler:
     async def _login(self, user: User | None, name: str) -> Reply:
         """Common tail of every successful or failed authentication: delay, LOGIN-DELAY, lock, snapshot."""
         ctx = self.ctx
+        self.tried = name
         if user is None:
             return await self._failed(name)
         # Dovecot's auth penalty: while this address is under penalty, a right password waits as long as a wrong
@@ -204,7 +234,7 @@ class Pop3Handler:
         try:
             drop = ctx.storage.maildrop(user)
         except StorageError as exc:  # a user name or home no location can be made of (pop3d.storage.location)
-            log.warning("maildrop unavailable user=%r rip=%s: %s", user.name, self.peer, exc)
+            log.warning("maildrop unavailable user=%r rip=%s session=%s: %s", user.name, self.peer, self.sid, exc)
             ctx.metrics.login("unavailable")
             ctx.metrics.storage_error("open")
             return Reply(err("maildrop cannot be opened", exc.code))
@@ -212,19 +242,19 @@ class Pop3Handler:
             await drop.open()
         except InUse:
             await drop.close()
-            log.info("maildrop in use user=%s rip=%s", user.name, self.peer)
+            self._event(logging.INFO, "in_use", "maildrop in use", user=user.name, rip=self.peer)
             ctx.metrics.login("in_use")
             ctx.metrics.lock_conflict()
             return Reply(err("maildrop already locked by another session", "IN-USE"))  # RFC 2449 §8.1.1
         except StorageError as exc:
             await drop.close()
-            log.warning("maildrop unavailable user=%s rip=%s: %s", user.name, self.peer, exc)
+            log.warning("maildrop unavailable user=%s rip=%s session=%s: %s", user.name, self.peer, self.sid, exc)
             ctx.metrics.login("unavailable")
             ctx.metrics.storage_error("open")
             return Reply(err("maildrop cannot be opened", exc.code))  # RFC 3206 §4 SYS/TEMP or SYS/PERM
         except OSError as exc:
             await drop.close()
-            log.warning("maildrop unavailable user=%s rip=%s: %s", user.name, self.peer, exc)
+            log.warning("maildrop unavailable user=%s rip=%s session=%s: %s", user.name, self.peer, self.sid, exc)
             ctx.metrics.login("unavailable")
             ctx.metrics.storage_error("open")
             return Reply(err("maildrop cannot be opened", "SYS/TEMP"))
@@ -232,8 +262,8 @@ class Pop3Handler:
         ctx.metrics.login("ok")
         self.state = next_state(self.state, SessionEvent.LOGIN_OK)
         self.user, self.drop, self.messages = user, drop, drop.messages
-        log.info("login user=%s rip=%s messages=%d", user.name, self.peer, len(drop.messages))
         count, size = self._totals()
+        self._event(logging.INFO, "login", "login", user=user.name, rip=self.peer, messages=count, size=size)
         return Reply(ok(f"{user.name} has {count} message{'s' if count != 1 else ''} ({size} octets)"))
 
     async def _failed(self, name: str | None, why: str = "") -> Reply:
@@ -241,7 +271,13 @@ class Pop3Handler:
         wait = self.ctx.penalty.fail(self.peer, time.monotonic())
         self.ctx.metrics.login("failed")
         self.auth_failures += 1
-        log.info("auth failed user=%r rip=%s%s delay=%.1fs", name, self.peer, f" ({why})" if why else "", wait)
+        if name is not None:
+            self.tried = name
+        # the text keeps its long-standing shape (repr of the name: nothing from the wire can break the line)
+        text = f"auth failed user={name!r} rip={self.peer}{f' ({why})' if why else ''} delay={wait:.1f}s"
+        shown = {"failures": self.auth_failures, **self.log_fields()}
+        fields = {"user": name, "rip": self.peer, "reason": why or None, "delay": round(wait, 3), **shown}
+        logfmt.event(log, logging.INFO, "auth_failed", text, fields, shown)
         if wait > 0:
             await asyncio.sleep(wait)
         # As Dovecot's login processes do after a few failed attempts: the guesser must reconnect, and meet the
@@ -265,6 +301,7 @@ class Pop3Handler:
         if not cmd.args:
             return Reply(multiline(ok("SASL mechanisms follow"), usable))  # pre-RFC 5034 clients (Outlook) ask so
         name = cmd.args[0].upper()
+        self.mech = name
         if name not in usable:
             if name in sasl.PLAINTEXT and name in self.ctx.settings.auth.mechanisms:
                 return PLAINTEXT_REFUSED
@@ -310,6 +347,7 @@ class Pop3Handler:
     async def _sasl_async(self, mech: sasl.Mechanism, step: sasl.Step) -> Resolved:
         while True:
             if isinstance(step, sasl.Lookup):
+                self.tried = step.authcid
                 # off the loop (SCRAM from {PLAIN} runs PBKDF2); an unknown user runs the same steps on a decoy
                 step = await self.ctx.auth.with_credentials(step.authcid, mech.resume)
             elif isinstance(step, sasl.CheckPassword):
@@ -323,6 +361,7 @@ class Pop3Handler:
                 return self._challenge(mech, step.data)
 
     def do_RPOP(self, cmd: Command) -> Result:
+        self.mech = "RPOP"
         return RPOP_REFUSED
 
     def do_CAPA(self, cmd: Command) -> Result:
@@ -373,7 +412,7 @@ class Pop3Handler:
         try:
             await drop.commit(deleted, self.retrieved - deleted)
         except StorageError as exc:
-            log.warning("commit failed user=%s: %s", self.user.name if self.user else "?", exc)
+            log.warning("commit failed user=%s session=%s: %s", self.user.name if self.user else "?", self.sid, exc)
             self.ctx.metrics.storage_error("commit")
             return Reply(
                 err("some deleted messages were not removed", exc.code), close=True, reason="QUIT, commit failed"
@@ -465,7 +504,8 @@ class Pop3Handler:
         try:
             raw = drop.read_small(i)
         except (StorageError, OSError) as exc:
-            log.warning("read failed user=%s msg=%d: %s", self.user.name if self.user else "?", i + 1, exc)
+            user = self.user.name if self.user else "?"
+            log.warning("read failed user=%s msg=%d session=%s: %s", user, i + 1, self.sid, exc)
             self.ctx.metrics.storage_error("read")
             # RFC 3206 §4: SYS/PERM for a message refused for the session (pop3d.storage.base.MessageUnreadable)
             code = exc.code if isinstance(exc, StorageError) else "SYS/TEMP"

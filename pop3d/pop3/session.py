@@ -145,7 +145,7 @@ class Pop3Session(asyncio.Protocol):
             self._refuse(rip, str(exc))
             return
         transport.set_write_buffer_limits(high=self.ctx.settings.server.write_buffer)
-        self.handler = Pop3Handler(self.ctx, rip)
+        self.handler = Pop3Handler(self.ctx, rip, _address(transport.get_extra_info("sockname")))
         self.ctx.sessions.add(self)
         self._last_active = self._born = self._loop.time()
         self._arm_timer()
@@ -281,7 +281,7 @@ class Pop3Session(asyncio.Protocol):
                 try:
                     result = handler.sasl_line(mech, line)
                 except Exception:
-                    log.exception("internal error in SASL exchange rip=%s", handler.peer)
+                    log.exception("internal error in SASL exchange rip=%s session=%s", handler.peer, handler.sid)
                     result = Reply(INTERNAL_ERROR)
             else:
                 event = self.parser.parse(line, handler.state)
@@ -299,7 +299,7 @@ class Pop3Session(asyncio.Protocol):
                 try:
                     result = handler.dispatch(event)
                 except Exception:
-                    log.exception("internal error in session user=%s", self._user())
+                    log.exception("internal error in session user=%s session=%s", self._user(), handler.sid)
                     result = Reply(INTERNAL_ERROR)
                 if metrics is not None:
                     if isinstance(result, (Pending, Stream)):
@@ -337,10 +337,12 @@ class Pop3Session(asyncio.Protocol):
 
     def _overflow(self, unsent: int) -> None:
         """Before login, a client that does not read what it asked for is cut (it may be flooding us)."""
+        handler = self.handler
         log.info(
-            "unread output over session.max_unsent_before_login rip=%s unsent=%d",
-            self.handler.peer if self.handler is not None else "-",
+            "unread output over session.max_unsent_before_login rip=%s unsent=%d session=%s",
+            handler.peer if handler is not None else "-",
             unsent,
+            handler.sid if handler is not None else "-",
         )
         self._end_reason = "output not read before login"
         self.transport.abort()
@@ -376,7 +378,7 @@ class Pop3Session(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("internal error in session user=%s", self._user())
+            log.exception("internal error in session user=%s session=%s", self._user(), handler.sid)
             self._write(INTERNAL_ERROR)
         if self._verb:
             self.ctx.metrics.command(self._verb, perf_counter() - self._t0)
@@ -423,7 +425,8 @@ class Pop3Session(asyncio.Protocol):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.info("TLS handshake failed rip=%s: %s", handler.peer, exc)
+            log.info("TLS handshake failed rip=%s session=%s: %s", handler.peer, handler.sid, exc)
+            self.ctx.metrics.tls_handshake(False)
             self._end_reason = "TLS handshake failed"
             raw.abort()
             self._task = None  # this task is ending: connection_lost must not wait for it
@@ -435,6 +438,7 @@ class Pop3Session(asyncio.Protocol):
         tls_transport.set_write_buffer_limits(high=self.ctx.settings.server.write_buffer)
         identity = peer_identity(tls_transport.get_extra_info("ssl_object"), self.ctx.settings.tls.client_identity)
         self._tls = True
+        self.ctx.metrics.tls_handshake(True)
         handler.tls_established(identity)
         self._deaf = False
         self._busy = False
@@ -464,7 +468,7 @@ class Pop3Session(asyncio.Protocol):
         try:
             first = await anext(chunks, b"")
         except (StorageError, OSError) as exc:
-            log.warning("read failed user=%s msg=%d: %s", self._user(), s.index + 1, exc)
+            log.warning("read failed user=%s msg=%d session=%s: %s", self._user(), s.index + 1, handler.sid, exc)
             self.ctx.metrics.storage_error("read")
             code = exc.code if isinstance(exc, StorageError) else "SYS/TEMP"  # RFC 3206 §4
             self._write(err(f"message {s.index + 1} cannot be read now", code))
@@ -491,7 +495,9 @@ class Pop3Session(asyncio.Protocol):
                 data = enc.feed(chunk)
         except (StorageError, OSError) as exc:
             # the +OK is out; the only honest thing left is to cut the connection (the client sees no '.')
-            log.warning("read failed mid-message user=%s msg=%d: %s", self._user(), s.index + 1, exc)
+            log.warning(
+                "read failed mid-message user=%s msg=%d session=%s: %s", self._user(), s.index + 1, handler.sid, exc
+            )
             self.ctx.metrics.storage_error("read")
             self.transport.abort()
             return
@@ -541,10 +547,11 @@ class Pop3Session(asyncio.Protocol):
         try:
             await handler.abort()
         except Exception:
-            log.exception("releasing maildrop failed user=%s", self._user())
+            log.exception("releasing maildrop failed user=%s session=%s", self._user(), handler.sid)
         finally:
             self.ctx.sessions.discard(self)
-        self.ctx.metrics.session_closed(self._sent)
+        c = handler.counters
+        self.ctx.metrics.session_closed(self._sent, self._loop.time() - self._born, c.retr, c.dele)
         handler.end_reason = self._end_reason or "disconnected"
         self.ctx.log_session_end(handler)
 
@@ -558,3 +565,11 @@ class Pop3Session(asyncio.Protocol):
             if self._end_reason is None:
                 self._end_reason = "server shutdown"
             self._close(err("server shutting down", "SYS/TEMP"))
+
+
+def _address(sockname: object) -> str:
+    """A socket address for the log: "host:port", "[v6]:port", or "-" (a UNIX socket in tests)."""
+    if isinstance(sockname, tuple) and len(sockname) >= 2:
+        host, port = sockname[0], sockname[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "-"

@@ -112,21 +112,58 @@ def apply(ctx: ServerContext, new: Settings) -> Plan:
     return p
 
 
-def reload(ctx: ServerContext, load: Callable[[], Settings]) -> Plan | None:
-    """Load with `load`, apply, log the outcome; on any load error keep running as before (returns None)."""
+def _load(load: Callable[[], Settings]) -> Settings:
+    new = load()
     try:
-        new = load()
-        try:
-            with open(new.auth.passwd_file, "rb"):
-                pass
-        except OSError as exc:
-            raise ConfigError(f"auth.passwd_file: cannot read {new.auth.passwd_file}: {exc.strerror}") from None
-        p = apply(ctx, new)
-    except Exception as exc:  # ConfigError, or a hook refusing (a certificate that does not load):
-        # a reload must never take the running server down
+        with open(new.auth.passwd_file, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"auth.passwd_file: cannot read {new.auth.passwd_file}: {exc.strerror}") from None
+    return new
+
+
+def _log_outcome(p: Plan, quiet: bool) -> None:
+    log.log(
+        logging.DEBUG if quiet else logging.INFO,
+        "configuration reloaded: %s",
+        ", ".join(p.live) if p.live else "no live setting changed",
+    )
+    if p.restart:
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "changed but needs a restart to take effect: %s",
+            ", ".join(p.restart),
+        )
+
+
+def check(current: Settings, load: Callable[[], Settings]) -> Plan | None:
+    """A supervisor's view of its workers' reload: load, check and log what changes, apply nothing.
+    Returns the plan (its `settings` are what the workers will run), or None if the configuration does not
+    load."""
+    try:
+        p = plan(current, _load(load))
+    except Exception as exc:
         log.error("reload failed, configuration unchanged: %s", exc)
         return None
-    log.info("configuration reloaded: %s", ", ".join(p.live) if p.live else "no live setting changed")
-    if p.restart:
-        log.warning("changed but needs a restart to take effect: %s", ", ".join(p.restart))
+    _log_outcome(p, quiet=False)
+    return p
+
+
+def reload(ctx: ServerContext, load: Callable[[], Settings], quiet: bool = False) -> Plan | None:
+    """Load with `load`, apply, log the outcome; on any load error keep running as before (returns None).
+
+    `quiet`: a supervisor's worker, whose supervisor has loaded the same file and logged the outcome
+    (`check`): the outcome and a configuration that does not load go to DEBUG here. A failure to apply
+    (a certificate that does not load in this process) is logged as an error all the same."""
+    try:
+        new = _load(load)
+    except Exception as exc:  # a reload must never take the running server down
+        log.log(logging.DEBUG if quiet else logging.ERROR, "reload failed, configuration unchanged: %s", exc)
+        return None
+    try:
+        p = apply(ctx, new)
+    except Exception as exc:  # ConfigError, or a hook refusing (a certificate that does not load)
+        log.error("reload failed, configuration unchanged: %s", exc)
+        return None
+    _log_outcome(p, quiet)
     return p

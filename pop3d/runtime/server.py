@@ -67,11 +67,16 @@ class Pop3Server:
         inherited: list[Inherited] | None = None,
         activated: bool = True,
         listener_ssl: ssl.SSLContext | None = None,
+        worker: bool = False,
     ) -> None:
         """`inherited`: listening sockets bound already, by systemd (`activated`) or by pop3d before it
         dropped root (pop3d.runtime.startup); they replace `server.listen`/`tls_listen`.
-        `listener_ssl`: the implicit-TLS context, made while the key was readable; else made here."""
+        `listener_ssl`: the implicit-TLS context, made while the key was readable; else made here.
+        `worker`: one of a supervisor's workers, whose start-up lines the supervisor logs (once, not per
+        worker): here they go to DEBUG."""
         self.ctx = ctx
+        self._info = logging.DEBUG if worker else logging.INFO
+        self._counting_tls = False
         self._activated = activated
         self._listener_ssl = listener_ssl
         self.servers: list[asyncio.base_events.Server] = []
@@ -114,6 +119,11 @@ class Pop3Server:
         assert self.ctx.tls is not None  # config validation guarantees it
         if self._listener_ssl is None:
             self._listener_ssl = self.ctx.tls.listener_context()
+        if not self._counting_tls:
+            from pop3d.ops.metrics import count_handshakes
+
+            count_handshakes(self._listener_ssl, self.ctx.metrics)
+            self._counting_tls = True
         return {"ssl": self._listener_ssl, "ssl_handshake_timeout": self.ctx.settings.tls.handshake_timeout}
 
     async def start(self) -> None:
@@ -150,7 +160,7 @@ class Pop3Server:
             self.servers.append(srv)
             if implicit:
                 self.tls_servers.append(srv)
-        log.info("listening on %s", ", ".join(self.addresses_text()))
+        log.log(self._info, "listening on %s", ", ".join(self.addresses_text()))
 
     async def _start_inherited(self) -> None:
         loop = asyncio.get_running_loop()
@@ -171,11 +181,13 @@ class Pop3Server:
             else:
                 self.servers.append(await loop.create_server(self.protocol, sock=inh.sock, **backlog))
         if self._activated:
-            log.info(
-                "listening on %s (sockets from systemd; server.listen is not used)", ", ".join(self.addresses_text())
+            log.log(
+                self._info,
+                "listening on %s (sockets from systemd; server.listen is not used)",
+                ", ".join(self.addresses_text()),
             )
         else:
-            log.info("listening on %s", ", ".join(self.addresses_text()))
+            log.log(self._info, "listening on %s", ", ".join(self.addresses_text()))
 
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) pairs; with port 0 in the config, the ports the kernel chose."""
@@ -236,13 +248,15 @@ async def serve(
 
     if bound is None:
         bound = prepare(settings, 1).for_slot(0, with_metrics=True)
-    server = Pop3Server(build_context(settings, shared, bound.tls), bound.sockets, bound.activated, bound.listener_ssl)
-    ctx = server.ctx
+    worker = shared is not None  # a supervisor's worker: the supervisor logs start-up and reload outcomes
+    info = logging.DEBUG if worker else logging.INFO
+    ctx = build_context(settings, shared, bound.tls)
+    server = Pop3Server(ctx, bound.sockets, bound.activated, bound.listener_ssl, worker=worker)
     await server.start()
     endpoint = bound.metrics
     if endpoint is not None:
         if isinstance(ctx.metrics, metrics.Metrics):
-            endpoint.start(metrics.exposition_registry(ctx.metrics.registry))
+            endpoint.start(metrics.exposition_registry(ctx.metrics))
         else:
             endpoint.close_socket()
             endpoint = None
@@ -258,9 +272,9 @@ async def serve(
                 ctx.tls.reload()
             return
         ctx.auth.reload_soon()  # the user database too, even if the configuration does not load
-        log.info("SIGHUP: re-reading the configuration")
+        log.log(info, "SIGHUP: re-reading the configuration")
         systemd.notify(*systemd.reloading_states())
-        reload(ctx, load)
+        reload(ctx, load, quiet=worker)
         systemd.notify("READY=1", _status(server))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -347,7 +361,25 @@ def serve_forever(
         run(lambda: serve(settings, ready, load, bound, shared, heartbeat))
 
     sup = workers.Supervisor(settings, worker_main, prepared)
+    if load is not None:
+        sup.on_hup = _Reloads(settings, load).check
     return sup.run((lambda s: on_ready(s.addresses_text())) if on_ready else None)
+
+
+class _Reloads:
+    """The supervisor's side of SIGHUP: load and check the configuration once and log what will change;
+    its workers then apply it quietly (pop3d.runtime.reload), so the outcome is one line, not one per worker."""
+
+    def __init__(self, settings: Settings, load: Callable[[], Settings]) -> None:
+        self.current, self.load = settings, load
+
+    def check(self) -> None:
+        from pop3d.runtime.reload import check
+
+        log.info("SIGHUP: re-reading the configuration")
+        p = check(self.current, self.load)
+        if p is not None:
+            self.current = p.settings
 
 
 def _check_as_user(settings: Settings, target: privileges.Target) -> None:

@@ -5,8 +5,8 @@ below belong to the user the workers run as.
 
 A client may land on any worker, so three things must hold across them (pop3d.pop3.context.SharedState):
 the brute-force penalty per address (an anonymous shared-memory table, inherited by fork), RFC 2449
-LOGIN-DELAY (one directory, a file per user) and the Prometheus counters (prometheus-client multiprocess
-mode: one file set per process in one directory, summed by the supervisor's endpoint). Everything is made
+LOGIN-DELAY (one directory, a file per user) and the Prometheus counters (one totals file per worker in one
+directory, summed by the supervisor's endpoint: pop3d.ops.metrics). Everything is made
 here, once, and handed down explicitly; a single-process server needs none of it (the context then keeps
 process-local equivalents).
 """
@@ -27,7 +27,7 @@ from pop3d.ops import metrics
 from pop3d.pop3.context import SharedState
 from pop3d.pop3.protocol import VERBS
 
-#: prometheus-client's own name for its directory; see `_claim_metrics_dir`
+#: prometheus-client's name for a metrics directory; honoured as the place for ours (`_claim_metrics_dir`)
 PROMETHEUS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -60,11 +60,11 @@ def share_between_workers(settings: Settings) -> WorkerShare:
     metrics_dir, own = None, False
     if settings.metrics.listen:
         metrics_dir, own = _claim_metrics_dir()
-        metrics.enable_multiprocess(metrics_dir)  # before the instruments below are made
+        metrics.prepare_directory(metrics_dir)
     state = SharedState(
         penalty,
         SharedLoginDelays(login_delay_dir),
-        metrics.build(settings.metrics.listen, VERBS),
+        metrics.build(settings.metrics.listen, VERBS, metrics_dir),
         ConnectionLimits.from_settings(settings, shared=True),
         state_secret.load_or_create(settings.server.state_dir),
     )
@@ -72,15 +72,8 @@ def share_between_workers(settings: Settings) -> WorkerShare:
 
 
 def _claim_metrics_dir() -> tuple[str, bool]:
-    """The multiprocess directory, and whether we made it.
-
-    prometheus-client learns this directory only from the environment variable PROMETHEUS_MULTIPROC_DIR,
-    which it reads when it picks its value class and again whenever a forked process opens its own files.
-    So this is the one place pop3d sets an environment variable: here, before any worker exists, so every
-    worker inherits it. Our own code gets the directory passed explicitly. An operator who already set the
-    variable (a tmpfs, say) keeps that directory.
-    """
+    """The directory the workers write their metrics to (pop3d.ops.metrics), and whether we made it. An
+    operator who set PROMETHEUS_MULTIPROC_DIR (a tmpfs, say) keeps that directory; we never set it."""
     preset = os.environ.get(PROMETHEUS_DIR_ENV)
     directory = preset or tempfile.mkdtemp(prefix="pop3d-metrics-")
-    os.environ[PROMETHEUS_DIR_ENV] = directory
     return directory, not preset

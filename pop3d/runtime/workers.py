@@ -23,8 +23,8 @@ With more workers a small synchronous supervisor (this module) stays in the pare
   do not talk to the manager. With WatchdogSec= each worker beats from its event loop into a shared slot
   (pop3d.runtime.heartbeat) and WATCHDOG=1 goes out only while every worker has beaten within the ping
   interval: a stuck or stopped worker stops the pings, and systemd restarts the service. With
-  `metrics.listen` it serves the metrics summed over the workers (prometheus-client multiprocess mode) and
-  tells the collector when a worker died;
+  `metrics.listen` it serves the metrics summed over the workers (pop3d.ops.metrics: one totals file per
+  worker) and tells the collector when a worker died;
 * what the workers must agree on (login penalties, LOGIN-DELAY, metrics) is built before the first fork
   (pop3d.runtime.shared) and handed to each worker, never looked up from globals or the environment.
 
@@ -114,6 +114,8 @@ class Supervisor:
             from pop3d.ops import metrics
 
             self.metrics_endpoint.start(metrics.exposition_registry(None, self.share.metrics_dir))
+        #: run on SIGHUP before it is forwarded: checks and logs the new configuration once (pop3d.runtime.server)
+        self.on_hup: Callable[[], None] = lambda: None
         self.pids: dict[int, int] = {}  # pid -> slot
         self.started: dict[int, float] = {}  # slot -> monotonic time of its last start
         self.stopping = False
@@ -223,6 +225,7 @@ class Supervisor:
                 if info.si_signo == signal.SIGHUP:
                     log.info("SIGHUP: forwarding to workers")
                     systemd.notify(*systemd.reloading_states())
+                    self.on_hup()
                     self._stop_all(signal.SIGHUP)
                     systemd.notify("READY=1", self._status())
                 elif not self.stopping:
