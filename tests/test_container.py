@@ -301,3 +301,11 @@ def test_healthcheck_follows_a_tls_only_proxy_configuration(tmp_path):
     log = (proc.stdout.read() if proc.stdout else b"").decode()
     # one listener, the TLS one; the probe's session ends with QUIT and no user (its mark in the log)
     assert f"listening on 127.0.0.1:{port}" in log and "reason=QUIT" in log, log
+
+
+def test_readme_container_section():
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### In a container") :]
+    section = section[: section.index("\n### ", 5)]
+    for needed in ("docker build -t pop3d .", "podman build --format docker", "contrib/docker/lock.sh", "--build-arg"):
+        assert needed in section, needed
