@@ -12,7 +12,7 @@ instead of hanging the health checker. TLS certificates are not verified: the qu
 server answer", and a health check must not fail on a name mismatch with 127.0.0.1.
 
 A probe is recognisable in the server's log without any help from the server: right after the greeting
-it sends `QUIT` and nothing else (RFC 1939 §5: QUIT in the AUTHORIZATION state ends the session), so its
+it sends `QUIT` and nothing else (RFC 1939 §4: QUIT in the AUTHORIZATION state ends the session), so its
 session ends with no user and reason QUIT, and it never counts as a failed login. Behind the PROXY
 protocol its header is `PROXY UNKNOWN`, so the server logs the probe's real socket address.
 """
