@@ -144,14 +144,21 @@ def _report_privileges(settings: Settings) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from pop3d.ops.health import check
+    from pop3d.ops import health
 
-    host, port = target_address(args.address, "address")
+    if args.address is None:
+        probe = health.from_config(args.config, proxy=args.proxy, tls=args.tls)
+    elif args.config is not None:
+        raise ConfigError("health: give HOST:PORT or --config, not both")
+    else:
+        host, port = target_address(args.address, "address")
+        probe = health.Probe(host, port, args.proxy, args.tls)
     if not args.timeout > 0:
         raise ConfigError(f"--timeout: {args.timeout:g} is not a positive number of seconds")
-    ok, message = check(host, port, args.timeout, proxy=args.proxy, tls=args.tls)
-    print(message, file=sys.stdout if ok else sys.stderr)
-    return EXIT_OK if ok else EXIT_FAILURE
+    ok, message = health.run(probe, args.timeout)
+    if not args.quiet:
+        print(message, file=sys.stdout if ok else sys.stderr)
+    return health.HEALTHY if ok else health.UNHEALTHY
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
@@ -258,15 +265,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_check_config)
 
-    h = sub.add_parser("health", help="exit 0 only if a POP3 server at HOST:PORT greets with +OK")
-    h.add_argument("address", nargs="?", default="127.0.0.1:110", metavar="HOST:PORT", help="default 127.0.0.1:110")
+    h = sub.add_parser(
+        "health",
+        help="exit 0 only if pop3d greets with +OK (its first configured listener, or HOST:PORT)",
+        description="Connect the way a client would and pass only on a +OK greeting, then say QUIT. Without "
+        "HOST:PORT: the first of server.listen, else of server.tls_listen (over TLS), with a PROXY header when "
+        "server.proxy_protocol is on; a wildcard address is checked on loopback.",
+        epilog="exit status: 0 healthy; 1 unhealthy (no +OK greeting within --timeout: refused, closed, "
+        "-ERR, TLS failure); 2 usage or configuration error (bad HOST:PORT, configuration does not load, "
+        "no listener to check)",
+    )
+    h.add_argument(
+        "address", nargs="?", metavar="HOST:PORT", help="check this address instead of the configured listener"
+    )
+    h.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=None,
+        help="TOML configuration file to take the listener from (default: $POP3D_CONFIG_FILE, else defaults + env)",
+    )
     h.add_argument("--timeout", type=float, default=5.0, help="seconds for connect + greeting (default 5)")
     h.add_argument(
         "--proxy",
         action="store_true",
-        help="send a PROXY v1 UNKNOWN header first (for a server with server.proxy_protocol on)",
+        help="send a PROXY v1 UNKNOWN header first (implied by server.proxy_protocol without HOST:PORT)",
     )
-    h.add_argument("--tls", action="store_true", help="implicit TLS first (a server.tls_listen port, e.g. 995)")
+    h.add_argument(
+        "--tls",
+        action="store_true",
+        help="implicit TLS first, unverified (implied for a server.tls_listen port without HOST:PORT)",
+    )
+    h.add_argument(
+        "--quiet", "-q", action="store_true", help="no output for healthy or unhealthy: the exit status tells"
+    )
     h.set_defaults(func=cmd_health)
 
     w = sub.add_parser(

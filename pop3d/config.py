@@ -65,8 +65,9 @@ class ServerSettings(_Section):
     listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:110"])
     hostname: str = Field(default_factory=socket.getfqdn)
     backlog: int = Field(1024, ge=1)
-    #: worker processes, one event loop each, sharing the listen ports with SO_REUSEPORT (1 = no fork)
-    workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=1024)
+    #: worker processes, one event loop each, sharing the listen ports with SO_REUSEPORT (1 = no fork);
+    #: 0: one per CPU the process may use (cgroup quota, affinity), counted at start (pop3d.runtime.cpus)
+    workers: int = Field(0, ge=0, le=1024)
     #: seconds to let sessions finish after SIGTERM/SIGINT before cutting them (cut sessions delete nothing)
     shutdown_grace: float = Field(10.0, ge=0)
     #: bytes buffered per connection before the session stops producing (pause_writing)

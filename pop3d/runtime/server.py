@@ -328,9 +328,10 @@ def serve_forever(
     good (pop3d.runtime.privileges), and only then build the contexts, fork workers and serve. Returns the
     exit status.
     """
-    from pop3d.runtime import privileges, workers
+    from pop3d.runtime import cpus, privileges, workers
     from pop3d.runtime.startup import prepare
 
+    settings, load = cpus.resolve_workers(settings, load)  # server.workers = 0: one per usable CPU
     target = privileges.resolve(settings.server)  # a missing user is a ConfigError before anything binds
     switch = privileges.check_start(target)  # also logs the warning when root stays root
     soft, hard = workers.raise_nofile_limit()
