@@ -291,8 +291,10 @@ class CommandParser:
         except UnicodeDecodeError:
             return Rejected(err("command is not valid UTF-8"))
         verb_text, sep, rest = text.partition(" ")
-        verb = verb_text.upper()  # RFC 1939 §3: keywords are case-insensitive
-        spec = self.verbs.get(verb) if verb.isascii() and verb.isalpha() else None
+        # RFC 1939 §3: keywords are case-insensitive ASCII. Check ASCII *before* upper-casing: Unicode case
+        # mapping turns "uſer" into "USER" and "ﬆls" into "STLS".
+        verb = verb_text.upper() if verb_text.isascii() else ""
+        spec = self.verbs.get(verb) if verb.isalpha() else None
         if spec is None:
             if not verb_text:
                 return Rejected(err("empty command"))
