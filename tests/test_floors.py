@@ -46,7 +46,7 @@ def test_first_observation_counts_fully_and_everything_is_capped() -> None:
     f = Floor()
     f.observe(0.004, 0.0)
     assert f.value(0.0) == pytest.approx(0.004)
-    g = Floor()
+    g = Floor(cap=CAP)
     g.calibrate(60.0)
     assert g.value(0.0) == CAP
     for _ in range(20):
@@ -97,3 +97,10 @@ def test_cost_is_a_median_and_step_names_come_from_the_mechanism() -> None:
 
     assert floors.step_name(Mech().resume) == "SCRAM-SHA-256"
     assert floors.step_name(plain).endswith("plain")
+
+
+async def test_a_zero_cap_turns_holding_off(slept: list[float]) -> None:
+    fl = Floors(cap=0.0)
+    fl.calibrate("verify", 0.5)
+    await fl.hold("verify", 0.0)
+    assert slept == [] and fl.value("verify") == 0.0

@@ -46,21 +46,22 @@ GRAIN: Final[float] = 0.001
 
 
 class Floor:
-    """One step's floor: max(calibrated cost, decaying peak of observed durations), capped at `CAP`.
+    """One step's floor: max(calibrated cost, decaying peak of observed durations), capped at `cap`.
 
     Touched by the event loop (`observe`, `value`) and by a load thread (`calibrate`: one float store).
     """
 
-    __slots__ = ("_at", "_base", "_peak")
+    __slots__ = ("_at", "_base", "_cap", "_peak")
 
-    def __init__(self) -> None:
+    def __init__(self, cap: float = CAP) -> None:
+        self._cap = cap
         self._base = 0.0
         self._peak = 0.0
         self._at = 0.0
 
     def calibrate(self, seconds: float) -> None:
         """The cost measured for the table now in force; replaces the previous table's."""
-        self._base = min(CAP, max(0.0, seconds))
+        self._base = max(0.0, seconds)
 
     def observe(self, seconds: float, now: float) -> None:
         """Record one real duration of the step (work only, never the hold itself: that would feed back)."""
@@ -71,7 +72,7 @@ class Floor:
 
     def value(self, now: float) -> float:
         """Seconds a failure of this step takes at least, as of `now` (monotonic)."""
-        return min(CAP, max(self._base, self._decayed(now)))
+        return min(self._cap, max(self._base, self._decayed(now)))
 
     def _decayed(self, now: float) -> float:
         if self._peak == 0.0:
@@ -80,17 +81,21 @@ class Floor:
 
 
 class Floors:
-    """The floors of one user database, by step name ("verify", "apop", or a SASL mechanism's name)."""
+    """The floors of one user database, by step name ("verify", "apop", or a SASL mechanism's name).
 
-    __slots__ = ("_floors",)
+    `cap`: no hold lasts longer; 0 turns holding off (tests whose event loop has a clock that stands still).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_cap", "_floors")
+
+    def __init__(self, cap: float = CAP) -> None:
+        self._cap = cap
         self._floors: dict[str, Floor] = {}
 
     def floor(self, step: str) -> Floor:
         found = self._floors.get(step)
         if found is None:  # setdefault: a load thread may calibrate the same step at the same moment
-            found = self._floors.setdefault(step, Floor())
+            found = self._floors.setdefault(step, Floor(self._cap))
         return found
 
     def calibrate(self, step: str, seconds: float) -> None:
