@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from pop3d import wire
 from pop3d.auth.base import Authenticator, Credentials, User
+from pop3d.auth.floors import Floors
 from pop3d.config import Settings, load_settings
 from pop3d.pop3.context import ServerContext
 from pop3d.pop3.protocol import CommandParser
@@ -41,6 +42,7 @@ class FakeAuth(Authenticator):
         self.users = dict(USERS if users is None else users)
         self.gate: asyncio.Event | None = None
         self.calls: list[tuple[str, str]] = []  # ("verify" | "lookup", name)
+        self._floors = Floors(cap=0.0)  # no time floors (pop3d.auth.floors): fake-clock loops never reach them
 
     async def _wait(self) -> None:
         if self.gate is not None:

@@ -145,6 +145,62 @@ async def test_verify_unknown_user_takes_as_long_as_a_wrong_password(tmp_path: P
     await same_time(real, unknown, batch=20 if scheme in ("PLAIN", "CRAM-MD5") else 1)
 
 
+def mixed(tmp_path: Path) -> Path:
+    """A file in migration: user0 {SHA512-CRYPT} at the default 5000 rounds, the others still {PLAIN}."""
+    path = tmp_path / "mixed"
+    path.write_text(f"user0:{{SHA512-CRYPT}}{sha512_crypt.using(rounds=5000).hash('pw-user0')}\n"
+                    + "".join(f"{u}:{{PLAIN}}pw-{u}\n" for u in USERS[1:]))
+    return path
+
+
+@pytest.mark.parametrize("who", ["user0", "user1"])
+async def test_verify_in_a_mixed_file_every_failure_takes_the_dearest_time(tmp_path: Path, who: str) -> None:
+    """Most unknown names imitate the {PLAIN} majority, so without a floor user0 (SHA512) stands out; with
+    it, an unknown user, user0 and a {PLAIN} user all fail in the time of the dearest entry."""
+    a = PasswdFileAuthenticator(mixed(tmp_path))
+    assert await a.verify("user0", "pw-user0") == User("user0")
+    assert await a.verify("user1", "pw-user1") == User("user1")
+
+    async def real(i: int) -> None:
+        assert await a.verify(who, "wrong") is None
+
+    async def unknown(i: int) -> None:
+        assert await a.verify(f"nobody{i}", "wrong") is None
+
+    await same_time(real, unknown)
+
+
+@pytest.mark.parametrize("mechanism", ["SCRAM-SHA-256", "CRAM-MD5"])
+async def test_sasl_lookup_in_a_mixed_file_takes_the_dearest_time(tmp_path: Path, mechanism: str) -> None:
+    """user0's {SHA512-CRYPT} entry can serve neither mechanism; an unknown name imitating a {PLAIN} entry runs
+    PBKDF2 for SCRAM. The lookup step answers after the same time for both."""
+    a = PasswdFileAuthenticator(mixed(tmp_path))
+
+    def resume(name: str) -> Callable[[Credentials | None, Decoy], sasl.Step]:
+        return scram_first(name)[0].resume if mechanism == "SCRAM-SHA-256" else cram_exchange(name, "x").resume
+
+    async def real(i: int) -> None:
+        assert not isinstance(await a.with_credentials("user0", resume("user0")), sasl.Success)
+
+    async def unknown(i: int) -> None:
+        assert not isinstance(await a.with_credentials(f"nobody{i}", resume(f"nobody{i}")), sasl.Success)
+
+    await same_time(real, unknown, batch=1 if mechanism == "SCRAM-SHA-256" else 5)
+
+
+async def test_apop_in_a_mixed_file_unknown_user_takes_as_long_as_a_hashed_entry(tmp_path: Path) -> None:
+    a = PasswdFileAuthenticator(mixed(tmp_path))
+    stamp = "<1.2@test.invalid>"
+
+    async def real(i: int) -> None:
+        assert await a.verify_apop("user0", stamp, "0" * 32) is None
+
+    async def unknown(i: int) -> None:
+        assert await a.verify_apop(f"nobody{i}", stamp, "0" * 32) is None
+
+    await same_time(real, unknown, batch=5)
+
+
 async def test_apop_unknown_user_takes_as_long_as_a_wrong_digest(tmp_path: Path) -> None:
     a = PasswdFileAuthenticator(passwd(tmp_path, "PLAIN"))
     stamp = "<1.2@test.invalid>"
@@ -484,3 +540,4 @@ async def test_interface_defaults_use_decoys_too() -> None:
     right = hashlib.md5((stamp + "s3cret").encode()).hexdigest()
     assert await a.verify_apop("alice", stamp, right) == User("alice")
     assert await a.verify_apop("nobody", stamp, right) is None
+    assert a.floors.value("apop") > 0  # failures there are held to a floor too (pop3d.auth.floors)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import hmac
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop3d.auth import cram_md5, sasl, schemes
-from pop3d.auth.base import Credentials, Decoy, User
+from pop3d.auth.base import Credentials, Decoy, User, apop_check
 from pop3d.auth.penalty import Penalty
 from pop3d.auth.sasl_schemes import ScramKeys
 from pop3d.net.tls import client_identity
@@ -301,3 +302,52 @@ def test_penalty_delay_is_what_a_failure_would_wait():
     assert p.delay("x", 0) == 0
     p.fail("x", 0)
     assert p.delay("x", 1) == p.fail("x", 1) == 4
+
+
+def test_scram_entry_that_cannot_serve_runs_the_decoys_steps(monkeypatch):
+    """A {SHA512-CRYPT} user costs what an unknown user with the same decoy costs (PBKDF2 from a {PLAIN}
+    decoy), and the decoy's password never lets the real user in."""
+    derived: list[str] = []
+    real = ScramKeys.from_password
+    monkeypatch.setattr(ScramKeys, "from_password",
+                        classmethod(lambda cls, pw, *a, **k: derived.append(pw) or real(pw, *a, **k)))
+    decoy = Decoy(Credentials(ALICE, "PLAIN", "decoy-pw"), b"k" * 32)
+    for stored in (creds("SHA512-CRYPT", "pw"), None):
+        client = scramp.ScramClient(["SCRAM-SHA-256"], "alice", "decoy-pw")
+        m = sasl.ScramSha256()
+        m.step(client.get_client_first().encode())
+        first = m.resume(stored, decoy)
+        assert isinstance(first, sasl.Challenge)
+        client.set_server_first(first.data.decode())
+        assert isinstance(m.step(client.get_client_final().encode()), sasl.Failure)
+    assert derived == ["decoy-pw", "decoy-pw"]
+
+
+def test_cram_md5_entry_that_cannot_serve_runs_the_decoys_steps(monkeypatch):
+    seen: list[str] = []
+    real = cram_md5.digest_from_password
+    monkeypatch.setattr(cram_md5, "digest_from_password", lambda s, ch: seen.append(s) or real(s, ch))
+    decoy = Decoy(Credentials(ALICE, "PLAIN", "decoy-pw"), b"k" * 32)
+    for stored in (creds("SHA512-CRYPT", "pw"), None):
+        m = sasl.CramMd5("h")
+        ch = m.start(None)
+        assert isinstance(ch, sasl.Challenge)
+        m.step(f"alice {real('decoy-pw', ch.data)}".encode())  # the decoy's own digest
+        assert isinstance(m.resume(stored, decoy), sasl.Failure)
+    assert seen == ["decoy-pw", "decoy-pw"]
+
+
+def test_apop_hashed_entry_runs_the_decoys_steps_and_fails():
+    decoy = Decoy(Credentials(ALICE, "PLAIN", "decoy-pw"), b"k" * 32)
+    stamp = "<1@h>"
+    digest = hashlib.md5((stamp + "decoy-pw").encode()).hexdigest()
+    assert apop_check(creds("SHA512-CRYPT", "pw"), decoy, stamp, digest) is None
+    assert apop_check(None, decoy, stamp, digest) is None
+    right = hashlib.md5((stamp + "pw").encode()).hexdigest()
+    assert apop_check(creds("PLAIN", "pw"), decoy, stamp, right) == ALICE
+
+
+def test_rehearsal_reaches_each_lookup_step():
+    decoy = Decoy(Credentials(User(""), "PLAIN", "x"), b"k" * 32)
+    for name in sasl.LOOKUP_MECHANISMS:
+        sasl.rehearse_lookup(name, decoy)

@@ -4,8 +4,9 @@ The POP3 handlers only see `Authenticator`. Password-file formats and hash schem
 and other user databases plug in without touching the protocol code.
 
 No answer may tell an unknown user from a wrong password, by its text *or its timing* (RFC 1939 §13, RFC 5802
-§9): every path that needs stored credentials also runs, for a name that does not exist, on a `Decoy` shaped
-like a real entry, and succeeds only for real credentials.
+§9): every path that needs stored credentials also runs, for a name that does not exist (or whose entry cannot
+serve the mechanism), on a `Decoy` shaped like a real entry, and succeeds only for real credentials. Since
+real entries may differ in cost among themselves, failures are also held to a time floor (pop3d.auth.floors).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import asyncio
 import hashlib
 import hmac
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
+
+from pop3d.auth.floors import Floors, step_name
 
 T = TypeVar("T")
 
@@ -72,8 +76,18 @@ def name_bytes(name: str) -> bytes:
 class Authenticator(abc.ABC):
     """A user database. Implementations must not block the event loop (hash checks go to a thread).
 
-    Optional hooks have working defaults here, so callers just call them.
+    Optional hooks have working defaults here, so callers just call them. Implementations hold failed
+    checks to `floors` (pop3d.auth.floors); the defaults here do.
     """
+
+    _floors: Floors | None = None
+
+    @property
+    def floors(self) -> Floors:
+        """This database's time floors, made on first use (so subclasses need not call an `__init__`)."""
+        if self._floors is None:
+            self._floors = Floors()
+        return self._floors
 
     @abc.abstractmethod
     async def lookup(self, name: str) -> Credentials | None:
@@ -99,27 +113,38 @@ class Authenticator(abc.ABC):
 
         The handler calls `await auth.with_credentials(step.authcid, mech.resume)` where it used to call
         `lookup` and then `mech.resume(creds)`: the mechanism then does the same work for an unknown user (on
-        the decoy) as for a real one, and `fn` may hash (SCRAM from {PLAIN} runs PBKDF2).
+        the decoy) as for a real one, and `fn` may hash (SCRAM from {PLAIN} runs PBKDF2). Every answer,
+        success or not, is held to the mechanism's floor: the client cannot tell them apart yet, and entries
+        of different schemes cost differently here.
         """
+        started = time.monotonic()
         creds = await self.lookup(name)
         decoy = self.decoy(name)
-        return await asyncio.to_thread(fn, creds, decoy)
+        result = await asyncio.to_thread(fn, creds, decoy)
+        await self.floors.hold(step_name(fn), started)
+        return result
 
     async def verify_apop(self, name: str, timestamp: str, digest: str) -> User | None:
         """APOP (RFC 1939 §7): the user when `digest` is MD5(timestamp + shared secret) in lower-case hex.
 
-        Only {PLAIN} secrets can answer; an unknown user runs the same steps on its decoy, and fails.
+        Only {PLAIN} secrets can answer; an unknown user runs the same steps on its decoy, and fails, no
+        sooner than the "apop" floor.
         """
+        started = time.monotonic()
         creds = await self.lookup(name)
-        return apop_check(creds, self.decoy(name), timestamp, digest)
+        user = apop_check(creds, self.decoy(name), timestamp, digest)
+        await self.floors.hold("apop", started, failed=user is None)
+        return user
 
 
 def apop_check(creds: Credentials | None, decoy: Decoy, timestamp: str, digest: str) -> User | None:
-    """The APOP comparison on `creds`, or on the decoy's credentials when there are none (same work)."""
-    source = creds if creds is not None else decoy.creds
+    """The APOP comparison on `creds`, or on the decoy's credentials when there are none or they keep no
+    clear secret (the same work as an unknown user's)."""
+    own = creds is not None and creds.plaintext() is not None
+    source = creds if creds is not None and own else decoy.creds
     secret = source.plaintext()
-    if secret is None:  # a hashed secret cannot answer APOP, real or decoy alike
+    if secret is None:  # a hashed decoy cannot answer APOP either
         return None
     expected = hashlib.md5((timestamp + secret).encode("utf-8", "surrogateescape")).hexdigest()
     ok = hmac.compare_digest(expected.encode(), digest.lower().encode("utf-8", "surrogatepass"))
-    return creds.user if ok and creds is not None else None
+    return creds.user if ok and own and creds is not None else None

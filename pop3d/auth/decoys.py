@@ -113,6 +113,19 @@ class Decoys:
             secret = entry.decoy(shape.example, hmac.new(key, b"decoy\0" + shape.label, hashlib.sha256).digest())
         return Decoy(Credentials(User(name=name), shape.scheme, secret), key)
 
+    def samples(self) -> list[Decoy]:
+        """One decoy of each shape imitated: timing them gives the dearest path of the table (pop3d.auth.floors)."""
+        out: list[Decoy] = []
+        for shape in self._shapes:
+            key = self._mac(b"sample\0" + shape.label)
+            secret = shape.made
+            if secret is None:
+                entry = self._registry.entry(shape.scheme)
+                assert entry is not None and entry.decoy is not None
+                secret = entry.decoy(shape.example, key)
+            out.append(Decoy(Credentials(User(name=""), shape.scheme, secret), key))
+        return out
+
     def shapes(self) -> dict[str, int]:
         """'SCHEME shape' -> weight, for tests and logs."""
         return {f"{s.scheme} {s.shape}".strip(): s.weight for s in self._shapes}

@@ -12,7 +12,8 @@ ago) a read only adds and changes entries: an incomplete last line is ignored an
 kept from the previous table until the file has settled. An empty file never replaces a non-empty table
 unless a reload is asked for (SIGHUP). Atomic replacement (write a new file, rename it) needs none of this.
 
-Unknown users, and names that cannot be user names, cost what real ones cost (pop3d.auth.decoys).
+Unknown users, and names that cannot be user names, cost what real ones cost (pop3d.auth.decoys), and failures
+answer no sooner than the dearest entry of the file would (pop3d.auth.floors, calibrated at each load).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Final, NamedTuple, TypeVar
 
-from pop3d.auth import schemes
+from pop3d.auth import floors, sasl, schemes
 from pop3d.auth.base import Authenticator, Credentials, Decoy, User
 from pop3d.auth.decoys import Decoys
 
@@ -223,9 +224,10 @@ class PasswdFileAuthenticator(Authenticator):
         self._max_password_length = max_password_length
         self._settle = settle
         self._decoys = Decoys(secret if secret is not None else os.urandom(32))
+        self._costs: dict[tuple[str, str, str], float] = {}  # calibrations kept across reloads (`_learn`)
         data, self._file_id = self._first_read()
         self._users = _parse(self._path, data)
-        self._decoys.update(self._users.values())
+        self._learn(self._users)
         self._last_check = time.monotonic()
         self._settle_at: float | None = None  # wall time after which a fresh read is read again, in full
         self._forced = False  # reload_soon(): an empty file may replace the table
@@ -266,8 +268,16 @@ class PasswdFileAuthenticator(Authenticator):
         """The user when `password` is right; None otherwise, in the same time whether or not `name` exists.
 
         An unknown user's password is checked against its decoy, a hash of the same shape as a real entry,
-        by the same code. Passwords over `max_password_length` octets fail unhashed, for everybody.
+        by the same code; then every failure waits out the "verify" floor, the cost of the dearest entry, as
+        entries of different schemes cost differently. Passwords over `max_password_length` octets fail
+        unhashed, for everybody.
         """
+        started = time.monotonic()
+        user = await self._verify(name, password)
+        await self.floors.hold("verify", started, failed=user is None)
+        return user
+
+    async def _verify(self, name: str, password: str) -> User | None:
         creds = await self.lookup(name)
         decoy = self._decoys.for_name(name)  # for real names too: both paths do the same work
         source = creds if creds is not None else decoy.creds
@@ -280,9 +290,33 @@ class PasswdFileAuthenticator(Authenticator):
         return creds.user if ok and creds is not None else None
 
     async def with_credentials(self, name: str, fn: Callable[[Credentials | None, Decoy], T]) -> T:
-        """`Authenticator.with_credentials`, run in the hash pool (SCRAM from {PLAIN} runs PBKDF2)."""
+        """`Authenticator.with_credentials`, run in the hash pool (SCRAM from {PLAIN} runs PBKDF2), every
+        answer held to the mechanism's floor."""
+        started = time.monotonic()
         creds = await self.lookup(name)
-        return await self._in_pool(fn, creds, self._decoys.for_name(name))
+        result = await self._in_pool(fn, creds, self._decoys.for_name(name))
+        await self.floors.hold(floors.step_name(fn), started)
+        return result
+
+    def _learn(self, table: dict[str, Credentials]) -> None:
+        """Put `table`'s shapes in force: decoys to imitate them, and floors from timing one decoy of each
+        (runs where the table is loaded, off the event loop: a few hashes of each shape)."""
+        self._decoys.update(table.values())
+        samples = self._decoys.samples()
+        costs: dict[tuple[str, str, str], float] = {}  # (step, scheme, decoy secret) -> seconds
+
+        def timed(step: str, decoy: Decoy, fn: Callable[[], object]) -> float:
+            key = (step, decoy.creds.scheme, decoy.creds.secret)  # decoys of a shape stay the same across loads
+            costs[key] = self._costs.get(key) or floors.cost(fn)
+            return costs[key]
+
+        wrong = "not the password"  # a typical length: SHA-crypt's cost grows with it
+        self.floors.calibrate("verify", max((timed("verify", d, functools.partial(
+            schemes.REGISTRY.verify, d.creds.scheme, d.creds.secret, wrong)) for d in samples), default=0.0))
+        for mech in sasl.LOOKUP_MECHANISMS:
+            self.floors.calibrate(mech, max((timed(mech, d, functools.partial(sasl.rehearse_lookup, mech, d))
+                                             for d in samples), default=0.0))
+        self._costs = costs
 
     def _check(self, creds: Credentials, password: str) -> bool:
         try:
@@ -345,7 +379,7 @@ class PasswdFileAuthenticator(Authenticator):
         if table is None:
             return None
         self._forced = False
-        self._decoys.update(table.values())
+        self._learn(table)
         log.info("passwd-file %s: reloaded, %d users", self._path, len(table))
         return table, file_id
 

@@ -169,24 +169,28 @@ class CramMd5(_Base):
         self._user, self._digest = user, digest.lower()
         return Lookup(user)
 
-    def resume(self, creds: Credentials | None, decoy: Decoy | None = None) -> Step:
-        # an unknown user's decoy goes through the very same steps as a real entry
-        source = creds if creds is not None else (decoy or _fallback_decoy(self._user or "")).creds
-        expected = None
+    def _expected(self, source: Credentials) -> str | None:
+        """The digest `source` gives for this challenge; None when its scheme cannot answer CRAM-MD5."""
         secret = source.plaintext()
         try:
             if secret is not None:
-                expected = cram_md5.digest_from_password(secret, self.challenge)
-            elif source.scheme == "CRAM-MD5":
-                expected = cram_md5.digest_from_context(source.secret, self.challenge)
+                return cram_md5.digest_from_password(secret, self.challenge)
+            if source.scheme == "CRAM-MD5":
+                return cram_md5.digest_from_context(source.secret, self.challenge)
         except ValueError:
-            expected = None
-        if expected is None:
-            why = f"stored {{{source.scheme}}} secret cannot answer CRAM-MD5" if creds else "unknown user"
-            return Failure(f"CRAM-MD5: {why}", self._user)
-        ok = hmac.compare_digest(expected.encode(), self._digest.encode("utf-8", "surrogatepass"))
-        if ok and creds is not None:
+            return None
+        return None
+
+    def resume(self, creds: Credentials | None, decoy: Decoy | None = None) -> Step:
+        own = self._expected(creds) if creds is not None else None
+        # an unknown user, or an entry that cannot answer CRAM-MD5, runs the very same steps on its decoy
+        expected = own if own is not None else self._expected((decoy or _fallback_decoy(self._user or "")).creds)
+        ok = expected is not None and hmac.compare_digest(expected.encode(), self._digest.encode("utf-8",
+                                                                                                  "surrogatepass"))
+        if ok and own is not None and creds is not None:
             return Success(creds.user)
+        if creds is not None and own is None:
+            return Failure(f"CRAM-MD5: stored {{{creds.scheme}}} secret cannot answer CRAM-MD5", self._user)
         return Failure("CRAM-MD5: wrong digest or unknown user", self._user)
 
 
@@ -259,10 +263,13 @@ class ScramSha256(_Base):
 
     def resume(self, creds: Credentials | None, decoy: Decoy | None = None) -> Step:
         decoy = decoy if decoy is not None else _fallback_decoy(self._user or "")
-        # an unknown user runs on its decoy exactly what a real user runs on its entry (RFC 5802 §9)
-        keys = self._keys(creds if creds is not None else decoy.creds, decoy.key)
-        if keys is not None and creds is not None:
+        keys = self._keys(creds, decoy.key) if creds is not None else None
+        if keys is not None:
             self._creds = creds
+        else:
+            # an unknown user, or an entry that cannot do SCRAM, runs on its decoy exactly what a real user runs
+            # on its entry (RFC 5802 §9), and fails at the proof
+            keys = self._keys(decoy.creds, decoy.key)
         if keys is None:  # no SCRAM secret, real or decoy: keys nobody can match, fixed per name; fail at the proof
             k = decoy.key
             keys = ScramKeys(SCRAM_ITERATIONS, hmac.new(k, b"SCRAM salt", hashlib.sha256).digest()[:16],
@@ -317,6 +324,25 @@ class External(_Base):
         if creds is None:  # the decoy is of no use here: the certificate already named the user
             return Failure("EXTERNAL: certificate user is not in the user database", self.identity)
         return Success(creds.user)
+
+
+#: first client message of each mechanism with a `Lookup` step whose cost depends on the stored entry
+_REHEARSAL: Final[dict[str, bytes]] = {
+    "CRAM-MD5": b"rehearsal " + b"0" * 32,
+    "SCRAM-SHA-256": b"n,,n=rehearsal,r=rehearsal",
+}
+#: the mechanisms `rehearse_lookup` knows
+LOOKUP_MECHANISMS: Final[tuple[str, ...]] = tuple(_REHEARSAL)
+
+
+def rehearse_lookup(name: str, decoy: Decoy) -> None:
+    """Run mechanism `name` through its `Lookup` step for an unknown user whose decoy is `decoy`: timed at load
+    on one decoy per shape, it gives the cost of that step for every entry (pop3d.auth.floors)."""
+    mech = create(name, hostname="localhost")
+    mech.start(None)
+    step = mech.step(_REHEARSAL[name])
+    assert isinstance(step, Lookup), step
+    mech.resume(None, decoy)
 
 
 def create(name: str, *, hostname: str, external_identity: str | None = None) -> Mechanism:
