@@ -231,7 +231,10 @@ def try_scram(port: int, user: str) -> float:
 
 
 TRY: dict[str, Callable[[int, str], float]] = {
-    "USER/PASS": try_userpass, "APOP": try_apop, "PLAIN": try_plain, "SCRAM-SHA-256": try_scram,
+    "USER/PASS": try_userpass,
+    "APOP": try_apop,
+    "PLAIN": try_plain,
+    "SCRAM-SHA-256": try_scram,
     "CRAM-MD5": try_cram,
 }
 
@@ -269,7 +272,8 @@ TIMING_CASES = [
 
 @pytest.mark.parametrize(("variant", "mechanism"), TIMING_CASES)
 def test_unknown_user_and_wrong_password_take_the_same_time(
-        timing_server: Callable[[str], Pop3dProcess], variant: str, mechanism: str) -> None:
+    timing_server: Callable[[str], Pop3dProcess], variant: str, mechanism: str
+) -> None:
     """Attack: tell which accounts exist by how long a failed login takes (penalty off, as behind a proxy
     that hides addresses): unknown user vs wrong password for alice, whose entry is {SHA512-CRYPT}
     (alone, or among {PLAIN} entries) or a cheap {ARGON2ID}.

@@ -37,8 +37,9 @@ from pop3d.config import load_settings
 CHEAP = {
     "SHA512-CRYPT": lambda pw: "{SHA512-CRYPT}" + sha512_crypt.using(rounds=1000).hash(pw),
     "BLF-CRYPT": lambda pw: "{BLF-CRYPT}" + bcrypt.hashpw(pw.encode(), bcrypt.gensalt(rounds=4)).decode(),
-    "ARGON2ID": lambda pw: "{ARGON2ID}"
-    + PasswordHasher(time_cost=1, memory_cost=2048, parallelism=1, type=Type.ID).hash(pw),
+    "ARGON2ID": lambda pw: (
+        "{ARGON2ID}" + PasswordHasher(time_cost=1, memory_cost=2048, parallelism=1, type=Type.ID).hash(pw)
+    ),
     "PLAIN": lambda pw: "{PLAIN}" + pw,
     "CRAM-MD5": lambda pw: "{CRAM-MD5}" + cram_md5.context(pw),
     "SCRAM-SHA-256": lambda pw: "{SCRAM-SHA-256}" + ScramKeys.from_password(pw).encode(),
@@ -54,8 +55,9 @@ def passwd(tmp_path: Path, scheme: str, name: str = "passwd") -> Path:
     return path
 
 
-async def same_time(real: Callable[[int], Awaitable[object]], unknown: Callable[[int], Awaitable[object]],
-                    batch: int = 1) -> None:
+async def same_time(
+    real: Callable[[int], Awaitable[object]], unknown: Callable[[int], Awaitable[object]], batch: int = 1
+) -> None:
     """Medians of interleaved tries within TOLERANCE of each other; the whole measurement retried 3 times."""
     ratios = []
     for _attempt in range(3):
@@ -148,8 +150,10 @@ async def test_verify_unknown_user_takes_as_long_as_a_wrong_password(tmp_path: P
 def mixed(tmp_path: Path) -> Path:
     """A file in migration: user0 {SHA512-CRYPT} at the default 5000 rounds, the others still {PLAIN}."""
     path = tmp_path / "mixed"
-    path.write_text(f"user0:{{SHA512-CRYPT}}{sha512_crypt.using(rounds=5000).hash('pw-user0')}\n"
-                    + "".join(f"{u}:{{PLAIN}}pw-{u}\n" for u in USERS[1:]))
+    path.write_text(
+        f"user0:{{SHA512-CRYPT}}{sha512_crypt.using(rounds=5000).hash('pw-user0')}\n"
+        + "".join(f"{u}:{{PLAIN}}pw-{u}\n" for u in USERS[1:])
+    )
     return path
 
 
@@ -254,8 +258,7 @@ def server_first_fields(step: sasl.Step) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("scheme", ["SCRAM-SHA-256", "PLAIN"])
-async def test_scram_server_first_for_unknown_user_looks_and_costs_like_a_real_one(tmp_path: Path,
-                                                                                   scheme: str) -> None:
+async def test_scram_server_first_for_unknown_user_looks_and_costs_like_a_real_one(tmp_path: Path, scheme: str) -> None:
     a = PasswdFileAuthenticator(passwd(tmp_path, scheme))
     real_first = server_first_fields(await a.with_credentials("user0", scram_first("user0")[0].resume))
     fake_first = server_first_fields(await a.with_credentials("nobody", scram_first("nobody")[0].resume))
@@ -285,8 +288,9 @@ async def test_scram_unknown_user_fails_at_the_proof_like_a_wrong_password(tmp_p
 
 async def test_scram_iterations_of_unknown_users_follow_the_file(tmp_path: Path) -> None:
     path = tmp_path / "p"
-    path.write_text("".join(f"u{i}:{{SCRAM-SHA-256}}{ScramKeys.from_password('x', 10000).encode()}\n"
-                            for i in range(3)))
+    path.write_text(
+        "".join(f"u{i}:{{SCRAM-SHA-256}}{ScramKeys.from_password('x', 10000).encode()}\n" for i in range(3))
+    )
     a = PasswdFileAuthenticator(path)
     for name in ("nobody", "zed", "u0"):
         assert server_first_fields(await a.with_credentials(name, scram_first(name)[0].resume))["i"] == "10000"
@@ -327,8 +331,9 @@ def test_state_secret_is_created_private_and_reused(tmp_path: Path) -> None:
     assert [p.name for p in state.iterdir()] == [state_secret.FILE_NAME]  # no temporary file left
 
 
-def test_unusable_state_dir_warns_once_and_uses_a_random_secret(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+def test_unusable_state_dir_warns_once_and_uses_a_random_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with caplog.at_level(logging.WARNING, logger="pop3d.auth.state_secret"):
@@ -392,8 +397,9 @@ NEW = "".join(f"{u}:{{PLAIN}}pw-{u}\n" for u in ("added", "alice", "bob", "carol
 
 # empty; inside the first line; at a line end; inside bob's password; inside the last line (dave's)
 @pytest.mark.parametrize("split", [0, 7, NEW.index("bob"), NEW.index("pw-bob") + 3, len(NEW) - 3])
-async def test_in_place_rewrite_never_fails_a_login(tmp_path: Path, split: int,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+async def test_in_place_rewrite_never_fails_a_login(
+    tmp_path: Path, split: int, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "passwd"
     path.write_text(OLD)
     a = PasswdFileAuthenticator(path, min_check_interval=0)
@@ -429,8 +435,9 @@ async def test_in_place_rewrite_never_fails_a_login(tmp_path: Path, split: int,
     assert await a.verify("alice", "pw-alice") is not None
 
 
-async def test_read_during_a_write_keeps_the_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+async def test_read_during_a_write_keeps_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     from pop3d.auth import passwd_file
 
     path = tmp_path / "passwd"
@@ -445,8 +452,20 @@ async def test_read_during_a_write_keeps_the_table(tmp_path: Path, monkeypatch: 
         calls += 1
         st = real_fstat(fd)
         if calls % 2 == 0:
-            return os.stat_result((st.st_mode, st.st_ino, st.st_dev, st.st_nlink, st.st_uid, st.st_gid,
-                                   st.st_size + 1, st.st_atime, st.st_mtime, st.st_ctime))
+            return os.stat_result(
+                (
+                    st.st_mode,
+                    st.st_ino,
+                    st.st_dev,
+                    st.st_nlink,
+                    st.st_uid,
+                    st.st_gid,
+                    st.st_size + 1,
+                    st.st_atime,
+                    st.st_mtime,
+                    st.st_ctime,
+                )
+            )
         return st
 
     monkeypatch.setattr(passwd_file.os, "fstat", growing)
@@ -459,8 +478,9 @@ async def test_read_during_a_write_keeps_the_table(tmp_path: Path, monkeypatch: 
     assert await a.verify("added", "pw-added") is not None  # retried at the next lookup
 
 
-async def test_empty_file_never_replaces_the_table_unless_asked(tmp_path: Path,
-                                                                caplog: pytest.LogCaptureFixture) -> None:
+async def test_empty_file_never_replaces_the_table_unless_asked(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "passwd"
     path.write_text(OLD)
     a = PasswdFileAuthenticator(path, min_check_interval=0)

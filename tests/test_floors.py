@@ -65,8 +65,9 @@ def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return waits
 
 
-async def test_failures_wait_out_the_floor_rounded_to_a_tick(slept: list[float],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_failures_wait_out_the_floor_rounded_to_a_tick(
+    slept: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
     fl = Floors()
     fl.calibrate("verify", 0.0032)
     monkeypatch.setattr(floors, "time", SimpleNamespace(monotonic=lambda: 10.0005))

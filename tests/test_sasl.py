@@ -50,10 +50,18 @@ def test_cram_context_is_dovecots_encoding():
 DOVECOT_VECTORS = [
     ("CRAM-MD5", "e02d374fde0dc75a17a557039a3a5338c7743304777dccd376f332bee68d2cf6", "test"),
     ("CRAM-MD5", "017ec858afebdc0a0bf7ab508169465750335f608ae201ca22b333b0aaa84f3a", "tprzo.40"),
-    ("SCRAM-SHA-256", "4096,LfNGSFqiFykEZ1xDAYlnKQ==,HACNf9CII7cMz3XjRy/Oh3Ae2LHApoDyNw74d3YtFws=,"
-                      "AQH0j7Hf8J12g8eNBadvzlNB2am3PxgNwFCFd3RxEaw=", "test"),
-    ("SCRAM-SHA-256", "4096,kUUWnvu6LCpRsZ2kf2ET8Q==,gxa9gYcu7AKRFeHC78hBUcmzLXF1LXd0xJVbLnUT8RY=,"
-                      "P1Su/6jHm9awXwS3Y2RGr56KbooOKvcO7Jw6zNTx9k8=", "pass"),
+    (
+        "SCRAM-SHA-256",
+        "4096,LfNGSFqiFykEZ1xDAYlnKQ==,HACNf9CII7cMz3XjRy/Oh3Ae2LHApoDyNw74d3YtFws=,"
+        "AQH0j7Hf8J12g8eNBadvzlNB2am3PxgNwFCFd3RxEaw=",
+        "test",
+    ),
+    (
+        "SCRAM-SHA-256",
+        "4096,kUUWnvu6LCpRsZ2kf2ET8Q==,gxa9gYcu7AKRFeHC78hBUcmzLXF1LXd0xJVbLnUT8RY=,"
+        "P1Su/6jHm9awXwS3Y2RGr56KbooOKvcO7Jw6zNTx9k8=",
+        "pass",
+    ),
 ]
 
 
@@ -309,8 +317,9 @@ def test_scram_entry_that_cannot_serve_runs_the_decoys_steps(monkeypatch):
     decoy), and the decoy's password never lets the real user in."""
     derived: list[str] = []
     real = ScramKeys.from_password
-    monkeypatch.setattr(ScramKeys, "from_password",
-                        classmethod(lambda cls, pw, *a, **k: derived.append(pw) or real(pw, *a, **k)))
+    monkeypatch.setattr(
+        ScramKeys, "from_password", classmethod(lambda cls, pw, *a, **k: derived.append(pw) or real(pw, *a, **k))
+    )
     decoy = Decoy(Credentials(ALICE, "PLAIN", "decoy-pw"), b"k" * 32)
     for stored in (creds("SHA512-CRYPT", "pw"), None):
         client = scramp.ScramClient(["SCRAM-SHA-256"], "alice", "decoy-pw")

@@ -263,9 +263,14 @@ ENTRIES: Final[tuple[SchemeEntry, ...]] = (
     SchemeEntry("SHA256-CRYPT", _sha256_verify, _sha256_hash, shape=_sha_shape, decoy=_sha_decoy(sha256_crypt)),
     SchemeEntry("MD5-CRYPT", _md5_crypt_verify, shape=_md5_crypt_shape, decoy=_md5_crypt_decoy),
     SchemeEntry("BLF-CRYPT", _bcrypt_verify, _bcrypt_hash, shape=_bcrypt_shape, decoy=_bcrypt_decoy),
-    SchemeEntry("ARGON2ID", _argon2id_verify, _argon2id_hash, shape=_argon2_shape("$argon2id$"),
-                decoy=_argon2_decoy),
-    SchemeEntry("ARGON2I", _argon2i_verify, _argon2i_hash, offered=False,  # ARGON2ID is the one to pick
-                shape=_argon2_shape("$argon2i$"), decoy=_argon2_decoy),
+    SchemeEntry("ARGON2ID", _argon2id_verify, _argon2id_hash, shape=_argon2_shape("$argon2id$"), decoy=_argon2_decoy),
+    SchemeEntry(
+        "ARGON2I",
+        _argon2i_verify,
+        _argon2i_hash,
+        offered=False,  # ARGON2ID is the one to pick
+        shape=_argon2_shape("$argon2i$"),
+        decoy=_argon2_decoy,
+    ),
     SchemeEntry("CRYPT", _crypt_verify, shape=_crypt_shape, decoy=_crypt_decoy),  # verify-only: which algorithm?
 )

@@ -88,8 +88,7 @@ class Decoys:
                         try:
                             secret = entry.decoy(examples[key], self._mac(b"shape\0" + "\0".join(key).encode()))
                         except (ValueError, TypeError) as exc:
-                            log.warning("cannot imitate %s entries for unknown users (%s)", key[0],
-                                        type(exc).__name__)
+                            log.warning("cannot imitate %s entries for unknown users (%s)", key[0], type(exc).__name__)
                             continue
                     made[key] = secret
                 shapes.append(_Shape(key[0], key[1], weight, examples[key], secret))

@@ -311,11 +311,23 @@ class PasswdFileAuthenticator(Authenticator):
             return costs[key]
 
         wrong = "not the password"  # a typical length: SHA-crypt's cost grows with it
-        self.floors.calibrate("verify", max((timed("verify", d, functools.partial(
-            schemes.REGISTRY.verify, d.creds.scheme, d.creds.secret, wrong)) for d in samples), default=0.0))
+        self.floors.calibrate(
+            "verify",
+            max(
+                (
+                    timed(
+                        "verify", d, functools.partial(schemes.REGISTRY.verify, d.creds.scheme, d.creds.secret, wrong)
+                    )
+                    for d in samples
+                ),
+                default=0.0,
+            ),
+        )
         for mech in sasl.LOOKUP_MECHANISMS:
-            self.floors.calibrate(mech, max((timed(mech, d, functools.partial(sasl.rehearse_lookup, mech, d))
-                                             for d in samples), default=0.0))
+            self.floors.calibrate(
+                mech,
+                max((timed(mech, d, functools.partial(sasl.rehearse_lookup, mech, d)) for d in samples), default=0.0),
+            )
         self._costs = costs
 
     def _check(self, creds: Credentials, password: str) -> bool:
@@ -399,8 +411,10 @@ class PasswdFileAuthenticator(Authenticator):
         missing = old.keys() - new.keys() if fresh else set()
         if fresh and (missing or not complete):
             self._settle_at = mtime + self._settle
-            self._note(("fresh", file_id), "looks partly written; until it settles, users it lacks stay "
-                       "from the previous copy (%d in force)")
+            self._note(
+                ("fresh", file_id),
+                "looks partly written; until it settles, users it lacks stay from the previous copy (%d in force)",
+            )
             for name in missing:
                 new[name] = old[name]
         else:

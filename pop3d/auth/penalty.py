@@ -63,8 +63,13 @@ class Penalty:
 
     __slots__ = ("_table", "base", "forget_after", "max_entries", "maximum")
 
-    def __init__(self, base: float, maximum: float, forget_after: float = DEFAULT_FORGET_AFTER,
-                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+    def __init__(
+        self,
+        base: float,
+        maximum: float,
+        forget_after: float = DEFAULT_FORGET_AFTER,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
         self.base = base
         self.maximum = max(base, maximum)
         self.forget_after = forget_after
@@ -141,8 +146,13 @@ class SharedTable:
         self._key = os.urandom(16)
 
     def _where(self, address: str) -> tuple[int, int]:
-        h = int.from_bytes(hashlib.blake2b(address.encode("utf-8", "surrogateescape"), digest_size=8,
-                                           key=self._key).digest(), "little") | 1
+        h = (
+            int.from_bytes(
+                hashlib.blake2b(address.encode("utf-8", "surrogateescape"), digest_size=8, key=self._key).digest(),
+                "little",
+            )
+            | 1
+        )
         return h, (h % self.slots) * _SLOT.size
 
     def get(self, address: str) -> tuple[int, float]:
@@ -168,8 +178,9 @@ class SharedPenalty(Penalty):
 
     __slots__ = ("table",)
 
-    def __init__(self, base: float, maximum: float, table: SharedTable,
-                 forget_after: float = DEFAULT_FORGET_AFTER) -> None:
+    def __init__(
+        self, base: float, maximum: float, table: SharedTable, forget_after: float = DEFAULT_FORGET_AFTER
+    ) -> None:
         super().__init__(base, maximum, forget_after)
         self.table = table
 

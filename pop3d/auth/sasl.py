@@ -185,8 +185,9 @@ class CramMd5(_Base):
         own = self._expected(creds) if creds is not None else None
         # an unknown user, or an entry that cannot answer CRAM-MD5, runs the very same steps on its decoy
         expected = own if own is not None else self._expected((decoy or _fallback_decoy(self._user or "")).creds)
-        ok = expected is not None and hmac.compare_digest(expected.encode(), self._digest.encode("utf-8",
-                                                                                                  "surrogatepass"))
+        ok = expected is not None and hmac.compare_digest(
+            expected.encode(), self._digest.encode("utf-8", "surrogatepass")
+        )
         if ok and own is not None and creds is not None:
             return Success(creds.user)
         if creds is not None and own is None:
@@ -272,9 +273,12 @@ class ScramSha256(_Base):
             keys = self._keys(decoy.creds, decoy.key)
         if keys is None:  # no SCRAM secret, real or decoy: keys nobody can match, fixed per name; fail at the proof
             k = decoy.key
-            keys = ScramKeys(SCRAM_ITERATIONS, hmac.new(k, b"SCRAM salt", hashlib.sha256).digest()[:16],
-                             hmac.new(k, b"StoredKey", hashlib.sha256).digest(),
-                             hmac.new(k, b"ServerKey", hashlib.sha256).digest())
+            keys = ScramKeys(
+                SCRAM_ITERATIONS,
+                hmac.new(k, b"SCRAM salt", hashlib.sha256).digest()[:16],
+                hmac.new(k, b"StoredKey", hashlib.sha256).digest(),
+                hmac.new(k, b"ServerKey", hashlib.sha256).digest(),
+            )
         info = (keys.salt, keys.stored_key, keys.server_key, keys.iterations)
         server = _SCRAM.make_server(lambda _name: info)
         try:

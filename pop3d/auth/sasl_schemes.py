@@ -62,8 +62,9 @@ class ScramKeys:
     @classmethod
     def from_password(cls, password: str, iterations: int = SCRAM_ITERATIONS, salt: bytes | None = None) -> ScramKeys:
         """Derive the keys (scramp applies SASLprep to the password, RFC 5802 §2.2)."""
-        salt_, stored, server, it = _SCRAM.make_auth_info(password, iteration_count=iterations,
-                                                          salt=salt if salt is not None else os.urandom(16))
+        salt_, stored, server, it = _SCRAM.make_auth_info(
+            password, iteration_count=iterations, salt=salt if salt is not None else os.urandom(16)
+        )
         return cls(it, salt_, stored, server)
 
 
@@ -103,8 +104,13 @@ def _cram_md5_decoy(template: str, seed: bytes) -> str:
 
 
 ENTRIES: Final[tuple[SchemeEntry, ...]] = (
-    SchemeEntry("CRAM-MD5", cram_md5.verify_password, cram_md5.context, shape=_cram_md5_shape,
-                decoy=_cram_md5_decoy, cheap_decoy=True),
-    SchemeEntry("SCRAM-SHA-256", _scram_verify, _scram_hash, shape=_scram_shape, decoy=_scram_decoy,
-                cheap_decoy=True),
+    SchemeEntry(
+        "CRAM-MD5",
+        cram_md5.verify_password,
+        cram_md5.context,
+        shape=_cram_md5_shape,
+        decoy=_cram_md5_decoy,
+        cheap_decoy=True,
+    ),
+    SchemeEntry("SCRAM-SHA-256", _scram_verify, _scram_hash, shape=_scram_shape, decoy=_scram_decoy, cheap_decoy=True),
 )

@@ -91,6 +91,10 @@ def load_or_create(state_dir: str | Path) -> bytes:
             return _read(path)
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        log.warning("state_dir %s cannot keep the server secret (%s); using a random one, so decoys for "
-                    "unknown users will change at restart", directory, reason)
+        log.warning(
+            "state_dir %s cannot keep the server secret (%s); using a random one, so decoys for "
+            "unknown users will change at restart",
+            directory,
+            reason,
+        )
         return secrets.token_bytes(SECRET_BYTES)

@@ -292,7 +292,7 @@ class CommandParser:
             return Rejected(err("command is not valid UTF-8"))
         verb_text, sep, rest = text.partition(" ")
         # RFC 1939 §3: keywords are case-insensitive ASCII. Check ASCII *before* upper-casing: Unicode case
-        # mapping turns "uſer" into "USER" and "ﬆls" into "STLS".
+        # mapping turns "u\N{LATIN SMALL LETTER LONG S}er" into "USER" and the "st" ligature + "ls" into "STLS".
         verb = verb_text.upper() if verb_text.isascii() else ""
         spec = self.verbs.get(verb) if verb.isalpha() else None
         if spec is None:
