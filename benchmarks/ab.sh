@@ -35,7 +35,7 @@ for r in $(seq "$ROUNDS"); do
       sleep 0.1
     done
     for sc in $SCENARIOS; do
-      rate=$(PYTHONPATH="$ROOT" python3 -m pop3d bench --users "$WORK/corpus/users.txt" --scenario "$sc" \
+      rate=$(PYTHONPATH="$ROOT" python3 -m pop3d bench --report-only --users "$WORK/corpus/users.txt" --scenario "$sc" \
         -c "$CONCURRENCY" -d "$DURATION" --json "127.0.0.1:$PORT" |
         python3 -c 'import json, sys; d = json.load(sys.stdin); print(d["sessions_per_s"] if not d.get("errors") else "err")')
       RESULTS[$sc.$side]="${RESULTS[$sc.$side]:-} $rate"

@@ -130,7 +130,7 @@ run_pair() {  # name set scenario concurrency extra-args...
     local port=$P_PORT pid=$P_PID
     [ "$server" = dovecot ] && port=$D_PORT && pid=$D_PID
     echo "-- $name: $server" >&2
-    pop3d bench "127.0.0.1:$port" --users "$W/$set/users.txt" --scenario "$scenario" --concurrency "$conc" \
+    pop3d bench "127.0.0.1:$port" --report-only --users "$W/$set/users.txt" --scenario "$scenario" --concurrency "$conc" \
       --procs "$PROCS" --duration "$DURATION" --server-pid "$pid" --json "$@" > "$W/results/$name-$server.json" \
       || echo "   (no session completed)" >&2
   done
@@ -141,8 +141,8 @@ echo "== pop3d $(pop3d --version | cut -d' ' -f2) (workers=$WORKERS) vs Dovecot 
 
 start_servers small
 # warm-up: first logins build caches on both sides (pop3d's size cache, Dovecot's indexes)
-pop3d bench "127.0.0.1:$P_PORT" --users "$W/small/users.txt" --scenario poll -c "$CONCURRENCY" -d 2 --json >/dev/null
-pop3d bench "127.0.0.1:$D_PORT" --users "$W/small/users.txt" --scenario poll -c "$CONCURRENCY" -d 2 --json >/dev/null
+pop3d bench "127.0.0.1:$P_PORT" --report-only --users "$W/small/users.txt" --scenario poll -c "$CONCURRENCY" -d 2 --json >/dev/null
+pop3d bench "127.0.0.1:$D_PORT" --report-only --users "$W/small/users.txt" --scenario poll -c "$CONCURRENCY" -d 2 --json >/dev/null
 run_pair poll small poll "$CONCURRENCY"
 run_pair download-4k small download "$CONCURRENCY"
 run_pair pipelined-4k small pipelined "$CONCURRENCY"
@@ -156,7 +156,7 @@ stop_servers large
 if [ -d "$W/huge" ]; then
   start_servers huge
   for port in $P_PORT $D_PORT; do  # first login of each: builds pop3d's cache / Dovecot's index
-    pop3d bench "127.0.0.1:$port" --users "$W/huge/users.txt" -c 1 -d 0.5 --timeout 120 --json >/dev/null
+    pop3d bench "127.0.0.1:$port" --report-only --users "$W/huge/users.txt" -c 1 -d 0.5 --timeout 120 --json >/dev/null
   done
   sleep 2.5  # let the directory stamps age past pop3d's trust window (same-tick changes, see maildir.py)
   run_pair second-login-100k huge poll 1 --timeout 120
@@ -166,13 +166,13 @@ fi
 if [ "$IDLE_BIG" -gt 0 ]; then
   start_servers small
   echo "-- idle-$IDLE_BIG: pop3d only" >&2
-  pop3d bench "127.0.0.1:$P_PORT" --users "$W/small/users.txt" --scenario idle -c "$IDLE_BIG" \
+  pop3d bench "127.0.0.1:$P_PORT" --report-only --users "$W/small/users.txt" --scenario idle -c "$IDLE_BIG" \
     --procs "$(( PROCS > 2 ? PROCS : 2 ))" --duration $(( DURATION * 3 )) --noop-interval 5 --server-pid "$P_PID" \
     --timeout 60 --json > "$W/results/idle-$IDLE_BIG-pop3d.json" || true
   stop_servers small
   start_servers small  # fresh processes: the same, with logins spread over 15 s instead of all at once
   echo "-- idle-$IDLE_BIG-ramp: pop3d only" >&2
-  pop3d bench "127.0.0.1:$P_PORT" --users "$W/small/users.txt" --scenario idle -c "$IDLE_BIG" \
+  pop3d bench "127.0.0.1:$P_PORT" --report-only --users "$W/small/users.txt" --scenario idle -c "$IDLE_BIG" \
     --procs "$(( PROCS > 2 ? PROCS : 2 ))" --duration $(( DURATION * 4 )) --ramp 15 --noop-interval 5 \
     --server-pid "$P_PID" --timeout 60 --json > "$W/results/idle-$IDLE_BIG-ramp-pop3d.json" || true
   stop_servers small

@@ -441,9 +441,13 @@ def test_exit_status_follows_the_thresholds(drops, tmp_path):
     mixed.write_text("".join(f"{u}:{p if i else 'wrong'}\n" for i, (u, p) in enumerate(users[:4])))
     target = f"127.0.0.1:{srv.port}"
     r = _bench(target, "--users", str(mixed), "-c", "4", "-d", "300ms", "--json")
+    out = json.loads(r.stdout)  # no --fail-if: errors>0 is the gate, so 25 % failed logins fail the run
+    assert r.returncode == 1 and out["errors"]["-ERR PASS [AUTH]"] > 0 and out["exit_status"] == 1
+    assert "failed: errors>0" in r.stderr
+
+    r = _bench(target, "--users", str(mixed), "-c", "4", "-d", "300ms", "--report-only", "--json")
     out = json.loads(r.stdout)
-    assert r.returncode == 0 and out["errors"]["-ERR PASS [AUTH]"] > 0 and out["exit_status"] == 0
-    assert "no --fail-if was given" in r.stderr
+    assert r.returncode == 0 and out["exit_status"] == 0 and out["thresholds"][0]["crossed"]
     assert out["latency_ms"]["PASS-failed"]["count"] == out["errors"]["-ERR PASS [AUTH]"]
     assert out["latency_ms"]["PASS"]["count"] == out["logins"]  # failed and successful PASS kept apart
 
