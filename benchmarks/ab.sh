@@ -4,14 +4,14 @@
 # and the median of several rounds is what makes the ratio mean something.
 #
 #   benchmarks/ab.sh REV_A REV_B            # e.g. benchmarks/ab.sh origin/main HEAD, or a4c5157 WORKTREE
-#   ROUNDS=5 DURATION=8 CONCURRENCY=20 SCENARIOS="poll pipelined download" WORKERS=1 benchmarks/ab.sh A B
+#   ROUNDS=5 DURATION=8 CONCURRENCY=20 SCENARIOS="poll pipelined download" WORKERS=1 USERS=200 benchmarks/ab.sh A B
 #
 # WORKTREE as a revision means the files as they are now (uncommitted edits included). The generator is always
 # the current tree's `pop3d bench`, so both servers face the same client.
 set -euo pipefail
 A=${1:?usage: ab.sh REV_A REV_B}; B=${2:?usage: ab.sh REV_A REV_B}
 ROUNDS=${ROUNDS:-3} DURATION=${DURATION:-6} CONCURRENCY=${CONCURRENCY:-20} WORKERS=${WORKERS:-1}
-SCENARIOS=${SCENARIOS:-poll pipelined download} PORT=${PORT:-12110}
+SCENARIOS=${SCENARIOS:-poll pipelined download} PORT=${PORT:-12110} USERS=${USERS:-200}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d /tmp/pop3d-ab.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -21,7 +21,7 @@ tree() {  # tree REV DIR: the pop3d package of REV in DIR
   if [ "$1" = WORKTREE ]; then cp -r "$ROOT/pop3d" "$2/"; else git -C "$ROOT" archive "$1" pop3d | tar -x -C "$2"; fi
 }
 tree "$A" "$WORK/a"; tree "$B" "$WORK/b"
-(cd "$WORK" && PYTHONPATH="$ROOT" python3 -m pop3d mkmaildrops --users 200 --messages 10 --size 4k corpus >/dev/null)
+(cd "$WORK" && PYTHONPATH="$ROOT" python3 -m pop3d mkmaildrops --users "$USERS" --messages 10 --size 4k corpus >/dev/null)
 sed -e "s/127.0.0.1:[0-9]*/127.0.0.1:$PORT/" -e "s/^\[server\]/[server]\nworkers = $WORKERS/" \
   "$WORK/corpus/pop3d.toml" > "$WORK/ab.toml"
 

@@ -101,19 +101,9 @@ class ServerSettings(_Section):
     #: the group to switch to; "" = the user's primary group (supplementary groups come from /etc/group)
     group: str = ""
 
-    @field_validator("limit_exempt")
+    @field_validator("limit_exempt", "proxy_trusted")
     @classmethod
-    def _check_limit_exempt(cls, v: list[str]) -> list[str]:
-        for item in v:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an address or CIDR network") from None
-        return v
-
-    @field_validator("proxy_trusted")
-    @classmethod
-    def _check_proxy_trusted(cls, v: list[str]) -> list[str]:
+    def _check_networks(cls, v: list[str]) -> list[str]:
         for item in v:
             try:
                 ipaddress.ip_network(item, strict=False)

@@ -279,8 +279,9 @@ class PasswdFileAuthenticator(Authenticator):
 
     async def _verify(self, name: str, password: str) -> User | None:
         creds = await self.lookup(name)
-        decoy = self._decoys.for_name(name)  # for real names too: both paths do the same work
-        source = creds if creds is not None else decoy.creds
+        # the decoy's few HMACs only for unknown names: a failure waits out the "verify" floor anyway (the
+        # dearest entry's cost), which hides that difference, and a success is not worth hiding
+        source = creds if creds is not None else self._decoys.for_name(name).creds
         if _too_long(password, self._max_password_length):
             return None
         if source.scheme in _INLINE_SCHEMES:

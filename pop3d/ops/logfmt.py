@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 #: characters that make a text value ambiguous or able to forge a line: such values are JSON-quoted
-_UNSAFE = frozenset(' "=\\')
+_UNSAFE = re.compile(r'[ "=\\]')
 
 
 def text_value(value: object) -> str:
@@ -36,7 +37,7 @@ def text_value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     s = str(value)
-    if not s or any(c in _UNSAFE or not c.isprintable() for c in s):
+    if not s or not s.isprintable() or _UNSAFE.search(s):  # isprintable: no control characters at all
         return json.dumps(s, ensure_ascii=False)
     return s
 
