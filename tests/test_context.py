@@ -102,9 +102,6 @@ class _Handler:
     mech: str | None = "USER"
     auth_failures: int = 0
 
-    def summary(self) -> str:
-        return "top=1/10, retr=2/300, del=1/2, size=12"
-
     def log_fields(self) -> dict[str, object]:
         return {"session": "abcdef1", "lip": "192.0.2.1:110", "tls": False, "mech": self.mech, "duration": 1.5}
 
@@ -113,7 +110,9 @@ def test_log_session_end(env, caplog):
     caplog.set_level(logging.INFO, logger="pop3d")
     build_context(env.settings()).log_session_end(_Handler())
     record = caplog.records[-1]
-    assert "session end user=alice rip=192.0.2.5 reason=QUIT" in record.getMessage()
+    assert "session end user=alice rip=192.0.2.5 reason=QUIT top=1/10, retr=2/300, del=1/2, size=12" in (
+        record.getMessage()
+    )
     assert record.fields == {
         "event": "session_end",
         "user": "alice",

@@ -102,7 +102,6 @@ class EndedSession(Protocol):
     @property
     def auth_failures(self) -> int: ...
 
-    def summary(self) -> str: ...
     def log_fields(self) -> dict[str, object]: ...
 
 
@@ -215,7 +214,11 @@ class ServerContext:
                 "messages": len(handler.messages),
                 "size": sum(m.size for m in handler.messages),
             }
-            text = f"session end user={logfmt.text_value(user)} rip={handler.peer} reason={reason} {handler.summary()}"
+            c, n, size = handler.counters, fields["messages"], fields["size"]  # Dovecot's logout counters
+            text = (
+                f"session end user={logfmt.text_value(user)} rip={handler.peer} reason={reason} "
+                f"top={c.top}/{c.top_bytes}, retr={c.retr}/{c.retr_bytes}, del={c.dele}/{n}, size={size}"
+            )
             shown: dict[str, object] = {}
         else:
             fields |= {"tried": handler.tried, "auth_failures": handler.auth_failures}

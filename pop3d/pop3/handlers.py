@@ -171,14 +171,6 @@ class Pop3Handler:
         """A login, auth failure or lock refusal: `text`, then `fields`, then the session's own fields."""
         logfmt.event(log, level, name, text, {**fields, **self.log_fields()}, stacklevel=3)
 
-    def summary(self) -> str:
-        """The logout line's counters."""
-        c = self.counters
-        size = sum(m.size for m in self.messages)
-        return (
-            f"top={c.top}/{c.top_bytes}, retr={c.retr}/{c.retr_bytes}, del={c.dele}/{len(self.messages)}, size={size}"
-        )
-
     # -- AUTHORIZATION ---------------------------------------------------------------------------
 
     def do_USER(self, cmd: Command) -> Result:
@@ -231,13 +223,8 @@ class Pop3Handler:
             # RFC 2449 §8.1.2
             ctx.metrics.login("login_delay")
             return Reply(err(f"wait {delay} seconds between logins", "LOGIN-DELAY"))
-        try:
-            drop = ctx.storage.maildrop(user)
-        except StorageError as exc:  # a user name or home no location can be made of (pop3d.storage.location)
-            log.warning("maildrop unavailable user=%r rip=%s session=%s: %s", user.name, self.peer, self.sid, exc)
-            ctx.metrics.login("unavailable")
-            ctx.metrics.storage_error("open")
-            return Reply(err("maildrop cannot be opened", exc.code))
+        # never raises (pop3d.storage.base.Storage.maildrop): an unusable name or home fails in open() below
+        drop = ctx.storage.maildrop(user)
         try:
             await drop.open()
         except InUse:
