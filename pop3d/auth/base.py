@@ -97,6 +97,12 @@ class Authenticator(abc.ABC):
     async def verify(self, name: str, password: str) -> User | None:
         """The user when `password` is right; None for a wrong password *or* an unknown user, in the same time."""
 
+    async def set_secret(self, name: str, secret: str) -> bool:
+        """Replace the stored secret of `name` by `secret` (a `{SCHEME}...` string, already hashed) so the next
+        login on every worker sees it; False when there is no such user. Used by poppassd and `pop3d user
+        passwd`. A read-only database keeps this default, which refuses."""
+        raise PermissionError(f"{type(self).__name__} cannot change passwords")
+
     def reload_soon(self) -> None:  # noqa: B027 - an optional hook: doing nothing is the right default
         """Re-read the user database before the next lookup (SIGHUP), even if it looks unchanged."""
 

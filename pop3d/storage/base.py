@@ -102,6 +102,16 @@ class Storage(abc.ABC):
         (a name or home that would leave the location template) gets a RefusedMaildrop, whose open()
         raises the PermanentError, so the login fails with one `[SYS/PERM]` line like any other refusal."""
 
+    async def deliver(self, user: User, message: bytes) -> None:
+        """Store one new message for `user` (LMTP, RFC 2033) and return only once it is durable.
+
+        `message` is the exact octets to keep (the driver's own envelope, such as mbox's From_ line, is its
+        business). A delivery never waits for an open POP3 session: the message shows in the next one, never
+        inside a session's fixed numbering (RFC 1939 §4). Raise TemporaryError when the store cannot take it
+        now (the MTA retries: 451 4.3.0) and PermanentError when it never will.
+        """
+        raise PermanentError(f"{type(self).__name__} cannot deliver")
+
     async def recover_interrupted(self) -> None:  # noqa: B027 - an optional hook, empty on purpose
         """Settle whatever a crash left half done (mbox: interrupted commits), so it does not wait for the
         owner's next login. The server runs it once, in the background, after it starts listening."""
