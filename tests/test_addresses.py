@@ -55,3 +55,17 @@ def test_parsed_once_per_list():
     a = networks(["10.0.0.0/8", "::1"])
     assert a is networks(("10.0.0.0/8", "::1")) and len(a) == 2
     assert isinstance(a, Networks) and "10.1.2.3" in a and 10 not in a
+
+
+@given(st.lists(v4, min_size=1, max_size=30), nets)
+def test_remembered_answers_stay_right_and_bounded(addrs, ns):
+    """The memo never changes an answer, asked once or again, and a flood of addresses cannot grow it."""
+
+    class Small(Networks):
+        MEMO = 8
+
+    matcher = Small([str(n) for n in ns])
+    for _ in range(2):
+        for addr in addrs:
+            assert (str(addr) in matcher) is any(addr in n for n in ns if n.version == 4)
+    assert len(matcher._answers) <= 8

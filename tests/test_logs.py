@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
+import io
 import json
 import logging
 import os
@@ -15,6 +17,8 @@ import sys
 
 import pytest
 from conftest import Raw, deliver
+from hypothesis import given
+from hypothesis import strategies as st
 from tls_helpers import Pki
 
 from pop3d.config import LogSettings
@@ -282,3 +286,108 @@ def test_no_password_or_auth_payload_in_logs(start_server, caplog):
     rendered = "\n".join(text.format(x) + js.format(x) for x in caplog.records)
     for s in secrets:
         assert s not in rendered, f"secret {s!r} reached the log"
+
+
+@given(st.text())
+def test_text_values_never_break_the_line_or_the_pairs(value):
+    """Whatever a client makes us log (a user name, a tried name), the value stays one token: no space, quote,
+    `=` or control character unquoted, and the quoted form decodes back to the value."""
+    out = logfmt.text_value(value)
+    if out.startswith('"'):
+        assert json.loads(out) == value and "\n" not in out and "\r" not in out
+    else:
+        assert out == value and value.isprintable() and not set(value) & set(' "=\\')
+
+
+class _Writes(io.StringIO):
+    """A stream that records each write: the handler's point is how many there are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, s: str) -> int:
+        self.writes.append(s)
+        return super().write(s)
+
+
+def _batched() -> tuple[logging.Logger, _Writes, logfmt.LoopBatchedHandler]:
+    stream = _Writes()
+    handler = logfmt.LoopBatchedHandler(stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger(f"pop3d.test.batched.{id(stream)}")
+    logger.propagate, logger.level = False, logging.INFO
+    logger.addHandler(handler)
+    return logger, stream, handler
+
+
+def test_lines_of_one_loop_iteration_leave_in_one_write_in_order():
+    logger, stream, _ = _batched()
+
+    async def main() -> list[str]:
+        for i in range(3):
+            logger.info("line %d", i)
+        assert stream.writes == []  # not yet: the loop writes them once this callback returns
+        await asyncio.sleep(0)
+        after_first = list(stream.writes)
+        logger.info("line 3")
+        await asyncio.sleep(0)
+        return after_first
+
+    assert asyncio.run(main()) == ["line 0\nline 1\nline 2\n"]
+    assert stream.writes == ["line 0\nline 1\nline 2\n", "line 3\n"]
+
+
+def test_without_a_loop_lines_are_written_at_once_after_what_is_pending():
+    logger, stream, _ = _batched()
+    logger.info("now")
+    assert stream.writes == ["now\n"]
+
+    async def pend() -> None:
+        logger.info("pending")  # the loop stops before its write callback runs
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(pend())
+    finally:
+        loop.close()  # the callback never ran: the line waits for the next write or flush
+    logger.info("later")
+    assert stream.getvalue() == "now\npending\nlater\n"
+
+
+def test_flush_writes_pending_lines_so_an_exit_loses_none():
+    logger, stream, handler = _batched()
+
+    async def main() -> None:
+        logger.info("last words")
+        handler.flush()  # what logging.shutdown() does on every exit path of a worker
+        assert stream.getvalue() == "last words\n"
+
+    asyncio.run(main())
+    assert stream.writes == ["last words\n"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_fork_writes_pending_lines_once(tmp_path):
+    """The workers are forked: a line pending in the parent must not be inherited and written twice."""
+    out = tmp_path / "log"
+    with open(out, "w") as f:
+        handler = logfmt.LoopBatchedHandler(f)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("pop3d.test.batched.fork")
+        logger.propagate, logger.level = False, logging.INFO
+        logger.addHandler(handler)
+
+        async def main() -> int:
+            logger.info("before fork")
+            pid = os.fork()
+            if pid == 0:
+                handler.flush()
+                os._exit(0)
+            return pid
+
+        pid = asyncio.run(main())
+        os.waitpid(pid, 0)
+        handler.flush()
+        logger.removeHandler(handler)
+    assert out.read_text() == "before fork\n"

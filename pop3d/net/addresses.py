@@ -18,15 +18,28 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 class Networks:
     """A parsed, immutable list of networks; `address in networks` matches a peer address string."""
 
-    __slots__ = ("_nets",)
+    __slots__ = ("_answers", "_nets")
+
+    #: answers remembered per list: parsing an address costs more than the rest of admitting a connection,
+    #: and clients come back. Bounded (a client with a whole IPv6 /64 cannot grow it): emptied when full.
+    MEMO = 4096
 
     def __init__(self, cidrs: Iterable[str]) -> None:
         """ValueError for an entry that is neither an address nor a CIDR network (config validates first)."""
         self._nets: tuple[Network, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+        self._answers: dict[str, bool] = {}
 
     def __contains__(self, address: object) -> bool:
         if not isinstance(address, str):
             return False
+        answer = self._answers.get(address)
+        if answer is None:
+            if len(self._answers) >= self.MEMO:
+                self._answers.clear()
+            answer = self._answers[address] = self._match(address)
+        return answer
+
+    def _match(self, address: str) -> bool:
         ip = parse_peer(address)
         if ip is None:
             return False

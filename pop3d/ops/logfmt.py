@@ -11,12 +11,15 @@ password: the handlers log user names and addresses only, and no command line is
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import re
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,14 +30,24 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 _UNSAFE = re.compile(r'[ "=\\]')
 
 
+#: a text value made only of these (printable ASCII but space, `"`, `=` and `\\`) is written as it is
+_PLAIN = re.compile(r"[!#-<>-\[\]-~]+")
+
+
 def text_value(value: object) -> str:
     """One `key=value` value: booleans as yes/no, floats to the millisecond, a string with spaces, quotes,
     `=` or control characters JSON-quoted (a user name from the wire must not forge a second line)."""
-    if value is None:
+    kind = type(value)
+    if kind is str:  # the common cases first: names, addresses, session ids, then counters
+        if _PLAIN.fullmatch(value):  # type: ignore[call-overload]
+            return value  # type: ignore[return-value]
+    elif kind is int:
+        return str(value)
+    elif value is None:
         return "-"
-    if isinstance(value, bool):
+    elif kind is bool:
         return "yes" if value else "no"
-    if isinstance(value, float):
+    elif kind is float:
         return f"{value:.3f}"
     s = str(value)
     if not s or not s.isprintable() or _UNSAFE.search(s):  # isprintable: no control characters at all
@@ -44,7 +57,7 @@ def text_value(value: object) -> str:
 
 def pairs(fields: Mapping[str, object]) -> str:
     """`k=v k=v` of `fields`, in order."""
-    return " ".join(f"{k}={text_value(v)}" for k, v in fields.items())
+    return " ".join([f"{k}={text_value(v)}" for k, v in fields.items()])
 
 
 def event(
@@ -54,25 +67,59 @@ def event(
     text: str,
     fields: Mapping[str, object],
     shown: Mapping[str, object] | None = None,
-    stacklevel: int = 2,
 ) -> None:
     """Log `text` followed by `shown` (default: all of `fields`) as `key=value` pairs; in JSON, every field
     plus `"event": name`. `text` may spell some fields out in its own words (the session-end line keeps
-    Dovecot's counters). Nothing is formatted when the level is off. `stacklevel`: as for `Logger.log`;
-    the default, 2, makes the record name the caller of this function rather than this line."""
+    Dovecot's counters). Nothing is formatted when the level is off.
+
+    The record is made here rather than by `Logger.log`, which would walk the stack for a file and line
+    that no pop3d format shows: these lines are written for every login and every session end.
+    """
     if logger.isEnabledFor(level):
         suffix = pairs(fields if shown is None else shown)
         line = f"{text} {suffix}" if suffix else text
-        logger.log(level, "%s", line, extra={"fields": {"event": name, **fields}}, stacklevel=stacklevel)
+        extra = {"fields": {"event": name, **fields}}
+        logger.handle(logger.makeRecord(logger.name, level, "(event)", 0, line, (), None, name, extra))
+
+
+class _Seconds:
+    """`strftime` of the current second, made once per second: a busy worker logs thousands of lines a
+    second, and formatting the same date for each is most of what a text line costs to format."""
+
+    __slots__ = ("_at", "_convert", "_fmt", "_text")
+
+    def __init__(self, fmt: str, convert: Callable[[float], time.struct_time]) -> None:
+        self._fmt, self._convert, self._at, self._text = fmt, convert, -1, ""
+
+    def __call__(self, created: float) -> str:
+        second = int(created)
+        if second != self._at:  # one tuple assignment: threads may race here, both write the same thing
+            self._at, self._text = second, time.strftime(self._fmt, self._convert(second))
+        return self._text
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT with the date part of `asctime` made once per second (logging's own default format:
+    local time, `YYYY-mm-dd HH:MM:SS,mmm`)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+        self._seconds = _Seconds(self.default_time_format, time.localtime)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return f"{self._seconds(record.created)},{int(record.msecs):03d}"
 
 
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "pid", "msg", <fields>}`; UTC timestamps with milliseconds."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._seconds = _Seconds("%Y-%m-%dT%H:%M:%S", time.gmtime)
+
     def format(self, record: logging.LogRecord) -> str:
-        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         out: dict[str, Any] = {
-            "ts": f"{ts}.{int(record.msecs):03d}Z",
+            "ts": f"{self._seconds(record.created)}.{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "pid": record.process,
@@ -88,7 +135,72 @@ class JsonFormatter(logging.Formatter):
 
 
 def make_formatter(fmt: str) -> logging.Formatter:
-    return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    return JsonFormatter() if fmt == "json" else TextFormatter()
+
+
+class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler whose lines, when logged on a running event loop, leave in one write per loop
+    iteration instead of one write (a system call) per line.
+
+    A worker under load ends hundreds of sessions per iteration, each with a log line; those lines reach
+    the stream a few microseconds later, still in order, in one system call. Lines logged with no running
+    loop (start-up, other threads, the supervisor) are written at once, after anything still pending from
+    the loop thread. Nothing is lost at exit: `flush()` (logging.shutdown, which every exit path runs)
+    writes what is pending, and so does a fork, so no line is written twice by parent and child.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._loop_thread: int | None = None  # the thread whose loop will write `_pending`
+        os.register_at_fork(before=self.flush)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            try:
+                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is None or loop.is_closed():
+                self._write_pending(line)
+                return
+            # emit runs under the handler's lock (Handler.handle), so this is one thread at a time
+            if self._loop_thread is not None and self._loop_thread != threading.get_ident():
+                self._write_pending(line)  # another loop's thread has lines pending: keep one writer
+                return
+            self._pending.append(line)
+            if self._loop_thread is None:
+                self._loop_thread = threading.get_ident()
+                loop.call_soon(self._from_loop)
+        except RecursionError:  # pragma: no cover - logging's own convention
+            raise
+        except Exception:
+            self.handleError(record)
+
+    def _from_loop(self) -> None:
+        self.acquire()
+        try:
+            self._write_pending()
+        finally:
+            self.release()
+
+    def _write_pending(self, extra: str = "") -> None:
+        """Write what is pending, then `extra`, in one write and one flush; the caller holds the lock."""
+        lines, self._pending, self._loop_thread = self._pending, [], None
+        text = "".join(lines) + extra if lines else extra
+        if text:
+            stream = self.stream
+            stream.write(text)
+            stream.flush()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self.stream is not None:
+                self._write_pending()
+        finally:
+            self.release()
 
 
 _HANDLER_NAME = "pop3d-stdout"
@@ -99,8 +211,11 @@ def configure(cfg: LogSettings) -> None:
     root = logging.getLogger()
     handler = next((h for h in root.handlers if h.get_name() == _HANDLER_NAME), None)
     if handler is None:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = LoopBatchedHandler(sys.stdout)
         handler.set_name(_HANDLER_NAME)
         root.addHandler(handler)
     handler.setFormatter(make_formatter(cfg.format))
     root.setLevel(cfg.level)
+    # neither format shows thread or multiprocessing names: do not look them up for every record
+    logging.logThreads = False
+    logging.logMultiprocessing = False

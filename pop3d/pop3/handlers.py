@@ -169,7 +169,7 @@ class Pop3Handler:
 
     def _event(self, level: int, name: str, text: str, **fields: object) -> None:
         """A login, auth failure or lock refusal: `text`, then `fields`, then the session's own fields."""
-        logfmt.event(log, level, name, text, {**fields, **self.log_fields()}, stacklevel=3)
+        logfmt.event(log, level, name, text, {**fields, **self.log_fields()})
 
     # -- AUTHORIZATION ---------------------------------------------------------------------------
 

@@ -34,7 +34,8 @@ class ThreadHop:
 
     async def run(self, func: Callable[[], _T], *, on_cancel: Callable[[], None] | None = None) -> _T:
         """`func()` in a thread. If the caller is cancelled meanwhile, `on_cancel` runs once `func` ends."""
-        fut = asyncio.ensure_future(asyncio.to_thread(func))
+        # run_in_executor, not to_thread: no Task and no context copy around the call, for every login
+        fut = asyncio.get_running_loop().run_in_executor(None, func)
         self._running = fut
         fut.add_done_callback(_retrieve)
         try:
