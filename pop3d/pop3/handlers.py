@@ -28,6 +28,8 @@ from pop3d.pop3.state import SessionEvent, State, next_state
 from pop3d.storage.base import SMALL_MESSAGE, InUse, Maildrop, MessageInfo, StorageError
 
 log = logging.getLogger("pop3d.pop3.session")
+#: no message numbers: what `deleted` and `retrieved` are until the first one (never mutated)
+NONE: frozenset[int] = frozenset()
 
 # Constant replies, built once (a pipelined burst should not pay for formatting the same line again).
 AUTH_FAILED = Reply(err("authentication failed", "AUTH"))  # RFC 3206 §4; same for unknown user and bad password
@@ -102,8 +104,9 @@ class Pop3Handler:
         self.user: User | None = None
         self.drop: Maildrop | None = None
         self.messages: list[MessageInfo] = []  # the session snapshot; numbering never changes (RFC 1939 §5)
-        self.deleted: set[int] = set()
-        self.retrieved: set[int] = set()
+        # the shared empty NONE until the first DELE / RETR: an idle session holds no empty sets (216 B each)
+        self.deleted: set[int] | frozenset[int] = NONE
+        self.retrieved: set[int] | frozenset[int] = NONE
         self.last = 0  # RFC 1460 LAST: highest message number touched by RETR/TOP
         self.counters = Counters()
         self.auth_failures = 0  # failed authentications on this connection (auth.max_failures_per_connection)
@@ -397,7 +400,7 @@ class Pop3Handler:
         if self.ctx.settings.session.expire == "0":
             deleted |= self.retrieved  # RFC 2449 §6.7 EXPIRE 0: retrieved mail is not kept on the server
         try:
-            await drop.commit(deleted, self.retrieved - deleted)
+            await drop.commit(deleted, set(self.retrieved - deleted))
         except StorageError as exc:
             log.warning("commit failed user=%s session=%s: %s", self.user.name if self.user else "?", self.sid, exc)
             self.ctx.metrics.storage_error("commit")
@@ -453,14 +456,17 @@ class Pop3Handler:
         i = self._index(cmd.args[0])
         if isinstance(i, Reply):
             return i
-        self.deleted.add(i)
+        deleted = self.deleted
+        if not isinstance(deleted, set):
+            deleted = self.deleted = set()
+        deleted.add(i)
         return Reply(ok(f"message {i + 1} deleted"))
 
     def do_NOOP(self, cmd: Command) -> Result:
         return OK
 
     def do_RSET(self, cmd: Command) -> Result:
-        self.deleted.clear()
+        self.deleted = NONE
         self.last = 0  # RFC 1460: RSET also resets the highest message accessed
         count, size = self._totals()
         return Reply(ok(f"maildrop has {count} message{'s' if count != 1 else ''} ({size} octets)"))
@@ -506,7 +512,10 @@ class Pop3Handler:
         self.last = max(self.last, i + 1)
         c = self.counters
         if lines is None:
-            self.retrieved.add(i)
+            retrieved = self.retrieved
+            if not isinstance(retrieved, set):
+                retrieved = self.retrieved = set()
+            retrieved.add(i)
             c.retr += 1
             c.retr_bytes += octets
         else:

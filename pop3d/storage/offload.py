@@ -38,12 +38,18 @@ class ThreadHop:
         fut = asyncio.get_running_loop().run_in_executor(None, func)
         self._running = fut
         fut.add_done_callback(_retrieve)
+        fut.add_done_callback(self._finished)
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
             if on_cancel is not None:
                 self.after(on_cancel)
             raise
+
+    def _finished(self, fut: asyncio.Future[Any]) -> None:
+        """Forget a finished call: an idle session should not keep its last future alive."""
+        if self._running is fut:
+            self._running = None
 
     def after(self, action: Callable[[], None]) -> None:
         """Run `action` now, or once the call in flight has finished."""

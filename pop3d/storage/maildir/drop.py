@@ -126,10 +126,14 @@ class MaildirDrop(Maildrop):
         self.messages: list[MessageInfo] = []
         self.owner = Owner(-1, -1)  # set by open()
         self._ids: dict[str, tuple[int, int]] = {}  # "", "new", "cur" -> (device, inode) seen at open()
-        self._broken: dict[int, str] = {}  # message index -> why it is unreadable for this session
+        self._broken: dict[int, str] | None = None  # message index -> why it is unreadable for this session
         self._lock = MaildropLock(os.path.join(path, LOCK_FILE))
-        self._cache = SizeCache(os.path.join(path, SIZE_CACHE))
         self._hop = ThreadHop()
+
+    def _size_cache(self) -> SizeCache:
+        """The size cache, made for each use (open, commit) and dropped after: an idle session keeps only its
+        snapshot, not the cache or its path."""
+        return SizeCache(os.path.join(self.path, SIZE_CACHE))
 
     # ---- open -------------------------------------------------------------------------------------------
 
@@ -147,15 +151,13 @@ class MaildirDrop(Maildrop):
         try:
             self._lock.acquire(dir_fd=root_fd, owner=self.owner)
             try:
-                self.messages = scan.snapshot(self.path, root_fd, subs, self._cache, self.owner)
+                self.messages = scan.snapshot(self.path, root_fd, subs, self._size_cache(), self.owner)
             except Refused as exc:  # someone else's file among the messages: the maildrop is refused
                 self._lock.release()
                 raise self._refused(exc, f"maildir {self.path}") from exc
             except BaseException:
                 self._lock.release()
                 raise
-            finally:
-                self._cache.forget()  # an idle session keeps only its snapshot; commit() reloads the cache
         finally:
             os.close(root_fd)
 
@@ -287,7 +289,7 @@ class MaildirDrop(Maildrop):
     def _open_message(self, index: int) -> tuple[int, os.stat_result]:
         """fd and fstat of message `index`: a regular file of the owner, opened without following a link or
         blocking, whose stored size can have the announced network size; else MessageUnreadable."""
-        why = self._broken.get(index)
+        why = self._broken.get(index) if self._broken is not None else None
         if why is not None:
             raise MessageUnreadable(why)
         info = self.messages[index]
@@ -320,6 +322,8 @@ class MaildirDrop(Maildrop):
         an error too), and raise MessageUnreadable."""
         key = self.messages[index].key
         text = f"maildir {self.path}: message {index + 1} ({key}) unreadable this session: {why}"
+        if self._broken is None:
+            self._broken = {}
         self._broken[index] = text
         log.error("%s", text)
         raise MessageUnreadable(text)
@@ -341,7 +345,8 @@ class MaildirDrop(Maildrop):
             except BaseException:
                 os.close(fd)
                 raise
-            if (st.st_mode & _TYPE != _REGULAR or st.st_uid != self.owner.uid or index in self._broken
+            broken = self._broken is not None and index in self._broken
+            if (st.st_mode & _TYPE != _REGULAR or st.st_uid != self.owner.uid or broken
                     or not plausible(st.st_size, info.size)):  # fmt: skip
                 os.close(fd)
                 fd, st = self._open_message(index)
@@ -441,9 +446,9 @@ class MaildirDrop(Maildrop):
             for index in sorted(seen - deleted):
                 self._mark_seen(fds, self.messages[index])
         if gone:
-            self._cache.load(fds[""], self.owner)  # we hold the lock: nobody else wrote it since open()
-            self._cache.discard(gone, fds[""], self.owner)
-            self._cache.forget()
+            cache = self._size_cache()
+            cache.load(fds[""], self.owner)  # we hold the lock: nobody else wrote it since open()
+            cache.discard(gone, fds[""], self.owner)
         return failed
 
     def _mark_seen(self, fds: dict[str, int], info: MessageInfo) -> None:
