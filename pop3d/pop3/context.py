@@ -10,6 +10,7 @@ small protocols below.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
@@ -26,6 +27,7 @@ from pop3d.net.addresses import in_networks
 from pop3d.net.limits import ConnectionLimits
 from pop3d.ops import logfmt
 from pop3d.ops import metrics as metrics_mod
+from pop3d.pop3.deadlines import Deadlines
 from pop3d.pop3.protocol import VERBS
 
 if TYPE_CHECKING:
@@ -157,8 +159,16 @@ class ServerContext:
         self._sid_pid = 0  # the process the session-id prefix was drawn in (see `session_id`)
         self._sid_prefix = ""
         self._sid_counter = itertools.count(1)
+        self._deadlines: Deadlines | None = None
         #: called as hook(old, new) after a SIGHUP reload swapped `settings` (TLS plugs its certificates in here)
         self.reload_hooks: list[Callable[[Settings, Settings], None]] = []
+
+    def deadlines(self, loop: asyncio.AbstractEventLoop) -> Deadlines:
+        """The session deadlines of `loop` (one per worker; a new loop, as in tests, gets its own)."""
+        d = self._deadlines
+        if d is None or d.loop is not loop:
+            d = self._deadlines = Deadlines(loop)
+        return d
 
     def is_secure_network(self, address: str) -> bool:
         """True when `address` is in auth.secure_networks (cleartext passwords allowed without TLS).

@@ -75,6 +75,7 @@ class Pop3Session(asyncio.Protocol):
         "_busy",
         "_closed",
         "_closing",
+        "_deadlines",
         "_deaf",
         "_end_reason",
         "_eof",
@@ -90,7 +91,6 @@ class Pop3Session(asyncio.Protocol):
         "_sent",
         "_t0",
         "_task",
-        "_timer",
         "_tls",
         "_verb",
         "_write_paused",
@@ -120,7 +120,6 @@ class Pop3Session(asyncio.Protocol):
         self._write_paused = False  # the transport asked us to stop producing (pause_writing)
         self._held = False  # reading paused by us until the transport drains (resume_writing)
         self._resume: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._last_active = 0.0
         self._born = 0.0  # loop time of connection_made: the login deadline counts from it
         self._limit_key: str | None = None  # what the connection limits counted us under (see release)
@@ -132,6 +131,7 @@ class Pop3Session(asyncio.Protocol):
         self._sasl: Mechanism | None = None  # a SASL exchange waits for the client's next line
         self._tls = False
         self._loop = asyncio.get_running_loop()
+        self._deadlines = ctx.deadlines(self._loop)  # login timeout and autologout (pop3d.pop3.deadlines)
 
     # -- transport callbacks ---------------------------------------------------------------------
 
@@ -215,8 +215,7 @@ class Pop3Session(asyncio.Protocol):
             return  # a failed handshake may report the loss twice
         self._closed = True
         self.ctx.limits.release(self, self._limit_key)
-        if self._timer is not None:
-            self._timer.cancel()
+        self._deadlines.disarm(self)
         if self._resume is not None and not self._resume.done():
             self._resume.set_result(None)
         handler = self.handler
@@ -390,9 +389,7 @@ class Pop3Session(asyncio.Protocol):
         if handler.state is not before:
             if before is State.AUTHORIZATION:
                 self.ctx.limits.logged_in(self)  # never evicted from now on
-            if self._timer is not None:
-                self._timer.cancel()  # login trades the login deadline for the idle autologout
-                self._arm_timer()
+            self._arm_timer()  # login trades the login deadline for the idle autologout
         if self._write_paused:  # the reply filled the buffer: reading stays paused until it drains
             self._held = True
             return
@@ -517,8 +514,8 @@ class Pop3Session(asyncio.Protocol):
             due = self._born + s.timeout_authorization  # fixed from connect: activity does not move it
         else:
             due = self._last_active + s.timeout
-        # one timer per connection, re-armed lazily when it fires (no cancel/re-create per line)
-        self._timer = self._loop.call_at(due, self._on_timer)
+        # one deadline per connection, re-armed lazily when it comes (nothing to do per line)
+        self._deadlines.arm(self, due)
 
     def _on_timer(self) -> None:
         if self._closed:
