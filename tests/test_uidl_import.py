@@ -385,3 +385,79 @@ def test_plan_refuses_what_rfc1939_forbids() -> None:
     assert new == {"m1": "A"}
     assert report.unknown == 1 and len(report.refused) == 4
     assert report.changes == [("m1", "m1", "A")]
+
+
+# ---- the command's outcomes -------------------------------------------------------------------------------
+
+
+def _config(env, **storage: str) -> Path:  # type: ignore[no-untyped-def]
+    cfg = env.root / "pop3d.toml"
+    extra = "".join(f'{k} = "{v}"\n' for k, v in storage.items())
+    cfg.write_text(
+        f'[server]\nstate_dir = "{env.root}/state"\n[auth]\npasswd_file = "{env.passwd}"\n'
+        f'[storage]\nlocation = "{env.mail}/{{user}}/Maildir"\n{extra}'
+    )
+    return cfg
+
+
+def test_courier_and_xuidl_imports_end_to_end(env) -> None:  # type: ignore[no-untyped-def]
+    md = env.maildir("alice")
+    for sub in ("new", "cur", "tmp"):
+        (md / sub).mkdir(parents=True)
+    (md / "cur" / "1700000001.M1P1.host:2,S").write_bytes(b"X-UIDL: qp-0001\nSubject: a\n\na\n")
+    (md / "new" / "1700000002.M2P1.host").write_bytes(b"Subject: b\n\nX-UIDL: not-a-header\n")
+    (md / "courierpop3dsizelist").write_text("/3 3 77\n1700000001.M1P1.host:2,S 30 1:77:0\n")
+    cfg = _config(env)
+    r = _import(cfg, "--from", "courier", "--user", "alice", "--apply")
+    assert r.returncode == 0, r.stderr
+    assert "1700000001.M1P1.host: 1700000001.M1P1.host -> UID1-77" in r.stdout
+    assert "1 unknown to the old server" in r.stdout
+    r = _import(cfg, "--from", "xuidl", "--apply")  # every user of the passwd-file; bob has no maildir
+    assert r.returncode == 0, r.stderr
+    assert "1700000001.M1P1.host: UID1-77 -> qp-0001" in r.stdout and "bob: skipped" in r.stdout
+    srv = ServerThread(load_settings(cfg, environ={})).start()
+    try:
+        from tests.conftest import USERS
+
+        p = poplib.POP3("127.0.0.1", srv.port, timeout=10)
+        p.user("alice")
+        p.pass_(USERS["alice"])
+        assert [line.split()[1] for line in p.uidl()[1]] == [b"qp-0001", b"1700000002.M2P1.host"]
+        p.quit()
+    finally:
+        srv.stop()
+
+
+def test_command_failures(env) -> None:  # type: ignore[no-untyped-def]
+    cfg = _config(env)
+    r = _import(cfg, "--from", "dovecot", "--user", "nobody-here")
+    assert r.returncode == 1 and "no such user" in r.stdout
+    r = _import(cfg, "--from", "dovecot", "--dovecot-format", "%m")
+    assert r.returncode == 2 and "%m" in r.stderr
+    md = env.maildir("alice")
+    for sub in ("new", "cur", "tmp"):
+        (md / sub).mkdir(parents=True)
+    (md / "dovecot-uidlist").write_text("9 nonsense\n")
+    r = _import(cfg, "--from", "dovecot", "--user", "alice")
+    assert r.returncode == 1 and "unsupported dovecot-uidlist version" in r.stdout
+    mbox = _config(env, driver="mbox")
+    assert _import(mbox, "--from", "xuidl").returncode == 0
+    r = _import(mbox, "--from", "dovecot")
+    assert r.returncode == 2 and "storage.driver is mbox" in r.stderr
+
+
+async def test_a_user_in_session_is_reported_in_use(env) -> None:  # type: ignore[no-untyped-def]
+    from pop3d.storage.maildir.drop import MaildirDrop
+
+    md = env.maildir("alice")
+    for sub in ("new", "cur", "tmp"):
+        (md / sub).mkdir(parents=True)
+    (md / "courierpop3dsizelist").write_text("/3 1 77\n")
+    drop = MaildirDrop(str(md))
+    await drop.open()  # a session holds the maildrop lock
+    try:
+        r = _import(_config(env), "--from", "courier", "--user", "alice", "--apply")
+    finally:
+        await drop.close()
+    assert r.returncode == 1 and "in use" in r.stdout
+    assert not (md / uidlist.UIDLIST).exists()

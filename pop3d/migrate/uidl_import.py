@@ -183,10 +183,13 @@ def print_report(r: UserReport, out: TextIO, verbose: bool = True) -> None:
 
 async def run_import(settings: Settings, source: str, user: str | None, fmt: str, write: bool,
                      out: TextIO, auth_factory: Callable[[], Authenticator] | None = None) -> int:  # fmt: skip
+    if settings.storage.driver != "maildir" and source == "xuidl":
+        print("mbox spools need no import: pop3d serves a valid, unique X-UIDL header as the UIDL whenever it "
+              "indexes a message (pop3d.storage.mbox)", file=out)  # fmt: skip
+        return EXIT_OK
     if settings.storage.driver != "maildir":
         raise ConfigError(
-            "pop3d uidl import: storage.driver is mbox; mbox spools keep qpopper's X-UIDL headers by themselves "
-            "(pop3d.storage.mbox), imports from Dovecot or Courier need a Maildir"
+            "pop3d uidl import: --from dovecot and --from courier read Maildir files; storage.driver is mbox"
         )
     if source == "dovecot":
         try:
