@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pop3d.bench.cli import add_parsers as add_bench_parsers
 
     add_bench_parsers(sub)  # bench, mkmaildrops
+    from pop3d.migrate.uidl_import import add_parsers as add_uidl_parsers
+
+    add_uidl_parsers(sub)  # uidl import
     return p
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import logging
 import os
 import re
 import socket
@@ -128,8 +129,9 @@ class SessionSettings(_Section):
     timeout_authorization: float = Field(60.0, gt=0)
     #: RFC 2449 §6.5 LOGIN-DELAY: minimum seconds between logins of one user; 0 disables.
     login_delay: int = Field(0, ge=0)
-    #: RFC 2449 §6.7 EXPIRE: "NEVER" or days messages may be left on the server (0 = delete once retrieved).
-    expire: str = "NEVER"
+    #: deprecated spelling of storage.expire_days ("NEVER" or a number of days), still honoured: a start-up
+    #: warning asks to move it; setting both to different values is a configuration error
+    expire: str | None = None
     #: consecutive bad commands before the connection is closed
     max_bad_commands: int = Field(20, ge=1)
     #: show "IMPLEMENTATION pop3d <version>" in CAPA (RFC 2449 §6.9)
@@ -140,7 +142,9 @@ class SessionSettings(_Section):
 
     @field_validator("expire")
     @classmethod
-    def _check_expire(cls, v: str) -> str:
+    def _check_expire(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
         v = v.strip().upper()
         if v != "NEVER" and not v.isdigit():
             raise ValueError('must be "NEVER" or a number of days')
@@ -221,6 +225,24 @@ class StorageSettings(_Section):
     mbox_dotlock_stale: float = Field(300.0, gt=0)
     #: mbox: directory for pop3d's per-user index, session lock and commit journal; "" = beside the spool
     mbox_index_dir: str = "/var/lib/pop3d/mbox"
+    #: RFC 2449 §6.7 EXPIRE, announced in CAPA: "never" (default) keeps mail until the client deletes it; n > 0
+    #: deletes messages retrieved at least n days ago when their owner's next session starts; 0 deletes
+    #: retrieved messages at QUIT
+    expire_days: int | Literal["never"] = "never"
+
+    @field_validator("expire_days", mode="before")
+    @classmethod
+    def _check_expire_days(cls, v: object) -> object:
+        if isinstance(v, str):
+            text = v.strip().lower()
+            if text == "never":
+                return "never"
+            if not (text.isascii() and text.isdigit()):
+                raise ValueError('must be "never" or a number of days (0 or more)')
+            return int(text)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError('must be "never" or a number of days (0 or more)')
+        return v
 
     @field_validator("mbox_lock_read", "mbox_lock_write")
     @classmethod
@@ -280,6 +302,21 @@ class Settings(BaseSettings):
             raise ValueError("server.tls_listen needs tls.cert and tls.key")
         if "EXTERNAL" in self.auth.mechanisms and t.client_ca is None:
             raise ValueError("auth.mechanisms: EXTERNAL needs tls.client_ca (client certificates)")
+        return self._migrate_expire()
+
+    def _migrate_expire(self) -> Settings:
+        """session.expire (the old key) feeds storage.expire_days, the one value the server reads."""
+        old = self.session.expire
+        if old is None:
+            return self
+        days: int | Literal["never"] = "never" if old == "NEVER" else int(old)
+        if "expire_days" in self.storage.model_fields_set and self.storage.expire_days != days:
+            raise ValueError(
+                f"session.expire ({old}) and storage.expire_days ({self.storage.expire_days}) disagree: "
+                "session.expire is deprecated, keep only storage.expire_days"
+            )
+        self.storage.expire_days = days
+        logging.getLogger("pop3d").warning("session.expire is deprecated: use storage.expire_days = %s", days)
         return self
 
     @classmethod

@@ -51,7 +51,13 @@ class Env:
 
     def settings(self, **sections: dict[str, Any]) -> Settings:
         base: dict[str, dict[str, Any]] = {
-            "server": {"listen": ["127.0.0.1:0"], "hostname": "test.invalid", "shutdown_grace": 0.5},
+            # state_dir: penalties and LOGIN-DELAY kept there survive restarts; never the machine's /var/lib/pop3d
+            "server": {
+                "listen": ["127.0.0.1:0"],
+                "hostname": "test.invalid",
+                "shutdown_grace": 0.5,
+                "state_dir": str(self.root / "state"),
+            },
             "auth": {"passwd_file": str(self.passwd), "failure_delay": 0},
             "storage": {"location": str(self.mail / "{user}" / "Maildir")},
         }

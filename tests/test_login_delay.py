@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from pop3d.auth.login_delay import LoginDelays, SharedLoginDelays
@@ -65,4 +63,6 @@ def test_supervisor_share_is_one_directory(env):
         assert SharedLoginDelays(share.login_delay_dir).too_soon("alice", 60, 1_800_000_001.0)
     finally:
         share.remove()
-    assert not os.path.exists(share.login_delay_dir)
+    # kept under server.state_dir: the history survives the server (tests/test_state_persistence.py)
+    assert share.login_delay_dir == str(env.settings().server.state_dir / "login-delay")
+    assert SharedLoginDelays(share.login_delay_dir).too_soon("alice", 60, 1_800_000_001.0)

@@ -103,6 +103,11 @@ class Authenticator(abc.ABC):
         passwd`. A read-only database keeps this default, which refuses."""
         raise PermissionError(f"{type(self).__name__} cannot change passwords")
 
+    async def user_names(self) -> list[str]:
+        """Every user name of the database, sorted (admin tools such as `pop3d uidl import` walk them); a
+        database that cannot list its users keeps this default, which refuses."""
+        raise PermissionError(f"{type(self).__name__} cannot list its users")
+
     def reload_soon(self) -> None:  # noqa: B027 - an optional hook: doing nothing is the right default
         """Re-read the user database before the next lookup (SIGHUP), even if it looks unchanged."""
 

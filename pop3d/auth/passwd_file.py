@@ -260,6 +260,10 @@ class PasswdFileAuthenticator(Authenticator):
             return None
         return self._users.get(name)
 
+    async def user_names(self) -> list[str]:
+        await self._refresh()
+        return sorted(self._users)
+
     def decoy(self, name: str) -> Decoy:
         """Stand-in credentials imitating this file's entries (pop3d.auth.decoys); cheap, never raises."""
         return self._decoys.for_name(name)

@@ -28,13 +28,15 @@ bounded: entries idle for `forget_after` seconds are dropped, and past `max_entr
 so an attacker cycling addresses costs memory O(max_entries), not O(addresses). With worker processes the
 history lives in a fixed-size shared-memory table instead (`SharedPenalty` over a `SharedTable` the worker
 supervisor creates before it forks, pop3d.runtime.shared), or a client could spread its attempts over the
-workers.
+workers. That table survives a restart: the supervisor writes it to `server.state_dir/penalty` (`dump`) and
+reads it back at start (`restore`), so restarting the server does not wipe an attacker's record.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import mmap
 import os
 import struct
@@ -127,6 +129,14 @@ class Penalty:
 # --- shared between worker processes -------------------------------------------------------------------------
 
 _SLOT = struct.Struct("<QI4xd")  # keyed hash of the address (0 = empty), failures, monotonic time of the last
+_DUMP_MAGIC = b"pop3d-penalty 1\n"
+# hash key, slots, wall-clock and monotonic time of the dump: monotonic times restart at boot, so each entry
+# is carried over as wall-clock time and brought back onto the monotonic clock of the process that restores it
+_DUMP_HEAD = struct.Struct("<16sIdd")
+#: slots a dump may have (a larger file is garbage and is not read)
+MAX_DUMP_SLOTS = 1 << 20
+#: octets of the largest dump `restore` accepts
+MAX_DUMP_SIZE = len(_DUMP_MAGIC) + _DUMP_HEAD.size + MAX_DUMP_SLOTS * _SLOT.size
 
 
 class SharedTable:
@@ -171,6 +181,36 @@ class SharedTable:
 
     def used(self) -> int:
         return sum(1 for i in range(self.slots) if _SLOT.unpack_from(self.buf, i * _SLOT.size)[0])
+
+    def dump(self, wall: float, mono: float) -> bytes:
+        """The table as a file: what `restore` reads back (`wall`, `mono`: time.time(), time.monotonic())."""
+        return _DUMP_MAGIC + _DUMP_HEAD.pack(self._key, self.slots, wall, mono) + bytes(self.buf)
+
+    def restore(self, data: bytes, wall: float, mono: float, forget_after: float = DEFAULT_FORGET_AFTER) -> int:
+        """Load a dump into this (fresh) table; returns the entries kept. ValueError for anything that is not
+        a well-formed dump (the caller ignores the file). Entries idle longer than `forget_after` are dropped;
+        a time in the future (clock set back) counts as now. The dump's hash key is adopted, so the stored
+        hashes still locate their addresses; the slot count may differ (entries are placed again)."""
+        head_end = len(_DUMP_MAGIC) + _DUMP_HEAD.size
+        if not data.startswith(_DUMP_MAGIC) or len(data) < head_end:
+            raise ValueError("not a pop3d penalty table")
+        key, slots, saved_wall, saved_mono = _DUMP_HEAD.unpack_from(data, len(_DUMP_MAGIC))
+        if not 0 < slots <= MAX_DUMP_SLOTS or len(data) != head_end + slots * _SLOT.size:
+            raise ValueError("penalty table has the wrong size")
+        if not (math.isfinite(saved_wall) and math.isfinite(saved_mono)):
+            raise ValueError("penalty table has a bad time stamp")
+        self._key = key
+        self.buf[:] = bytes(len(self.buf))
+        kept = 0
+        for h, count, last in _SLOT.iter_unpack(memoryview(data)[head_end:]):
+            if not h or not count or not math.isfinite(last):
+                continue
+            last_wall = min(saved_wall - (saved_mono - last), wall)
+            if wall - last_wall > forget_after:
+                continue
+            _SLOT.pack_into(self.buf, (h % self.slots) * _SLOT.size, h, count, mono - (wall - last_wall))
+            kept += 1
+        return kept
 
 
 class SharedPenalty(Penalty):

@@ -360,13 +360,14 @@ class Pop3Handler:
         STLS likewise, RFC 2595 §4). What it contains depends on the connection: USER and PLAIN/LOGIN only
         where cleartext is allowed, STLS only until TLS is on, SASL exactly what this connection accepts."""
         s = self.ctx.settings.session
+        expire = self.ctx.settings.storage.expire_days  # RFC 2449 §6.7: NEVER or days; the driver expires
         caps = [
             "TOP",
             "UIDL",
             "PIPELINING",
             "RESP-CODES",
             "AUTH-RESP-CODE",
-            f"EXPIRE {s.expire}",
+            f"EXPIRE {str(expire).upper()}",
             f"LOGIN-DELAY {s.login_delay}",
         ]
         if self.plaintext_ok:
@@ -397,7 +398,7 @@ class Pop3Handler:
         drop = self.drop
         assert drop is not None
         deleted = set(self.deleted)
-        if self.ctx.settings.session.expire == "0":
+        if self.ctx.settings.storage.expire_days == 0:
             deleted |= self.retrieved  # RFC 2449 §6.7 EXPIRE 0: retrieved mail is not kept on the server
         try:
             await drop.commit(deleted, set(self.retrieved - deleted))

@@ -27,7 +27,7 @@ LIVE: dict[str, set[str]] = {
     "server": {"hostname", "shutdown_grace", "write_buffer", "proxy_protocol", "proxy_trusted"},
     "session": {"*"},
     "auth": {"*"},
-    "storage": {"location", "mark_seen"},
+    "storage": {"location", "mark_seen", "expire_days"},
     "log": {"*"},
     "tls": {"*"},  # re-read by TlsManager.reload for new handshakes; sessions keep theirs
 }
@@ -98,7 +98,11 @@ def apply(ctx: ServerContext, new: Settings) -> Plan:
         ctx.auth = build_auth(s.auth, ctx.auth_secret)
     else:
         ctx.auth.reload_soon()  # re-read users now, even if the mtime did not move
-    if (old.storage.location, old.storage.mark_seen) != (s.storage.location, s.storage.mark_seen):
+    if (old.storage.location, old.storage.mark_seen, old.storage.expire_days) != (
+        s.storage.location,
+        s.storage.mark_seen,
+        s.storage.expire_days,
+    ):
         from pop3d.storage import build_storage
 
         ctx.storage = build_storage(s.storage)  # running sessions keep their open maildrop

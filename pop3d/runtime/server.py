@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -230,6 +231,8 @@ async def serve(
     bound: Bound | None = None,
     shared: SharedState | None = None,
     heartbeat: Heartbeat | None = None,
+    *,
+    worker: bool | None = None,
 ) -> None:
     """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.runtime.reload).
 
@@ -248,7 +251,8 @@ async def serve(
 
     if bound is None:
         bound = prepare(settings, 1).for_slot(0, with_metrics=True)
-    worker = shared is not None  # a supervisor's worker: the supervisor logs start-up and reload outcomes
+    if worker is None:
+        worker = shared is not None  # a supervisor's worker: the supervisor logs start-up and reload outcomes
     info = logging.DEBUG if worker else logging.INFO
     ctx = build_context(settings, shared, bound.tls)
     server = Pop3Server(ctx, bound.sockets, bound.activated, bound.listener_ssl, worker=worker)
@@ -347,8 +351,19 @@ def serve_forever(
             prepared.close()
             raise
     if count == 1:
+        from pop3d.pop3.context import process_local
+        from pop3d.runtime.shared import persistent_local
+
         bound = prepared.for_slot(0, with_metrics=True)
-        run(lambda: serve(settings, (lambda srv: on_ready(srv.addresses_text())) if on_ready else None, load, bound))
+        # the penalty and LOGIN-DELAY history survive a restart (server.state_dir), as under a supervisor
+        state, keeper, delay_dir, own_dir = persistent_local(settings, process_local(settings))
+        ready = (lambda srv: on_ready(srv.addresses_text())) if on_ready else None
+        try:
+            run(lambda: serve(settings, ready, load, bound, state, worker=False))
+        finally:
+            keeper.save()
+            if own_dir:
+                shutil.rmtree(delay_dir, ignore_errors=True)
         return 0
 
     def worker_main(bound: Bound, ready_fd: int, shared: SharedState, heartbeat: Heartbeat | None) -> None:

@@ -237,6 +237,7 @@ class Supervisor:
                     # our copies would keep the draining workers' queues open: new clients must be refused
                     self.prepared.close_listeners()
             self._reap()
+            self.share.tick()  # the penalty table, saved under state_dir now and then
         self._release()
         log.info("all workers stopped")
         return 0

@@ -14,7 +14,8 @@ def build_storage(cfg: StorageSettings) -> Storage:
     if cfg.driver == "maildir":
         from pop3d.storage.maildir import MaildirStorage
 
-        return MaildirStorage(cfg.location, mark_seen=cfg.mark_seen)
+        days = cfg.expire_days if isinstance(cfg.expire_days, int) and cfg.expire_days > 0 else None
+        return MaildirStorage(cfg.location, mark_seen=cfg.mark_seen, expire_days=days)
     if cfg.driver == "mbox":
         from pop3d.storage.mbox import MboxStorage
 

@@ -17,6 +17,15 @@ Rules this file keeps, and why:
   otherwise it is unreadable for the session (MessageUnreadable, `-ERR`). Deletions and renames at
   commit go through directory fds checked to be the ones seen at login. A maildir pop3d creates is the
   passwd-file user's, mode 0700.
+* UIDLs imported from another server (`.pop3d.uidlist`, uidlist.py) replace pop3d's own at open(); the
+  own uid stays the key of everything pop3d records (size cache, retrieval times).
+* RFC 2449 §6.7 EXPIRE with n > 0 days: a commit records when each retrieved message was first retrieved
+  (`.pop3d.retrieved`); the owner's next open() deletes those retrieved at least n days ago before the
+  snapshot is handed out, so message numbers are fixed and consistent from the first command. pop3d's
+  own record rather than the `S` flag and the file's ctime: `S` is also set by an IMAP client reading the
+  message (not a POP3 retrieval) and is not set at all with mark_seen off, and ctime moves with any
+  rename, chmod or restore from backup; the record only holds what a POP3 session really did. A session
+  that does not QUIT records nothing (like its deletions, RFC 1939 §6): the message is retrieved again.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import NoReturn, TypeVar
@@ -45,7 +55,7 @@ from pop3d.storage.base import (
 )
 from pop3d.storage.location import expand, has_fields
 from pop3d.storage.locking import MaildropLock
-from pop3d.storage.maildir import scan
+from pop3d.storage.maildir import scan, uidlist
 from pop3d.storage.maildir.names import split_name, with_seen
 from pop3d.storage.maildir.sizecache import SIZE_CACHE, SizeCache
 from pop3d.storage.offload import ThreadHop
@@ -70,6 +80,10 @@ def _subdir_fd(fds: dict[str, int], sub: str, name: str) -> int:
     raise Refused(f"key {sub}/{name} is not in new/ or cur/")
 
 
+#: what `_own` is without imported UIDLs: one shared, never-written dict instead of an empty one per session
+_NO_IMPORTS: dict[str, str] = {}
+
+
 class MaildirStorage(Storage):
     """Factory of MaildirDrop for a location template such as `{home}/Maildir` or `/srv/mail/{user}`.
 
@@ -77,11 +91,16 @@ class MaildirStorage(Storage):
     IMAP clients sharing the maildir see them as read.
     """
 
-    def __init__(self, location: str, mark_seen: bool = True) -> None:
+    def __init__(self, location: str, mark_seen: bool = True, expire_days: int | None = None,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        """`expire_days`: RFC 2449 §6.7 EXPIRE n > 0 (None: never, or 0, which the session applies at
+        QUIT); `clock`: wall-clock seconds, for retrieval times."""
         if not has_fields(location):
             raise ValueError("maildir location must contain {user} or {home}")
         self.location = location
         self.mark_seen = mark_seen
+        self.expire_days = expire_days if expire_days else None
+        self.clock = clock
 
     def path_for(self, user: User) -> str:
         """The maildir path of `user`; PermanentError for a name or home that could escape the template."""
@@ -108,14 +127,16 @@ class MaildirStorage(Storage):
             path, anchor = self.path_for(user), self.anchor_for(user)
         except PermanentError as exc:
             return RefusedMaildrop(exc)
-        return MaildirDrop(path, mark_seen=self.mark_seen, anchor=anchor, uid=user.uid, gid=user.gid)
+        return MaildirDrop(path, mark_seen=self.mark_seen, anchor=anchor, uid=user.uid, gid=user.gid,
+                           expire_days=self.expire_days, clock=self.clock)  # fmt: skip
 
 
 class MaildirDrop(Maildrop):
     """One session on one maildir. Not thread-safe; every call comes from the session's event loop."""
 
     def __init__(self, path: str, mark_seen: bool = True, anchor: str | None = None, *,
-                 uid: int | None = None, gid: int | None = None) -> None:  # fmt: skip
+                 uid: int | None = None, gid: int | None = None, expire_days: int | None = None,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         """`anchor`: existing directory under which missing directories down to `path` may be created
         (default: the maildir's parent); see MaildirStorage.anchor_for. `uid`/`gid`: the passwd-file
         user's, who must own the maildir (safefile.Owner) and gets what pop3d creates in it."""
@@ -123,7 +144,9 @@ class MaildirDrop(Maildrop):
         self.mark_seen = mark_seen
         self.anchor = os.path.dirname(path) if anchor is None else anchor
         self.uid, self.gid = uid, gid
+        self.expire_days, self.clock = (expire_days if expire_days else None), clock
         self.messages: list[MessageInfo] = []
+        self._own: dict[str, str] = _NO_IMPORTS  # imported UIDL -> pop3d's own uid (uidlist.apply)
         self.owner = Owner(-1, -1)  # set by open()
         self._ids: dict[str, tuple[int, int]] = {}  # "", "new", "cur" -> (device, inode) seen at open()
         self._broken: dict[int, str] | None = None  # message index -> why it is unreadable for this session
@@ -151,7 +174,12 @@ class MaildirDrop(Maildrop):
         try:
             self._lock.acquire(dir_fd=root_fd, owner=self.owner)
             try:
-                self.messages = scan.snapshot(self.path, root_fd, subs, self._size_cache(), self.owner)
+                messages = scan.snapshot(self.path, root_fd, subs, self._size_cache(), self.owner)
+                if self.expire_days is not None:
+                    messages = self._expire(messages, root_fd)
+                where = f"maildir {self.path}"
+                self._own = uidlist.apply(messages, uidlist.load(root_fd, self.owner, where), where) or _NO_IMPORTS
+                self.messages = messages
             except Refused as exc:  # someone else's file among the messages: the maildrop is refused
                 self._lock.release()
                 raise self._refused(exc, f"maildir {self.path}") from exc
@@ -200,6 +228,62 @@ class MaildirDrop(Maildrop):
                          "new": (subs[1].st_dev, subs[1].st_ino)}  # fmt: skip
             return fd, [subs[1], subs[0]]  # new/, cur/: the order of scan.stamps
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def own_uid(self, info: MessageInfo) -> str:
+        """pop3d's own uid of a message (its base name, names.uid_for), whatever UIDL it is served under."""
+        return self._own.get(info.uid, info.uid)
+
+    def _expire(self, messages: list[MessageInfo], root_fd: int) -> list[MessageInfo]:
+        """RFC 2449 §6.7 EXPIRE n: delete what was first retrieved at least n days ago; the rest stays in
+        the snapshot. Retrieval times of messages gone by any means are forgotten."""
+        assert self.expire_days is not None
+        times = uidlist.load(root_fd, self.owner, f"maildir {self.path}", uidlist.RETRIEVED, uidlist.TIMES)
+        if not times:
+            return messages
+        cutoff = self.clock() - self.expire_days * 86400
+        doomed = [m for m in messages if int(times.get(m.uid, "-1")) >= 0 and int(times[m.uid]) <= cutoff]
+        kept = messages
+        if doomed:
+            fds = self._dir_fds()
+            try:
+                gone = set(self._unlink(fds, doomed))
+                cache = self._size_cache()
+                cache.load(root_fd, self.owner)
+                cache.discard([m.uid for m in doomed if m.uid in gone], root_fd, self.owner)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            kept = [m for m in messages if m.uid not in gone]
+            log.info("maildir %s: EXPIRE %d: %d retrieved message(s) deleted", self.path, self.expire_days, len(gone))
+        present = {m.uid for m in kept}
+        left = {uid: t for uid, t in times.items() if uid in present}
+        if left != times:
+            self._save_times(left, root_fd)
+        return kept
+
+    def _save_times(self, times: dict[str, str], root_fd: int) -> None:
+        try:
+            uidlist.save(times, root_fd, self.owner, uidlist.RETRIEVED, uidlist.TIMES)
+        except OSError as exc:  # costs only a late expiry
+            log.warning("maildir %s: cannot record retrieval times: %s", self.path, exc)
+
+    def _unlink(self, fds: dict[str, int], infos: list[MessageInfo]) -> list[str]:
+        """Unlink each message (looked up again if renamed meanwhile); the own uids of those now gone."""
+        gone: list[str] = []
+        for info in infos:
+            for attempt in range(2):
+                sub, _, name = info.key.partition("/")
+                try:
+                    os.unlink(name, dir_fd=_subdir_fd(fds, sub, name))
+                except FileNotFoundError:
+                    if attempt == 0 and self._moved(info):
+                        continue
+                except OSError as exc:
+                    log.error("maildir %s: cannot delete %s: %s", self.path, info.key, exc)
+                    break
+                gone.append(self.own_uid(info))  # deleted now, or already gone: either way it is deleted
+                break
+        return gone
 
     def _refused(self, exc: OSError, what: str) -> StorageError:
         """The StorageError for `exc`; a link or someone else's file is also logged: it is either an attack
@@ -391,7 +475,7 @@ class MaildirDrop(Maildrop):
 
     async def commit(self, deleted: set[int], seen: set[int]) -> None:
         """UPDATE state (RFC 1939 §6): unlink `deleted`, flag `seen` as read; raise if a deletion failed."""
-        if not deleted and not (seen and self.mark_seen):
+        if not deleted and not (seen and (self.mark_seen or self.expire_days is not None)):
             return  # nothing to change on disk: no thread hop (a poll session ends here)
         failed = await self._in_thread(lambda: self._commit_sync(deleted, seen))
         if failed:
@@ -425,23 +509,11 @@ class MaildirDrop(Maildrop):
                 os.close(fd)
 
     def _update(self, fds: dict[str, int], deleted: set[int], seen: set[int]) -> int:
-        failed = 0
-        gone: list[str] = []
-        for index in sorted(deleted):
-            info = self.messages[index]
-            for attempt in range(2):
-                sub, _, name = info.key.partition("/")
-                try:
-                    os.unlink(name, dir_fd=_subdir_fd(fds, sub, name))
-                except FileNotFoundError:
-                    if attempt == 0 and self._moved(info):
-                        continue
-                except OSError as exc:
-                    log.error("maildir %s: cannot delete %s: %s", self.path, info.key, exc)
-                    failed += 1
-                    break
-                gone.append(info.uid)  # deleted now, or already gone: either way it is deleted
-                break
+        infos = [self.messages[index] for index in sorted(deleted)]
+        gone = self._unlink(fds, infos)
+        failed = len(infos) - len(gone)
+        if self.expire_days is not None and (seen or gone):
+            self._record_retrievals(fds[""], seen - deleted, gone)
         if self.mark_seen:
             for index in sorted(seen - deleted):
                 self._mark_seen(fds, self.messages[index])
@@ -450,6 +522,18 @@ class MaildirDrop(Maildrop):
             cache.load(fds[""], self.owner)  # we hold the lock: nobody else wrote it since open()
             cache.discard(gone, fds[""], self.owner)
         return failed
+
+    def _record_retrievals(self, root_fd: int, seen: set[int], gone: list[str]) -> None:
+        """The first retrieval time of each message in `seen` (a later one does not postpone its expiry)."""
+        times = uidlist.load(root_fd, self.owner, f"maildir {self.path}", uidlist.RETRIEVED, uidlist.TIMES)
+        now = str(max(int(self.clock()), 0))
+        new = dict(times)
+        for index in seen:
+            new.setdefault(self.own_uid(self.messages[index]), now)
+        for uid in gone:
+            new.pop(uid, None)
+        if new != times:
+            self._save_times(new, root_fd)
 
     def _mark_seen(self, fds: dict[str, int], info: MessageInfo) -> None:
         """new/NAME -> cur/NAME:2,S, or add S to a cur/ name's flags (kept sorted, as Maildir requires)."""

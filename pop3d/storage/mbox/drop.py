@@ -23,6 +23,11 @@ file of the owner (the passwd-file uid, else the spool's own owner), else `[SYS/
 journal are read the same way, capped in size, and written only through exclusive temporary files
 (pop3d.storage.atomic), mode 0600. A message whose size disagrees with the index is unreadable for the
 session (MessageUnreadable).
+
+RFC 2449 §6.7 EXPIRE with n > 0 days: a commit records when each retrieved message was first retrieved
+(`USER.pop3d-retrieved` beside the index, keyed by UIDL: pop3d.storage.maildir.uidlist's format); the
+owner's next open() removes those retrieved at least n days ago with an ordinary journaled commit, then
+takes the snapshot again, so the session numbers only what is left.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn, TypeVar
@@ -52,6 +58,7 @@ from pop3d.storage.base import (
 )
 from pop3d.storage.location import expand, has_fields
 from pop3d.storage.locking import MaildropLock
+from pop3d.storage.maildir import uidlist
 from pop3d.storage.mbox import commit as mbox_commit
 from pop3d.storage.mbox.format import HEAD, Entry, NotMbox, Unquoter, digest, scan, unquote
 from pop3d.storage.mbox.index import TAIL, SpoolIndex
@@ -80,6 +87,9 @@ class MboxStorage(Storage):
         self.timeout = cfg.mbox_lock_timeout
         self.stale = cfg.mbox_dotlock_stale
         self.index_dir = cfg.mbox_index_dir
+        days = cfg.expire_days
+        self.expire_days = days if isinstance(days, int) and days > 0 else None  # RFC 2449 §6.7; 0: at QUIT
+        self.clock: Callable[[], float] = time.time  # wall-clock seconds, for retrieval times
 
     def maildrop(self, user: User) -> Maildrop:
         try:
@@ -151,6 +161,7 @@ class MboxDrop(Maildrop):
         self.messages: list[MessageInfo] = []
         self.index_path = base + ".pop3d-index"
         self.journal = base + _JOURNAL
+        self.retrieved_path = base + ".pop3d-retrieved"
         self._session_lock = MaildropLock(base + ".pop3d-lock")
         self._fd: int | None = None
         self._writable = False
@@ -195,9 +206,36 @@ class MboxDrop(Maildrop):
                     raise PermanentError(f"{self.spool}: interrupted commit, but the spool is not writable")
                 await self._locked(True, lambda: mbox_commit.recover(self._fd_or_fail(), self.journal, self.owner))
             await self._locked(False, self._snapshot)
+            if self.cfg.expire_days is not None:
+                await self._expire(self.cfg.expire_days)
         except BaseException:
             self._abort()
             raise
+
+    def _times(self) -> dict[str, str]:
+        return uidlist.load(None, self.owner, f"spool {self.spool}", self.retrieved_path, uidlist.TIMES)
+
+    def _save_times(self, times: dict[str, str]) -> None:
+        try:
+            uidlist.save(times, None, None, self.retrieved_path, uidlist.TIMES)  # pop3d's file, like the index
+        except OSError as exc:  # costs only a late expiry
+            log.warning("spool %s: cannot record retrieval times: %s", self.spool, exc)
+
+    async def _expire(self, days: int) -> None:
+        """RFC 2449 §6.7 EXPIRE n: remove what was first retrieved at least n days ago, then snapshot again."""
+        times = await self._hop.run(self._times)
+        if not times:
+            return
+        cutoff = self.cfg.clock() - days * 86400
+        doomed = {i for i, m in enumerate(self.messages) if m.uid in times and int(times[m.uid]) <= cutoff}
+        if doomed and self._writable:
+            await self._locked(True, lambda: self._commit_sync(doomed))
+            log.info("spool %s: EXPIRE %d: %d retrieved message(s) deleted", self.spool, days, len(doomed))
+            await self._locked(False, self._snapshot)
+        present = {m.uid for m in self.messages}
+        left = {uid: t for uid, t in times.items() if uid in present}
+        if left != times:
+            await self._hop.run(lambda: self._save_times(left))
 
     def _fd_or_fail(self) -> int:
         if self._fd is None:
@@ -375,6 +413,8 @@ class MboxDrop(Maildrop):
 
     async def commit(self, deleted: set[int], seen: set[int]) -> None:
         """UPDATE (RFC 1939 §6): remove `deleted` under the write lock, keeping appended mail; all or nothing."""
+        if seen and self.cfg.expire_days is not None:
+            await self._hop.run(lambda: self._record_retrievals(seen - deleted))
         if not deleted:
             return
         if self._fd is None:
@@ -382,6 +422,17 @@ class MboxDrop(Maildrop):
         if not self._writable:
             raise PermanentError(f"spool {self.spool} is not writable by pop3d")
         await self._locked(True, lambda: self._commit_sync(deleted))
+
+    def _record_retrievals(self, seen: set[int]) -> None:
+        """The first retrieval time of each message in `seen` (a later one does not postpone its expiry);
+        recorded before the deletions, whose UIDLs the next open() forgets with the rest that is gone."""
+        times = self._times()
+        now = str(max(int(self.cfg.clock()), 0))
+        new = dict(times)
+        for index in seen:
+            new.setdefault(self.messages[index].uid, now)
+        if new != times:
+            self._save_times(new)
 
     def _commit_sync(self, deleted: set[int]) -> None:
         fd = self._fd_or_fail()

@@ -1,0 +1,1 @@
+"""Moving to pop3d from another POP3 server: `pop3d uidl import` keeps the UIDLs clients remember."""
