@@ -7,7 +7,9 @@ A client may land on any worker, so three things must hold across them (pop3d.po
 the brute-force penalty per address (an anonymous shared-memory table, inherited by fork), RFC 2449
 LOGIN-DELAY (one directory, a file per user) and the Prometheus counters (one totals file per worker in one
 directory, summed by the supervisor's endpoint: pop3d.ops.metrics). Everything is made
-here, once, and handed down explicitly; a single-process server needs none of it (the context then keeps
+here, once, and handed down explicitly. The verified-credentials cache (pop3d.auth.cred_cache) is one more
+anonymous shared-memory table, so a password proved on one worker is remembered on all of them, and its
+HMAC key is drawn here too. A single-process server needs none of it (the context then keeps
 process-local equivalents).
 """
 
@@ -19,6 +21,7 @@ import tempfile
 from dataclasses import dataclass
 
 from pop3d.auth import state_secret
+from pop3d.auth.cred_cache import CredCache
 from pop3d.auth.login_delay import SharedLoginDelays
 from pop3d.auth.penalty import SharedPenalty, SharedTable
 from pop3d.config import Settings
@@ -67,6 +70,7 @@ def share_between_workers(settings: Settings) -> WorkerShare:
         metrics.build(settings.metrics.listen, VERBS, metrics_dir),
         ConnectionLimits.from_settings(settings, shared=True),
         state_secret.load_or_create(settings.server.state_dir),
+        cred_cache=CredCache(a.cache_size, shared=True) if a.cache_size else None,
     )
     return WorkerShare(state, login_delay_dir, metrics_dir, own)
 
