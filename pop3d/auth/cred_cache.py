@@ -112,10 +112,6 @@ class CredCache:
                 victim, oldest = off, proved
         _SLOT.pack_into(self.buf, victim, digest, now)
 
-    def clear(self) -> None:
-        """Forget everything (every worker sees it)."""
-        self.buf[:] = bytes(len(self.buf))
-
     def used(self, ttl: float) -> int:
         """Slots holding an entry still fresh under `ttl` (a full scan: for tests and diagnostics)."""
         now = self.clock()
