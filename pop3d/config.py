@@ -167,6 +167,11 @@ class AuthSettings(_Section):
     disable_plaintext_auth: bool = True
     #: client networks treated as secure without TLS (loopback by default; [] makes loopback insecure too)
     secure_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    #: seconds a password proved right is remembered (a keyed hash, never the password: pop3d.auth.cred_cache),
+    #: so the next login with it skips the slow hash; 0 = off. Live on reload.
+    cache_ttl: float = Field(3600.0, ge=0)
+    #: entries of that cache (40 octets each, shared by the workers; the oldest go first); 0 = off. Restart.
+    cache_size: int = Field(100_000, ge=0, le=4_194_304)
 
     @field_validator("mechanisms")
     @classmethod

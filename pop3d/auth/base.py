@@ -19,9 +19,12 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from pop3d.auth.floors import Floors, step_name
+
+if TYPE_CHECKING:
+    from pop3d.auth.cred_cache import CredCache
 
 T = TypeVar("T")
 
@@ -96,6 +99,54 @@ class Authenticator(abc.ABC):
     @abc.abstractmethod
     async def verify(self, name: str, password: str) -> User | None:
         """The user when `password` is right; None for a wrong password *or* an unknown user, in the same time."""
+
+    async def verify_entry(self, name: str, password: str) -> tuple[User | None, Credentials | None]:
+        """`verify`, plus the stored entry the password was proved right against (None on failure, or when
+        that is unsure): what `verify_remembered` may remember.
+
+        This default reads the entry before and after `verify` and names it only when both agree, so an entry
+        rewritten during the check is not remembered; a database that knows the entry it checked (passwd-file)
+        returns it directly."""
+        before = await self.lookup(name)
+        user = await self.verify(name, password)
+        if user is None or before is None:
+            return user, None
+        after = await self.lookup(name)
+        same = after is not None and (after.scheme, after.secret) == (before.scheme, before.secret)
+        return user, before if same else None
+
+    async def verify_remembered(
+        self,
+        name: str,
+        password: str,
+        cache: CredCache | None,
+        ttl: float,
+        on_hit: Callable[[], None] | None = None,
+    ) -> User | None:
+        """`verify` through the verified-credentials cache (pop3d.auth.cred_cache): USER/PASS, SASL PLAIN and
+        LOGIN call this, so every user database gets the cache without knowing of it.
+
+        A password proved right for this very entry (scheme and stored secret) less than `ttl` seconds ago is
+        right again, answered on the event loop: one lookup and one HMAC, no hash, no thread. Everything else is
+        `verify_entry`, in full; only a success is remembered, so a wrong password always pays the hash, the
+        failure floor and (in the handler) the penalty. The lookup, HMAC and probe run for unknown names too,
+        so a miss costs the same whether the user exists or not. `cache` None or `ttl` 0: plain `verify`.
+        """
+        if cache is None or ttl <= 0:
+            return await self.verify(name, password)
+        creds = await self.lookup(name)
+        scheme, secret = (creds.scheme, creds.secret) if creds is not None else ("", "")
+        digest = cache.digest(name, password, scheme, secret)
+        if cache.fresh(digest, ttl) and creds is not None:
+            if on_hit is not None:
+                on_hit()
+            return creds.user
+        user, proved = await self.verify_entry(name, password)
+        if user is not None and proved is not None:
+            if (proved.scheme, proved.secret) != (scheme, secret):  # the entry changed since the probe
+                digest = cache.digest(name, password, proved.scheme, proved.secret)
+            cache.remember(digest)
+        return user
 
     async def set_secret(self, name: str, secret: str) -> bool:
         """Replace the stored secret of `name` by `secret` (a `{SCHEME}...` string, already hashed) so the next

@@ -276,23 +276,27 @@ class PasswdFileAuthenticator(Authenticator):
         entries of different schemes cost differently. Passwords over `max_password_length` octets fail
         unhashed, for everybody.
         """
-        started = time.monotonic()
-        user = await self._verify(name, password)
-        await self.floors.hold("verify", started, failed=user is None)
-        return user
+        return (await self.verify_entry(name, password))[0]
 
-    async def _verify(self, name: str, password: str) -> User | None:
+    async def verify_entry(self, name: str, password: str) -> tuple[User | None, Credentials | None]:
+        """`verify`, plus the very entry the password was checked against (for the credentials cache)."""
+        started = time.monotonic()
+        user, creds = await self._verify(name, password)
+        await self.floors.hold("verify", started, failed=user is None)
+        return user, creds
+
+    async def _verify(self, name: str, password: str) -> tuple[User | None, Credentials | None]:
         creds = await self.lookup(name)
         # the decoy's few HMACs only for unknown names: a failure waits out the "verify" floor anyway (the
         # dearest entry's cost), which hides that difference, and a success is not worth hiding
         source = creds if creds is not None else self._decoys.for_name(name).creds
         if _too_long(password, self._max_password_length):
-            return None
+            return None, None
         if source.scheme in _INLINE_SCHEMES:
             ok = self._check(source, password)
         else:
             ok = await self._in_pool(self._check, source, password)
-        return creds.user if ok and creds is not None else None
+        return (creds.user, creds) if ok and creds is not None else (None, None)
 
     async def with_credentials(self, name: str, fn: Callable[[Credentials | None, Decoy], T]) -> T:
         """`Authenticator.with_credentials`, run in the hash pool (SCRAM from {PLAIN} runs PBKDF2), every

@@ -85,6 +85,7 @@ class NullMetrics:
     def session_opened(self) -> None: ...
     def session_closed(self, sent: int, seconds: float, retrieved: int, deleted: int) -> None: ...
     def login(self, result: str) -> None: ...
+    def auth_cache_hit(self) -> None: ...
     def lock_conflict(self) -> None: ...
     def storage_error(self, op: str) -> None: ...
     def tls_handshake(self, ok: bool) -> None: ...
@@ -133,6 +134,7 @@ class Metrics(NullMetrics):
         self.retrieved = 0
         self.deleted = 0
         self.auth_failures = 0
+        self.auth_cache_hits = 0
         self.lock_conflicts = 0
         self.logins = dict.fromkeys(LOGIN_RESULTS, 0)
         self.storage_errors = dict.fromkeys(STORAGE_OPS, 0)
@@ -171,6 +173,10 @@ class Metrics(NullMetrics):
         self.logins[result] += 1
         if result == "failed":
             self.auth_failures += 1
+
+    def auth_cache_hit(self) -> None:
+        """A password found right in the verified-credentials cache (pop3d.auth.cred_cache): no hash run."""
+        self.auth_cache_hits += 1
 
     def lock_conflict(self) -> None:
         self.lock_conflicts += 1
@@ -219,6 +225,7 @@ class Metrics(NullMetrics):
             "retrieved": self.retrieved,
             "deleted": self.deleted,
             "auth_failures": self.auth_failures,
+            "auth_cache_hits": self.auth_cache_hits,
             "lock_conflicts": self.lock_conflicts,
             "logins": dict(self.logins),
             "storage_errors": dict(self.storage_errors),
@@ -356,6 +363,11 @@ def families(t: Totals) -> list[Metric]:
         counter("pop3d_sessions", "POP3 sessions accepted", t["sessions"]),
         labelled("pop3d_logins", "Login attempts by result", "result", t["logins"]),
         counter("pop3d_auth_failures", "Failed authentications (bad user or password)", t["auth_failures"]),
+        counter(
+            "pop3d_auth_cache_hits",
+            "Passwords found right in the verified-credentials cache (no hash computed)",
+            t.get("auth_cache_hits", 0),
+        ),
         counter("pop3d_lock_conflicts", "Logins refused because the maildrop was locked", t["lock_conflicts"]),
         labelled("pop3d_storage_errors", "Storage failures by operation", "operation", t["storage_errors"]),
         labelled(

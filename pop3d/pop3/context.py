@@ -2,10 +2,10 @@
 
 One object per server process; sessions hold a reference, never a copy, so per-connection memory stays small.
 Everything comes in through the constructor: what worker processes must agree on (brute-force penalties,
-LOGIN-DELAY, metrics, connection limits) is a `SharedState` their supervisor built before it forked
-(pop3d.runtime.shared); without one the context makes process-local equivalents. Nothing here reads module
-globals or the environment, and nothing imports the session layer: sessions and handlers are seen through the
-small protocols below.
+LOGIN-DELAY, metrics, connection limits, the verified-credentials cache) is a `SharedState` their supervisor
+built before it forked (pop3d.runtime.shared); without one the context makes process-local equivalents.
+Nothing here reads module globals or the environment, and nothing imports the session layer: sessions and
+handlers are seen through the small protocols below.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from pop3d import __version__
+from pop3d.auth.cred_cache import CredCache
 from pop3d.auth.login_delay import LoginDelays, LoginDelayStore
 from pop3d.auth.penalty import Penalty
 from pop3d.net.addresses import in_networks
@@ -50,6 +51,8 @@ class SharedState:
     limits: ConnectionLimits | None = None
     #: the server secret decoys for unknown users derive from (pop3d.auth.state_secret); None: not loaded yet
     auth_secret: bytes | None = None
+    #: passwords proved right lately, as keyed hashes (pop3d.auth.cred_cache); None: no cache
+    cred_cache: CredCache | None = None
 
 
 def process_local(settings: Settings) -> SharedState:
@@ -60,6 +63,7 @@ def process_local(settings: Settings) -> SharedState:
         LoginDelays(),
         metrics_mod.build(settings.metrics.listen, VERBS),
         ConnectionLimits.from_settings(settings),
+        cred_cache=CredCache(a.cache_size) if a.cache_size else None,
     )
 
 
@@ -152,6 +156,7 @@ class ServerContext:
         self.limits = state.limits if state.limits is not None else ConnectionLimits.from_settings(settings)
         #: kept for reloads: a new user database must derive the same decoys (pop3d.auth.build_auth)
         self.auth_secret = state.auth_secret
+        self.cred_cache = state.cred_cache
         self.hostname = settings.server.hostname
         self.implementation = f"pop3d-{__version__}"
         self.sessions: set[LiveSession] = set()
@@ -169,6 +174,13 @@ class ServerContext:
         if d is None or d.loop is not loop:
             d = self._deadlines = Deadlines(loop)
         return d
+
+    async def verify_password(self, name: str, password: str) -> User | None:
+        """A clear password check (USER/PASS, SASL PLAIN and LOGIN) through the verified-credentials cache,
+        with `auth.cache_ttl` as it is now (a reload applies to the next check)."""
+        return await self.auth.verify_remembered(
+            name, password, self.cred_cache, self.settings.auth.cache_ttl, self.metrics.auth_cache_hit
+        )
 
     def is_secure_network(self, address: str) -> bool:
         """True when `address` is in auth.secure_networks (cleartext passwords allowed without TLS).

@@ -194,7 +194,7 @@ class Pop3Handler:
         return Pending(self._pass(name, cmd.args[0]))
 
     async def _pass(self, name: str, password: str) -> Resolved:
-        user = await self.ctx.auth.verify(name, password)
+        user = await self.ctx.verify_password(name, password)
         return await self._login(user, name)
 
     def do_APOP(self, cmd: Command) -> Result:
@@ -341,7 +341,7 @@ class Pop3Handler:
                 # off the loop (SCRAM from {PLAIN} runs PBKDF2); an unknown user runs the same steps on a decoy
                 step = await self.ctx.auth.with_credentials(step.authcid, mech.resume)
             elif isinstance(step, sasl.CheckPassword):
-                user = await self.ctx.auth.verify(step.authcid, step.password)
+                user = await self.ctx.verify_password(step.authcid, step.password)
                 return await self._login(user, step.authcid)
             elif isinstance(step, sasl.Success):
                 return await self._login(step.user, step.user.name)

@@ -47,6 +47,8 @@ def _is_live(section: str, key: str, before: Any, after: Any, tls_listeners: boo
         return False  # sockets are bound once (server.listen, server.tls_listen, metrics.listen)
     if section == "tls" and key in ("cert", "key") and (before is None) != (after is None):
         return False  # turning TLS on or off changes listeners and the STLS verb
+    if section == "auth" and key == "cache_size":
+        return False  # the credentials cache is shared memory, sized before the workers fork
     if section == "server" and key == "proxy_protocol" and tls_listeners:
         return False  # implicit-TLS listeners pick their accept path (pop3d.net.proxy_tls) when they are made
     keys = LIVE.get(section, set())

@@ -7,7 +7,9 @@ A client may land on any worker, so three things must hold across them (pop3d.po
 the brute-force penalty per address (an anonymous shared-memory table, inherited by fork), RFC 2449
 LOGIN-DELAY (one directory, a file per user) and the Prometheus counters (one totals file per worker in one
 directory, summed by the supervisor's endpoint: pop3d.ops.metrics). Everything is made
-here, once, and handed down explicitly; a single-process server needs none of it (the context then keeps
+here, once, and handed down explicitly. The verified-credentials cache (pop3d.auth.cred_cache) is one more
+anonymous shared-memory table, so a password proved on one worker is remembered on all of them, and its
+HMAC key is drawn here too. A single-process server needs none of it (the context then keeps
 process-local equivalents), except what must survive a restart.
 
 Survives a restart, under `server.state_dir` (0700, pop3d's user): the penalty table (`penalty`, 0600,
@@ -15,7 +17,8 @@ written by `PenaltyKeeper` at shutdown and every SAVE_INTERVAL seconds, read bac
 LOGIN-DELAY records (`login-delay/`, one file per user). A state file that is a link, someone else's,
 the wrong size or not a dump is ignored with a warning: start-up never fails for it, the history is then
 simply empty. When state_dir cannot be used, both fall back to what they were before: a temporary
-directory removed at exit and a table that lives as long as the server.
+directory removed at exit and a table that lives as long as the server. The credentials cache is never
+written anywhere.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pop3d.auth import state_secret
+from pop3d.auth.cred_cache import CredCache
 from pop3d.auth.login_delay import SharedLoginDelays
 from pop3d.auth.penalty import DEFAULT_FORGET_AFTER, MAX_DUMP_SIZE, SharedPenalty, SharedTable
 from pop3d.config import Settings
@@ -216,6 +220,7 @@ def share_between_workers(settings: Settings) -> WorkerShare:
         metrics.build(settings.metrics.listen, VERBS, metrics_dir),
         ConnectionLimits.from_settings(settings, shared=True),
         state_secret.load_or_create(settings.server.state_dir),
+        cred_cache=CredCache(a.cache_size, shared=True) if a.cache_size else None,
     )
     keeper = PenaltyKeeper(table, None if state is None else state / PENALTY_FILE)
     return WorkerShare(shared, login_delay_dir, metrics_dir, own, keeper, own_delay_dir)
