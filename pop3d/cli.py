@@ -49,11 +49,12 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def _check_runtime(settings: Settings) -> None:
-    """What validation cannot see: the passwd-file must be readable at start."""
+    """What validation cannot see: the passwd-file must be readable at start (when it is the user database)."""
     path = settings.auth.passwd_file
     try:
-        with open(path, "rb"):
-            pass
+        if settings.auth.driver == "passwd-file":
+            with open(path, "rb"):
+                pass
     except OSError as exc:
         raise ConfigError(f"auth.passwd_file: cannot read {path}: {exc.strerror}") from None
     if settings.tls.cert is not None:  # load the PEM files now: a bad key must not wait for the first client
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pop3d.bench.cli import add_parsers as add_bench_parsers
 
     add_bench_parsers(sub)  # bench, mkmaildrops
+    from pop3d.admin.cli import add_parsers as add_admin_parsers
+
+    add_admin_parsers(sub)  # db, user, import
     return p
 
 
