@@ -116,7 +116,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         tls = f" (STLS offered{implicit})"
     print(
         f"configuration OK: listening on {', '.join(settings.server.listen)}{tls}, "
-        f"storage {settings.storage.driver} at {settings.storage.location}, "
+        f"storage {settings.storage.driver}"
+        f"{'' if settings.storage.driver == 'postgres' else ' at ' + settings.storage.location}, "
         f"SASL {' '.join(settings.auth.mechanisms) or 'off'}"
     )
     return _report_privileges(settings)

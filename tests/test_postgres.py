@@ -357,3 +357,39 @@ async def test_many_idle_sessions_hold_only_the_pool(pg_dsn: str, tmp_path: Path
             c.sock.close()
         st.call(st.ctx.storage.db.close())
         st.stop()
+
+
+async def test_lost_lock_connection_mid_session_answers_sys_temp(pg_dsn: str, tmp_path: Path) -> None:
+    await init(pg_dsn)
+    env = Env(tmp_path)
+    st = ServerThread(env.settings(storage={"driver": "postgres", "dsn": pg_dsn, "pool_size": 2})).start()
+    try:
+        st.call(st.ctx.storage.deliver(User("alice"), b"precious\n"))
+        c = await asyncio.to_thread(_login, st.port, "alice", "wonderland")
+        c.dele(1)
+        admin = await asyncpg.connect(pg_dsn)
+        try:  # every connection of the node: the lock connection and the pool's
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        for _ in range(300):
+            if st.call(_lock_pid(st)) is None:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):
+            c.quit()  # commits nothing: the lock may already be someone else's
+        c.close()
+        c = await asyncio.to_thread(_login, st.port, "alice", "wonderland")  # the node serves again
+        assert c.stat()[0] == 1
+        assert c.retr(1)[1] == [b"precious"]
+        c.quit()
+    finally:
+        st.call(st.ctx.storage.db.close())
+        st.stop()
+
+
+async def _lock_pid(st: ServerThread) -> int | None:
+    return st.ctx.storage.db.link().lock_pid()  # type: ignore[no-any-return]
