@@ -49,11 +49,12 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def _check_runtime(settings: Settings) -> None:
-    """What validation cannot see: the passwd-file must be readable at start."""
+    """What validation cannot see: the passwd-file must be readable at start (when it is the user database)."""
     path = settings.auth.passwd_file
     try:
-        with open(path, "rb"):
-            pass
+        if settings.auth.driver == "passwd-file":
+            with open(path, "rb"):
+                pass
     except OSError as exc:
         raise ConfigError(f"auth.passwd_file: cannot read {path}: {exc.strerror}") from None
     if settings.tls.cert is not None:  # load the PEM files now: a bad key must not wait for the first client
@@ -115,7 +116,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         tls = f" (STLS offered{implicit})"
     print(
         f"configuration OK: listening on {', '.join(settings.server.listen)}{tls}, "
-        f"storage {settings.storage.driver} at {settings.storage.location}, "
+        f"storage {settings.storage.driver}"
+        f"{'' if settings.storage.driver == 'postgres' else ' at ' + settings.storage.location}, "
         f"SASL {' '.join(settings.auth.mechanisms) or 'off'}"
     )
     return _report_privileges(settings)
@@ -320,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     from pop3d.migrate.uidl_import import add_parsers as add_uidl_parsers
 
     add_uidl_parsers(sub)  # uidl import
+    from pop3d.admin.cli import add_parsers as add_admin_parsers
+
+    add_admin_parsers(sub)  # db, user, import
     return p
 
 

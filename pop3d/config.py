@@ -152,7 +152,11 @@ class SessionSettings(_Section):
 
 
 class AuthSettings(_Section):
+    #: "passwd-file": a Dovecot passwd-file (auth.passwd_file); "postgres": the users table (auth.dsn)
+    driver: Literal["passwd-file", "postgres"] = "passwd-file"
     passwd_file: Path = Path("/etc/pop3d/passwd")
+    #: postgres: a libpq URI for the users table; "" = storage.dsn (then storage and auth share one pool)
+    dsn: str = ""
     #: seconds before the first failed login from an address is answered; doubles with each consecutive
     #: failure from that address up to failure_delay_max, reset by a success (Dovecot: 2 s to 15 s); 0 = off
     failure_delay: float = Field(2.0, ge=0)
@@ -214,7 +218,7 @@ def _locks(*methods: SpoolLockMethod) -> Callable[[], list[SpoolLockMethod]]:
 
 
 class StorageSettings(_Section):
-    driver: Literal["maildir", "mbox"] = "maildir"
+    driver: Literal["maildir", "mbox", "postgres"] = "maildir"
     #: path template; `{user}` is the login name, `{home}` the passwd-file home field
     location: str = "/srv/mail/{user}/Maildir"
     #: Maildir: mark retrieved messages Seen (move to cur/ with :2,S) at QUIT, so IMAP readers agree
@@ -248,6 +252,11 @@ class StorageSettings(_Section):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError('must be "never" or a number of days (0 or more)')
         return v
+
+    #: postgres: a libpq URI (postgresql://user@host:port/db?passfile=...); "" = all from the PG* variables
+    dsn: str = ""
+    #: postgres: connections per worker process for queries (plus one that holds the maildrop locks)
+    pool_size: int = Field(10, ge=1, le=1000)
 
     @field_validator("mbox_lock_read", "mbox_lock_write")
     @classmethod

@@ -213,3 +213,19 @@ class Raw:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster for the whole test session (tests/pgcluster.py); skipped loudly where
+    PostgreSQL is not installed, a failure under CI."""
+    from pgcluster import running_cluster
+
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_dsn(pg_cluster: Any) -> str:
+    """A DSN for a fresh database of its own, owned by an ordinary role (not a superuser)."""
+    return str(pg_cluster.new_database())

@@ -487,7 +487,7 @@ class Pop3Handler:
             return i
         return self._send(i, int(cmd.args[1]))
 
-    def _send(self, i: int, lines: int | None) -> Reply | Stream:
+    def _send(self, i: int, lines: int | None) -> Reply | Stream | Pending:
         """RETR (lines None) or TOP: small messages in one read and one reply, big ones streamed."""
         drop = self.drop
         assert drop is not None
@@ -495,18 +495,33 @@ class Pop3Handler:
         header = ok(f"{info.size} octets") if lines is None else ok("top of message follows")
         if info.size > SMALL_MESSAGE:
             return Stream(header, drop.chunks(i), wire.Encoder(lines), i, lines)
+        if drop.async_reads:
+            return Pending(self._send_read(drop, i, lines, header))
         try:
             raw = drop.read_small(i)
         except (StorageError, OSError) as exc:
-            user = self.user.name if self.user else "?"
-            log.warning("read failed user=%s msg=%d session=%s: %s", user, i + 1, self.sid, exc)
-            self.ctx.metrics.storage_error("read")
-            # RFC 3206 §4: SYS/PERM for a message refused for the session (pop3d.storage.base.MessageUnreadable)
-            code = exc.code if isinstance(exc, StorageError) else "SYS/TEMP"
-            return Reply(err(f"message {i + 1} cannot be read now", code))
+            return self._read_failed(i, exc)
         body = wire.encode(raw) if lines is None else wire.top(raw, lines)
         self.note_sent(i, lines, len(body))
         return Reply(header + body)
+
+    async def _send_read(self, drop: Maildrop, i: int, lines: int | None, header: bytes) -> Reply:
+        """`_send` for a driver that reads over the network (a database): the read is awaited."""
+        try:
+            raw = await drop.read(i)
+        except (StorageError, OSError) as exc:
+            return self._read_failed(i, exc)
+        body = wire.encode(raw) if lines is None else wire.top(raw, lines)
+        self.note_sent(i, lines, len(body))
+        return Reply(header + body)
+
+    def _read_failed(self, i: int, exc: StorageError | OSError) -> Reply:
+        user = self.user.name if self.user else "?"
+        log.warning("read failed user=%s msg=%d session=%s: %s", user, i + 1, self.sid, exc)
+        self.ctx.metrics.storage_error("read")
+        # RFC 3206 §4: SYS/PERM for a message refused for the session (pop3d.storage.base.MessageUnreadable)
+        code = exc.code if isinstance(exc, StorageError) else "SYS/TEMP"
+        return Reply(err(f"message {i + 1} cannot be read now", code))
 
     def note_sent(self, i: int, lines: int | None, octets: int) -> None:
         """Bookkeeping once a body went out: LAST, the Seen set, the logout counters."""

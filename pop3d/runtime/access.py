@@ -53,8 +53,10 @@ def fixed_dir(template: str) -> str:
 def _plan(settings: Settings) -> list[tuple[str, str, str, int]]:
     """(what, need, path, access mode) to check."""
     items = [(f"auth.passwd_file {settings.auth.passwd_file}", "readable", str(settings.auth.passwd_file), os.R_OK)]
+    if settings.auth.driver != "passwd-file":
+        items = []  # users live in the database
     st = settings.storage
-    base = fixed_dir(st.location)
+    base = fixed_dir(st.location) if st.driver != "postgres" else ""
     if base:
         # Maildir: search the mail root to reach each user's directory. mbox spools: dot-locks are files
         # created beside the spool, so the spool directory must be writable too.
@@ -97,11 +99,11 @@ class _Writes:
 def _write_plan(settings: Settings) -> list[_Writes]:
     st = settings.storage
     plan = []
-    base = fixed_dir(st.location)
+    base = fixed_dir(st.location) if st.driver != "postgres" else ""
     if base:
         what = f"storage.location {base} (fixed part of {st.location})"
         plan.append(_Writes(what, base, "sessions cannot delete mail", mount_only=True))
-    elif st.location.startswith("{home}"):
+    elif st.location.startswith("{home}") and st.driver != "postgres" and settings.auth.driver == "passwd-file":
         for home_dir in _home_dirs(settings.auth.passwd_file):
             what = f"storage.location {st.location} (homes in {home_dir})"
             plan.append(_Writes(what, home_dir, "sessions cannot delete mail", mount_only=True))

@@ -45,6 +45,8 @@ class Plan:
 def _is_live(section: str, key: str, before: Any, after: Any, tls_listeners: bool = False) -> bool:
     if "listen" in key:
         return False  # sockets are bound once (server.listen, server.tls_listen, metrics.listen)
+    if key in ("driver", "dsn", "pool_size"):
+        return False  # drivers and database connections are made once per worker
     if section == "tls" and key in ("cert", "key") and (before is None) != (after is None):
         return False  # turning TLS on or off changes listeners and the STLS verb
     if section == "auth" and key == "cache_size":
@@ -94,7 +96,7 @@ def apply(ctx: ServerContext, new: Settings) -> Plan:
         if not tls.reload():
             tls.settings = previous
             raise ConfigError("tls: the certificates do not load (see above); nothing changed")
-    if old.auth.passwd_file != s.auth.passwd_file:
+    if old.auth.passwd_file != s.auth.passwd_file and s.auth.driver == "passwd-file":
         from pop3d.auth import build_auth
 
         ctx.auth = build_auth(s.auth, ctx.auth_secret)
@@ -121,8 +123,9 @@ def apply(ctx: ServerContext, new: Settings) -> Plan:
 def _load(load: Callable[[], Settings]) -> Settings:
     new = load()
     try:
-        with open(new.auth.passwd_file, "rb"):
-            pass
+        if new.auth.driver == "passwd-file":
+            with open(new.auth.passwd_file, "rb"):
+                pass
     except OSError as exc:
         raise ConfigError(f"auth.passwd_file: cannot read {new.auth.passwd_file}: {exc.strerror}") from None
     return new

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from pop3d.net.tls import TlsManager
     from pop3d.runtime import privileges
     from pop3d.runtime.heartbeat import Heartbeat
+    from pop3d.storage.postgres import Database
 
 log = logging.getLogger("pop3d")
 
@@ -55,8 +56,18 @@ def build_context(
         shared = dataclasses.replace(
             shared or process_local(settings), auth_secret=state_secret.load_or_create(settings.server.state_dir)
         )
-    auth = build_auth(settings.auth, shared.auth_secret)
+    auth = build_auth(settings.auth, shared.auth_secret, _user_database(settings))
     return ServerContext(settings, auth, build_storage(settings.storage), tls, shared)
+
+
+def _user_database(settings: Settings) -> Database | None:
+    """The worker's database handle for `auth.driver = "postgres"` (auth.dsn, else storage.dsn): the same
+    object, hence the same pool, as the postgres storage driver's when the DSNs agree. None otherwise."""
+    if settings.auth.driver != "postgres":
+        return None
+    from pop3d.storage.postgres import shared
+
+    return shared(settings.auth.dsn or settings.storage.dsn, settings.storage.pool_size)
 
 
 class Pop3Server:
@@ -400,6 +411,8 @@ class _Reloads:
 
 def _check_as_user(settings: Settings, target: privileges.Target) -> None:
     """Right after the drop: what every session needs must be readable now, not only as root."""
+    if settings.auth.driver != "passwd-file":
+        return
     path = settings.auth.passwd_file
     try:
         with open(path, "rb"):

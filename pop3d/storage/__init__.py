@@ -20,4 +20,8 @@ def build_storage(cfg: StorageSettings) -> Storage:
         from pop3d.storage.mbox import MboxStorage
 
         return MboxStorage(cfg)
+    if cfg.driver == "postgres":
+        from pop3d.storage.postgres import PostgresStorage, shared
+
+        return PostgresStorage(shared(cfg.dsn, cfg.pool_size), mark_seen=cfg.mark_seen)
     raise ValueError(f"storage.driver: unknown driver {cfg.driver!r}")  # pragma: no cover - config validates

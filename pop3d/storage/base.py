@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pop3d.auth.base import User
 
@@ -68,6 +69,9 @@ class Maildrop(abc.ABC):
     """One user's maildrop for one session."""
 
     messages: list[MessageInfo]
+    #: True for drivers whose small reads wait on the network (a database): the session then awaits `read`
+    #: instead of calling `read_small` on the loop
+    async_reads: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -76,6 +80,11 @@ class Maildrop(abc.ABC):
     @abc.abstractmethod
     def read_small(self, index: int) -> bytes:
         """Stored octets of a message of at most SMALL_MESSAGE network octets, read directly."""
+
+    async def read(self, index: int) -> bytes:
+        """Stored octets of a message of at most SMALL_MESSAGE network octets; what the session awaits when
+        `async_reads` is set (this default reads directly)."""
+        return self.read_small(index)
 
     @abc.abstractmethod
     def chunks(self, index: int, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:

@@ -1,0 +1,287 @@
+"""One worker's link to PostgreSQL: a bounded connection pool plus one lock connection.
+
+* The pool (asyncpg, at most `storage.pool_size` connections) carries every query: snapshots, bodies,
+  commits, deliveries and, with `auth.driver = "postgres"`, user look-ups. A session holds no connection
+  while idle, so 10,000 idle sessions cost the pool's few connections, not 10,000.
+* The lock connection holds the RFC 1939 §4 maildrop locks as PostgreSQL *session* advisory locks, many on
+  one connection. PostgreSQL drops them when that connection goes: at once when the worker dies on a live
+  host (the kernel closes the socket), and within about 30 s of a network partition thanks to the TCP
+  keepalives and `tcp_user_timeout` set on both ends (`SERVER_SETTINGS`, `_keepalive`).
+* Nothing connects before it is needed, and everything is bound to the process and event loop that made
+  it: a worker forked from a supervisor that touched this object makes its own connections, never using an
+  inherited socket.
+
+When the lock connection dies, every lock it held is gone; the maildrops that held one are told
+(`LockHolder.lock_lost`) and refuse to commit, and the next login opens a new lock connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import Any, Final, Protocol
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+#: TCP keepalives and user timeout asked of the *server* for this session's socket (they are ordinary
+#: session settings, no superuser needed; ignored on unix sockets): idle 10 s, then 3 probes 5 s apart,
+#: and unacknowledged data for 25 s, so PostgreSQL drops a partitioned node, and its locks, within 30 s.
+SERVER_SETTINGS: Final[dict[str, str]] = {
+    "application_name": "pop3d",
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "25000",
+}
+#: seconds a query may take before the session gets -ERR [SYS/TEMP]
+COMMAND_TIMEOUT: Final[float] = 30.0
+#: seconds to establish a connection
+CONNECT_TIMEOUT: Final[float] = 10.0
+#: advisory lock namespace (the first int4 key): "P3" so other applications' locks on the same database
+#: never collide with a maildrop lock, whose second key is the user's id
+LOCK_SPACE: Final[int] = 0x5033
+
+#: exceptions that mean "the database cannot be reached or failed this statement"
+DB_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+class LockHolder(Protocol):
+    """A maildrop holding a lock on the lock connection."""
+
+    def lock_lost(self) -> None: ...
+
+
+def _keepalive(conn: Any) -> None:
+    """The same keepalives on our end of a TCP connection, so this node notices a dead server in time too."""
+    transport = getattr(conn, "_transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 25000)
+
+
+async def _init_connection(conn: Any) -> None:
+    _keepalive(conn)
+
+
+def connect_kwargs(dsn: str) -> dict[str, Any]:
+    """asyncpg arguments for `dsn` (a libpq URI; empty: all from the PG* environment variables)."""
+    return {
+        "dsn": dsn or None,
+        "server_settings": dict(SERVER_SETTINGS),
+        "command_timeout": COMMAND_TIMEOUT,
+        "timeout": CONNECT_TIMEOUT,
+        "statement_cache_size": 64,
+    }
+
+
+class Database:
+    """A DSN and a pool size; the connections themselves live in one `Link` per process and event loop
+    (a worker forked after this object was made, or a test running two servers in two threads, gets its
+    own). Every method must be called from a running event loop."""
+
+    def __init__(self, dsn: str, pool_size: int) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self._links: dict[tuple[int, int], Link] = {}
+
+    def link(self) -> Link:
+        """The connections of the running process and loop, made on first use."""
+        loop = asyncio.get_running_loop()
+        key = (os.getpid(), id(loop))
+        found = self._links.get(key)
+        if found is None or found.loop is not loop:
+            for stale in [k for k, v in self._links.items() if k[0] != key[0] or v.loop.is_closed()]:
+                del self._links[stale]  # a forked parent's or a closed loop's: never touch their sockets
+            found = self._links[key] = Link(self, loop)
+        return found
+
+    async def pool(self) -> asyncpg.Pool:
+        return await self.link().pool()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """One pool connection for a few statements (a transaction)."""
+        pool = await self.pool()
+        async with pool.acquire() as conn:
+            yield conn
+
+    async def fetch(self, query: str, *args: object) -> list[Any]:
+        pool = await self.pool()
+        return list(await pool.fetch(query, *args))
+
+    async def fetchrow(self, query: str, *args: object) -> Any:
+        pool = await self.pool()
+        return await pool.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: object) -> Any:
+        pool = await self.pool()
+        return await pool.fetchval(query, *args)
+
+    async def execute(self, query: str, *args: object) -> str:
+        pool = await self.pool()
+        return str(await pool.execute(query, *args))
+
+    async def try_lock(self, user_id: int, holder: LockHolder) -> int | None:
+        return await self.link().try_lock(user_id, holder)
+
+    async def unlock(self, user_id: int, holder: LockHolder) -> None:
+        await self.link().unlock(user_id, holder)
+
+    async def close(self) -> None:
+        """Close this loop's pool and lock connection (releasing its locks)."""
+        link = self._links.pop((os.getpid(), id(asyncio.get_running_loop())), None)
+        if link is not None:
+            await link.close()
+
+
+class Link:
+    """The pool and the lock connection of one process and loop."""
+
+    def __init__(self, db: Database, loop: asyncio.AbstractEventLoop) -> None:
+        self.db = db
+        self.loop = loop
+        self._pool: asyncpg.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self._lock_conn: Any = None
+        self._lock_conn_lock = asyncio.Lock()  # one statement at a time on the lock connection
+        self._held: dict[int, LockHolder] = {}  # user id -> the maildrop holding its lock here
+
+    async def pool(self) -> asyncpg.Pool:
+        """The bounded pool, made on first use."""
+        if self._pool is not None:
+            return self._pool
+        async with self._pool_lock:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    min_size=0,
+                    max_size=self.db.pool_size,
+                    max_inactive_connection_lifetime=300.0,
+                    init=_init_connection,
+                    **connect_kwargs(self.db.dsn),
+                )
+        return self._pool
+
+    async def _locker(self) -> Any:
+        """The lock connection, connected now if it is not (the first login, or after it was lost)."""
+        conn = self._lock_conn
+        if conn is not None and not conn.is_closed():
+            return conn
+        self._lost(conn)
+        conn = await asyncpg.connect(**connect_kwargs(self.db.dsn))
+        _keepalive(conn)
+        conn.add_termination_listener(self._lost)
+        self._lock_conn = conn
+        return conn
+
+    def _lost(self, conn: Any) -> None:
+        """The lock connection closed: PostgreSQL released every lock it held; tell their maildrops."""
+        if conn is None or conn is not self._lock_conn:
+            return
+        self._lock_conn = None
+        held, self._held = self._held, {}
+        if held:
+            log.error("postgres: lock connection lost; %d session(s) lose their maildrop lock", len(held))
+        for holder in held.values():
+            holder.lock_lost()
+
+    async def try_lock(self, user_id: int, holder: LockHolder) -> int | None:
+        """Take the maildrop lock of `user_id` for `holder`; None when another session holds it, else the
+        lock connection's server pid (for the commit's check that the lock is still ours)."""
+        if user_id in self._held:  # advisory locks stack within one connection: refuse ourselves here
+            return None
+        self._held[user_id] = holder  # reserved before any await: a second login here is refused
+        try:
+            async with self._lock_conn_lock:
+                conn = await self._locker()
+                self._held[user_id] = holder  # again: a lost connection in between cleared the table
+                got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_SPACE, user_id)
+        except BaseException:
+            if self._held.get(user_id) is holder:
+                del self._held[user_id]
+                # cancelled (client gone) or failed after the server may have granted it: release it again
+                # (harmless when it was not granted), or it would stay held as long as the connection
+                self.loop.create_task(self._release(user_id))
+            raise
+        if not got:
+            if self._held.get(user_id) is holder:
+                del self._held[user_id]
+            return None
+        return int(conn.get_server_pid())
+
+    async def unlock(self, user_id: int, holder: LockHolder) -> None:
+        """Release `holder`'s lock; nothing to do when the lock connection died (the lock went with it)."""
+        if self._held.get(user_id) is not holder:
+            return
+        conn = self._lock_conn
+        if conn is None or conn.is_closed():
+            del self._held[user_id]
+            return
+        try:
+            async with self._lock_conn_lock:
+                await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", LOCK_SPACE, user_id)
+        except DB_ERRORS as exc:
+            # the lock would outlive the session: drop the connection, which releases all of them
+            log.error("postgres: cannot release a maildrop lock (%s); resetting the lock connection", exc)
+            conn.terminate()
+            self._lost(conn)
+        finally:
+            if self._held.get(user_id) is holder:
+                del self._held[user_id]
+
+    async def _release(self, user_id: int) -> None:
+        conn = self._lock_conn
+        if conn is None or conn.is_closed() or user_id in self._held:
+            return
+        try:
+            async with self._lock_conn_lock:
+                await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", LOCK_SPACE, user_id)
+        except DB_ERRORS:
+            conn.terminate()
+            self._lost(conn)
+
+    def held(self) -> int:
+        """Locks held through this link (for tests)."""
+        return len(self._held)
+
+    def lock_pid(self) -> int | None:
+        """The server pid of the lock connection, if connected."""
+        conn = self._lock_conn
+        return None if conn is None or conn.is_closed() else int(conn.get_server_pid())
+
+    async def close(self) -> None:
+        pool, conn = self._pool, self._lock_conn
+        self._pool = None
+        if conn is not None:
+            self._lost(conn)
+            with contextlib.suppress(*DB_ERRORS):
+                await conn.close(timeout=5)
+        if pool is not None:
+            with contextlib.suppress(*DB_ERRORS):
+                await asyncio.wait_for(pool.close(), 5)
+
+
+_SHARED: dict[tuple[str, int], Database] = {}
+
+
+def shared(dsn: str, pool_size: int) -> Database:
+    """The Database of this process for (`dsn`, `pool_size`): storage, auth and delivery of one worker share
+    it, and a SIGHUP that rebuilds a driver keeps it (so a node holds at most `pool_size` + 1 connections
+    per worker). Connections are made lazily and bound to their process, so calling this before a fork is
+    harmless."""
+    key = (dsn, pool_size)
+    db = _SHARED.get(key)
+    if db is None:
+        db = _SHARED[key] = Database(dsn, pool_size)
+    return db

@@ -1,0 +1,231 @@
+"""PostgreSQL storage behind the Maildrop interface (see pop3d.storage.postgres.database for connections).
+
+* Lock (RFC 1939 §4): a session advisory lock keyed by the user's id, on the worker's lock connection, taken
+  before the snapshot. It lives as long as that connection: if the connection dies the lock is gone, so
+  the maildrop refuses everything from then on (`lock_lost`) and the session ends -ERR [SYS/TEMP] at its
+  next read or at QUIT, committing nothing.
+* Snapshot (RFC 1939 §5): the user's message ids, UIDLs and sizes in id (delivery) order at open();
+  messages delivered later show in the next session, never in this one's numbering.
+* UPDATE (RFC 1939 §6): deletions and the seen flags in one transaction at QUIT, which first checks that
+  the lock connection still holds our lock (a lock lost to a partition and taken by another node must not
+  see us delete under it); a session that ends any other way changes nothing.
+* Reads go through the pool (`async_reads`): a body up to SMALL_MESSAGE in one query, bigger ones in
+  CHUNK slices with substring(), so no body is held whole and one session never holds a connection while
+  its client is slow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, ClassVar
+
+import asyncpg
+
+from pop3d.auth.base import User
+from pop3d.storage.base import (
+    CHUNK,
+    InUse,
+    Maildrop,
+    MessageGone,
+    MessageInfo,
+    MessageUnreadable,
+    PermanentError,
+    Storage,
+    StorageError,
+    TemporaryError,
+)
+from pop3d.storage.postgres.database import DB_ERRORS, LOCK_SPACE, Database
+from pop3d.wire import NetworkCount, network_size
+
+log = logging.getLogger(__name__)
+
+#: the UIDL of a message delivered here: its row id, which a sequence never hands out twice
+UID_PREFIX = "pg."
+
+_USER_ID = """
+WITH ins AS (INSERT INTO users (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id)
+SELECT id FROM ins UNION ALL SELECT id FROM users WHERE name = $1 LIMIT 1
+"""
+_SNAPSHOT = "SELECT id, uid, size FROM messages WHERE user_id = $1 ORDER BY id"
+_BODY = "SELECT body FROM messages WHERE id = $1 AND user_id = $2"
+_LENGTH = "SELECT octet_length(body) FROM messages WHERE id = $1 AND user_id = $2"
+_SLICE = "SELECT substring(body FROM $3 FOR $4) FROM messages WHERE id = $1 AND user_id = $2"
+_STILL_LOCKED = """
+SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1
+  AND classid = $2::int::oid AND objid = $3::int::oid AND objsubid = 2
+"""
+_DELETE = "DELETE FROM messages WHERE user_id = $1 AND id = ANY($2::bigint[])"
+_RETRIEVED = """
+UPDATE messages SET seen = seen OR $3, retrieved_at = coalesce(retrieved_at, now())
+WHERE user_id = $1 AND id = ANY($2::bigint[])
+"""
+_DELIVER = """
+WITH n AS (SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id)
+INSERT INTO messages (id, user_id, uid, size, body) SELECT n.id, $1, $2 || n.id, $3, $4 FROM n RETURNING uid
+"""
+
+
+def db_error(exc: BaseException, what: str) -> StorageError:
+    """The StorageError for a database failure: a missing schema is the operator's to fix (PERM), the rest
+    (connection lost, timeout, failover) goes away by retrying (TEMP)."""
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return PermanentError(f"{what}: the database has no pop3d schema (run `pop3d db init`)")
+    return TemporaryError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+async def user_id(db: Database, name: str) -> int:
+    """The users row of `name`, made (without a secret) if missing: a maildrop may belong to a user of
+    another user database."""
+    for _ in range(3):  # a concurrent insert of the same name makes both halves of the query miss once
+        found = await db.fetchval(_USER_ID, name)
+        if found is not None:
+            return int(found)
+    raise TemporaryError(f"cannot find or create user {name!r}")
+
+
+class PostgresStorage(Storage):
+    """Maildrops in PostgreSQL, one `Database` (pool and lock connection) per worker."""
+
+    def __init__(self, db: Database, mark_seen: bool = True) -> None:
+        self.db = db
+        self.mark_seen = mark_seen
+
+    def maildrop(self, user: User) -> Maildrop:
+        return PostgresDrop(self.db, user.name, mark_seen=self.mark_seen)
+
+    async def deliver(self, user: User, message: bytes) -> None:
+        """One INSERT in its own transaction: durable once it returns (the commit waits for the WAL flush
+        under PostgreSQL's default synchronous_commit). Takes no lock, so it never waits for a session."""
+        try:
+            uid = await user_id(self.db, user.name)
+            await self.db.fetchval(_DELIVER, uid, UID_PREFIX, network_size(message), message)
+        except StorageError:
+            raise
+        except DB_ERRORS as exc:
+            raise db_error(exc, f"delivery to {user.name}") from exc
+
+
+class PostgresDrop(Maildrop):
+    """One session's maildrop. Every call comes from the session's event loop."""
+
+    async_reads: ClassVar[bool] = True
+
+    def __init__(self, db: Database, name: str, mark_seen: bool = True) -> None:
+        self.db = db
+        self.name = name
+        self.mark_seen = mark_seen
+        self.messages: list[MessageInfo] = []
+        self._user_id: int | None = None
+        self._lock_pid: int | None = None  # the lock connection's backend, while we hold the lock
+        self._lost = False
+
+    def lock_lost(self) -> None:
+        """The lock connection died: the lock is gone, so nothing more may be read or committed."""
+        self._lost = True
+        self._lock_pid = None
+
+    def _check(self) -> int:
+        if self._lost or self._user_id is None:
+            raise TemporaryError(f"maildrop of {self.name}: the database connection holding its lock was lost")
+        return self._user_id
+
+    async def open(self) -> None:
+        try:
+            uid = await user_id(self.db, self.name)
+            pid = await self.db.try_lock(uid, self)
+            if pid is None:
+                raise InUse(f"maildrop of {self.name} is locked")
+            self._user_id, self._lock_pid = uid, pid
+            rows = await self.db.fetch(_SNAPSHOT, uid)
+        except StorageError:
+            await self.close()
+            raise
+        except DB_ERRORS as exc:
+            await self.close()
+            raise db_error(exc, f"maildrop of {self.name}") from exc
+        except BaseException:
+            await self.close()
+            raise
+        self.messages = [MessageInfo(int(r["size"]), r["uid"], str(r["id"])) for r in rows]
+
+    def read_small(self, index: int) -> bytes:
+        raise TemporaryError("the postgres driver reads asynchronously (Maildrop.read)")
+
+    async def read(self, index: int) -> bytes:
+        """The stored octets of a small message, in one query."""
+        uid = self._check()
+        info = self.messages[index]
+        try:
+            body = await self.db.fetchval(_BODY, int(info.key), uid)
+        except DB_ERRORS as exc:
+            raise db_error(exc, f"message {index + 1} of {self.name}") from exc
+        self._check()
+        if body is None:
+            raise MessageGone(f"message {index + 1} was removed")
+        if network_size(body) != info.size:
+            raise MessageUnreadable(f"message {index + 1} of {self.name}: its size is not the {info.size} announced")
+        return bytes(body)
+
+    async def chunks(self, index: int, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        """The stored octets in slices of `chunk_size`, one query each; the size is checked before the last
+        slice goes out, so a wrong body is cut rather than ended."""
+        uid = self._check()
+        info = self.messages[index]
+        key = int(info.key)
+        try:
+            length = await self.db.fetchval(_LENGTH, key, uid)
+        except DB_ERRORS as exc:
+            raise db_error(exc, f"message {index + 1} of {self.name}") from exc
+        if length is None:
+            raise MessageGone(f"message {index + 1} was removed")
+        count = NetworkCount()
+        offset = 0
+        while offset < length:
+            self._check()
+            try:
+                data = await self.db.fetchval(_SLICE, key, uid, offset + 1, chunk_size)
+            except DB_ERRORS as exc:
+                raise db_error(exc, f"message {index + 1} of {self.name}") from exc
+            if not data:
+                raise MessageGone(f"message {index + 1} was removed while being read")
+            offset += len(data)
+            count.feed(data)
+            if offset >= length and count.size != info.size:
+                raise MessageUnreadable(f"message {index + 1}: its size is not the {info.size} announced")
+            yield bytes(data)
+
+    async def commit(self, deleted: set[int], seen: set[int]) -> None:
+        """UPDATE state (RFC 1939 §6): one transaction, only while our lock still stands."""
+        uid = self._check()
+        if not deleted and not seen:
+            return
+        gone = [int(self.messages[i].key) for i in sorted(deleted)]
+        read = [int(self.messages[i].key) for i in sorted(seen - deleted)]
+        try:
+            async with self.db.connection() as conn, conn.transaction():
+                await self._fence(conn, uid)
+                if gone:
+                    await conn.execute(_DELETE, uid, gone)
+                if read:
+                    await conn.execute(_RETRIEVED, uid, read, self.mark_seen)
+                self._check()
+        except StorageError:
+            raise
+        except DB_ERRORS as exc:
+            raise db_error(exc, f"commit of {self.name}") from exc
+
+    async def _fence(self, conn: Any, uid: int) -> None:
+        """Lock the user's row, then check that the lock connection still holds the maildrop lock."""
+        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", uid)
+        pid = self._lock_pid
+        if pid is None or not await conn.fetchval(_STILL_LOCKED, pid, LOCK_SPACE, uid):
+            self.lock_lost()
+            raise TemporaryError(f"maildrop of {self.name}: the lock was lost; nothing committed")
+
+    async def close(self) -> None:
+        """Release the lock. Idempotent; deletes nothing."""
+        uid, self._user_id = self._user_id, None
+        self._lock_pid = None
+        if uid is not None:
+            await self.db.unlock(uid, self)

@@ -1,0 +1,395 @@
+"""The postgres storage driver, its user database and its commands, on a throwaway cluster
+(tests/pgcluster.py; skipped loudly without PostgreSQL, a failure under CI)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import poplib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from conftest import Env, ServerThread, deliver
+
+from pop3d.auth.base import User
+from pop3d.auth.postgres import PostgresAuthenticator
+from pop3d.storage.base import InUse, MessageGone, TemporaryError
+from pop3d.storage.postgres import Database, PostgresStorage, schema
+from pop3d.wire import network_size
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def init(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await schema.upgrade(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def db(pg_dsn: str) -> Any:
+    await init(pg_dsn)
+    d = Database(pg_dsn, 4)
+    yield d
+    await d.close()
+
+
+def pop3d(*args: str, stdin: str = "", config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, "-m", "pop3d", *args] + (["--config", str(config)] if config else [])
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, timeout=120)
+
+
+def config_file(tmp_path: Path, dsn: str, auth: str = "postgres", passwd: Path | None = None) -> Path:
+    path = tmp_path / "pop3d.toml"
+    lines = ["[storage]", 'driver = "postgres"', f'dsn = "{dsn}"', "[auth]", f'driver = "{auth}"']
+    if passwd is not None:
+        lines.append(f'passwd_file = "{passwd}"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+BODIES = [b"Subject: one\n\nhello\n", b"Subject: two\r\n\r\nno final newline", b"", b".dot\n..two\n" * 3]
+
+
+# ---- schema ----------------------------------------------------------------------------------------------
+
+
+async def test_db_init_is_idempotent_and_needs_no_superuser(pg_dsn: str, tmp_path: Path) -> None:
+    cfg = config_file(tmp_path, pg_dsn)
+    first = pop3d("db", "init", config=cfg)
+    assert first.returncode == 0, first.stderr
+    assert "applied 001_init.sql" in first.stdout
+    again = pop3d("db", "init", config=cfg)
+    assert again.returncode == 0 and "up to date" in again.stdout
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        assert await schema.current_version(conn) == schema.LATEST
+    finally:
+        await conn.close()
+
+
+# ---- driver semantics --------------------------------------------------------------------------------------
+
+
+async def test_deliver_then_snapshot_keeps_octets_sizes_and_uids(db: Database) -> None:
+    storage = PostgresStorage(db)
+    alice = User("alice")
+    for body in BODIES:
+        await storage.deliver(alice, body)
+    drop = storage.maildrop(alice)
+    await drop.open()
+    try:
+        assert [m.size for m in drop.messages] == [network_size(b) for b in BODIES]
+        assert [await drop.read(i) for i in range(len(BODIES))] == BODIES
+        for i, body in enumerate(BODIES):
+            assert b"".join([c async for c in drop.chunks(i, 5)]) == body
+        uids = [m.uid for m in drop.messages]
+        assert len(set(uids)) == len(uids)
+    finally:
+        await drop.close()
+    again = storage.maildrop(alice)
+    await again.open()
+    assert [m.uid for m in again.messages] == uids  # stable across sessions
+    await again.close()
+
+
+async def test_dele_only_at_commit_and_seen(db: Database) -> None:
+    storage = PostgresStorage(db)
+    bob = User("bob")
+    for body in BODIES:
+        await storage.deliver(bob, body)
+    drop = storage.maildrop(bob)
+    await drop.open()
+    await drop.close()  # no commit: nothing deleted
+    drop = storage.maildrop(bob)
+    await drop.open()
+    assert len(drop.messages) == 4
+    keep = drop.messages[2].uid
+    await storage.deliver(bob, b"during the session\n")  # not in this session's numbering
+    await drop.commit({0, 1, 3}, {2})
+    await drop.close()
+    drop = storage.maildrop(bob)
+    await drop.open()
+    assert drop.messages[0].uid == keep and len(drop.messages) == 2
+    await drop.close()
+    seen = await db.fetch("SELECT seen, retrieved_at IS NOT NULL AS r FROM messages WHERE uid = $1", keep)
+    assert seen[0]["seen"] and seen[0]["r"]
+
+
+async def test_in_use_in_one_worker_and_across_pools(db: Database, pg_dsn: str) -> None:
+    storage = PostgresStorage(db)
+    other = Database(pg_dsn, 2)  # another node
+    try:
+        first = storage.maildrop(User("carol"))
+        await first.open()
+        with pytest.raises(InUse):
+            await storage.maildrop(User("carol")).open()
+        with pytest.raises(InUse):
+            await PostgresStorage(other).maildrop(User("carol")).open()
+        await first.close()
+        third = PostgresStorage(other).maildrop(User("carol"))
+        await third.open()  # released
+        await third.close()
+    finally:
+        await other.close()
+
+
+async def test_lost_lock_connection_commits_nothing(db: Database, pg_dsn: str) -> None:
+    storage = PostgresStorage(db)
+    dave = User("dave")
+    await storage.deliver(dave, b"keep me\n")
+    drop = storage.maildrop(dave)
+    await drop.open()
+    pid = db.link().lock_pid()
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+    for _ in range(200):  # the termination listener runs once the socket closes
+        if db.link().lock_pid() is None:
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(TemporaryError):
+        await drop.commit({0}, set())
+    with pytest.raises(TemporaryError):
+        await drop.read(0)
+    await drop.close()
+    again = storage.maildrop(dave)
+    await again.open()  # a new lock connection
+    assert len(again.messages) == 1
+    await again.close()
+
+
+async def test_lost_pool_connection_is_temporary_and_recovers(db: Database, pg_dsn: str) -> None:
+    storage = PostgresStorage(db)
+    erin = User("erin")
+    await storage.deliver(erin, b"x\n")
+    drop = storage.maildrop(erin)
+    await drop.open()
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND pid <> $1",
+            db.link().lock_pid(),
+        )
+    finally:
+        await admin.close()
+    with contextlib.suppress(TemporaryError):
+        await drop.read(0)  # the pool may hand out a dead connection once
+    assert await drop.read(0) == b"x\n"
+    await drop.commit({0}, set())
+    await drop.close()
+
+
+async def test_deleted_elsewhere_is_gone(db: Database) -> None:
+    storage = PostgresStorage(db)
+    await storage.deliver(User("fay"), b"a\n")
+    drop = storage.maildrop(User("fay"))
+    await drop.open()
+    await db.execute("DELETE FROM messages")
+    with pytest.raises(MessageGone):
+        await drop.read(0)
+    await drop.close()
+
+
+# ---- users -------------------------------------------------------------------------------------------------
+
+
+async def test_user_commands_and_auth(pg_dsn: str, tmp_path: Path) -> None:
+    cfg = config_file(tmp_path, pg_dsn)
+    assert pop3d("db", "init", config=cfg).returncode == 0
+    r = pop3d("user", "add", "gus", "--password-stdin", "--scheme", "SHA512-CRYPT", stdin="pw one\n", config=cfg)
+    assert r.returncode == 0, r.stderr
+    assert pop3d("user", "add", "gus", "--password-stdin", stdin="x\n", config=cfg).returncode == 1
+    db = Database(pg_dsn, 2)
+    try:
+        auth = PostgresAuthenticator(db)
+        assert (await auth.verify("gus", "pw one")) is not None
+        assert await auth.verify("gus", "wrong") is None
+        assert await auth.verify("nobody", "pw one") is None
+        r = pop3d("user", "passwd", "gus", "--password-stdin", "--scheme", "PLAIN", stdin="pw two\n", config=cfg)
+        assert r.returncode == 0, r.stderr
+        assert await auth.verify("gus", "pw two") is not None
+        assert pop3d("user", "passwd", "ghost", "--password-stdin", stdin="x\n", config=cfg).returncode == 1
+        assert pop3d("user", "del", "gus", config=cfg).returncode == 0
+        assert await auth.verify("gus", "pw two") is None
+        assert pop3d("user", "del", "gus", config=cfg).returncode == 1
+    finally:
+        await db.close()
+
+
+async def test_user_import_is_idempotent_with_every_scheme(pg_dsn: str, tmp_path: Path) -> None:
+    from pop3d.auth import schemes
+
+    passwd = tmp_path / "passwd"
+    lines = [f"u{n}:{schemes.hash_password(s, 'secret ' + s)}:1000:1000::/home/u{n}::" for n, s in
+             enumerate(["PLAIN", "SHA512-CRYPT", "BLF-CRYPT", "ARGON2ID", "SCRAM-SHA-256"])]  # fmt: skip
+    passwd.write_text("\n".join(lines) + "\n")
+    cfg = config_file(tmp_path, pg_dsn)
+    assert pop3d("db", "init", config=cfg).returncode == 0
+    first = pop3d("user", "import", str(passwd), config=cfg)
+    assert first.returncode == 0 and "5 added" in first.stdout, first.stdout + first.stderr
+    again = pop3d("user", "import", str(passwd), config=cfg)
+    assert "0 added, 0 changed, 5 unchanged" in again.stdout
+    db = Database(pg_dsn, 2)
+    try:
+        auth = PostgresAuthenticator(db)
+        for n, s in enumerate(["PLAIN", "SHA512-CRYPT", "BLF-CRYPT", "ARGON2ID", "SCRAM-SHA-256"]):
+            user = await auth.verify(f"u{n}", "secret " + s)
+            assert user is not None and user.home == f"/home/u{n}" and user.uid == 1000
+            assert await auth.verify(f"u{n}", "nope") is None
+    finally:
+        await db.close()
+
+
+# ---- import ------------------------------------------------------------------------------------------------
+
+
+async def test_import_maildir_keeps_octets_and_uidls(pg_dsn: str, tmp_path: Path) -> None:
+    env = Env(tmp_path)
+    for body in BODIES:
+        deliver(env.maildir("alice"), body)
+    before = ServerThread(env.settings()).start()
+    try:
+        c = poplib.POP3("127.0.0.1", before.port)
+        c.user("alice")
+        c.pass_("wonderland")
+        served = c.uidl()[1]
+        c.quit()
+    finally:
+        before.stop()
+    cfg = config_file(tmp_path, pg_dsn, auth="passwd-file", passwd=env.passwd)
+    assert pop3d("db", "init", config=cfg).returncode == 0
+    template = str(env.mail / "{user}" / "Maildir")
+    first = pop3d("import", "--from", "maildir", template, config=cfg)
+    assert first.returncode == 0, first.stderr
+    assert "alice: 4 message(s) copied" in first.stdout
+    deliver(env.maildir("alice"), b"late\n")
+    again = pop3d("import", "--from", "maildir", template, "--user", "alice", config=cfg)
+    assert "alice: 1 message(s) copied, 4 already there" in again.stdout
+    after = ServerThread(env.settings(storage={"driver": "postgres", "dsn": pg_dsn})).start()
+    try:
+        c = poplib.POP3("127.0.0.1", after.port)
+        c.user("alice")
+        c.pass_("wonderland")
+        assert c.uidl()[1][:4] == served
+        for i, body in enumerate(BODIES, start=1):
+            got = b"\n".join(c.retr(i)[1])
+            assert got == b"\n".join(body.replace(b"\r\n", b"\n").split(b"\n")).rstrip(b"\n") or body == b""
+        c.quit()
+    finally:
+        after.call(after.ctx.storage.db.close())
+        after.stop()
+
+
+# ---- end to end ------------------------------------------------------------------------------------------
+
+
+def _login(port: int, name: str, password: str) -> poplib.POP3:
+    c = poplib.POP3("127.0.0.1", port, timeout=30)
+    c.user(name)
+    c.pass_(password)
+    return c
+
+
+async def test_pop3_session_on_postgres(pg_dsn: str, tmp_path: Path) -> None:
+    await init(pg_dsn)
+    cfg = config_file(tmp_path, pg_dsn)
+    assert pop3d("user", "add", "hal", "--password-stdin", stdin="open pod\n", config=cfg).returncode == 0
+    env = Env(tmp_path)
+    st = ServerThread(env.settings(storage={"driver": "postgres", "dsn": pg_dsn, "pool_size": 3},
+                                   auth={"driver": "postgres"})).start()  # fmt: skip
+    try:
+        big = (b"y" * 99 + b"\n") * 2000
+        for body in [*BODIES, big]:
+            st.call(st.ctx.storage.deliver(User("hal"), body))
+        assert st.ctx.auth._db is st.ctx.storage.db  # one pool for both
+        c = await asyncio.to_thread(_login, st.port, "hal", "open pod")
+        assert c.stat() == (5, sum(network_size(b) for b in [*BODIES, big]))
+        assert c.retr(5)[1] == [b"y" * 99] * 2000
+        assert c.retr(2)[1] == [b"Subject: two", b"", b"no final newline"]
+        with pytest.raises(poplib.error_proto, match=r"IN-USE"):
+            await asyncio.to_thread(_login, st.port, "hal", "open pod")
+        c.dele(1)
+        c.quit()
+        c = await asyncio.to_thread(_login, st.port, "hal", "open pod")
+        assert c.stat()[0] == 4
+        c.quit()
+        with pytest.raises(poplib.error_proto, match=r"AUTH"):
+            await asyncio.to_thread(_login, st.port, "hal", "wrong")
+    finally:
+        st.call(st.ctx.storage.db.close())
+        st.stop()
+
+
+async def test_many_idle_sessions_hold_only_the_pool(pg_dsn: str, tmp_path: Path) -> None:
+    await init(pg_dsn)
+    env = Env(tmp_path)
+    names = [f"idle{n}" for n in range(200)]
+    env.passwd.write_text("".join(f"{n}:{{PLAIN}}pw\n" for n in names))
+    st = ServerThread(env.settings(storage={"driver": "postgres", "dsn": pg_dsn, "pool_size": 3})).start()
+    clients: list[poplib.POP3] = []
+    try:
+        for n in names:
+            clients.append(await asyncio.to_thread(_login, st.port, n, "pw"))
+        admin = await asyncpg.connect(pg_dsn)
+        try:
+            count = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        assert count <= 3 + 1  # the pool and the lock connection
+        assert st.ctx.storage.db.link is not None
+    finally:
+        for c in clients:
+            c.sock.close()
+        st.call(st.ctx.storage.db.close())
+        st.stop()
+
+
+async def test_lost_lock_connection_mid_session_answers_sys_temp(pg_dsn: str, tmp_path: Path) -> None:
+    await init(pg_dsn)
+    env = Env(tmp_path)
+    st = ServerThread(env.settings(storage={"driver": "postgres", "dsn": pg_dsn, "pool_size": 2})).start()
+    try:
+        st.call(st.ctx.storage.deliver(User("alice"), b"precious\n"))
+        c = await asyncio.to_thread(_login, st.port, "alice", "wonderland")
+        c.dele(1)
+        admin = await asyncpg.connect(pg_dsn)
+        try:  # every connection of the node: the lock connection and the pool's
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await admin.close()
+        for _ in range(300):
+            if st.call(_lock_pid(st)) is None:
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(poplib.error_proto, match=r"SYS/TEMP"):
+            c.quit()  # commits nothing: the lock may already be someone else's
+        c.close()
+        c = await asyncio.to_thread(_login, st.port, "alice", "wonderland")  # the node serves again
+        assert c.stat()[0] == 1
+        assert c.retr(1)[1] == [b"precious"]
+        c.quit()
+    finally:
+        st.call(st.ctx.storage.db.close())
+        st.stop()
+
+
+async def _lock_pid(st: ServerThread) -> int | None:
+    return st.ctx.storage.db.link().lock_pid()  # type: ignore[no-any-return]
