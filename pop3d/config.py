@@ -34,6 +34,7 @@ from pydantic_settings import (
 
 # leaf modules that import no server code: the names they define are not restated here
 from pop3d.auth.mechanisms import KNOWN as KNOWN_MECHANISMS
+from pop3d.i18n.languages import LANGUAGES
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[0-9]{1,5})$")
 
@@ -101,6 +102,9 @@ class ServerSettings(_Section):
     user: str = ""
     #: the group to switch to; "" = the user's primary group (supplementary groups come from /etc/group)
     group: str = ""
+    #: the language of reply texts until a client picks another with LANG (RFC 6856 §3): a tag with a catalog
+    #: under pop3d/locale ("en", "fr"); also what "LANG *" selects
+    language: str = "en"
 
     @field_validator("limit_exempt", "proxy_trusted")
     @classmethod
@@ -111,6 +115,13 @@ class ServerSettings(_Section):
             except ValueError:
                 raise ValueError(f"{item!r} is not an address or CIDR network") from None
         return v
+
+    @field_validator("language")
+    @classmethod
+    def _check_language(cls, v: str) -> str:
+        if v.lower() not in LANGUAGES:
+            raise ValueError(f"no message catalog for {v!r} (available: {', '.join(LANGUAGES)})")
+        return v.lower()
 
     @field_validator("listen", "tls_listen")
     @classmethod

@@ -48,10 +48,11 @@ T = TypeVar("T")
 A_, T_, U_, C_ = State.AUTHORIZATION, State.TRANSACTION, State.UPDATE, State.CLOSED
 #: RFC 1939 §3-6, written out independently of pop3d.pop3.state: a session only moves forward along this order
 ORDER = {A_: 0, T_: 1, U_: 2, C_: 3}
-#: RFC 1939 §4-7, RFC 2449 §5, RFC 5034 §4, RFC 2595 §4: verbs legal in each state (UPDATE and CLOSED: none)
+#: RFC 1939 §4-7, RFC 2449 §5, RFC 5034 §4, RFC 2595 §4, RFC 6856 §2-3: verbs legal in each state (UPDATE and
+#: CLOSED: none)
 LEGAL: dict[State, frozenset[str]] = {
-    A_: frozenset({"USER", "PASS", "APOP", "RPOP", "QUIT", "CAPA", "AUTH", "STLS"}),
-    T_: frozenset({"QUIT", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST", "CAPA"}),
+    A_: frozenset({"USER", "PASS", "APOP", "RPOP", "QUIT", "CAPA", "AUTH", "STLS", "UTF8", "LANG"}),
+    T_: frozenset({"QUIT", "STAT", "LIST", "RETR", "DELE", "NOOP", "RSET", "TOP", "UIDL", "LAST", "CAPA", "LANG"}),
     U_: frozenset(),
     C_: frozenset(),
 }
@@ -1006,8 +1007,10 @@ def test_sasl_mechanisms_under_hostile_clients(
 def check_arguments(verb: str, args: tuple[str, ...]) -> None:
     """The RFC 1939 §3-7 / RFC 5034 §4 argument grammar, written out independently of the parser's table."""
     digits = [a.isascii() and a.isdigit() and len(a) <= 10 for a in args]
-    if verb in ("STAT", "NOOP", "RSET", "LAST", "QUIT", "CAPA", "STLS"):
+    if verb in ("STAT", "NOOP", "RSET", "LAST", "QUIT", "CAPA", "STLS", "UTF8"):
         assert args == ()
+    elif verb == "LANG":  # RFC 6856 §3.2, RFC 4647 §2.1 basic language range
+        assert len(args) <= 1 and all(re.fullmatch(r"\*|[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*", a) for a in args)
     elif verb in ("LIST", "UIDL"):
         assert len(args) <= 1 and all(digits) and all(int(a) >= 1 for a in args)
     elif verb in ("RETR", "DELE"):
@@ -1050,7 +1053,7 @@ def test_parser_on_hostile_lines(line: bytes | None, stls: bool | None, state: S
         return
     assert isinstance(event, Command), event
     assert line is not None and len(line) + 2 <= MAX_COMMAND_LINE
-    extensions = {"AUTH", "STLS"} if stls else ({"AUTH"} if stls is False else set())
+    extensions = {"AUTH", "STLS", "UTF8", "LANG"} if stls else ({"AUTH", "UTF8", "LANG"} if stls is False else set())
     assert event.verb in set(VERBS) | extensions
     assert event.verb in LEGAL[state], (event.verb, state)
     keyword = line.decode("utf-8").split(" ", 1)[0]  # a Command comes only from valid UTF-8

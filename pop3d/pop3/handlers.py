@@ -20,10 +20,12 @@ from collections.abc import Callable
 from pop3d import wire
 from pop3d.auth import sasl
 from pop3d.auth.base import User
+from pop3d.i18n.saslprep import SASLprepError, saslprep
 from pop3d.ops import logfmt
+from pop3d.pop3 import catalog
 from pop3d.pop3.context import ServerContext
-from pop3d.pop3.protocol import CRLF, MAX_SASL_LINE, Command, err, multiline, ok
-from pop3d.pop3.results import Challenge, Pending, Reply, Resolved, Result, StartTLS, Stream
+from pop3d.pop3.protocol import CRLF, Command, err, multiline, ok
+from pop3d.pop3.results import Challenge, Pending, Reply, Resolved, Result, Stream
 from pop3d.pop3.state import SessionEvent, State, next_state
 from pop3d.storage.base import SMALL_MESSAGE, InUse, Maildrop, MessageInfo, StorageError
 
@@ -31,25 +33,9 @@ log = logging.getLogger("pop3d.pop3.session")
 #: no message numbers: what `deleted` and `retrieved` are until the first one (never mutated)
 NONE: frozenset[int] = frozenset()
 
-# Constant replies, built once (a pipelined burst should not pay for formatting the same line again).
-AUTH_FAILED = Reply(err("authentication failed", "AUTH"))  # RFC 3206 §4; same for unknown user and bad password
-#: the same -ERR [AUTH] line, then the connection closes (auth.max_failures_per_connection)
-TOO_MANY_FAILURES = Reply(AUTH_FAILED.data, close=True, reason="too many authentication failures")
-#: Dovecot's wording; RFC 3206 §4 [AUTH]: the client should not retry the same way
-PLAINTEXT_REFUSED = Reply(
-    err("plaintext authentication disallowed on non-secure connections (use STLS or port 995)", "AUTH")
-)
+# Constant replies are built once per language (pop3d.pop3.catalog): a pipelined burst pays no formatting, and
+# every human-readable text comes from the session's catalog (`self.texts`, switched by UTF8 and LANG).
 OK = Reply(ok())
-SEND_PASS = Reply(ok("send PASS"))
-USER_FIRST = Reply(err("USER first"))
-BEGIN_TLS = StartTLS(ok("Begin TLS negotiation"))
-ALREADY_TLS = Reply(err("already using TLS"))
-NO_TLS = Reply(err("TLS is not configured"))
-RPOP_REFUSED = Reply(err("RPOP is not offered: trust by source port is unsafe; use PASS, APOP or AUTH"))
-SIGNING_OFF = Reply(ok("pop3d signing off"), close=True, reason="QUIT")
-SASL_CANCELLED = Reply(err("authentication cancelled", "AUTH"))
-SASL_NOT_BASE64 = Reply(err("SASL response is not valid base64", "AUTH"))
-SASL_TOO_LONG = Reply(err(f"SASL response too long (limit {MAX_SASL_LINE} octets)", "AUTH"))
 
 
 class Counters:
@@ -82,11 +68,13 @@ class Pop3Handler:
         "secure",
         "sid",
         "state",
+        "texts",
         "timestamp",
         "tls",
         "tried",
         "user",
         "user_name",
+        "utf8",
     )
 
     def __init__(self, ctx: ServerContext, peer: str, local: str = "-") -> None:
@@ -116,6 +104,9 @@ class Pop3Handler:
         self.secure = ctx.is_secure_network(peer)  # cleartext passwords allowed (TLS sets it too)
         self.tls = False
         self.external_identity: str | None = None  # login name from a verified TLS client certificate
+        self.utf8 = False  # RFC 6856 §2: UTF-8 mode (the UTF8 command)
+        #: the replies' language: server.language, folded to ASCII until UTF8 or LANG (RFC 6856 §2.1, §3.2)
+        self.texts = catalog.texts(ctx.settings.server.language)
 
     def tls_established(self, identity: str | None) -> None:
         """The connection is now encrypted (STLS done or an implicit-TLS listener)."""
@@ -145,7 +136,7 @@ class Pop3Handler:
 
     def greeting(self) -> bytes:
         """RFC 1939 §4 greeting with the APOP timestamp (§7)."""
-        return ok(f"pop3d ready {self.timestamp}")
+        return ok(self.texts.greeting(self.timestamp))
 
     def dispatch(self, cmd: Command) -> Result:
         return DISPATCH[cmd.verb](self, cmd)
@@ -176,22 +167,36 @@ class Pop3Handler:
 
     # -- AUTHORIZATION ---------------------------------------------------------------------------
 
+    # RFC 6856 §2.2: CAPA says "UTF8 USER", so a client MAY send UTF-8 in USER, PASS and APOP, "before issuing
+    # the UTF8 command" too; the server SHOULD apply SASLprep to the USER and PASS arguments and MUST to the APOP
+    # user name (all as query strings), and MUST reject a name or password with a prohibited character.
+
     def do_USER(self, cmd: Command) -> Result:
         self.mech, self.tried = "USER", cmd.args[0]
         if not self.plaintext_ok:
-            return PLAINTEXT_REFUSED
+            return self.texts.plaintext_refused
+        try:
+            name = saslprep(cmd.args[0])
+        except SASLprepError:
+            self.user_name = None
+            return self.texts.bad_user_name
         # RFC 1939 §7: we never say whether the mailbox exists (no user enumeration)
-        self.user_name = cmd.args[0]
-        return SEND_PASS
+        self.user_name = self.tried = name
+        return self.texts.send_pass
 
     def do_PASS(self, cmd: Command) -> Result:
         self.mech = "USER"
         if not self.plaintext_ok:
-            return PLAINTEXT_REFUSED
+            return self.texts.plaintext_refused
         if self.user_name is None:
-            return USER_FIRST
+            return self.texts.user_first
         name, self.user_name = self.user_name, None  # RFC 1939 §7: a failed PASS needs a new USER
-        return Pending(self._pass(name, cmd.args[0]))
+        try:
+            password = saslprep(cmd.args[0])
+        except SASLprepError:
+            # refused like a wrong password (same line, same penalty): the reply tells nothing more
+            return Pending(self._failed(name, "password refused by SASLprep"))
+        return Pending(self._pass(name, password))
 
     async def _pass(self, name: str, password: str) -> Resolved:
         user = await self.ctx.verify_password(name, password)
@@ -199,7 +204,12 @@ class Pop3Handler:
 
     def do_APOP(self, cmd: Command) -> Result:
         self.mech, self.tried = "APOP", cmd.args[0]
-        return Pending(self._apop(cmd.args[0], cmd.args[1].lower()))
+        try:
+            name = saslprep(cmd.args[0])
+        except SASLprepError:
+            return self.texts.bad_user_name
+        self.tried = name
+        return Pending(self._apop(name, cmd.args[1].lower()))
 
     async def _apop(self, name: str, digest: str) -> Resolved:
         # RFC 1939 §7: MD5 of the greeting's timestamp followed by the shared secret; an unknown user runs the
@@ -225,7 +235,7 @@ class Pop3Handler:
         if ctx.login_delays.too_soon(user.name, delay, now):
             # RFC 2449 §8.1.2
             ctx.metrics.login("login_delay")
-            return Reply(err(f"wait {delay} seconds between logins", "LOGIN-DELAY"))
+            return Reply(err(self.texts.login_delay(delay), "LOGIN-DELAY"))
         # never raises (pop3d.storage.base.Storage.maildrop): an unusable name or home fails in open() below
         drop = ctx.storage.maildrop(user)
         try:
@@ -235,26 +245,26 @@ class Pop3Handler:
             self._event(logging.INFO, "in_use", "maildrop in use", user=user.name, rip=self.peer)
             ctx.metrics.login("in_use")
             ctx.metrics.lock_conflict()
-            return Reply(err("maildrop already locked by another session", "IN-USE"))  # RFC 2449 §8.1.1
+            return self.texts.in_use  # RFC 2449 §8.1.1
         except StorageError as exc:
             await drop.close()
             log.warning("maildrop unavailable user=%s rip=%s session=%s: %s", user.name, self.peer, self.sid, exc)
             ctx.metrics.login("unavailable")
             ctx.metrics.storage_error("open")
-            return Reply(err("maildrop cannot be opened", exc.code))  # RFC 3206 §4 SYS/TEMP or SYS/PERM
+            return Reply(err(self.texts.open_failed, exc.code))  # RFC 3206 §4 SYS/TEMP or SYS/PERM
         except OSError as exc:
             await drop.close()
             log.warning("maildrop unavailable user=%s rip=%s session=%s: %s", user.name, self.peer, self.sid, exc)
             ctx.metrics.login("unavailable")
             ctx.metrics.storage_error("open")
-            return Reply(err("maildrop cannot be opened", "SYS/TEMP"))
+            return Reply(err(self.texts.open_failed, "SYS/TEMP"))
         ctx.login_delays.record(user.name, delay, now)
         ctx.metrics.login("ok")
         self.state = next_state(self.state, SessionEvent.LOGIN_OK)
         self.user, self.drop, self.messages = user, drop, drop.messages
         count, size = self._totals()
         self._event(logging.INFO, "login", "login", user=user.name, rip=self.peer, messages=count, size=size)
-        return Reply(ok(f"{user.name} has {count} message{'s' if count != 1 else ''} ({size} octets)"))
+        return Reply(ok(self.texts.logged_in(count, user.name, size)))
 
     async def _failed(self, name: str | None, why: str = "") -> Reply:
         """A failed authentication: the per-address penalty (pop3d.auth.penalty) delays only this session."""
@@ -273,36 +283,62 @@ class Pop3Handler:
         # As Dovecot's login processes do after a few failed attempts: the guesser must reconnect, and meet the
         # connection limits and the (address-wide, still running) penalty again.
         if self.auth_failures >= self.ctx.settings.auth.max_failures_per_connection:
-            return TOO_MANY_FAILURES
-        return AUTH_FAILED
+            return self.texts.too_many_failures
+        return self.texts.auth_failed
 
     # -- STLS (RFC 2595) and AUTH (RFC 5034) ------------------------------------------------------
 
     def do_STLS(self, cmd: Command) -> Result:
         if self.tls:
-            return ALREADY_TLS  # RFC 2595 §4: STLS once, never after a TLS layer is up
+            return self.texts.already_tls  # RFC 2595 §4: STLS once, never after a TLS layer is up
         if self.ctx.tls is None:
-            return NO_TLS
+            return self.texts.no_tls
+        if self.utf8:
+            return self.texts.stls_after_utf8  # RFC 6856 §2.1: servers MAY refuse STLS after UTF8
         self.user_name = None  # RFC 2595 §4: nothing from before the handshake carries over
-        return BEGIN_TLS
+        return self.texts.begin_tls
+
+    # -- RFC 6856: UTF8 and LANG ----------------------------------------------------------------
+
+    def do_UTF8(self, cmd: Command) -> Result:
+        """§2.1: UTF-8 mode on (AUTHORIZATION only, the parser sees to it). Messages are sent as stored either
+        way; what changes here is that reply texts may now be UTF-8 (the ASCII fold is no longer needed). It
+        changes nothing for AUTH: §2.2, UTF-8 in AUTH "is governed by" RFC 5034, which is UTF-8 already."""
+        self.utf8 = True
+        self.texts = catalog.texts(self.texts.language, utf8=True)
+        return self.texts.utf8_on
+
+    def do_LANG(self, cmd: Command) -> Result:
+        """§3.2: without argument, the languages we have, one "tag name" line each (the name in the language
+        itself, UTF-8); with a language range, switch and answer "+OK <tag> <text>" in the new language, or
+        -ERR in the current one and keep it. "*" is the administrator's choice, server.language."""
+        if not cmd.args:
+            lines = [f"{t.language} {t.name}" for t in catalog.TEXTS.values() if t.utf8]
+            return Reply(multiline(self.texts.lang_list, lines))
+        wanted = cmd.args[0]
+        found = catalog.texts(self.ctx.settings.server.language, utf8=True) if wanted == "*" else catalog.match(wanted)
+        if found is None:
+            return Reply(err(self.texts.lang_unknown(wanted)))  # the parser let only RFC 4647 characters through
+        self.texts = found
+        return found.lang_changed
 
     def do_AUTH(self, cmd: Command) -> Result:
         usable = self.mechanisms()
         if not cmd.args:
-            return Reply(multiline(ok("SASL mechanisms follow"), usable))  # pre-RFC 5034 clients (Outlook) ask so
+            return Reply(multiline(self.texts.sasl_list, usable))  # pre-RFC 5034 clients (Outlook) ask so
         name = cmd.args[0].upper()
         self.mech = name
         if name not in usable:
             if name in sasl.PLAINTEXT and name in self.ctx.settings.auth.mechanisms:
-                return PLAINTEXT_REFUSED
+                return self.texts.plaintext_refused
             if name == "EXTERNAL" and name in self.ctx.settings.auth.mechanisms:
-                return Reply(err("EXTERNAL needs a verified TLS client certificate", "AUTH"))
-            return Reply(err(f"unsupported authentication mechanism {name}", "AUTH"))
+                return self.texts.external_needs_cert
+            return Reply(err(self.texts.unsupported_mechanism(name), "AUTH"))
         initial: bytes | None = None
         if len(cmd.args) == 2:  # RFC 5034 §4: "=" is an empty initial response
             initial = b"" if cmd.args[1] == "=" else self._b64(cmd.args[1].encode("ascii"))
             if initial is None:
-                return Reply(err("initial response is not valid base64", "AUTH"))
+                return self.texts.initial_not_base64
         mech = sasl.create(name, hostname=self.ctx.hostname, external_identity=self.external_identity)
         return self._sasl_advance(mech, mech.start(initial))
 
@@ -316,13 +352,13 @@ class Pop3Handler:
     def sasl_line(self, mech: sasl.Mechanism, line: bytes | None) -> Result:
         """The client's answer to the `Challenge` of `mech` (the session routes it here, not to the parser)."""
         if line is None:
-            return SASL_TOO_LONG
+            return self.texts.sasl_too_long
         line = line.strip()
         if line == b"*":  # RFC 5034 §4: the client cancels; -ERR, and the session goes on
-            return SASL_CANCELLED
+            return self.texts.sasl_cancelled
         data = self._b64(line)
         if data is None:
-            return SASL_NOT_BASE64  # RFC 5034 §4: reject, the exchange is over
+            return self.texts.sasl_not_base64  # RFC 5034 §4: reject, the exchange is over
         return self._sasl_advance(mech, mech.step(data))
 
     def _sasl_advance(self, mech: sasl.Mechanism, step: sasl.Step) -> Result:
@@ -352,7 +388,7 @@ class Pop3Handler:
 
     def do_RPOP(self, cmd: Command) -> Result:
         self.mech = "RPOP"
-        return RPOP_REFUSED
+        return self.texts.rpop_refused
 
     def do_CAPA(self, cmd: Command) -> Result:
         """RFC 2449 §5-6: the capability list, the same in both states ("capabilities available in the
@@ -379,13 +415,15 @@ class Pop3Handler:
             caps.append("STLS")
         if s.show_implementation:
             caps.append(f"IMPLEMENTATION {self.ctx.implementation}")
-        return Reply(multiline(ok("Capability list follows"), caps))
+        # RFC 6856 §2.2, §3.1: "both / no", like the rest; USER: UTF-8 names and passwords (SASLprep'd) accepted
+        caps += ("UTF8 USER", "LANG")
+        return Reply(multiline(self.texts.capa_list, caps))
 
     def do_QUIT(self, cmd: Command) -> Result:
         before = self.state
         self.state = next_state(before, SessionEvent.QUIT)  # TRANSACTION: UPDATE (RFC 1939 §6)
         if before is State.AUTHORIZATION:
-            return SIGNING_OFF
+            return self.texts.signing_off
         return Pending(self._update())
 
     async def _update(self) -> Reply:
@@ -405,17 +443,13 @@ class Pop3Handler:
         except StorageError as exc:
             log.warning("commit failed user=%s session=%s: %s", self.user.name if self.user else "?", self.sid, exc)
             self.ctx.metrics.storage_error("commit")
-            return Reply(
-                err("some deleted messages were not removed", exc.code), close=True, reason="QUIT, commit failed"
-            )
+            return Reply(err(self.texts.commit_failed, exc.code), close=True, reason="QUIT, commit failed")
         finally:
             self.drop = None
             await drop.close()
         self.counters.dele = len(deleted)
         left = len(self.messages) - len(deleted)
-        return Reply(
-            ok(f"pop3d signing off ({left} message{'s' if left != 1 else ''} left)"), close=True, reason="QUIT"
-        )
+        return Reply(ok(self.texts.signed_off(left)), close=True, reason="QUIT")
 
     # -- TRANSACTION -----------------------------------------------------------------------------
 
@@ -429,9 +463,9 @@ class Pop3Handler:
         """Message number → 0-based index, or the -ERR reply (RFC 1939 §5: deleted messages are invisible)."""
         n = int(arg)
         if n > len(self.messages):
-            return Reply(err(f"no such message, only {len(self.messages)} in maildrop"))
+            return Reply(err(self.texts.no_such_message(len(self.messages))))
         if n - 1 in self.deleted:
-            return Reply(err(f"message {n} already deleted"))
+            return Reply(err(self.texts.already_deleted(n)))
         return n - 1
 
     def do_STAT(self, cmd: Command) -> Result:
@@ -444,14 +478,14 @@ class Pop3Handler:
             return i if isinstance(i, Reply) else Reply(ok(f"{i + 1} {self.messages[i].size}"))
         count, size = self._totals()
         lines = [f"{i + 1} {m.size}" for i, m in enumerate(self.messages) if i not in self.deleted]
-        return Reply(multiline(ok(f"{count} messages ({size} octets)"), lines))
+        return Reply(multiline(ok(self.texts.listing(count, size)), lines))
 
     def do_UIDL(self, cmd: Command) -> Result:
         if cmd.args:
             i = self._index(cmd.args[0])
             return i if isinstance(i, Reply) else Reply(ok(f"{i + 1} {self.messages[i].uid}"))
         lines = [f"{i + 1} {m.uid}" for i, m in enumerate(self.messages) if i not in self.deleted]
-        return Reply(multiline(ok("unique-id listing follows"), lines))
+        return Reply(multiline(self.texts.uidl_list, lines))
 
     def do_DELE(self, cmd: Command) -> Result:
         i = self._index(cmd.args[0])
@@ -461,7 +495,7 @@ class Pop3Handler:
         if not isinstance(deleted, set):
             deleted = self.deleted = set()
         deleted.add(i)
-        return Reply(ok(f"message {i + 1} deleted"))
+        return Reply(ok(self.texts.deleted(i + 1)))
 
     def do_NOOP(self, cmd: Command) -> Result:
         return OK
@@ -470,7 +504,7 @@ class Pop3Handler:
         self.deleted = NONE
         self.last = 0  # RFC 1460: RSET also resets the highest message accessed
         count, size = self._totals()
-        return Reply(ok(f"maildrop has {count} message{'s' if count != 1 else ''} ({size} octets)"))
+        return Reply(ok(self.texts.rset_done(count, size)))
 
     def do_LAST(self, cmd: Command) -> Result:
         return Reply(ok(str(self.last)))
@@ -492,7 +526,7 @@ class Pop3Handler:
         drop = self.drop
         assert drop is not None
         info = drop.messages[i]
-        header = ok(f"{info.size} octets") if lines is None else ok("top of message follows")
+        header = ok(self.texts.octets(info.size)) if lines is None else self.texts.top_follows
         if info.size > SMALL_MESSAGE:
             return Stream(header, drop.chunks(i), wire.Encoder(lines), i, lines)
         if drop.async_reads:
@@ -521,7 +555,7 @@ class Pop3Handler:
         self.ctx.metrics.storage_error("read")
         # RFC 3206 §4: SYS/PERM for a message refused for the session (pop3d.storage.base.MessageUnreadable)
         code = exc.code if isinstance(exc, StorageError) else "SYS/TEMP"
-        return Reply(err(f"message {i + 1} cannot be read now", code))
+        return Reply(err(self.texts.read_failed(i + 1), code))
 
     def note_sent(self, i: int, lines: int | None, octets: int) -> None:
         """Bookkeeping once a body went out: LAST, the Seen set, the logout counters."""

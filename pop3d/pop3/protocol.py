@@ -62,10 +62,35 @@ class Command:
 
 
 @dataclass(frozen=True, slots=True)
+class Text:
+    """Human-readable text before translation: `msgid` is the English str.format template (the catalog key,
+    pop3d/locale) and `values` fill its fields; a value that is itself a Text is translated too.
+
+    The parser is a pure core and knows no catalog: it says what it means, the session translates it into
+    the session's language (pop3d.pop3.catalog); `english()` is the text as the msgid says it.
+    """
+
+    msgid: str
+    values: tuple[tuple[str, str | int | Text], ...] = ()
+
+    def english(self) -> str:
+        if not self.values:
+            return self.msgid
+        return self.msgid.format(**{k: v.english() if isinstance(v, Text) else v for k, v in self.values})
+
+
+@dataclass(frozen=True, slots=True)
 class Rejected:
-    """A line that is not a legal command here; `reply` is the complete -ERR line to send."""
+    """A line that is not a legal command here; `reply` is the complete -ERR line to send, in English;
+    `text` and `code` say the same for a session in another language (RFC 6856 §3)."""
 
     reply: bytes
+    text: Text | None = None
+    code: str | None = None
+
+
+def _rejected(text: Text, code: str | None = None) -> Rejected:
+    return Rejected(err(text.english(), code), text, code)
 
 
 Event = Command | Rejected
@@ -97,22 +122,58 @@ def multiline(first: bytes, lines: list[str]) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------
-# Argument grammar. Each validator takes the argument list and returns an error text or None.
+# Human-readable texts of the parser's -ERR replies: the catalog msgids (pop3d/locale/pop3d.pot), in one place.
+
+NO_ARGUMENTS = Text("no arguments allowed")
+ONE_ARGUMENT = Text("exactly 1 argument required")
+N_ARGUMENTS = "exactly {n} arguments required"
+BETWEEN = "between {lo} and {hi} arguments allowed"
+BAD_MSGNUM = Text("invalid message number")
+BAD_COUNT = Text("invalid line count")
+BAD_DIGEST = Text("digest must be 32 hexadecimal digits")
+AUTH_ARGS = Text("at most a mechanism and an initial response allowed")
+BAD_MECHANISM = Text("invalid mechanism name")
+NOT_BASE64 = Text("initial response is not base64")
+BAD_LANGUAGE = Text("invalid language range (RFC 4647)")
+AT_MOST_ONE = Text("at most 1 argument allowed")
+TOO_LONG = "command line too long (limit {limit} octets, RFC 2449)"
+NOT_UTF8 = Text("command is not valid UTF-8")
+EMPTY = Text("empty command")
+UNKNOWN = Text("unknown command")
+BEFORE_LOGIN = "{verb} not allowed before login"
+AFTER_LOGIN = "{verb} not allowed after login"
+PROBLEM = "{verb}: {problem}"
+#: every msgid above, for the catalog tests (each must be in pop3d.pot and translated)
+MESSAGES: tuple[str, ...] = (
+    *(t.msgid for t in (NO_ARGUMENTS, ONE_ARGUMENT, BAD_MSGNUM, BAD_COUNT, BAD_DIGEST, AUTH_ARGS, BAD_MECHANISM)),
+    *(t.msgid for t in (NOT_BASE64, BAD_LANGUAGE, AT_MOST_ONE, NOT_UTF8, EMPTY, UNKNOWN)),
+    *(N_ARGUMENTS, BETWEEN, TOO_LONG, BEFORE_LOGIN, AFTER_LOGIN, PROBLEM),
+)
+
+_TOO_LONG = _rejected(Text(TOO_LONG, (("limit", MAX_COMMAND_LINE),)))
+_NOT_UTF8 = _rejected(NOT_UTF8)
+_EMPTY = _rejected(EMPTY)
+_UNKNOWN = _rejected(UNKNOWN)
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument grammar. Each validator takes the argument list and returns the problem as a Text, or None.
 
 _HEX32 = re.compile(r"[0-9a-fA-F]{32}\Z")  # RFC 1939 §7: APOP digest is 32 hex digits (lower case; we accept both)
 
-ArgCheck = Callable[[tuple[str, ...]], str | None]
+ArgCheck = Callable[[tuple[str, ...]], Text | None]
 
 
 def _count(lo: int, hi: int) -> ArgCheck:
-    def check(args: tuple[str, ...]) -> str | None:
-        if not lo <= len(args) <= hi:
-            if lo == hi == 0:
-                return "no arguments allowed"
-            if lo == hi:
-                return f"exactly {lo} argument{'s' if lo > 1 else ''} required"
-            return f"between {lo} and {hi} arguments allowed"
-        return None
+    if lo == hi == 0:
+        problem = NO_ARGUMENTS
+    elif lo == hi:
+        problem = ONE_ARGUMENT if lo == 1 else Text(N_ARGUMENTS, (("n", lo),))
+    else:
+        problem = Text(BETWEEN, (("lo", lo), ("hi", hi)))
+
+    def check(args: tuple[str, ...]) -> Text | None:
+        return None if lo <= len(args) <= hi else problem
 
     return check
 
@@ -121,25 +182,28 @@ def _msgnums(lo: int, hi: int, n_msg: int) -> ArgCheck:
     """`n_msg` leading arguments are message numbers (>= 1); TOP's second is a count (>= 0)."""
     count = _count(lo, hi)
 
-    def check(args: tuple[str, ...]) -> str | None:
+    def check(args: tuple[str, ...]) -> Text | None:
         if not lo <= len(args) <= hi:
             return count(args)
         for i, a in enumerate(args):
             # RFC 1939 §3: a decimal number; no sign, no spaces, ASCII digits only (at most 10 of them)
             if not (a.isascii() and a.isdigit() and len(a) <= 10):
-                return "invalid message number" if i < n_msg else "invalid line count"
+                return BAD_MSGNUM if i < n_msg else BAD_COUNT
             if i < n_msg and int(a) == 0:
-                return "invalid message number"
+                return BAD_MSGNUM
         return None
 
     return check
 
 
-def _apop(args: tuple[str, ...]) -> str | None:
+_TWO = Text(N_ARGUMENTS, (("n", 2),))
+
+
+def _apop(args: tuple[str, ...]) -> Text | None:
     if len(args) != 2:
-        return "exactly 2 arguments required"
+        return _TWO
     if not _HEX32.match(args[1]):
-        return "digest must be 32 hexadecimal digits"
+        return BAD_DIGEST
     return None
 
 
@@ -147,14 +211,27 @@ _MECH = re.compile(r"[A-Za-z0-9_-]{1,20}\Z")  # RFC 4422 §3.1 mechanism names (
 _B64 = re.compile(r"(?:[A-Za-z0-9+/]*={0,2}|=)\Z")
 
 
-def _auth(args: tuple[str, ...]) -> str | None:
+def _auth(args: tuple[str, ...]) -> Text | None:
     """RFC 5034 §4: AUTH mechanism [initial-response]; bare AUTH lists mechanisms (pre-RFC 5034 clients)."""
     if len(args) > 2:
-        return "at most a mechanism and an initial response allowed"
+        return AUTH_ARGS
     if args and not _MECH.match(args[0]):
-        return "invalid mechanism name"
+        return BAD_MECHANISM
     if len(args) == 2 and not _B64.match(args[1]):
-        return "initial response is not base64"
+        return NOT_BASE64
+    return None
+
+
+#: RFC 4647 §2.1 basic language range: "*" or 1*8ALPHA *("-" 1*8alphanum), ASCII only
+_LANGUAGE_RANGE = re.compile(r"(?:\*|[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*)\Z")
+
+
+def _lang(args: tuple[str, ...]) -> Text | None:
+    """RFC 6856 §3.2: LANG [language-range]; without one, the server lists its languages."""
+    if len(args) > 1:
+        return AT_MOST_ONE
+    if args and not _LANGUAGE_RANGE.match(args[0]):
+        return BAD_LANGUAGE
     return None
 
 
@@ -162,9 +239,9 @@ def _auth(args: tuple[str, ...]) -> str | None:
 # PASS (nor on the other verbs, whose arguments the grammar already bounds): e-mail addresses used as login
 # names and generated passwords are often longer, real clients send them, and widely used servers accept
 # them. The RFC 2449 §4 line limit (255 octets, MAX_COMMAND_LINE) is what bounds an argument here.
-def _rest(args: tuple[str, ...]) -> str | None:
+def _rest(args: tuple[str, ...]) -> Text | None:
     """USER and PASS: the rest of the line is one argument, spaces included, and must not be empty."""
-    return None if args and args[0] else "exactly 1 argument required"
+    return None if args and args[0] else ONE_ARGUMENT
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +277,8 @@ VERBS: dict[str, Verb] = {
 #: Extensions registered per server by `CommandParser.with_extensions` (the base table stays RFC 1939).
 AUTH_VERB = Verb(AUTH, _auth, code="AUTH")  # RFC 5034 §4: AUTHORIZATION state only
 STLS_VERB = Verb(AUTH, _count(0, 0))  # RFC 2595 §4: AUTHORIZATION state only, no arguments
+UTF8_VERB = Verb(AUTH, _count(0, 0))  # RFC 6856 §2: "Commands valid in states: AUTHORIZATION"; no parameters
+LANG_VERB = Verb(BOTH, _lang)  # RFC 6856 §3.1: valid in AUTHORIZATION and TRANSACTION
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +354,12 @@ class CommandParser:
 
     @classmethod
     def with_extensions(cls, *, stls: bool) -> CommandParser:
-        """The table plus AUTH, and STLS when this server has TLS configured (else STLS is unknown)."""
+        """The table plus AUTH, UTF8 and LANG (RFC 6856), and STLS when this server has TLS configured (else
+        STLS is unknown)."""
         parser = cls()
         parser.verbs["AUTH"] = AUTH_VERB
+        parser.verbs["UTF8"] = UTF8_VERB
+        parser.verbs["LANG"] = LANG_VERB
         if stls:
             parser.verbs["STLS"] = STLS_VERB
         return parser
@@ -285,29 +367,26 @@ class CommandParser:
     def parse(self, line: bytes | None, state: State) -> Event:
         # the line buffer admits MAX_SASL_LINE for SASL responses; commands keep RFC 2449's 255
         if line is None or len(line) + 2 > MAX_COMMAND_LINE:
-            return Rejected(err("command line too long (limit 255 octets, RFC 2449)"))
+            return _TOO_LONG
         try:
+            # RFC 6856 §2.2: UTF-8 user names and passwords that are not well-formed UTF-8 are refused here
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            return Rejected(err("command is not valid UTF-8"))
+            return _NOT_UTF8
         verb_text, sep, rest = text.partition(" ")
         # RFC 1939 §3: keywords are case-insensitive ASCII. Check ASCII *before* upper-casing: Unicode case
         # mapping turns "u\N{LATIN SMALL LETTER LONG S}er" into "USER" and the "st" ligature + "ls" into "STLS".
         verb = verb_text.upper() if verb_text.isascii() else ""
-        spec = self.verbs.get(verb) if verb.isalpha() else None
+        spec = self.verbs.get(verb) if verb.isalnum() else None  # alnum: UTF8
         if spec is None:
-            if not verb_text:
-                return Rejected(err("empty command"))
-            return Rejected(err("unknown command"))
+            return _UNKNOWN if verb_text else _EMPTY
         if state not in spec.states:
-            if state is State.AUTHORIZATION:
-                return Rejected(err(f"{verb} not allowed before login"))
-            return Rejected(err(f"{verb} not allowed after login"))
+            return _rejected(Text(BEFORE_LOGIN if state is State.AUTHORIZATION else AFTER_LOGIN, (("verb", verb),)))
         if spec.rest:
             args: tuple[str, ...] = (rest,) if sep else ()
         else:
             args = tuple(rest.split()) if sep else ()
         problem = spec.check(args)
-        if problem:
-            return Rejected(err(f"{verb}: {problem}", spec.code))
+        if problem is not None:
+            return _rejected(Text(PROBLEM, (("verb", verb), ("problem", problem))), spec.code)
         return Command(verb, args)

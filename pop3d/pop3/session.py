@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from pop3d.net.limits import Refused
 from pop3d.net.tls import peer_identity
+from pop3d.pop3 import catalog
 from pop3d.pop3.context import ServerContext
 from pop3d.pop3.handlers import Pop3Handler
 from pop3d.pop3.protocol import MAX_SASL_LINE, CommandParser, LineBuffer, Rejected, err
@@ -62,8 +63,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("pop3d.pop3.session")
 
 _PARSER = CommandParser()
-INTERNAL_ERROR = err("internal server error", "SYS/TEMP")
-TOO_MANY_BAD = err("too many bad commands, closing connection")
+# the English lines (the session's own come from its handler's catalog texts, pop3d.pop3.catalog)
+INTERNAL_ERROR = catalog.texts("en").internal_error
+TOO_MANY_BAD = catalog.texts("en").too_many_bad
 
 
 class Pop3Session(asyncio.Protocol):
@@ -163,14 +165,15 @@ class Pop3Session(asyncio.Protocol):
         metrics or log line), so connection_lost has nothing to undo."""
         log.info("connection refused rip=%s: %s", rip, why)
         self._closed = self._deaf = True
-        self.transport.write(err(f"{why}, try again later", "SYS/TEMP"))  # RFC 3206 §4
+        # before any handler: in server.language, ASCII (RFC 6856 §2.1); RFC 3206 §4 [SYS/TEMP]
+        self.transport.write(catalog.texts(self.ctx.settings.server.language).refused(why))
         self.transport.close()
 
     def evict(self) -> None:
         """The connection limits close this unauthenticated session to admit a newer one (pop3d.net.limits)."""
         if self._end_reason is None:
             self._end_reason = "evicted: too many connections"
-        self._close(err("too many connections, try again later", "SYS/TEMP"))
+        self._close(self._texts().too_many_connections)
 
     def data_received(self, data: bytes) -> None:
         self._last_active = self._loop.time()
@@ -281,15 +284,16 @@ class Pop3Session(asyncio.Protocol):
                     result = handler.sasl_line(mech, line)
                 except Exception:
                     log.exception("internal error in SASL exchange rip=%s session=%s", handler.peer, handler.sid)
-                    result = Reply(INTERNAL_ERROR)
+                    result = Reply(handler.texts.internal_error)
             else:
                 event = self.parser.parse(line, handler.state)
                 if isinstance(event, Rejected):
-                    out.append(event.reply)
-                    room -= len(event.reply)
+                    reply = handler.texts.rejection(event)
+                    out.append(reply)
+                    room -= len(reply)
                     self._bad += 1
                     if self._bad >= max_bad:
-                        out.append(TOO_MANY_BAD)
+                        out.append(handler.texts.too_many_bad)
                         self._closing = True
                         self._end_reason = "too many bad commands"
                     continue
@@ -299,7 +303,7 @@ class Pop3Session(asyncio.Protocol):
                     result = handler.dispatch(event)
                 except Exception:
                     log.exception("internal error in session user=%s session=%s", self._user(), handler.sid)
-                    result = Reply(INTERNAL_ERROR)
+                    result = Reply(handler.texts.internal_error)
                 if metrics is not None:
                     if isinstance(result, (Pending, Stream)):
                         self._verb, self._t0 = event.verb, t0  # timed when the reply is complete
@@ -378,7 +382,7 @@ class Pop3Session(asyncio.Protocol):
             raise
         except Exception:
             log.exception("internal error in session user=%s session=%s", self._user(), handler.sid)
-            self._write(INTERNAL_ERROR)
+            self._write(handler.texts.internal_error)
         if self._verb:
             self.ctx.metrics.command(self._verb, perf_counter() - self._t0)
             self._verb = ""
@@ -468,7 +472,7 @@ class Pop3Session(asyncio.Protocol):
             log.warning("read failed user=%s msg=%d session=%s: %s", self._user(), s.index + 1, handler.sid, exc)
             self.ctx.metrics.storage_error("read")
             code = exc.code if isinstance(exc, StorageError) else "SYS/TEMP"  # RFC 3206 §4
-            self._write(err(f"message {s.index + 1} cannot be read now", code))
+            self._write(err(handler.texts.read_failed(s.index + 1), code))
             return
         enc = s.encoder
         sent = 0
@@ -529,14 +533,14 @@ class Pop3Session(asyncio.Protocol):
                 self._arm_timer()
                 return
             self._end_reason = "login timeout"
-            self._close(err("login timeout: log in sooner"))
+            self._close(handler.texts.login_timeout)
             return
         if now - self._last_active < s.timeout or (self._busy and handler.state is State.UPDATE):
             self._arm_timer()
             return
         # RFC 1939 §3: autologout; the session does not enter UPDATE, nothing is deleted
         self._end_reason = "autologout"
-        self._close(err("autologout: idle for too long"))
+        self._close(handler.texts.autologout)
 
     async def _finish(self) -> None:
         handler = self.handler
@@ -552,6 +556,11 @@ class Pop3Session(asyncio.Protocol):
         handler.end_reason = self._end_reason or "disconnected"
         self.ctx.log_session_end(handler)
 
+    def _texts(self) -> catalog.Texts:
+        """The session's reply language (server.language when no handler exists yet)."""
+        h = self.handler
+        return h.texts if h is not None else catalog.texts(self.ctx.settings.server.language)
+
     def _user(self) -> str:
         h = self.handler
         return h.user.name if h is not None and h.user is not None else "-"
@@ -561,7 +570,7 @@ class Pop3Session(asyncio.Protocol):
         if not self._closed:
             if self._end_reason is None:
                 self._end_reason = "server shutdown"
-            self._close(err("server shutting down", "SYS/TEMP"))
+            self._close(self._texts().shutting_down)
 
 
 def _address(sockname: object) -> str:
