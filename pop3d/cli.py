@@ -57,6 +57,15 @@ def _check_runtime(settings: Settings) -> None:
                 pass
     except OSError as exc:
         raise ConfigError(f"auth.passwd_file: cannot read {path}: {exc.strerror}") from None
+    if settings.poppassd.listen:  # new passwords are hashed with it: an unusable scheme must not wait for one
+        from pop3d.auth import schemes
+
+        entry = schemes.REGISTRY.entry(settings.auth.default_scheme)
+        if entry is None or entry.hash is None:
+            raise ConfigError(
+                f"auth.default_scheme: {settings.auth.default_scheme} cannot hash new passwords "
+                f"(choose from {', '.join(schemes.SCHEMES)})"
+            )
     if settings.tls.cert is not None:  # load the PEM files now: a bad key must not wait for the first client
         import ssl
 

@@ -162,6 +162,15 @@ class SessionSettings(_Section):
         return v
 
 
+class PasswordPolicySettings(_Section):
+    """What a new password must be (poppassd; pop3d.auth.policy applies it). Longest: auth.max_password_length."""
+
+    #: characters (code points) a new password needs at least
+    min_length: int = Field(10, ge=1, le=1024)
+    #: refuse a new password that contains the user name (ignoring case; names of 3 characters or more)
+    refuse_user_name: bool = True
+
+
 class AuthSettings(_Section):
     #: "passwd-file": a Dovecot passwd-file (auth.passwd_file); "postgres": the users table (auth.dsn)
     driver: Literal["passwd-file", "postgres"] = "passwd-file"
@@ -187,6 +196,18 @@ class AuthSettings(_Section):
     cache_ttl: float = Field(3600.0, ge=0)
     #: entries of that cache (40 octets each, shared by the workers; the oldest go first); 0 = off. Restart.
     cache_size: int = Field(100_000, ge=0, le=4_194_304)
+    #: the scheme new passwords are hashed with (poppassd); must be one `pop3d passwd --scheme` offers
+    default_scheme: str = "ARGON2ID"
+    #: what a new password must be (poppassd)
+    password_policy: PasswordPolicySettings = Field(default_factory=PasswordPolicySettings)
+
+    @field_validator("default_scheme")
+    @classmethod
+    def _check_scheme(cls, v: str) -> str:
+        v = v.strip().upper()
+        if not v or any(c in v for c in "{}:"):
+            raise ValueError("must be a scheme name such as ARGON2ID")
+        return v
 
     @field_validator("mechanisms")
     @classmethod
@@ -305,6 +326,21 @@ class MetricsSettings(_Section):
         return v or None
 
 
+class PoppassdSettings(_Section):
+    #: "host:port" addresses of the poppassd service (password changes; usually ":106"), implicit TLS with the
+    #: [tls] certificate on every one; [] = no poppassd
+    listen: list[str] = Field(default_factory=list)
+    #: seconds one poppassd conversation may take from connect, whatever the client sends meanwhile
+    timeout: float = Field(60.0, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: list[str]) -> list[str]:
+        for item in v:
+            parse_hostport(item)
+        return v
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build with `load_settings(path)`."""
 
@@ -317,6 +353,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    poppassd: PoppassdSettings = Field(default_factory=PoppassdSettings)
 
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:
@@ -325,6 +362,8 @@ class Settings(BaseSettings):
             raise ValueError("tls.cert and tls.key: set both or neither")
         if self.server.tls_listen and t.cert is None:
             raise ValueError("server.tls_listen needs tls.cert and tls.key")
+        if self.poppassd.listen and t.cert is None:
+            raise ValueError("poppassd.listen needs tls.cert and tls.key: poppassd runs over implicit TLS only")
         if "EXTERNAL" in self.auth.mechanisms and t.client_ca is None:
             raise ValueError("auth.mechanisms: EXTERNAL needs tls.client_ca (client certificates)")
         return self._migrate_expire()
@@ -423,6 +462,14 @@ def _env_value(var: str, section: str, key: str, raw: str) -> Any:
             example = json.dumps(info.get_default(call_default_factory=True) or ["..."])
             raise ConfigError(f"{var}={raw!r}: {section}.{key} takes a JSON list, e.g. {var}='{example}'")
         return value
+    if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):  # a nested table
+        try:
+            table = json.loads(raw)
+        except ValueError:
+            table = None
+        if not isinstance(table, dict):
+            raise ConfigError(f"{var}={raw!r}: {section}.{key} takes a JSON object, e.g. {var}='{{\"key\": 1}}'")
+        return table
     if raw == "" and _is_optional(info.annotation):
         return None
     return raw

@@ -29,7 +29,7 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import Final, NamedTuple, TypeVar
 
-from pop3d.auth import schemes
+from pop3d.auth import passwd_write, schemes
 from pop3d.auth.base import Credentials, User
 from pop3d.auth.hashed import DEFAULT_MAX_PASSWORD_LENGTH, MAX_NAME_OCTETS, HashedSecrets, plausible_name
 
@@ -232,6 +232,25 @@ class PasswdFileAuthenticator(HashedSecrets):
     async def user_names(self) -> list[str]:
         await self._refresh()
         return sorted(self._users)
+
+    async def set_secret(self, name: str, secret: str) -> bool:
+        """Replace `name`'s password field by `secret` (`{SCHEME}...`, already hashed) in the file, atomically
+        and under the writer lock (pop3d.auth.passwd_write); False when the file has no entry for `name`.
+
+        Other workers see the new file at their next check (within `min_check_interval`); this one re-reads
+        it at its next lookup. Raises OSError when the file cannot be rewritten.
+        """
+
+        def is_entry(line: str) -> bool:
+            try:
+                return _parse_line(line).user.name == name
+            except _Malformed:
+                return False
+
+        changed = await asyncio.to_thread(passwd_write.replace_secret, self._path, name, secret, is_entry)
+        if changed:
+            self._last_check = float("-inf")  # look at the file at the next lookup, not in a second
+        return changed
 
     def reload_soon(self) -> None:
         """Re-read the file at the next lookup even if its stat looks unchanged (SIGHUP)."""

@@ -42,10 +42,11 @@ def address_text(host: str, port: int) -> str:
 
 
 def open_listeners(
-    listen: Sequence[str], tls_listen: Sequence[str], copies: int = 1
+    listen: Sequence[str], tls_listen: Sequence[str], copies: int = 1, poppassd_listen: Sequence[str] = ()
 ) -> tuple[list[list[Inherited]], list[tuple[str, int, bool]]]:
     """`copies` sets of bound sockets for every address; and the concrete (host, port, implicit TLS)
-    addresses (a configured port 0 becomes the port the kernel chose, the same in every set).
+    addresses of the POP3 listeners (a configured port 0 becomes the port the kernel chose, the same in every
+    set). `poppassd_listen` sockets (kind "poppassd") are in the sets, not in the addresses.
 
     With one copy the sockets are exclusive (no SO_REUSEPORT). Raises ListenError.
     """
@@ -53,9 +54,10 @@ def open_listeners(
     resolved: list[tuple[str, int, bool]] = []
     item = ""
     try:
-        for item, implicit in [(i, False) for i in listen] + [(i, True) for i in tls_listen]:
+        kinds = [(i, "plain") for i in listen] + [(i, "tls") for i in tls_listen]
+        for item, kind in kinds + [(i, "poppassd") for i in poppassd_listen]:
             host, port = parse_hostport(item)
-            kind = "tls" if implicit else "plain"
+            implicit = kind == "tls"
             for family, stype, proto, _, addr in socket.getaddrinfo(
                 host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             ):
@@ -72,7 +74,8 @@ def open_listeners(
                     s.bind((addr[0], port, *addr[2:]))
                     port = s.getsockname()[1]  # port 0: the other copies and families take the chosen one
                     s.setblocking(False)  # listen(): by the process that serves it (Pop3Server.start)
-            resolved.append((host, port, implicit))
+            if kind != "poppassd":
+                resolved.append((host, port, implicit))
     except OSError as exc:
         close(sets)
         if isinstance(exc, ListenError):

@@ -30,6 +30,7 @@ LIVE: dict[str, set[str]] = {
     "storage": {"location", "mark_seen", "expire_days"},
     "log": {"*"},
     "tls": {"*"},  # re-read by TlsManager.reload for new handshakes; sessions keep theirs
+    "poppassd": {"timeout"},
 }
 
 

@@ -93,6 +93,7 @@ class Pop3Server:
         self._listener_ssl = listener_ssl
         self.servers: list[asyncio.base_events.Server] = []
         self.tls_servers: list[asyncio.base_events.Server] = []  # the implicit-TLS subset of `servers`
+        self.poppassd_servers: list[asyncio.base_events.Server] = []  # poppassd.listen (not in `servers`)
         self._background: set[asyncio.Future[Any]] = set()
         self.inherited = inherited or []
         # AUTH always; STLS only when TLS is configured (RFC 2595 §4: otherwise it is an unknown command)
@@ -126,6 +127,45 @@ class Pop3Server:
             lambda: ctx.settings.session.timeout_authorization,
             self._tls_options(),
         )
+
+    def poppassd_protocol(self) -> asyncio.Protocol:
+        """A poppassd connection (pop3d.poppassd): implicit TLS, with the POP3 sessions' limits and penalty."""
+        from pop3d.poppassd.session import PoppassdSession
+
+        return PoppassdSession(self.ctx)
+
+    async def _poppassd_listener(self, sock: socket.socket | None, host: str = "", port: int = 0) -> None:
+        """One poppassd listener on `sock` (bound already) or host:port: implicit TLS, behind the PROXY
+        header when `server.proxy_protocol` is on, as the POP3 implicit-TLS listeners."""
+        from pop3d.poppassd.session import PoppassdSession
+
+        ctx = self.ctx
+        cfg = ctx.settings.server
+        if cfg.proxy_protocol:
+            for s in [sock] if sock is not None else bind(host, port, cfg.backlog):
+                self.poppassd_servers.append(
+                    ProxiedTlsListener(  # type: ignore[arg-type]
+                        s,
+                        lambda rip: PoppassdSession(ctx, peer=rip),
+                        lambda: tuple(ctx.settings.server.proxy_trusted),
+                        lambda: ctx.settings.poppassd.timeout,
+                        self._tls_options(),
+                    )
+                )
+            return
+        loop = asyncio.get_running_loop()
+        if sock is not None:
+            backlog: dict[str, Any] = {} if self._activated else {"backlog": cfg.backlog}
+            srv = await loop.create_server(self.poppassd_protocol, sock=sock, **backlog, **self._tls_options())
+        else:
+            srv = await loop.create_server(
+                self.poppassd_protocol, host or None, port, backlog=cfg.backlog, reuse_address=True,
+                **self._tls_options(),
+            )  # fmt: skip
+        self.poppassd_servers.append(srv)
+
+    def poppassd_addresses(self) -> list[tuple[str, int]]:
+        return [s.getsockname()[:2] for srv in self.poppassd_servers for s in srv.sockets]
 
     def _tls_options(self) -> dict[str, Any]:
         assert self.ctx.tls is not None  # config validation guarantees it
@@ -172,7 +212,10 @@ class Pop3Server:
             self.servers.append(srv)
             if implicit:
                 self.tls_servers.append(srv)
+        for item in self.ctx.settings.poppassd.listen:
+            await self._poppassd_listener(None, *parse_hostport(item))
         log.log(self._info, "listening on %s", ", ".join(self.addresses_text()))
+        self._log_poppassd()
 
     async def _start_inherited(self) -> None:
         loop = asyncio.get_running_loop()
@@ -181,6 +224,9 @@ class Pop3Server:
         for inh in self.inherited:
             if not self._activated:  # bound before the drop (pop3d.runtime.listeners), listening from now
                 inh.sock.listen(self.ctx.settings.server.backlog)
+            if inh.kind == "poppassd":
+                await self._poppassd_listener(inh.sock)
+                continue
             if inh.kind == "tls":
                 if self.ctx.tls is None:
                     raise ActivationError(f"systemd passed a {inh.name!r} socket but tls.cert/tls.key are not set")
@@ -200,6 +246,12 @@ class Pop3Server:
             )
         else:
             log.log(self._info, "listening on %s", ", ".join(self.addresses_text()))
+        self._log_poppassd()
+
+    def _log_poppassd(self) -> None:
+        if self.poppassd_servers:
+            where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.poppassd_addresses())
+            log.log(self._info, "poppassd listening on %s (implicit TLS)", where)
 
     def addresses(self) -> list[tuple[str, int]]:
         """The bound (host, port) pairs; with port 0 in the config, the ports the kernel chose."""
@@ -214,7 +266,7 @@ class Pop3Server:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, wait up to `grace` seconds for sessions, then cut the rest."""
         grace = self.ctx.settings.server.shutdown_grace if grace is None else grace
-        for srv in self.servers:
+        for srv in self.servers + self.poppassd_servers:
             srv.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
@@ -229,7 +281,7 @@ class Pop3Server:
             cutoff = loop.time() + 5
             while self.ctx.sessions and loop.time() < cutoff:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        for srv in self.servers:
+        for srv in self.servers + self.poppassd_servers:
             await srv.wait_closed()
         self.ctx.metrics.stop_flushing()
         log.info("stopped")

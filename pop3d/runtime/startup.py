@@ -73,15 +73,17 @@ def prepare(settings: Settings, copies: int) -> Prepared:
         from pop3d.net.tls import TlsManager
 
         tls = TlsManager(settings.tls)
-        if settings.server.tls_listen or tls_socket is not None:
+        if settings.server.tls_listen or settings.poppassd.listen or tls_socket is not None:
             listener_ssl = tls.listener_context()
     if inherited:
         prepared = Prepared(
-            [inherited] * copies, [(*i.sock.getsockname()[:2], i.kind == "tls") for i in inherited], True
+            [inherited] * copies,
+            [(*i.sock.getsockname()[:2], i.kind == "tls") for i in inherited if i.kind != "poppassd"],
+            True,
         )
     else:
         cfg = settings.server
-        slots, addresses = open_listeners(cfg.listen, cfg.tls_listen, copies)
+        slots, addresses = open_listeners(cfg.listen, cfg.tls_listen, copies, settings.poppassd.listen)
         prepared = Prepared(slots, addresses, False)
     prepared.tls, prepared.listener_ssl = tls, listener_ssl
     if settings.metrics.listen:

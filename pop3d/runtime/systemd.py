@@ -28,7 +28,7 @@ log = logging.getLogger("pop3d")
 
 SD_LISTEN_FDS_START: Final = 3
 #: FileDescriptorName= → listener kind
-FD_KINDS: Final = {"pop3": "plain", "pop3s": "tls"}
+FD_KINDS: Final = {"pop3": "plain", "pop3s": "tls", "poppassd": "poppassd"}
 #: names systemd gives sockets nobody named: "unknown", or the socket unit's own name (`*.socket`)
 _UNNAMED: Final = ("unknown", "")
 
