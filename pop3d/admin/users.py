@@ -23,7 +23,7 @@ from pop3d.admin.common import (
 )
 from pop3d.auth import schemes
 from pop3d.auth.hashed import plausible_name
-from pop3d.config import ConfigError
+from pop3d.config import ConfigError, Settings
 
 _ADD = """
 INSERT INTO users (name, secret) VALUES ($1, $2)
@@ -46,8 +46,8 @@ def _name(name: str) -> str:
     return name
 
 
-def _secret(args: argparse.Namespace) -> str:
-    scheme = args.scheme.upper()
+def _secret(args: argparse.Namespace, settings: Settings) -> str:
+    scheme = (args.scheme or settings.auth.default_scheme).upper()
     if scheme not in schemes.SCHEMES:
         raise ConfigError(f"--scheme: unknown scheme {args.scheme!r} (choose from {', '.join(schemes.SCHEMES)})")
     password = read_password(args.password_stdin)
@@ -59,7 +59,7 @@ def _secret(args: argparse.Namespace) -> str:
 
 def cmd_user_add(args: argparse.Namespace) -> int:
     settings, name = settings_of(args), _name(args.name)
-    secret = _secret(args)
+    secret = _secret(args, settings)
 
     async def main() -> int:
         conn = await connect(users_dsn(settings))
@@ -78,7 +78,7 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
     from pop3d.auth.postgres import PostgresAuthenticator
 
     settings, name = settings_of(args), _name(args.name)
-    secret = _secret(args)
+    secret = _secret(args, settings)
 
     async def main() -> int:
         db = database(users_dsn(settings), settings)
@@ -149,7 +149,7 @@ def add_parsers(sub: Any) -> None:
     def with_password(p: Any) -> None:
         p.add_argument("name", help="user name")
         p.add_argument(
-            "--scheme", default=schemes.DEFAULT_SCHEME, help=f"hash scheme (default {schemes.DEFAULT_SCHEME})"
+            "--scheme", default=None, help="hash scheme (default: auth.default_scheme, ARGON2ID unless configured)"
         )
         p.add_argument("--password-stdin", action="store_true", help="read the password as one line of standard input")
         add_config(p)
