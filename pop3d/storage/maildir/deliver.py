@@ -35,9 +35,9 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _counter = itertools.count(1)
 
 
-def host_part() -> str:
-    """This host's name as a Maildir name part: `/` and `:` escaped, as the Maildir specification says."""
-    return socket.gethostname().replace("/", "\\057").replace(":", "\\072") or "localhost"
+def host_part(host: str) -> str:
+    """A host name as a Maildir name part: `/` and `:` escaped, as the Maildir specification says."""
+    return host.replace("/", "\\057").replace(":", "\\072") or "localhost"
 
 
 def unique_name(size: int, wsize: int, now: float | None = None, host: str | None = None) -> str:
@@ -48,7 +48,7 @@ def unique_name(size: int, wsize: int, now: float | None = None, host: str | Non
     head = f"{sec}.M{usec:06d}P{os.getpid()}Q{next(_counter)}."
     tail = f",S={size},W={wsize}"
     room = max(MAX_UID - len(head) - len(tail), 1)
-    return head + (host or host_part())[:room] + tail
+    return head + host_part(socket.gethostname() if host is None else host)[:room] + tail
 
 
 def deliver_into(root_fd: int, owner: Owner, path: str, message: bytes) -> str:

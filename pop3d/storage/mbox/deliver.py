@@ -62,7 +62,7 @@ def entry(message: bytes, mboxrd: bool, now: float | None = None) -> bytes:
     """The octets appended for `message`: separator line, quoted LF message, final LF, padding line."""
     data = quote(stored_form(message), mboxrd)
     when = time.asctime(time.localtime(now))
-    end = b"\n" if data.endswith(b"\n") else b"\n\n"
+    end = b"\n" if not data or data.endswith(b"\n") else b"\n\n"
     return b"From %s %s\n%s%s" % (envelope_sender(message).encode("ascii"), when.encode("ascii"), data, end)
 
 
@@ -72,7 +72,8 @@ def _open_spool(spool: str, uid: int | None, gid: int | None) -> int:
     try:
         fd, st = open_regular(spool, flags=_OPEN)
     except FileNotFoundError:
-        fd, st = open_regular(spool, flags=_OPEN | os.O_CREAT | os.O_EXCL)  # EEXIST: a race; the MTA retries
+        fd = os.open(spool, _OPEN | os.O_CREAT | os.O_EXCL, 0o600)  # EEXIST: a race; the MTA retries
+        st = os.fstat(fd)
         created = True
     try:
         owner = Owner.of(uid, gid, st)
