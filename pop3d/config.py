@@ -341,6 +341,46 @@ class PoppassdSettings(_Section):
         return v
 
 
+class LmtpSettings(_Section):
+    """LMTP delivery (RFC 2033, pop3d.lmtp): an MTA hands mail to pop3d, which stores it with the storage driver."""
+
+    #: LMTP listeners, e.g. ["127.0.0.1:24"]; [] = no LMTP. Never a PROXY header here (the MTA connects itself)
+    listen: list[str] = Field(default_factory=list)
+    #: peers allowed to deliver (CIDRs); anyone else hears 554 and is disconnected
+    trusted: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    #: which part of RCPT TO names the user: "localpart" (bob@example.org -> bob) or "address" (all of it)
+    recipient: Literal["localpart", "address"] = "localpart"
+    #: "+" makes bob+lists@example.org bob's mail (the part from the first such character is cut); "" = off
+    recipient_delimiter: str = Field("", max_length=8)
+    #: largest message accepted, in octets (advertised as SIZE, RFC 1870); larger ones get 552 5.3.4
+    max_message_size: int = Field(50 * 1024 * 1024, ge=1024)
+    #: recipients of one transaction; more get 452 4.5.3 and the MTA sends them in another (RFC 5321 §4.5.3.1.8)
+    max_recipients: int = Field(100, ge=1)
+    #: LMTP connections one worker serves at once; more hear 421 4.3.2 and are closed
+    max_connections: int = Field(64, ge=1)
+    #: seconds an MTA may stay silent (between commands, inside DATA) before the connection is closed
+    timeout: float = Field(300.0, gt=0)
+    #: prepend "Return-Path:" (the envelope sender) and "Received:" to each stored message
+    trace_headers: bool = True
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: list[str]) -> list[str]:
+        for item in v:
+            parse_hostport(item)
+        return v
+
+    @field_validator("trusted")
+    @classmethod
+    def _check_networks(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an address or CIDR network") from None
+        return v
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build with `load_settings(path)`."""
 
@@ -354,6 +394,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     poppassd: PoppassdSettings = Field(default_factory=PoppassdSettings)
+    lmtp: LmtpSettings = Field(default_factory=LmtpSettings)
 
     @model_validator(mode="after")
     def _check_tls(self) -> Settings:

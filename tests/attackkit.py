@@ -161,6 +161,8 @@ class Pop3dProcess:
                 raise AssertionError(f"pop3d exited {self.proc.returncode} at start:\n{self.output()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    if self.sections["server"].get("proxy_protocol"):
+                        s.sendall(b"PROXY UNKNOWN\r\n")  # a trusted peer (127.0.0.1) must send a header first
                     if s.recv(512).startswith(b"+OK"):
                         break
             except OSError:

@@ -25,6 +25,7 @@ from pop3d.net.proxy_tls import ProxiedTlsListener, bind
 from pop3d.pop3.context import ServerContext, SharedState, process_local
 from pop3d.pop3.protocol import CommandParser
 from pop3d.pop3.session import Pop3Session
+from pop3d.runtime.listeners import address_text
 from pop3d.runtime.startup import Bound
 from pop3d.runtime.systemd import ActivationError, Inherited
 from pop3d.storage import build_storage
@@ -320,6 +321,15 @@ async def serve(
     ctx = build_context(settings, shared, bound.tls)
     server = Pop3Server(ctx, bound.sockets, bound.activated, bound.listener_ssl, worker=worker)
     await server.start()
+    lmtp = None
+    if bound.lmtp:  # LMTP delivery (RFC 2033) beside POP3: never behind a PROXY header
+        from pop3d.lmtp.service import LmtpService
+
+        lmtp = LmtpService(
+            lambda: ctx.settings.lmtp, lambda: ctx.auth, lambda: ctx.storage, lambda: ctx.settings.server.hostname
+        )
+        await lmtp.start([inh.sock for inh in bound.lmtp], ctx.settings.server.backlog)
+        log.log(info, "LMTP on %s", ", ".join(address_text(h, p) for h, p in lmtp.addresses()))
     endpoint = bound.metrics
     if endpoint is not None:
         if isinstance(ctx.metrics, metrics.Metrics):
@@ -358,7 +368,10 @@ async def serve(
     await stop.wait()
     systemd.notify("STOPPING=1", "STATUS=draining sessions")
     log.info("signal received, stopping (grace %.0f s)", ctx.settings.server.shutdown_grace)
-    await server.stop()
+    if lmtp is not None:
+        await asyncio.gather(server.stop(), lmtp.stop(ctx.settings.server.shutdown_grace))
+    else:
+        await server.stop()
     if watchdog is not None:
         watchdog.cancel()
     if endpoint is not None:

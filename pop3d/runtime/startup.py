@@ -30,6 +30,7 @@ class Bound:
     tls: TlsManager | None = None
     listener_ssl: ssl.SSLContext | None = None  # for implicit-TLS listeners
     metrics: MetricsEndpoint | None = None  # bound, not yet serving; None in workers
+    lmtp: list[Inherited] = field(default_factory=list)  # `lmtp.listen` (pop3d.lmtp.service), bound by us
 
 
 @dataclass
@@ -42,17 +43,25 @@ class Prepared:
     tls: TlsManager | None = None
     listener_ssl: ssl.SSLContext | None = None
     metrics: MetricsEndpoint | None = None
+    lmtp: list[list[Inherited]] = field(default_factory=list)  # one set per worker slot, like `slots`
     closed: bool = field(default=False, init=False)
 
     def for_slot(self, slot: int, with_metrics: bool = False) -> Bound:
         return Bound(
-            self.slots[slot], self.activated, self.tls, self.listener_ssl, self.metrics if with_metrics else None
+            self.slots[slot],
+            self.activated,
+            self.tls,
+            self.listener_ssl,
+            self.metrics if with_metrics else None,
+            self.lmtp[slot] if self.lmtp else [],
         )
 
     def close_listeners(self) -> None:
         """Our own copies of the bound sockets (systemd's stay: the manager owns them)."""
-        if not self.activated and not self.closed:
-            close(self.slots)
+        if not self.closed:
+            if not self.activated:
+                close(self.slots)
+            close(self.lmtp)  # always pop3d's own, even when systemd passed the POP3 sockets
             self.closed = True
 
     def close(self) -> None:
@@ -86,6 +95,12 @@ def prepare(settings: Settings, copies: int) -> Prepared:
         slots, addresses = open_listeners(cfg.listen, cfg.tls_listen, copies, settings.poppassd.listen)
         prepared = Prepared(slots, addresses, False)
     prepared.tls, prepared.listener_ssl = tls, listener_ssl
+    if settings.lmtp.listen:
+        try:
+            prepared.lmtp, _ = open_listeners(settings.lmtp.listen, [], copies)
+        except ListenError as exc:
+            prepared.close()
+            raise ListenError(exc.errno, f"lmtp.listen {exc}") from None
     if settings.metrics.listen:
         from pop3d.ops.endpoint import MetricsEndpoint
 

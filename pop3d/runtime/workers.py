@@ -147,6 +147,10 @@ class Supervisor:
                     if other != slot and not self.prepared.activated:
                         for inh in sockets:
                             inh.sock.close()
+                for other, sockets in enumerate(self.prepared.lmtp):  # LMTP (pop3d.lmtp.service): the same
+                    if other != slot:
+                        for inh in sockets:
+                            inh.sock.close()
                 if self.metrics_endpoint is not None:
                     self.metrics_endpoint.close_socket()
                 for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor speaks

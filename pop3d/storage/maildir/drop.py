@@ -53,9 +53,11 @@ from pop3d.storage.base import (
     StorageError,
     TemporaryError,
 )
+from pop3d.storage.delivery import temporary
 from pop3d.storage.location import expand, has_fields
 from pop3d.storage.locking import MaildropLock
 from pop3d.storage.maildir import scan, uidlist
+from pop3d.storage.maildir.deliver import deliver_into
 from pop3d.storage.maildir.names import split_name, with_seen
 from pop3d.storage.maildir.sizecache import SIZE_CACHE, SizeCache
 from pop3d.storage.offload import ThreadHop
@@ -129,6 +131,12 @@ class MaildirStorage(Storage):
             return RefusedMaildrop(exc)
         return MaildirDrop(path, mark_seen=self.mark_seen, anchor=anchor, uid=user.uid, gid=user.gid,
                            expire_days=self.expire_days, clock=self.clock)  # fmt: skip
+
+    async def deliver(self, user: User, message: bytes) -> None:
+        """LMTP (RFC 2033): tmp/ then new/, fsynced, without the session lock (pop3d.storage.maildir.deliver).
+        PermanentError only for a user who can never have a maildir; every other failure is temporary."""
+        drop = MaildirDrop(self.path_for(user), anchor=self.anchor_for(user), uid=user.uid, gid=user.gid)
+        await asyncio.to_thread(drop.deliver_sync, message)
 
 
 class MaildirDrop(Maildrop):
@@ -340,6 +348,17 @@ class MaildirDrop(Maildrop):
                 os.close(fd)
                 raise
         return fd
+
+    def deliver_sync(self, message: bytes) -> str:
+        """Store a new message (MaildirStorage.deliver) in the maildir, created if missing; its key."""
+        try:
+            root_fd, _ = self._open_root()
+        except Exception as exc:
+            raise temporary(exc, f"maildir {self.path}") from exc
+        try:
+            return deliver_into(root_fd, self.owner, self.path, message)
+        finally:
+            os.close(root_fd)
 
     # ---- reading ----------------------------------------------------------------------------------------
 

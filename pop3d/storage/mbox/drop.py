@@ -60,6 +60,7 @@ from pop3d.storage.location import expand, has_fields
 from pop3d.storage.locking import MaildropLock
 from pop3d.storage.maildir import uidlist
 from pop3d.storage.mbox import commit as mbox_commit
+from pop3d.storage.mbox import deliver as mbox_deliver
 from pop3d.storage.mbox.format import HEAD, Entry, NotMbox, Unquoter, digest, scan, unquote
 from pop3d.storage.mbox.index import TAIL, SpoolIndex
 from pop3d.storage.mbox.spool_lock import SpoolLock
@@ -98,6 +99,13 @@ class MboxStorage(Storage):
             return RefusedMaildrop(exc)
         base = os.path.join(self.index_dir, user.name) if self.index_dir else spool
         return MboxDrop(spool, base, self, uid=user.uid, gid=user.gid)
+
+    async def deliver(self, user: User, message: bytes) -> None:
+        """LMTP (RFC 2033): append under the spool's write locks, never the session lock (mbox.deliver).
+        PermanentError only for a user who can never have a spool; every other failure is temporary."""
+        spool = expand(self.location, user, "spool")
+        await mbox_deliver.deliver(spool, message, mboxrd=self.mboxrd, methods=self.write_locks,
+                                   lock_timeout=self.timeout, stale=self.stale, uid=user.uid, gid=user.gid)  # fmt: skip
 
     async def recover_interrupted(self) -> None:
         """At server start: settle every commit a crash interrupted, so a spool does not stay half-moved
