@@ -91,7 +91,7 @@ def test_names_and_passwords_are_saslprepped(clock: ClockLoop) -> None:
     say(c, "UTF8")
     say(c, "USER cafe\u0301")  # e + COMBINING ACUTE ACCENT
     assert say(c, "PASS pa\u0308ss\u00adwo\u0308rd")[-1].startswith("+OK café has".encode())
-    assert c.auth.calls[-1] == ("verify", "café")
+    assert ("verify", "café") in c.auth.calls  # the prepared name, not the decomposed one
     c2 = connect(clock)
     say(c2, "USER \uff41lice")  # FULLWIDTH LATIN SMALL LETTER A
     assert say(c2, "PASS wonder\u200bland")[-1].startswith(b"+OK alice has 1 message")
