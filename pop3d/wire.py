@@ -182,3 +182,53 @@ def encode_chunks(chunks: Iterable[bytes], max_lines: int | None = None) -> byte
 def top(raw: bytes, lines: int) -> bytes:
     """Whole-message TOP body: headers, blank line, `lines` body lines; stuffed and terminated."""
     return encode_chunks([raw], max_lines=lines)
+
+
+class LineBuffer:
+    """Splits a byte stream into lines, enforcing a maximum line length (POP3 commands, poppassd).
+
+    A line longer than `max_line` octets (CRLF included) is dropped as it streams in, so memory stays
+    bounded whatever the peer sends; when its end finally arrives, `None` is yielded in its place so the
+    caller can answer `-ERR`. Bare LF is accepted as a line end (lenient, as most servers are).
+    """
+
+    __slots__ = ("_buf", "_skipping", "max_line")
+
+    def __init__(self, max_line: int) -> None:
+        self._buf = b""
+        self._skipping = False
+        self.max_line = max_line
+
+    @property
+    def pending(self) -> int:
+        """Octets of an incomplete line held in memory."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        """Return complete lines (without line end) found in `data`; `None` marks an over-long line."""
+        out: list[bytes | None] = []
+        start = 0
+        # Only the new bytes are searched for LF: the held part is known to contain none.
+        nl = data.find(b"\n")
+        while nl != -1:
+            piece = data[start:nl]
+            if self._skipping:
+                self._skipping = False
+                self._buf = b""
+                out.append(None)
+            else:
+                line = self._buf + piece if self._buf else piece
+                self._buf = b""
+                # limit counts CRLF: content may be at most max_line - 2 octets (a bare LF line gets the same)
+                content = line[:-1] if line.endswith(b"\r") else line
+                out.append(content if len(content) + 2 <= self.max_line else None)
+            start = nl + 1
+            nl = data.find(b"\n", start)
+        rest = data[start:]
+        if rest and not self._skipping:
+            if len(self._buf) + len(rest) > self.max_line:
+                self._buf = b""
+                self._skipping = True
+            else:
+                self._buf += rest
+        return out

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from pop3d import wire
 from pop3d.pop3.state import State as State  # re-exported: the parser is handed the state
 
 CRLF = b"\r\n"
@@ -285,54 +286,13 @@ LANG_VERB = Verb(BOTH, _lang)  # RFC 6856 §3.1: valid in AUTHORIZATION and TRAN
 # Line splitting
 
 
-class LineBuffer:
-    """Splits a byte stream into command lines, enforcing a maximum line length.
+class LineBuffer(wire.LineBuffer):
+    """pop3d.wire.LineBuffer with POP3's limit by default: 255 octets per command line (RFC 2449 §4)."""
 
-    A line longer than `max_line` octets (CRLF included) is dropped as it streams in, so memory stays
-    bounded whatever the peer sends; when its end finally arrives, `None` is yielded in its place so the
-    caller can answer `-ERR`. Bare LF is accepted as a line end (lenient, as most servers are).
-    """
-
-    __slots__ = ("_buf", "_skipping", "max_line")
+    __slots__ = ()
 
     def __init__(self, max_line: int = MAX_COMMAND_LINE) -> None:
-        self._buf = b""
-        self._skipping = False
-        self.max_line = max_line
-
-    @property
-    def pending(self) -> int:
-        """Octets of an incomplete line held in memory."""
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> list[bytes | None]:
-        """Return complete lines (without line end) found in `data`; `None` marks an over-long line."""
-        out: list[bytes | None] = []
-        start = 0
-        # Only the new bytes are searched for LF: the held part is known to contain none.
-        nl = data.find(b"\n")
-        while nl != -1:
-            piece = data[start:nl]
-            if self._skipping:
-                self._skipping = False
-                self._buf = b""
-                out.append(None)
-            else:
-                line = self._buf + piece if self._buf else piece
-                self._buf = b""
-                # limit counts CRLF: content may be at most max_line - 2 octets (a bare LF line gets the same)
-                content = line[:-1] if line.endswith(b"\r") else line
-                out.append(content if len(content) + 2 <= self.max_line else None)
-            start = nl + 1
-            nl = data.find(b"\n", start)
-        rest = data[start:]
-        if rest and not self._skipping:
-            if len(self._buf) + len(rest) > self.max_line:
-                self._buf = b""
-                self._skipping = True
-            else:
-                self._buf += rest
-        return out
+        super().__init__(max_line)
 
 
 # ---------------------------------------------------------------------------------------------

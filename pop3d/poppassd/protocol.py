@@ -22,6 +22,8 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
+from pop3d.wire import LineBuffer as LineBuffer  # re-exported: the session splits lines with it
+
 #: octets of a line with its CRLF: "newpass " and the longest password (auth.max_password_length) must fit
 LINE_OVERHEAD: Final = len("newpass ") + 2
 
@@ -67,47 +69,6 @@ EMPTY_ARGUMENT: Final = {
     "pass": Bad(err("Password required.")),
     "newpass": Bad(err("New password required.")),
 }
-
-
-class LineBuffer:
-    """Splits a byte stream into lines of at most `max_line` octets (line end included); `None` stands for a
-    longer line, dropped as it streams in. LF or CRLF ends a line."""
-
-    __slots__ = ("_buf", "_skipping", "max_line")
-
-    def __init__(self, max_line: int) -> None:
-        self._buf = b""
-        self._skipping = False
-        self.max_line = max_line
-
-    @property
-    def pending(self) -> int:
-        return len(self._buf)
-
-    def feed(self, data: bytes) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        start = 0
-        nl = data.find(b"\n")
-        while nl != -1:
-            piece = data[start:nl]
-            if self._skipping:
-                self._skipping = False
-                out.append(None)
-            else:
-                line = self._buf + piece
-                content = line[:-1] if line.endswith(b"\r") else line
-                out.append(content if len(content) + 2 <= self.max_line else None)
-            self._buf = b""
-            start = nl + 1
-            nl = data.find(b"\n", start)
-        rest = data[start:]
-        if rest and not self._skipping:
-            if len(self._buf) + len(rest) > self.max_line:
-                self._buf = b""
-                self._skipping = True
-            else:
-                self._buf += rest
-        return out
 
 
 def parse(line: bytes | None, step: Step) -> Command | Bad:
