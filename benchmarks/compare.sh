@@ -263,8 +263,9 @@ fi
 if [ "$IDLE_TLS" -gt 0 ]; then
   start_servers small
   echo "-- idle-tls-$IDLE_TLS: pop3d only, implicit TLS" >&2
+  ramp=$(( IDLE_TLS / 400 > 1 ? IDLE_TLS / 400 : 1 ))  # a full handshake each: 400 logins/s, not a burst
   pop3d bench "127.0.0.1:$P_TLS_PORT" --tls --report-only --users "$W/small/users.txt" --scenario idle -c "$IDLE_TLS" \
-    --procs "$(( PROCS > 2 ? PROCS : 2 ))" --duration $(( DURATION * 4 )) --ramp $(( DURATION * 2 )) --noop-interval 5 \
+    --procs "$(( PROCS > 2 ? PROCS : 2 ))" --duration $(( ramp + DURATION * 3 )) --ramp "$ramp" --noop-interval 5 \
     --server-pid "$P_PID" --timeout 60 --json > "$W/results/idle-tls-$IDLE_TLS-pop3d.json" || true
   stop_servers small
 fi

@@ -61,6 +61,8 @@ class TlsLayer(asyncio.Protocol):
         self._raw = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:  # the session closed: like a closed transport, deliver nothing more
+            return
         self._in.write(data)
         if self._app is None:
             self._handshake()
