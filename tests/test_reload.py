@@ -133,16 +133,16 @@ def test_bad_certificate_on_reload_changes_nothing(start_server, env, tmp_path, 
     caplog.set_level(logging.INFO)
     pki = Pki.make(tmp_path)
     st = start_server(tls=pki.tls_section())
-    before, context = st.ctx.settings, st.ctx.tls.context
+    before, context = st.ctx.settings, st.ctx.tls.current
     broken = tmp_path / "broken.pem"
     broken.write_text("not a certificate\n")
     assert (
         _reload(st, lambda: env.settings(tls={"cert": str(broken), "key": str(broken)}, session={"login_delay": 9}))
         is None
     )
-    assert st.ctx.settings is before and st.ctx.tls.context is context
+    assert st.ctx.settings is before and st.ctx.tls.current is context
     assert st.ctx.tls.settings.cert == pki.server_pem
     assert "TLS reload failed" in caplog.text and "reload failed, configuration unchanged: tls" in caplog.text
     fresh = Pki.make(tmp_path, "fresh")
     p = _reload(st, lambda: env.settings(tls=fresh.tls_section()))
-    assert p is not None and st.ctx.tls.context is not context and st.ctx.tls.settings.cert == fresh.server_pem
+    assert p is not None and st.ctx.tls.current is not context and st.ctx.tls.settings.cert == fresh.server_pem

@@ -12,7 +12,6 @@ import errno
 import re
 import ssl
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from pop3d.bench.client import ClientProtocol, Reply, connect, start_tls
@@ -42,6 +41,8 @@ class RunConfig:
     noop_interval: float = 5.0
     login: str = "user"  # one of pop3d.bench.names.LOGINS
     message_counts: dict[str, int] = field(default_factory=dict)  # pipelined: user -> count seen by STAT
+    resume: bool = False  # TLS: resume each user's previous session, as a mail client does
+    tls_sessions: dict[str, ssl.SSLSession] = field(default_factory=dict)  # resume: user -> newest session
     clients: int = 0  # concurrent clients of this generator process (idle: "all held" means this many)
 
 
@@ -50,13 +51,23 @@ def error_kind(verb: str, reply: Reply) -> str:
     return f"-ERR {verb} [{m[1].decode()}]" if m else f"-ERR {verb}"
 
 
-async def wait_reply(fut: Awaitable[Reply], verb: str, limit: float) -> Reply:
+def _expire(fut: asyncio.Future[Reply]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+async def wait_reply(fut: asyncio.Future[Reply], verb: str, limit: float) -> Reply:
+    """The reply, or BenchError after `limit` seconds. One timer handle, where asyncio.wait_for adds a
+    waiter future and callbacks per command: this is the generator's hottest await."""
+    timer = fut.get_loop().call_later(limit, _expire, fut)
     try:
-        return await asyncio.wait_for(fut, limit)
+        return await fut
     except TimeoutError:
         raise BenchError(f"timeout {verb}") from None
     except ConnectionError:
         raise BenchError(f"closed during {verb}") from None
+    finally:
+        timer.cancel()
 
 
 def check(stats: Stats, verb: str, reply: Reply, seconds: float) -> Reply:
@@ -78,14 +89,17 @@ async def command(
     return check(stats, verb, reply, reply.done - t0)
 
 
-async def open_connection(rc: RunConfig, stats: Stats, t0: float | None = None) -> ClientProtocol:
+async def open_connection(
+    rc: RunConfig, stats: Stats, t0: float | None = None, user: str | None = None
+) -> ClientProtocol:
     """Connect and read the greeting (latency `connect`, from `t0` when given: the scheduled arrival of an
     open-loop session, so a late start counts against the latency as a real client would see it), then
-    STLS if asked."""
+    STLS if asked. With `rc.resume`, the TLS handshake resumes `user`'s previous session (`remember`)."""
     t0 = time.perf_counter() if t0 is None else t0
+    session = rc.tls_sessions.get(user) if rc.resume and user is not None else None
     try:
         conn = await asyncio.wait_for(
-            connect(rc.host, rc.port, rc.ssl_context if rc.tls == "tls" else None, rc.server_hostname),
+            connect(rc.host, rc.port, rc.ssl_context if rc.tls == "tls" else None, rc.server_hostname, session),
             rc.timeout,
         )
     except TimeoutError:
@@ -103,7 +117,7 @@ async def open_connection(rc: RunConfig, stats: Stats, t0: float | None = None) 
             await command(conn, stats, rc, b"STLS")
             assert rc.ssl_context is not None
             try:
-                await asyncio.wait_for(start_tls(conn, rc.ssl_context, rc.server_hostname), rc.timeout)
+                await asyncio.wait_for(start_tls(conn, rc.ssl_context, rc.server_hostname, session), rc.timeout)
             except TimeoutError:
                 raise BenchError("timeout STLS handshake") from None
             except (ssl.SSLError, OSError) as exc:
@@ -111,4 +125,12 @@ async def open_connection(rc: RunConfig, stats: Stats, t0: float | None = None) 
     except BaseException:
         conn.abort()
         raise
+    if session is not None and conn.session_reused:
+        stats.tls_resumed += 1
     return conn
+
+
+def remember(rc: RunConfig, conn: ClientProtocol, user: str) -> None:
+    """After a session: keep its newest TLS session (TLS 1.3: the last ticket) for the user's next one."""
+    if rc.resume and (session := conn.session) is not None:
+        rc.tls_sessions[user] = session

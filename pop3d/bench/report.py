@@ -36,6 +36,7 @@ def result(
         "mb_per_s": round(stats.octets / elapsed / 1e6, 3),
         "received_mb_per_s": round(stats.received / elapsed / 1e6, 3),
         "held_max": stats.held_max,
+        "tls_resumed": stats.tls_resumed,
         "unfinished": stats.unfinished,
         "arrivals": stats.arrivals,
         "late": stats.late,
@@ -56,6 +57,7 @@ def table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
         f"{r['procs']} process(es), {r['duration_s']} s"
         + (f", rate {r['rate']}/s" if r.get("rate") else "")
         + (f", {r['tls']}" if r.get("tls") else "")
+        + (" (resuming sessions)" if r.get("resume") else "")
         + (f", login {r['login']}" if r.get("login", "user") != "user" else "")
         + "\n"
     )
@@ -68,6 +70,8 @@ def table(r: dict[str, Any], out: TextIO = sys.stdout) -> None:
     w(f"  sessions     {r['sessions']:>10}   {r['sessions_per_s']:>10.1f} /s   (logins {r['logins']})\n")
     w(f"  messages     {r['messages']:>10}   {r['messages_per_s']:>10.1f} /s\n")
     w(f"  data         {r['octets'] / 1e6:>10.1f} MB {r['mb_per_s']:>10.2f} MB/s\n")
+    if r.get("resume"):
+        w(f"  resumed      {r['tls_resumed']:>10}   TLS handshakes that resumed a session\n")
     if r["held_max"]:
         w(f"  held         {r['held_max']:>10}   sessions logged in at once (max)\n")
     if "server_memory" in r:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from pop3d.bench import logins
 from pop3d.bench.client import ClientProtocol, Reply
-from pop3d.bench.commands import BenchError, RunConfig, check, command, open_connection, wait_reply
+from pop3d.bench.commands import BenchError, RunConfig, check, command, open_connection, remember, wait_reply
 from pop3d.bench.names import SCENARIOS
 from pop3d.bench.stats import LATENCY_KEYS, Stats
 
@@ -163,9 +163,10 @@ async def one_session(
     t0 = time.perf_counter() if scheduled is None else scheduled
     conn: ClientProtocol | None = None
     try:
-        conn = await open_connection(rc, stats, t0)
+        conn = await open_connection(rc, stats, t0, user)
         await scenario(conn, stats, rc, user, password)  # returns only after the +OK to QUIT
         stats.record("session", time.perf_counter() - t0)
+        remember(rc, conn, user)
     except BenchError as exc:
         stats.errors[exc.kind] += 1
     finally:

@@ -28,7 +28,7 @@ LATENCY_KEYS: Final[tuple[str, ...]] = (
     "QUIT",
     "session",  # a whole successful session, start (open loop: scheduled arrival) to the +OK of QUIT
 )
-_COUNTS: Final = ("sessions", "logins", "messages", "octets", "received", "held_max", "unfinished")
+_COUNTS: Final = ("sessions", "logins", "messages", "octets", "received", "held_max", "unfinished", "tls_resumed")
 _OPEN_LOOP: Final = ("arrivals", "late", "not_started")
 
 
@@ -44,6 +44,7 @@ class Stats:
     held: int = 0  # idle: sessions logged in right now
     held_max: int = 0
     unfinished: int = 0  # sessions still running when the run ended (neither counted nor errors)
+    tls_resumed: int = 0  # TLS handshakes that resumed an earlier session (--resume)
     arrivals: int = 0  # open loop: sessions the schedule asked for
     late: int = 0  # open loop: arrivals that started late because every client (user) had a session open
     not_started: int = 0  # open loop: arrivals still waiting for a free client when the run ended

@@ -118,6 +118,14 @@ class Pop3Server:
         """Implicit-TLS listeners without PROXY protocol: the session right behind the TLS layer."""
         return Pop3Session(self.ctx, self.parser)
 
+    def _tls_layer(self) -> Callable[[], asyncio.Protocol]:
+        """Implicit TLS on pop3d.net.tls_layer (a TLS transport of the loop costs more memory per session)."""
+        from pop3d.net.tls_layer import TlsLayer
+
+        options = self._tls_options()
+        context, timeout = options["ssl"], options["ssl_handshake_timeout"]
+        return lambda: TlsLayer(self.tls_protocol, context, timeout)
+
     def _proxied_tls(self, sock: socket.socket) -> ProxiedTlsListener:
         """Implicit TLS behind a proxy: the header is read from the socket before TLS starts (proxy_tls)."""
         ctx, parser = self.ctx, self.parser
@@ -203,12 +211,11 @@ class Pop3Server:
                     self.tls_servers.append(listener)  # type: ignore[arg-type]
                 continue
             srv = await loop.create_server(
-                self.tls_protocol if implicit else self.protocol,
+                self._tls_layer() if implicit else self.protocol,
                 host or None,
                 port,
                 backlog=cfg.backlog,
                 reuse_address=True,
-                **(self._tls_options() if implicit else {}),
             )
             self.servers.append(srv)
             if implicit:
@@ -234,7 +241,7 @@ class Pop3Server:
                 if self.ctx.settings.server.proxy_protocol:
                     srv: Any = self._proxied_tls(inh.sock)
                 else:
-                    srv = await loop.create_server(self.tls_protocol, sock=inh.sock, **backlog, **self._tls_options())
+                    srv = await loop.create_server(self._tls_layer(), sock=inh.sock, **backlog)
                 self.servers.append(srv)
                 self.tls_servers.append(srv)
             else:
