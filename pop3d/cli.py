@@ -1,4 +1,4 @@
-"""The `pop3d` command: serve, check-config, health, passwd, bench, mkmaildrops.
+"""The `pop3d` command: serve, check-config, health, passwd, bench, mkmaildrops, db, user, import, uidl.
 
 Every failure ends in one line on stderr and one of these exit statuses (README "Exit status"), never a
 traceback for a mistake the operator can fix:
