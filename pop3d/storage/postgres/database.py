@@ -47,8 +47,15 @@ CONNECT_TIMEOUT: Final[float] = 10.0
 #: never collide with a maildrop lock, whose second key is the user's id
 LOCK_SPACE: Final[int] = 0x5033
 
-#: exceptions that mean "the database cannot be reached or failed this statement"
-DB_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+#: exceptions that mean "the database cannot be reached or failed this statement"; InternalClientError is
+#: what asyncpg raises for a connection the server has just terminated while it was in use
+DB_ERRORS: Final = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    asyncio.TimeoutError,
+)
 
 
 class LockHolder(Protocol):
