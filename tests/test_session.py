@@ -592,3 +592,25 @@ def test_shared_counts_add_up_workers_and_forget_a_dead_one() -> None:
     assert counts.of("192.0.2.1") == 1 and counts.of("192.0.2.9") == 0 and counts.totals() == (1, 1)
     for fd in (ready_r, ready_w, done_r, done_w):
         os.close(fd)
+
+
+class _DatabaseDown(FakeAuth):
+    async def lookup(self, name: str) -> Any:
+        raise ConnectionError("users table: connection refused")
+
+    async def verify(self, name: str, password: str) -> Any:
+        raise ConnectionError("users table: connection refused")
+
+
+def test_unreachable_user_database_is_sys_temp_with_one_log_line(clock: ClockLoop, caplog: Any) -> None:
+    """A user database that cannot be reached (PostgreSQL restarting) is the server's trouble, said as such
+    (RFC 3206 SYS/TEMP: try later) and logged as one warning, not as an internal error with a traceback."""
+    c = connect(clock, fake_auth=_DatabaseDown())
+    with caplog.at_level(logging.WARNING):
+        c.send(b"USER alice\r\nPASS secret\r\n")
+    assert c.lines()[-1].startswith(b"-ERR [SYS/TEMP]")
+    warnings = [r for r in caplog.records if "user database unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is None
+    assert not any(r.exc_info for r in caplog.records)
+    c.send(b"QUIT\r\n")
+    assert c.lines()[-1].startswith(b"+OK")

@@ -380,6 +380,9 @@ class Pop3Session(asyncio.Protocol):
                 self._write(resolved.data)
         except asyncio.CancelledError:
             raise
+        except ConnectionError as exc:  # a user database that cannot be reached (PostgreSQL down): no traceback
+            log.warning("user database unavailable user=%s session=%s: %s", self._user(), handler.sid, exc)
+            self._write(handler.texts.internal_error)
         except Exception:
             log.exception("internal error in session user=%s session=%s", self._user(), handler.sid)
             self._write(handler.texts.internal_error)
