@@ -31,6 +31,7 @@ from typing import Final, NamedTuple, TypeVar
 
 from pop3d.auth import passwd_write, schemes
 from pop3d.auth.base import Credentials, User
+from pop3d.auth.generation import Generation
 from pop3d.auth.hashed import DEFAULT_MAX_PASSWORD_LENGTH, MAX_NAME_OCTETS, HashedSecrets, plausible_name
 
 __all__ = [
@@ -181,6 +182,7 @@ class PasswdFileAuthenticator(HashedSecrets):
         secret: bytes | None = None,
         max_password_length: int = DEFAULT_MAX_PASSWORD_LENGTH,
         settle: float = DEFAULT_SETTLE,
+        generation: Generation | None = None,
     ) -> None:
         """Load `path` now, so a missing or unreadable file fails at startup (OSError with the path in it).
 
@@ -188,8 +190,12 @@ class PasswdFileAuthenticator(HashedSecrets):
         `executor`: where slow hash checks run; default is a small process-wide pool.
         `secret`: the server secret decoys derive from (pop3d.auth.state_secret); None: random, for this
         object only. `max_password_length`: octets; longer passwords fail unhashed. `settle`: see the module.
+        `generation`: the workers' count of password changes (pop3d.auth.generation): when it moves, the file
+        is looked at before the next lookup instead of up to `min_check_interval` later.
         """
         super().__init__(executor=executor, secret=secret, max_password_length=max_password_length)
+        self._generation = generation
+        self._generation_seen = generation.current() if generation is not None else 0
         self._path = Path(path)
         self.source = f"passwd-file {self._path}"
         self._min_check_interval = min_check_interval
@@ -250,6 +256,8 @@ class PasswdFileAuthenticator(HashedSecrets):
         changed = await asyncio.to_thread(passwd_write.replace_secret, self._path, name, secret, is_entry)
         if changed:
             self._last_check = float("-inf")  # look at the file at the next lookup, not in a second
+            if self._generation is not None:
+                self._generation.bump()  # and so do the other workers
         return changed
 
     def reload_soon(self) -> None:
@@ -259,7 +267,12 @@ class PasswdFileAuthenticator(HashedSecrets):
         self._forced = True
 
     async def _refresh(self) -> None:
-        """Re-read the file if it changed; rate-limited, and one reload at a time."""
+        """Re-read the file if it changed; rate-limited (unless a worker changed a password), one reload at a
+        time."""
+        gen = self._generation
+        if gen is not None and (now := gen.current()) != self._generation_seen:
+            self._generation_seen = now
+            self._last_check = float("-inf")
         if time.monotonic() - self._last_check < self._min_check_interval:
             return
         async with self._reload_lock:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from pop3d import __version__
 from pop3d.auth.cred_cache import CredCache
+from pop3d.auth.generation import Generation
 from pop3d.auth.login_delay import LoginDelays, LoginDelayStore
 from pop3d.auth.penalty import Penalty
 from pop3d.net.addresses import in_networks
@@ -53,6 +54,8 @@ class SharedState:
     auth_secret: bytes | None = None
     #: passwords proved right lately, as keyed hashes (pop3d.auth.cred_cache); None: no cache
     cred_cache: CredCache | None = None
+    #: bumped when a worker changes a password (pop3d.auth.generation); None: this process alone
+    auth_generation: Generation | None = None
 
 
 def process_local(settings: Settings) -> SharedState:
@@ -157,6 +160,7 @@ class ServerContext:
         #: kept for reloads: a new user database must derive the same decoys (pop3d.auth.build_auth)
         self.auth_secret = state.auth_secret
         self.cred_cache = state.cred_cache
+        self.auth_generation = state.auth_generation
         self.hostname = settings.server.hostname
         self.implementation = f"pop3d-{__version__}"
         self.sessions: set[LiveSession] = set()

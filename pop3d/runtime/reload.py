@@ -100,7 +100,7 @@ def apply(ctx: ServerContext, new: Settings) -> Plan:
     if old.auth.passwd_file != s.auth.passwd_file and s.auth.driver == "passwd-file":
         from pop3d.auth import build_auth
 
-        ctx.auth = build_auth(s.auth, ctx.auth_secret)
+        ctx.auth = build_auth(s.auth, ctx.auth_secret, generation=ctx.auth_generation)
     else:
         ctx.auth.reload_soon()  # re-read users now, even if the mtime did not move
     if (old.storage.location, old.storage.mark_seen, old.storage.expire_days) != (

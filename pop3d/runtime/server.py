@@ -57,7 +57,7 @@ def build_context(
         shared = dataclasses.replace(
             shared or process_local(settings), auth_secret=state_secret.load_or_create(settings.server.state_dir)
         )
-    auth = build_auth(settings.auth, shared.auth_secret, _user_database(settings))
+    auth = build_auth(settings.auth, shared.auth_secret, _user_database(settings), shared.auth_generation)
     return ServerContext(settings, auth, build_storage(settings.storage), tls, shared)
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from pop3d.auth import state_secret
 from pop3d.auth.cred_cache import CredCache
+from pop3d.auth.generation import Generation
 from pop3d.auth.login_delay import SharedLoginDelays
 from pop3d.auth.penalty import DEFAULT_FORGET_AFTER, MAX_DUMP_SIZE, SharedPenalty, SharedTable
 from pop3d.config import Settings
@@ -221,6 +222,7 @@ def share_between_workers(settings: Settings) -> WorkerShare:
         ConnectionLimits.from_settings(settings, shared=True),
         state_secret.load_or_create(settings.server.state_dir),
         cred_cache=CredCache(a.cache_size, shared=True) if a.cache_size else None,
+        auth_generation=Generation(shared=True),
     )
     keeper = PenaltyKeeper(table, None if state is None else state / PENALTY_FILE)
     return WorkerShare(shared, login_delay_dir, metrics_dir, own, keeper, own_delay_dir)
