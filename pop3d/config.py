@@ -194,7 +194,7 @@ class AuthSettings(_Section):
     #: seconds a password proved right is remembered (a keyed hash, never the password: pop3d.auth.cred_cache),
     #: so the next login with it skips the slow hash; 0 = off. Live on reload.
     cache_ttl: float = Field(3600.0, ge=0)
-    #: entries of that cache (40 octets each, shared by the workers; the oldest go first); 0 = off. Restart.
+    #: entries of that cache (24 octets each, shared by the workers; the oldest go first); 0 = off. Restart.
     cache_size: int = Field(100_000, ge=0, le=4_194_304)
     #: the scheme new passwords are hashed with (poppassd); must be one `pop3d passwd --scheme` offers
     default_scheme: str = "ARGON2ID"

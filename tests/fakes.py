@@ -75,7 +75,8 @@ class FakeStorage:
     """Maildrops by user name: lists of stored messages (bytes, LF line ends as on disk).
 
     `errors` maps an operation ("open", "read", "chunks", "commit") to the exception it raises next.
-    While `commit_gate` is set and not open, commit() waits.
+    While `commit_gate` (`open_gate`) is set and not open, commit() (open()) waits; `opening` counts the
+    opens in progress and `most_opening` the most there ever were at once.
     """
 
     boxes: dict[str, list[bytes]] = field(default_factory=dict)
@@ -84,6 +85,9 @@ class FakeStorage:
     commits: list[Commit] = field(default_factory=list)
     closes: int = 0
     commit_gate: asyncio.Event | None = None
+    open_gate: asyncio.Event | None = None
+    opening: int = 0
+    most_opening: int = 0
 
     def maildrop(self, user: User) -> FakeMaildrop:
         return FakeMaildrop(self, user.name)
@@ -103,6 +107,13 @@ class FakeMaildrop(Maildrop):
 
     async def open(self) -> None:
         s = self.storage
+        if s.open_gate is not None:
+            s.opening += 1
+            s.most_opening = max(s.most_opening, s.opening)
+            try:
+                await s.open_gate.wait()
+            finally:
+                s.opening -= 1
         if self.user in s.locked:
             raise InUse(f"{self.user} is locked")
         s.fail("open")

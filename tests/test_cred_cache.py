@@ -93,7 +93,7 @@ def test_size_is_bounded_and_the_oldest_goes_first() -> None:
     assert cache.used(TTL) == WAYS
 
     big = CredCache(100, clock=clock)
-    assert big.entries >= 100 and len(big.buf) == big.entries * 40
+    assert big.entries >= 100 and len(big.buf) == big.entries * 24
     for d in digests(big, 5000):
         big.remember(d)
     assert big.used(TTL) <= big.entries

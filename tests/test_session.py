@@ -20,6 +20,7 @@ from fakes import ClockLoop, Connection, FakeAuth, FakeTransport, make_context, 
 from pop3d import wire
 from pop3d.config import ConfigError
 from pop3d.net.limits import LocalCounts, Policy, SharedCounts, Verdict, address_key, process_capacity
+from pop3d.pop3.context import OPENS_IN_FLIGHT
 from pop3d.pop3.state import State
 from pop3d.storage.base import TemporaryError
 
@@ -614,3 +615,22 @@ def test_unreachable_user_database_is_sys_temp_with_one_log_line(clock: ClockLoo
     assert not any(r.exc_info for r in caplog.records)
     c.send(b"QUIT\r\n")
     assert c.lines()[-1].startswith(b"+OK")
+
+
+def test_a_login_burst_opens_a_bounded_number_of_maildrops_at_once(clock: ClockLoop) -> None:
+    """10x OPENS_IN_FLIGHT clients log in at the same instant while the storage is slow: at most
+    OPENS_IN_FLIGHT opens run at once (the others wait at the gate holding one small future), and every
+    login completes once the storage answers."""
+    n = OPENS_IN_FLIGHT * 10
+    users = {f"u{i}": f"pw{i}" for i in range(n)}
+    storage = stored({name: [b"Subject: x\n\nbody\n"] for name in users})
+    storage.open_gate = asyncio.Event()
+    ctx = make_context(FakeAuth(users), storage)
+    conns = [Connection(clock, ctx) for _ in range(n)]
+    for i, c in enumerate(conns):
+        c.send(b"USER u%d\r\nPASS pw%d\r\n" % (i, i))
+    assert storage.opening == OPENS_IN_FLIGHT
+    storage.open_gate.set()
+    clock.settle()
+    assert storage.most_opening == OPENS_IN_FLIGHT
+    assert all(c.lines()[-1].startswith(b"+OK u") for c in conns)

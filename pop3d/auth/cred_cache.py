@@ -6,7 +6,7 @@ password was proved right, the cache keeps HMAC-SHA256(key, name, password, sche
 time it was proved; a later login whose HMAC is in the table, younger than `auth.cache_ttl`, is right
 without hashing. What is kept and what is not:
 
-- never the password nor the name: only the HMAC, under a key drawn at start (before the workers fork, so
+- never the password nor the name: only (half of) the HMAC, under a key drawn at start (before the workers fork, so
   all of them compute the same HMACs) that lives in process memory only;
 - never on disk: the table is anonymous memory (shared between the workers when it is made before they
   fork), left out of core dumps (MADV_DONTDUMP); a restart forgets everything;
@@ -18,7 +18,7 @@ without hashing. What is kept and what is not:
   a new entry takes a free, expired or else the oldest slot of its bucket.
 
 Workers update the table without a lock. A reader racing a writer may see a slot half written: a digest
-mixed from two entries matches no computed HMAC (but with probability 2**-256), and a whole new digest next
+mixed from two entries matches no computed HMAC (but with probability 2**-128), and a whole new digest next
 to the replaced entry's older time still names a password proved right just now. Either way the worst
 outcome is a miss, which costs one hash.
 
@@ -40,8 +40,12 @@ __all__ = ["WAYS", "CredCache"]
 
 #: slots per bucket: a new entry evicts the oldest of these, so one busy bucket cannot evict the others
 WAYS: Final[int] = 4
-_SLOT = struct.Struct("<32sd")  # HMAC-SHA256 (all zero: empty), clock time it was proved
-_EMPTY: Final[bytes] = bytes(32)
+#: the last 16 octets of the HMAC-SHA256 (all zero: empty; the first 8 chose the bucket), clock time it was
+#: proved. 128 bits: a guess must hit a stored tag by chance (2**-128 a try), so a longer tag buys nothing,
+#: and 24-octet slots keep the default table at 2.4 MB
+_SLOT = struct.Struct("<16sd")
+_TAG = slice(16, 32)
+_EMPTY: Final[bytes] = bytes(16)
 
 
 def _field(value: str) -> bytes:
@@ -89,28 +93,28 @@ class CredCache:
         if ttl <= 0:
             return False
         now = self.clock()
-        base = self._bucket(digest)
+        base, tag = self._bucket(digest), digest[_TAG]
         for off in range(base, base + WAYS * _SLOT.size, _SLOT.size):
             stored, proved = _SLOT.unpack_from(self.buf, off)
-            if stored == digest and 0.0 <= now - proved < ttl:
+            if stored == tag and 0.0 <= now - proved < ttl:
                 return True
         return False
 
     def remember(self, digest: bytes) -> None:
         """Keep `digest` as proved now: in its own slot if present, else a free, expired or the oldest one."""
         now = self.clock()
-        base = self._bucket(digest)
+        base, tag = self._bucket(digest), digest[_TAG]
         victim, oldest = base, float("inf")
         for off in range(base, base + WAYS * _SLOT.size, _SLOT.size):
             stored, proved = _SLOT.unpack_from(self.buf, off)
-            if stored == digest:
+            if stored == tag:
                 victim = off
                 break
             if stored == _EMPTY:
                 proved = float("-inf")
             if proved < oldest:
                 victim, oldest = off, proved
-        _SLOT.pack_into(self.buf, victim, digest, now)
+        _SLOT.pack_into(self.buf, victim, tag, now)
 
     def used(self, ttl: float) -> int:
         """Slots holding an entry still fresh under `ttl` (a full scan: for tests and diagnostics)."""

@@ -135,6 +135,11 @@ def is_health_check(handler: EndedSession) -> bool:
     return handler.user is None and handler.mech is None and handler.end_reason in _PROBE_ENDINGS
 
 
+#: maildrop opens in flight per worker (ServerContext.open_gate): a few times the thread pool's size, so the
+#: threads never wait for work, and a database driver keeps its pool busy
+OPENS_IN_FLIGHT = 32
+
+
 class ServerContext:
     """Everything a session needs from its server."""
 
@@ -169,6 +174,7 @@ class ServerContext:
         self._sid_prefix = ""
         self._sid_counter = itertools.count(1)
         self._deadlines: Deadlines | None = None
+        self._open_gate: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         #: called as hook(old, new) after a SIGHUP reload swapped `settings` (TLS plugs its certificates in here)
         self.reload_hooks: list[Callable[[Settings, Settings], None]] = []
 
@@ -178,6 +184,21 @@ class ServerContext:
         if d is None or d.loop is not loop:
             d = self._deadlines = Deadlines(loop)
         return d
+
+    def open_gate(self) -> asyncio.Semaphore:
+        """At most OPENS_IN_FLIGHT maildrop opens at once in this worker (one per event loop).
+
+        When thousands of clients log in at the same instant, every login past the gate would otherwise queue
+        its thread-pool work item, futures and coroutine frames at once; freed afterwards, they leave the
+        allocator's arenas fragmented, and the worker's memory stays at its high-water mark (about 5 KiB more
+        per held session at a 10,000-client burst). Waiting at the gate costs one small future. Only the open
+        is gated, not the password check or the failure delays: a client cannot hold a slot by failing.
+        """
+        loop = asyncio.get_running_loop()
+        gate = self._open_gate
+        if gate is None or gate[0] is not loop:
+            gate = self._open_gate = (loop, asyncio.Semaphore(OPENS_IN_FLIGHT))
+        return gate[1]
 
     async def verify_password(self, name: str, password: str) -> User | None:
         """A clear password check (USER/PASS, SASL PLAIN and LOGIN) through the verified-credentials cache,

@@ -239,7 +239,8 @@ class Pop3Handler:
         # never raises (pop3d.storage.base.Storage.maildrop): an unusable name or home fails in open() below
         drop = ctx.storage.maildrop(user)
         try:
-            await drop.open()
+            async with ctx.open_gate():
+                await drop.open()
         except InUse:
             await drop.close()
             self._event(logging.INFO, "in_use", "maildrop in use", user=user.name, rip=self.peer)
