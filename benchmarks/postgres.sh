@@ -54,7 +54,7 @@ sed -e 's/^driver = "maildir"/driver = "postgres"/' -e "s#^location = .*#dsn = \
 declare -A R
 for r in $(seq "$ROUNDS"); do
   for side in maildir postgres; do
-    pop3d serve --config "$W/$side.toml" > "$W/$side.log" 2>&1 &
+    python3 -m pop3d serve --config "$W/$side.toml" > "$W/$side.log" 2>&1 &  # not the function: $! must be pop3d
     pid=$!
     for _ in $(seq 100); do
       python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT)).close()" 2>/dev/null && break

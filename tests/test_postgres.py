@@ -102,6 +102,37 @@ async def test_deliver_then_snapshot_keeps_octets_sizes_and_uids(db: Database) -
     await again.close()
 
 
+async def test_reads_in_order_take_one_query_and_hold_nothing_after(db: Database, monkeypatch: Any) -> None:
+    """A download reads messages in order: the first read fetches the small ones after it too (one round
+    trip instead of ten), each body is served once from there, and a big message is not read ahead."""
+    storage = PostgresStorage(db)
+    bob = User("bob")
+    small = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(8)]
+    big = b"z" * 200_000
+    for body in [*small[:4], big, *small[4:]]:
+        await storage.deliver(bob, body)
+    drop = storage.maildrop(bob)
+    await drop.open()
+    queries: list[int] = []
+    real_fetch = db.fetch
+
+    async def counting(query: str, *args: Any) -> Any:
+        queries.append(len(args[1]) if len(args) > 1 and isinstance(args[1], list) else 0)
+        return await real_fetch(query, *args)
+
+    monkeypatch.setattr(db, "fetch", counting)
+    try:
+        assert [await drop.read(i) for i in range(4)] == small[:4]
+        assert queries == [4]  # messages 1-4 in one query; the big 5th stops the read-ahead
+        assert [await drop.read(i) for i in range(5, 9)] == small[4:]
+        assert queries == [4, 4]
+        assert await drop.read(0) == small[0]  # served already: read again, not kept
+        assert queries[-1] == 4 and len(queries) == 3
+    finally:
+        await drop.close()
+    assert drop._ahead is None
+
+
 async def test_dele_only_at_commit_and_seen(db: Database) -> None:
     storage = PostgresStorage(db)
     bob = User("bob")

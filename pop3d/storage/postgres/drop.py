@@ -25,6 +25,7 @@ import asyncpg
 from pop3d.auth.base import User
 from pop3d.storage.base import (
     CHUNK,
+    SMALL_MESSAGE,
     InUse,
     Maildrop,
     MessageGone,
@@ -40,6 +41,9 @@ from pop3d.wire import NetworkCount, network_size
 
 log = logging.getLogger(__name__)
 
+#: octets and messages one `read` fetches ahead of the one asked for (small messages only)
+READ_AHEAD = 256 * 1024
+READ_AHEAD_COUNT = 64
 #: the UIDL of a message delivered here: its row id, which a sequence never hands out twice
 UID_PREFIX = "pg."
 
@@ -48,7 +52,7 @@ WITH ins AS (INSERT INTO users (name) VALUES ($1) ON CONFLICT (name) DO NOTHING 
 SELECT id FROM ins UNION ALL SELECT id FROM users WHERE name = $1 LIMIT 1
 """
 _SNAPSHOT = "SELECT id, uid, size FROM messages WHERE user_id = $1 ORDER BY id"
-_BODY = "SELECT body FROM messages WHERE id = $1 AND user_id = $2"
+_BODIES = "SELECT id, body FROM messages WHERE user_id = $1 AND id = ANY($2::bigint[])"
 _LENGTH = "SELECT octet_length(body) FROM messages WHERE id = $1 AND user_id = $2"
 _SLICE = "SELECT substring(body FROM $3 FOR $4) FROM messages WHERE id = $1 AND user_id = $2"
 _STILL_LOCKED = """
@@ -119,6 +123,7 @@ class PostgresDrop(Maildrop):
         self._user_id: int | None = None
         self._lock_pid: int | None = None  # the lock connection's backend, while we hold the lock
         self._lost = False
+        self._ahead: dict[int, bytes] | None = None  # message index -> body read ahead (`read`), not sent yet
 
     def lock_lost(self) -> None:
         """The lock connection died: the lock is gone, so nothing more may be read or committed."""
@@ -153,19 +158,41 @@ class PostgresDrop(Maildrop):
         raise TemporaryError("the postgres driver reads asynchronously (Maildrop.read)")
 
     async def read(self, index: int) -> bytes:
-        """The stored octets of a small message, in one query."""
+        """The stored octets of a small message. A client that downloads reads them in order, so the query
+        that fetches this one also fetches the small messages after it, up to READ_AHEAD octets: one round
+        trip for ten 4 KiB messages instead of ten. What is read ahead is kept only until it is sent (or
+        the session ends), so an idle session holds no body."""
         uid = self._check()
         info = self.messages[index]
-        try:
-            body = await self.db.fetchval(_BODY, int(info.key), uid)
-        except DB_ERRORS as exc:
-            raise db_error(exc, f"message {index + 1} of {self.name}") from exc
+        ahead = self._ahead
+        body = ahead.pop(index, None) if ahead is not None else None
+        if body is None:
+            wanted = self._read_ahead(index)
+            try:
+                rows = await self.db.fetch(_BODIES, uid, [int(self.messages[i].key) for i in wanted])
+            except DB_ERRORS as exc:
+                raise db_error(exc, f"message {index + 1} of {self.name}") from exc
+            by_key = {int(r["id"]): bytes(r["body"]) for r in rows}
+            body = by_key.get(int(info.key))
+            rest = {i: by_key[k] for i in wanted[1:] if (k := int(self.messages[i].key)) in by_key}
+            self._ahead = rest or None
         self._check()
         if body is None:
             raise MessageGone(f"message {index + 1} was removed")
         if network_size(body) != info.size:
             raise MessageUnreadable(f"message {index + 1} of {self.name}: its size is not the {info.size} announced")
-        return bytes(body)
+        return body
+
+    def _read_ahead(self, index: int) -> list[int]:
+        """`index`, then the next messages up to SMALL_MESSAGE each, READ_AHEAD octets in all."""
+        wanted, total = [index], self.messages[index].size
+        for i in range(index + 1, len(self.messages)):
+            size = self.messages[i].size
+            if size > SMALL_MESSAGE or total + size > READ_AHEAD or len(wanted) >= READ_AHEAD_COUNT:
+                break
+            wanted.append(i)
+            total += size
+        return wanted
 
     async def chunks(self, index: int, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
         """The stored octets in slices of `chunk_size`, one query each; the size is checked before the last
@@ -225,6 +252,7 @@ class PostgresDrop(Maildrop):
 
     async def close(self) -> None:
         """Release the lock. Idempotent; deletes nothing."""
+        self._ahead = None
         uid, self._user_id = self._user_id, None
         self._lock_pid = None
         if uid is not None:
