@@ -232,3 +232,14 @@ class LineBuffer:
             else:
                 self._buf += rest
         return out
+
+
+def headers_ascii(data: bytes) -> bool:
+    """Whether the header section of a message (up to its first empty line; all of `data` when none is in
+    it) is ASCII: an RFC 6532 message with UTF-8 header fields needs RFC 6856 UTF-8 mode to be sent as is."""
+    end = len(data)
+    for blank in (b"\n\n", b"\n\r\n"):
+        at = data.find(blank)
+        if 0 <= at < end:
+            end = at
+    return data[:end].isascii()

@@ -81,7 +81,8 @@ def test_utf8_user_before_the_utf8_command(clock: ClockLoop) -> None:
     """§2.2: with "UTF8 USER" in CAPA the client MAY use UTF-8 in USER and PASS before issuing UTF8."""
     c = connect(clock)
     assert say(c, "USER café") == [b"+OK send PASS"]
-    assert say(c, "PASS pässwörd")[-1].startswith("+OK café has 1 message".encode())
+    # logged in; the name is not echoed as UTF-8 outside UTF-8 mode (§2.1, see below)
+    assert say(c, "PASS pässwörd")[-1].startswith(b"+OK caf? has 1 message")
 
 
 def test_names_and_passwords_are_saslprepped(clock: ClockLoop) -> None:
@@ -220,3 +221,37 @@ def test_saslprep_rfc_4013_examples() -> None:
     assert saslprep("\u0221", stored=False) == "\u0221"  # unassigned in Unicode 3.2: fine in a query
     with pytest.raises(SASLprepError):
         saslprep("\u0221", stored=True)
+
+
+# ---- §2.1 and §5: no UTF-8 to a client outside UTF-8 mode ------------------------------------------------
+
+UTF8_HEADERS = "Subject: café crème\nFrom: jöran@exämple.org\n\nbody\n".encode()
+EIGHT_BIT_BODY = "Subject: plain\n\ncafé in the body only (8BITMIME)\n".encode()
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["small", "streamed"])
+def test_utf8_headers_need_utf8_mode(clock: ClockLoop, big: bool) -> None:
+    """§2.1: outside UTF-8 mode, non-ASCII strings MUST NOT be sent as is: RETR and TOP of a message with
+    UTF-8 header fields answer -ERR [UTF8] (§5), and the same commands succeed once the client sent UTF8."""
+    headers = UTF8_HEADERS + (b"x" * 99 + b"\n") * 2000 if big else UTF8_HEADERS
+    c = Connection(clock, make_context(FakeAuth(dict(USERS)), stored({"alice": [headers, EIGHT_BIT_BODY]})))
+    c.login()
+    for command in ("RETR 1", "TOP 1 0"):
+        reply = say(c, command)
+        assert reply[-1].startswith(b"-ERR [UTF8] ") and len(reply) == 1, reply
+    assert say(c, "RETR 2")[-1] == b"."  # ASCII headers, 8-bit body: sent as stored, as POP3 always did
+    c.send(b"QUIT\r\n")
+
+    d = Connection(clock, make_context(FakeAuth(dict(USERS)), stored({"alice": [headers]})))
+    say(d, "UTF8")
+    d.login()
+    retr = say(d, "RETR 1")
+    assert retr[0].startswith(b"+OK") and "Subject: café crème".encode() in retr
+
+
+def test_a_utf8_user_name_is_not_echoed_outside_utf8_mode(clock: ClockLoop) -> None:
+    """§2.1 again: the +OK after PASS names the user, and a UTF-8 name would reach a client not in UTF-8 mode."""
+    c = connect(clock)
+    assert say(c, "USER café") == [b"+OK send PASS"]
+    last = say(c, "PASS pässwörd")[-1]
+    assert last.startswith(b"+OK caf? has 1 message") and last.isascii()

@@ -63,6 +63,7 @@ RSET_DONE = ("maildrop has {count} message ({size} octets)", "maildrop has {coun
 OCTETS = "{size} octets"
 TOP_FOLLOWS = "top of message follows"
 READ_FAILED = "message {number} cannot be read now"
+NEEDS_UTF8 = "message {number} has UTF-8 headers: send UTF8 first"
 # RFC 6856
 UTF8_ON = "UTF-8 mode enabled"
 STLS_AFTER_UTF8 = "STLS is not allowed after UTF8"
@@ -84,8 +85,8 @@ _SINGULAR = (
     GREETING, AUTH_FAILED, PLAINTEXT_REFUSED, SEND_PASS, USER_FIRST, BEGIN_TLS, ALREADY_TLS, NO_TLS, RPOP_REFUSED,
     SIGNING_OFF, SASL_CANCELLED, SASL_NOT_BASE64, SASL_TOO_LONG, LOGIN_DELAY, IN_USE, OPEN_FAILED, SASL_LIST,
     EXTERNAL_NEEDS_CERT, UNSUPPORTED_MECHANISM, INITIAL_NOT_BASE64, CAPA_LIST, COMMIT_FAILED, NO_SUCH_MESSAGE,
-    ALREADY_DELETED, LISTING, UIDL_LIST, DELETED, OCTETS, TOP_FOLLOWS, READ_FAILED, UTF8_ON, STLS_AFTER_UTF8,
-    BAD_USER_NAME, LANG_LIST, LANG_CHANGED, LANG_UNKNOWN, INTERNAL_ERROR, TOO_MANY_BAD, TRY_LATER, PER_IP, FULL,
+    ALREADY_DELETED, LISTING, UIDL_LIST, DELETED, OCTETS, TOP_FOLLOWS, READ_FAILED, NEEDS_UTF8, UTF8_ON,
+    STLS_AFTER_UTF8, BAD_USER_NAME, LANG_LIST, LANG_CHANGED, LANG_UNKNOWN, INTERNAL_ERROR, TOO_MANY_BAD, TRY_LATER, PER_IP, FULL,
     LOGIN_TIMEOUT, AUTOLOGOUT, SHUTTING_DOWN,
 )  # fmt: skip
 #: every msgid pop3d replies with (the parser's too), and the plural pairs: what pop3d.pot must hold
@@ -204,6 +205,7 @@ class Texts:
         self.octets = positional(t(OCTETS), ("size",))
         self.top_follows = ok(t(TOP_FOLLOWS))
         self.read_failed = positional(t(READ_FAILED), ("number",))
+        self.needs_utf8 = positional(t(NEEDS_UTF8), ("number",))
         # -- the session
         self.internal_error = err(t(INTERNAL_ERROR), "SYS/TEMP")
         self.too_many_bad = err(t(TOO_MANY_BAD))

@@ -15,7 +15,7 @@ import base64
 import binascii
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from pop3d import wire
 from pop3d.auth import sasl
@@ -265,7 +265,9 @@ class Pop3Handler:
         self.user, self.drop, self.messages = user, drop, drop.messages
         count, size = self._totals()
         self._event(logging.INFO, "login", "login", user=user.name, rip=self.peer, messages=count, size=size)
-        return Reply(ok(self.texts.logged_in(count, user.name, size)))
+        # RFC 6856 §2.1: no UTF-8 to a client outside UTF-8 mode, not even its own name echoed back
+        name = user.name if self.utf8 or user.name.isascii() else user.name.encode("ascii", "replace").decode()
+        return Reply(ok(self.texts.logged_in(count, name, size)))
 
     async def _failed(self, name: str | None, why: str = "") -> Reply:
         """A failed authentication: the per-address penalty (pop3d.auth.penalty) delays only this session."""
@@ -523,22 +525,27 @@ class Pop3Handler:
         return self._send(i, int(cmd.args[1]))
 
     def _send(self, i: int, lines: int | None) -> Reply | Stream | Pending:
-        """RETR (lines None) or TOP: small messages in one read and one reply, big ones streamed."""
+        """RETR (lines None) or TOP: small messages in one read and one reply, big ones streamed.
+
+        RFC 6856 §2.1: outside UTF-8 mode, "character strings outside the ASCII repertoire MUST NOT be sent
+        to the client as is"; a message whose header section is not ASCII (RFC 6532 UTF-8 headers) is
+        refused with -ERR [UTF8] (§5), which the client may retry after UTF8. 8-bit bodies under ASCII
+        headers (8BITMIME) are sent as stored, as POP3 always did."""
         drop = self.drop
         assert drop is not None
         info = drop.messages[i]
         header = ok(self.texts.octets(info.size)) if lines is None else self.texts.top_follows
         if info.size > SMALL_MESSAGE:
-            return Stream(header, drop.chunks(i), wire.Encoder(lines), i, lines)
+            if self.utf8:
+                return Stream(header, drop.chunks(i), wire.Encoder(lines), i, lines)
+            return Pending(self._stream_ascii_only(drop, i, lines, header))
         if drop.async_reads:
             return Pending(self._send_read(drop, i, lines, header))
         try:
             raw = drop.read_small(i)
         except (StorageError, OSError) as exc:
             return self._read_failed(i, exc)
-        body = wire.encode(raw) if lines is None else wire.top(raw, lines)
-        self.note_sent(i, lines, len(body))
-        return Reply(header + body)
+        return self._small(raw, i, lines, header)
 
     async def _send_read(self, drop: Maildrop, i: int, lines: int | None, header: bytes) -> Reply:
         """`_send` for a driver that reads over the network (a database): the read is awaited."""
@@ -546,9 +553,28 @@ class Pop3Handler:
             raw = await drop.read(i)
         except (StorageError, OSError) as exc:
             return self._read_failed(i, exc)
+        return self._small(raw, i, lines, header)
+
+    def _small(self, raw: bytes, i: int, lines: int | None, header: bytes) -> Reply:
+        if not self.utf8 and not wire.headers_ascii(raw):
+            return Reply(err(self.texts.needs_utf8(i + 1), "UTF8"))
         body = wire.encode(raw) if lines is None else wire.top(raw, lines)
         self.note_sent(i, lines, len(body))
         return Reply(header + body)
+
+    async def _stream_ascii_only(self, drop: Maildrop, i: int, lines: int | None, header: bytes) -> Reply | Stream:
+        """A big message outside UTF-8 mode: its first chunk (CHUNK octets, where the header section is) is
+        read before the +OK, so a message with UTF-8 headers can still be refused."""
+        chunks = drop.chunks(i)
+        try:
+            first = await anext(chunks, b"")
+        except (StorageError, OSError) as exc:
+            await chunks.aclose()  # type: ignore[attr-defined]
+            return self._read_failed(i, exc)
+        if not wire.headers_ascii(first):
+            await chunks.aclose()  # type: ignore[attr-defined]
+            return Reply(err(self.texts.needs_utf8(i + 1), "UTF8"))
+        return Stream(header, _after(first, chunks), wire.Encoder(lines), i, lines)
 
     def _read_failed(self, i: int, exc: StorageError | OSError) -> Reply:
         user = self.user.name if self.user else "?"
@@ -577,3 +603,14 @@ class Pop3Handler:
 DISPATCH: dict[str, Callable[[Pop3Handler, Command], Result]] = {
     name[3:]: getattr(Pop3Handler, name) for name in dir(Pop3Handler) if name.startswith("do_")
 }
+
+
+async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`first`, then what `rest` yields (a stream whose first chunk was already read)."""
+    try:
+        if first:
+            yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
