@@ -255,3 +255,17 @@ def test_a_utf8_user_name_is_not_echoed_outside_utf8_mode(clock: ClockLoop) -> N
     assert say(c, "USER café") == [b"+OK send PASS"]
     last = say(c, "PASS pässwörd")[-1]
     assert last.startswith(b"+OK caf? has 1 message") and last.isascii()
+
+
+def test_apop_digest_uses_the_saslprepped_stored_secret(clock: ClockLoop) -> None:
+    """§2.2: client and server MUST SASLprep the APOP password, the server treating it as a stored string. A
+    secret stored decomposed (a + COMBINING DIAERESIS) is prepared to its NFKC form, which is what a
+    conforming client hashes; unprepared, the two digests would differ."""
+    import hashlib
+    import re
+
+    stored_secret, typed = "pa\u0308sswort", "p\u00e4sswort"
+    c = Connection(clock, make_context(FakeAuth({"zoe": stored_secret}), stored({"zoe": [b"Subject: x\n\ny\n"]})))
+    stamp = re.search(rb"<[^>]+>", c.lines()[0]).group(0).decode()  # type: ignore[union-attr]
+    digest = hashlib.md5((stamp + saslprep(typed)).encode()).hexdigest()
+    assert say(c, f"APOP zoe {digest}")[-1].startswith(b"+OK zoe has 1 message")

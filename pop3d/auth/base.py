@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, TypeVar
 
 from pop3d.auth.floors import Floors, step_name
+from pop3d.i18n.saslprep import SASLprepError, saslprep
 
 if TYPE_CHECKING:
     from pop3d.auth.cred_cache import CredCache
@@ -207,6 +208,11 @@ def apop_check(creds: Credentials | None, decoy: Decoy, timestamp: str, digest: 
     secret = source.plaintext()
     if secret is None:  # a hashed decoy cannot answer APOP either
         return None
+    try:
+        # RFC 6856 §2.2: the APOP password is SASLprepped "as a stored string" (printable ASCII is unchanged)
+        secret = saslprep(secret, stored=True)
+    except SASLprepError:
+        return None  # a secret SASLprep refuses cannot be what a conforming client hashed
     expected = hashlib.md5((timestamp + secret).encode("utf-8", "surrogateescape")).hexdigest()
     ok = hmac.compare_digest(expected.encode(), digest.lower().encode("utf-8", "surrogatepass"))
     return creds.user if ok and own and creds is not None else None
