@@ -12,7 +12,6 @@ traceback for a mistake the operator can fix:
 from __future__ import annotations
 
 import argparse
-import getpass
 import logging
 import os
 import sys
@@ -180,31 +179,15 @@ def cmd_passwd(args: argparse.Namespace) -> int:
         raise ConfigError(f"--scheme: unknown scheme {args.scheme!r} (choose from {', '.join(schemes.SCHEMES)})")
     if args.user is not None and (not args.user or any(c == ":" or not c.isprintable() for c in args.user)):
         raise ConfigError(f"user name {args.user!r}: must be non-empty, without ':' or control characters")
-    password = _read_password()
+    from pop3d.admin.prompt import read_password
+
+    password = read_password()
     try:
         entry = schemes.hash_password(scheme, password)
     except ValueError as exc:  # the scheme refuses this password (e.g. BLF-CRYPT over 72 bytes)
         raise ConfigError(f"password refused: {exc} (or choose another --scheme)") from None
     print(f"{args.user}:{entry}" if args.user else entry)
     return EXIT_OK
-
-
-def _read_password() -> str:
-    """Asked twice on a terminal; otherwise the first line of stdin (for scripts: `echo pw | pop3d passwd`)."""
-    try:
-        if sys.stdin.isatty():
-            password = getpass.getpass("Password: ")
-            if getpass.getpass("Repeat: ") != password:
-                raise ConfigError("passwords do not match")
-        else:
-            password = sys.stdin.readline().rstrip("\r\n")
-    except EOFError:
-        raise ConfigError("no password given") from None
-    except UnicodeDecodeError:
-        raise ConfigError("the password on stdin is not UTF-8") from None
-    if not password:
-        raise ConfigError("empty password")
-    return password
 
 
 #: login methods a stored secret allows beyond USER/PASS, SASL PLAIN and SASL LOGIN (which verify the password

@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -59,12 +59,22 @@ def target_address(value: str, what: str) -> tuple[str, int]:
     return host or "127.0.0.1", port
 
 
+def _listen_addresses(v: list[str]) -> list[str]:
+    for item in v:
+        parse_hostport(item)
+    return v
+
+
+#: a list of "host:port" listener addresses, each checked by parse_hostport
+Listen = Annotated[list[str], AfterValidator(_listen_addresses)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ServerSettings(_Section):
-    listen: list[str] = Field(default_factory=lambda: ["0.0.0.0:110"])
+    listen: Listen = Field(default_factory=lambda: ["0.0.0.0:110"])
     hostname: str = Field(default_factory=socket.getfqdn)
     backlog: int = Field(1024, ge=1)
     #: worker processes, one event loop each, sharing the listen ports with SO_REUSEPORT (1 = no fork);
@@ -75,7 +85,7 @@ class ServerSettings(_Section):
     #: bytes buffered per connection before the session stops producing (pause_writing)
     write_buffer: int = Field(256 * 1024, ge=16 * 1024)
     #: implicit-TLS listeners (RFC 8314 §3.3, usually ":995"); need tls.cert and tls.key
-    tls_listen: list[str] = Field(default_factory=list)
+    tls_listen: Listen = Field(default_factory=list)
     #: expect a HAProxy PROXY v1/v2 header first on every connection (pop3d.net.proxy); live on SIGHUP
     proxy_protocol: bool = False
     #: peers allowed to send that header (CIDRs); anyone else is disconnected
@@ -122,13 +132,6 @@ class ServerSettings(_Section):
         if v.lower() not in LANGUAGES:
             raise ValueError(f"no message catalog for {v!r} (available: {', '.join(LANGUAGES)})")
         return v.lower()
-
-    @field_validator("listen", "tls_listen")
-    @classmethod
-    def _check_listen(cls, v: list[str]) -> list[str]:
-        for item in v:
-            parse_hostport(item)
-        return v
 
 
 class SessionSettings(_Section):
@@ -329,23 +332,16 @@ class MetricsSettings(_Section):
 class PoppassdSettings(_Section):
     #: "host:port" addresses of the poppassd service (password changes; usually ":106"), implicit TLS with the
     #: [tls] certificate on every one; [] = no poppassd
-    listen: list[str] = Field(default_factory=list)
+    listen: Listen = Field(default_factory=list)
     #: seconds one poppassd conversation may take from connect, whatever the client sends meanwhile
     timeout: float = Field(60.0, gt=0)
-
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, v: list[str]) -> list[str]:
-        for item in v:
-            parse_hostport(item)
-        return v
 
 
 class LmtpSettings(_Section):
     """LMTP delivery (RFC 2033, pop3d.lmtp): an MTA hands mail to pop3d, which stores it with the storage driver."""
 
     #: LMTP listeners, e.g. ["127.0.0.1:24"]; [] = no LMTP. Never a PROXY header here (the MTA connects itself)
-    listen: list[str] = Field(default_factory=list)
+    listen: Listen = Field(default_factory=list)
     #: peers allowed to deliver (CIDRs); anyone else hears 554 and is disconnected
     trusted: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     #: which part of RCPT TO names the user: "localpart" (bob@example.org -> bob) or "address" (all of it)
@@ -362,13 +358,6 @@ class LmtpSettings(_Section):
     timeout: float = Field(300.0, gt=0)
     #: prepend "Return-Path:" (the envelope sender) and "Received:" to each stored message
     trace_headers: bool = True
-
-    @field_validator("listen")
-    @classmethod
-    def _check_listen(cls, v: list[str]) -> list[str]:
-        for item in v:
-            parse_hostport(item)
-        return v
 
     @field_validator("trusted")
     @classmethod

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import getpass
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -11,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from pop3d.config import ConfigError, Settings, load_settings
+from pop3d.config import Settings, load_settings
 from pop3d.storage.postgres.database import DB_ERRORS, Database, connect_kwargs
 
 EXIT_OK = 0
@@ -63,21 +62,3 @@ def run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 def database(dsn: str, settings: Settings) -> Database:
     return Database(dsn, min(settings.storage.pool_size, 4))
-
-
-def read_password(from_stdin: bool) -> str:
-    """One line of standard input with --password-stdin (or when it is not a terminal); else asked twice."""
-    try:
-        if from_stdin or not sys.stdin.isatty():
-            password = sys.stdin.readline().rstrip("\r\n")
-        else:
-            password = getpass.getpass("Password: ")
-            if getpass.getpass("Repeat: ") != password:
-                raise ConfigError("passwords do not match")
-    except EOFError:
-        raise ConfigError("no password given") from None
-    except UnicodeDecodeError:
-        raise ConfigError("the password on stdin is not UTF-8") from None
-    if not password:
-        raise ConfigError("empty password")
-    return password

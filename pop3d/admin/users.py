@@ -16,11 +16,11 @@ from pop3d.admin.common import (
     add_config,
     connect,
     database,
-    read_password,
     run,
     settings_of,
     users_dsn,
 )
+from pop3d.admin.prompt import read_password
 from pop3d.auth import schemes
 from pop3d.auth.hashed import plausible_name
 from pop3d.config import ConfigError, Settings
