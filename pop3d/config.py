@@ -69,6 +69,19 @@ def _listen_addresses(v: list[str]) -> list[str]:
 Listen = Annotated[list[str], AfterValidator(_listen_addresses)]
 
 
+def _networks(v: list[str]) -> list[str]:
+    for item in v:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or CIDR network") from None
+    return v
+
+
+#: a list of addresses or CIDR networks (IPv4 or IPv6)
+NetworkList = Annotated[list[str], AfterValidator(_networks)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -89,7 +102,7 @@ class ServerSettings(_Section):
     #: expect a HAProxy PROXY v1/v2 header first on every connection (pop3d.net.proxy); live on SIGHUP
     proxy_protocol: bool = False
     #: peers allowed to send that header (CIDRs); anyone else is disconnected
-    proxy_trusted: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    proxy_trusted: NetworkList = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     #: where pop3d keeps state across restarts: the secret that fixes decoy credentials for unknown users
     #: (pop3d.auth.state_secret); unusable -> a warning and a per-process secret
     state_dir: Path = Path("/var/lib/pop3d")
@@ -99,7 +112,7 @@ class ServerSettings(_Section):
     max_connections_per_ip: int = Field(50, ge=0)
     #: addresses max_connections_per_ip does not count (CIDRs); loopback by default, for local probes and
     #: benchmarks. Only the per-address limit: max_connections and max_unauthenticated count everyone
-    limit_exempt: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    limit_exempt: NetworkList = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     #: connections of the whole server; 0 = what the open-files limit allows, per worker
     #: ((RLIMIT_NOFILE after pop3d raised it - 128) / 2: a socket and a maildrop lock per session)
     max_connections: int = Field(0, ge=0)
@@ -115,16 +128,6 @@ class ServerSettings(_Section):
     #: the language of reply texts until a client picks another with LANG (RFC 6856 §3): a tag with a catalog
     #: under pop3d/locale ("en", "fr"); also what "LANG *" selects
     language: str = "en"
-
-    @field_validator("limit_exempt", "proxy_trusted")
-    @classmethod
-    def _check_networks(cls, v: list[str]) -> list[str]:
-        for item in v:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an address or CIDR network") from None
-        return v
 
     @field_validator("language")
     @classmethod
@@ -193,7 +196,7 @@ class AuthSettings(_Section):
     #: like Dovecot's disable_plaintext_auth: USER/PASS, PLAIN and LOGIN only over TLS or from secure_networks
     disable_plaintext_auth: bool = True
     #: client networks treated as secure without TLS (loopback by default; [] makes loopback insecure too)
-    secure_networks: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    secure_networks: NetworkList = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     #: seconds a password proved right is remembered (a keyed hash, never the password: pop3d.auth.cred_cache),
     #: so the next login with it skips the slow hash; 0 = off. Live on reload.
     cache_ttl: float = Field(3600.0, ge=0)
@@ -223,13 +226,6 @@ class AuthSettings(_Section):
             if name not in out:
                 out.append(name)
         return out
-
-    @field_validator("secure_networks")
-    @classmethod
-    def _check_networks(cls, v: list[str]) -> list[str]:
-        for item in v:
-            ipaddress.ip_network(item, strict=False)  # ValueError names the bad entry
-        return v
 
 
 class TlsSettings(_Section):
@@ -343,7 +339,7 @@ class LmtpSettings(_Section):
     #: LMTP listeners, e.g. ["127.0.0.1:24"]; [] = no LMTP. Never a PROXY header here (the MTA connects itself)
     listen: Listen = Field(default_factory=list)
     #: peers allowed to deliver (CIDRs); anyone else hears 554 and is disconnected
-    trusted: list[str] = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
+    trusted: NetworkList = Field(default_factory=lambda: ["127.0.0.1/32", "::1/128"])
     #: which part of RCPT TO names the user: "localpart" (bob@example.org -> bob) or "address" (all of it)
     recipient: Literal["localpart", "address"] = "localpart"
     #: "+" makes bob+lists@example.org bob's mail (the part from the first such character is cut); "" = off
@@ -358,16 +354,6 @@ class LmtpSettings(_Section):
     timeout: float = Field(300.0, gt=0)
     #: prepend "Return-Path:" (the envelope sender) and "Received:" to each stored message
     trace_headers: bool = True
-
-    @field_validator("trusted")
-    @classmethod
-    def _check_networks(cls, v: list[str]) -> list[str]:
-        for item in v:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError:
-                raise ValueError(f"{item!r} is not an address or CIDR network") from None
-        return v
 
 
 class Settings(BaseSettings):
