@@ -79,6 +79,7 @@ PER_IP = "too many connections from your address"
 FULL = "too many connections"
 LOGIN_TIMEOUT = "login timeout: log in sooner"
 AUTOLOGOUT = "autologout: idle for too long"
+LOCK_LOST = "maildrop lock lost, nothing was changed: log in again"
 SHUTTING_DOWN = "server shutting down"
 
 _SINGULAR = (
@@ -87,7 +88,7 @@ _SINGULAR = (
     EXTERNAL_NEEDS_CERT, UNSUPPORTED_MECHANISM, INITIAL_NOT_BASE64, CAPA_LIST, COMMIT_FAILED, NO_SUCH_MESSAGE,
     ALREADY_DELETED, LISTING, UIDL_LIST, DELETED, OCTETS, TOP_FOLLOWS, READ_FAILED, NEEDS_UTF8, UTF8_ON,
     STLS_AFTER_UTF8, BAD_USER_NAME, LANG_LIST, LANG_CHANGED, LANG_UNKNOWN, INTERNAL_ERROR, TOO_MANY_BAD,
-    TRY_LATER, PER_IP, FULL, LOGIN_TIMEOUT, AUTOLOGOUT, SHUTTING_DOWN,
+    TRY_LATER, PER_IP, FULL, LOGIN_TIMEOUT, AUTOLOGOUT, LOCK_LOST, SHUTTING_DOWN,
 )  # fmt: skip
 #: every msgid pop3d replies with (the parser's too), and the plural pairs: what pop3d.pot must hold
 MESSAGES: tuple[str, ...] = (*_SINGULAR, *PARSER_MESSAGES)
@@ -215,6 +216,7 @@ class Texts:
         self.too_many_connections = self.refusals[FULL]
         self.login_timeout = err(t(LOGIN_TIMEOUT))
         self.autologout = err(t(AUTOLOGOUT))
+        self.lock_lost = err(t(LOCK_LOST), "SYS/TEMP")
         self.shutting_down = err(t(SHUTTING_DOWN), "SYS/TEMP")
 
     def refused(self, reason: str) -> bytes:

@@ -63,6 +63,7 @@ class Pop3Handler:
         "local",
         "mech",
         "messages",
+        "on_lock_lost",
         "peer",
         "retrieved",
         "secure",
@@ -104,6 +105,8 @@ class Pop3Handler:
         self.secure = ctx.is_secure_network(peer)  # cleartext passwords allowed (TLS sets it too)
         self.tls = False
         self.external_identity: str | None = None  # login name from a verified TLS client certificate
+        #: what to call if the storage loses the maildrop lock while this session holds it (the session sets it)
+        self.on_lock_lost: Callable[[], None] | None = None
         self.utf8 = False  # RFC 6856 §2: UTF-8 mode (the UTF8 command)
         #: the replies' language: server.language, folded to ASCII until UTF8 or LANG (RFC 6856 §2.1, §3.2)
         self.texts = catalog.texts(ctx.settings.server.language)
@@ -263,6 +266,7 @@ class Pop3Handler:
         ctx.metrics.login("ok")
         self.state = next_state(self.state, SessionEvent.LOGIN_OK)
         self.user, self.drop, self.messages = user, drop, drop.messages
+        drop.lock_lost_hook = self.on_lock_lost
         count, size = self._totals()
         self._event(logging.INFO, "login", "login", user=user.name, rip=self.peer, messages=count, size=size)
         # RFC 6856 §2.1: no UTF-8 to a client outside UTF-8 mode, not even its own name echoed back

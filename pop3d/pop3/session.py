@@ -148,6 +148,7 @@ class Pop3Session(asyncio.Protocol):
             return
         transport.set_write_buffer_limits(high=self.ctx.settings.server.write_buffer)
         self.handler = Pop3Handler(self.ctx, rip, _address(transport.get_extra_info("sockname")))
+        self.handler.on_lock_lost = self._lock_lost
         self.ctx.sessions.add(self)
         self._last_active = self._born = self._loop.time()
         self._arm_timer()
@@ -544,6 +545,16 @@ class Pop3Session(asyncio.Protocol):
         # RFC 1939 §3: autologout; the session does not enter UPDATE, nothing is deleted
         self._end_reason = "autologout"
         self._close(handler.texts.autologout)
+
+    def _lock_lost(self) -> None:
+        """The storage lost our maildrop lock (its database connection died): another session may hold it
+        now, so this one ends at once with -ERR [SYS/TEMP], changing nothing (RFC 1939 §6: no UPDATE). A
+        QUIT already committing finds out by itself and answers for it."""
+        handler = self.handler
+        if self._closed or handler is None or handler.state is not State.TRANSACTION:
+            return
+        self._end_reason = "maildrop lock lost"
+        self._close(handler.texts.lock_lost)
 
     async def _finish(self) -> None:
         handler = self.handler

@@ -15,7 +15,7 @@ Sizes in `MessageInfo.size` are network-form octets (pop3d.wire.network_size), t
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -69,6 +69,9 @@ class Maildrop(abc.ABC):
     """One user's maildrop for one session."""
 
     messages: list[MessageInfo]
+    #: called on the event loop when the driver loses the maildrop lock under an open session (a database
+    #: connection gone): the session must end, since another may now hold the lock. None: nobody to tell.
+    lock_lost_hook: Callable[[], None] | None = None
     #: True for drivers whose small reads wait on the network (a database): the session then awaits `read`
     #: instead of calling `read_small` on the loop
     async_reads: ClassVar[bool] = False

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, ClassVar
@@ -129,6 +130,9 @@ class PostgresDrop(Maildrop):
         """The lock connection died: the lock is gone, so nothing more may be read or committed."""
         self._lost = True
         self._lock_pid = None
+        hook = self.lock_lost_hook
+        if hook is not None:  # called from the connection's termination callback: the hook runs on its own turn
+            asyncio.get_running_loop().call_soon(hook)
 
     def _check(self) -> int:
         if self._lost or self._user_id is None:
