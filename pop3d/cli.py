@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pop3d import __version__
-from pop3d.config import ConfigError, Settings, load_settings, target_address
+from pop3d.config import ConfigError, Settings, add_config_option, load_settings, target_address
 
 log = logging.getLogger("pop3d")
 
@@ -230,13 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the server")
-    s.add_argument(
-        "--config",
-        "-c",
-        metavar="FILE",
-        default=os.environ.get("POP3D_CONFIG_FILE") or None,
-        help="TOML configuration file (default: $POP3D_CONFIG_FILE, else none: defaults + env)",
-    )
+    add_config_option(s, "TOML configuration file (default: $POP3D_CONFIG_FILE, else none: defaults + env)")
     s.add_argument("--demo", action="store_true", help="create a demo user and Maildir and listen on 127.0.0.1:8110")
     s.add_argument(
         "--listen",
@@ -250,13 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("check-config", help="validate a configuration file and exit")
-    c.add_argument(
-        "--config",
-        "-c",
-        metavar="FILE",
-        default=os.environ.get("POP3D_CONFIG_FILE") or None,
-        help="TOML configuration file (default: $POP3D_CONFIG_FILE)",
-    )
+    add_config_option(c)
     c.set_defaults(func=cmd_check_config)
 
     h = sub.add_parser(

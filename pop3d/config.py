@@ -9,6 +9,7 @@ variable and its value in one line and a variable that names no key is refused.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import ipaddress
 import json
@@ -439,8 +440,21 @@ class ConfigError(Exception):
 
 #: every environment variable pop3d reads starts with this; the configuration keys are POP3D_<SECTION>__<KEY>
 ENV_PREFIX = "POP3D_"
+#: the configuration file when a command is given no --config
+CONFIG_FILE_VARIABLE = "POP3D_CONFIG_FILE"
 #: POP3D_* variables that are not configuration keys (read by pop3d.cli), so not errors
-NON_KEY_VARIABLES = frozenset({"POP3D_CONFIG_FILE"})
+NON_KEY_VARIABLES = frozenset({CONFIG_FILE_VARIABLE})
+
+
+def add_config_option(parser: argparse.ArgumentParser, help: str = "") -> None:
+    """`--config FILE` / `-c FILE` of a `pop3d` subcommand, defaulting to $POP3D_CONFIG_FILE."""
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=os.environ.get(CONFIG_FILE_VARIABLE) or None,
+        help=help or f"TOML configuration file (default: ${CONFIG_FILE_VARIABLE})",
+    )
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import asyncpg
 
-from pop3d.config import Settings, load_settings
+from pop3d.config import Settings, add_config_option, load_settings
 from pop3d.storage.postgres.database import DB_ERRORS, Database, connect_kwargs
 
 EXIT_OK = 0
@@ -22,13 +21,7 @@ class AdminError(Exception):
 
 
 def add_config(parser: Any) -> None:
-    parser.add_argument(
-        "--config",
-        "-c",
-        metavar="FILE",
-        default=os.environ.get("POP3D_CONFIG_FILE") or None,
-        help="TOML configuration file (default: $POP3D_CONFIG_FILE)",
-    )
+    add_config_option(parser)
 
 
 def settings_of(args: Any) -> Settings:

@@ -44,9 +44,9 @@ def _number(text: str, what: str) -> int:
     return int(text)
 
 
-def parse_dovecot_uidlist(data: bytes) -> DovecotList:
-    """`dovecot-uidlist`, format version 1 (`1 UIDVALIDITY NEXTUID`, then `UID FILENAME` lines) or 3
-    (`3 V<uidvalidity> N<nextuid> [G<guid>...]`, then `UID [<letter><value>...] :FILENAME` lines)."""
+def _text_lines(data: bytes) -> list[str]:
+    """The lines of a UTF-8 text file, without their LF (a final LF ends the last line); ValueError if the
+    file is not UTF-8."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -54,6 +54,13 @@ def parse_dovecot_uidlist(data: bytes) -> DovecotList:
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
+    return lines
+
+
+def parse_dovecot_uidlist(data: bytes) -> DovecotList:
+    """`dovecot-uidlist`, format version 1 (`1 UIDVALIDITY NEXTUID`, then `UID FILENAME` lines) or 3
+    (`3 V<uidvalidity> N<nextuid> [G<guid>...]`, then `UID [<letter><value>...] :FILENAME` lines)."""
+    lines = _text_lines(data)
     if not lines:
         raise ValueError("empty file")
     head = lines[0].split(" ")
@@ -168,13 +175,7 @@ def dovecot_uidls(data: bytes, fmt: str = DOVECOT_DEFAULT_FORMAT) -> dict[str, s
 def courier_uidls(data: bytes) -> dict[str, str]:
     """base name -> UIDL from Courier's `courierpop3dsizelist`: header `/VERSION NEXTUID [UIDV]` (versions 2
     and 3), lines `FILENAME SIZE N:UIDV[:UTF8]`; Courier announces `UID<N>-<UIDV>` (`UID<N>` when UIDV is 0)."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8") from None
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
+    lines = _text_lines(data)
     if not lines or not lines[0].startswith("/"):
         raise ValueError("no `/VERSION` header: not a courierpop3dsizelist")
     head = lines[0][1:].split(" ")

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from pop3d.auth import build_auth
 from pop3d.auth.base import Authenticator, User
-from pop3d.config import ConfigError, Settings, load_settings
+from pop3d.config import ConfigError, Settings, add_config_option, load_settings
 from pop3d.migrate import sources
 from pop3d.storage.base import InUse, StorageError
 from pop3d.storage.maildir.drop import MaildirDrop, MaildirStorage
@@ -238,13 +238,7 @@ def add_parsers(sub: Any) -> None:
         epilog="exit status: 0 done; 1 some maildrop failed (in use, unreadable or broken source file); "
         "2 usage or configuration error",
     )
-    i.add_argument(
-        "--config",
-        "-c",
-        metavar="FILE",
-        default=os.environ.get("POP3D_CONFIG_FILE") or None,
-        help="TOML configuration file (default: $POP3D_CONFIG_FILE)",
-    )
+    add_config_option(i)
     i.add_argument("--from", dest="source", required=True, choices=SOURCES, help="the old server's ids")
     i.add_argument("--user", metavar="NAME", help="only this user (default: every user of auth.passwd_file)")
     i.add_argument(
