@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fakes import ClockLoop
 
 from pop3d.config import Settings, load_settings
 from pop3d.runtime.server import Pop3Server, build_context
@@ -130,6 +131,15 @@ class ServerThread:
         while self.ctx.sessions and time.monotonic() < end:
             time.sleep(0.01)
         assert not self.ctx.sessions, "sessions did not end"
+
+
+@pytest.fixture
+def clock() -> Iterator[ClockLoop]:
+    """An event loop whose time moves only when the test advances it (tests/fakes.py)."""
+    loop = ClockLoop()
+    yield loop
+    loop.settle()
+    loop.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 from fakes import ClockLoop
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,13 +20,6 @@ class Sleeper:
         self.log.append((self.name, self.loop.time()))
         if callable(self.then):
             self.then()
-
-
-@pytest.fixture
-def clock():
-    loop = ClockLoop()
-    yield loop
-    loop.close()
 
 
 def test_each_sleeper_is_called_once_at_its_second(clock: ClockLoop) -> None:

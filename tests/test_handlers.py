@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -17,14 +16,6 @@ from pop3d.pop3.protocol import Command, CommandParser, Rejected
 from pop3d.pop3.results import Challenge, Pending, Reply, StartTLS, Stream
 from pop3d.pop3.state import TRANSITIONS, IllegalTransition, SessionEvent, State, next_state
 from pop3d.storage.base import SMALL_MESSAGE
-
-
-@pytest.fixture
-def clock() -> Iterator[ClockLoop]:
-    loop = ClockLoop()
-    yield loop
-    loop.settle()
-    loop.close()
 
 
 def handler(**kw: Any) -> Pop3Handler:

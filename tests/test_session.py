@@ -11,7 +11,6 @@ import base64
 import logging
 import os
 import ssl
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,14 +22,6 @@ from pop3d.net.limits import LocalCounts, Policy, SharedCounts, Verdict, address
 from pop3d.pop3.context import OPENS_IN_FLIGHT
 from pop3d.pop3.state import State
 from pop3d.storage.base import TemporaryError
-
-
-@pytest.fixture
-def clock() -> Iterator[ClockLoop]:
-    loop = ClockLoop()
-    yield loop
-    loop.settle()
-    loop.close()
 
 
 def connect(

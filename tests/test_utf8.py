@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import stringprep
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,14 +15,6 @@ from pop3d.i18n.saslprep import SASLprepError, saslprep
 from pop3d.pop3.protocol import MAX_COMMAND_LINE, Command, CommandParser, Rejected, State
 
 USERS = {"alice": "wonderland", "café": "pässwörd", "ｘ": "unused"}
-
-
-@pytest.fixture
-def clock() -> Iterator[ClockLoop]:
-    loop = ClockLoop()
-    yield loop
-    loop.settle()
-    loop.close()
 
 
 def connect(loop: ClockLoop, **kw: Any) -> Connection:
