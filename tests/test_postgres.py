@@ -20,6 +20,7 @@ from pop3d.auth.base import User
 from pop3d.auth.postgres import PostgresAuthenticator
 from pop3d.storage.base import InUse, MessageGone, TemporaryError
 from pop3d.storage.postgres import Database, PostgresStorage, schema
+from pop3d.storage.postgres import drop as postgres_drop
 from pop3d.wire import network_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,6 +129,13 @@ async def test_reads_in_order_take_one_query_and_hold_nothing_after(db: Database
         assert queries == [4, 4]
         assert await drop.read(0) == small[0]  # served already: read again, not kept
         assert queries[-1] == 4 and len(queries) == 3
+        # a client that stops reading does not keep the bodies read ahead: they are forgotten after AHEAD_TTL
+        assert drop._ahead
+        monkeypatch.setattr(postgres_drop, "AHEAD_TTL", 0.01)
+        assert await drop.read(5) == small[4]  # a fresh read ahead (messages 7-9), under the short TTL
+        assert drop._ahead
+        await asyncio.sleep(0.2)
+        assert drop._ahead is None
     finally:
         await drop.close()
     assert drop._ahead is None

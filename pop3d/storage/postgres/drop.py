@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 #: octets and messages one `read` fetches ahead of the one asked for (small messages only)
 READ_AHEAD = 256 * 1024
 READ_AHEAD_COUNT = 64
+#: seconds read-ahead bodies are kept for the reads that follow
+AHEAD_TTL = 2.0
 #: the UIDL of a message delivered here: its row id, which a sequence never hands out twice
 UID_PREFIX = "pg."
 
@@ -125,6 +127,7 @@ class PostgresDrop(Maildrop):
         self._lock_pid: int | None = None  # the lock connection's backend, while we hold the lock
         self._lost = False
         self._ahead: dict[int, bytes] | None = None  # message index -> body read ahead (`read`), not sent yet
+        self._ahead_timer: asyncio.TimerHandle | None = None  # forgets `_ahead` AHEAD_TTL after the read
 
     def lock_lost(self) -> None:
         """The lock connection died: the lock is gone, so nothing more may be read or committed."""
@@ -164,8 +167,8 @@ class PostgresDrop(Maildrop):
     async def read(self, index: int) -> bytes:
         """The stored octets of a small message. A client that downloads reads them in order, so the query
         that fetches this one also fetches the small messages after it, up to READ_AHEAD octets: one round
-        trip for ten 4 KiB messages instead of ten. What is read ahead is kept only until it is sent (or
-        the session ends), so an idle session holds no body."""
+        trip for ten 4 KiB messages instead of ten. What is read ahead is kept until it is sent, for
+        AHEAD_TTL seconds at most, so an idle session holds no body."""
         uid = self._check()
         info = self.messages[index]
         ahead = self._ahead
@@ -179,13 +182,28 @@ class PostgresDrop(Maildrop):
             by_key = {int(r["id"]): bytes(r["body"]) for r in rows}
             body = by_key.get(int(info.key))
             rest = {i: by_key[k] for i in wanted[1:] if (k := int(self.messages[i].key)) in by_key}
-            self._ahead = rest or None
+            self._keep_ahead(rest)
         self._check()
         if body is None:
             raise MessageGone(f"message {index + 1} was removed")
         if network_size(body) != info.size:
             raise MessageUnreadable(f"message {index + 1} of {self.name}: its size is not the {info.size} announced")
         return body
+
+    def _keep_ahead(self, bodies: dict[int, bytes]) -> None:
+        """Hold `bodies` for the reads that follow, for AHEAD_TTL seconds at most: a downloading client asks
+        for them within milliseconds, and a client that read one message and went idle must not keep up to
+        READ_AHEAD octets for as long as its session lasts."""
+        self._forget_ahead()
+        if bodies:
+            self._ahead = bodies
+            self._ahead_timer = asyncio.get_running_loop().call_later(AHEAD_TTL, self._forget_ahead)
+
+    def _forget_ahead(self) -> None:
+        self._ahead = None
+        if self._ahead_timer is not None:
+            self._ahead_timer.cancel()
+            self._ahead_timer = None
 
     def _read_ahead(self, index: int) -> list[int]:
         """`index`, then the next messages up to SMALL_MESSAGE each, READ_AHEAD octets in all."""
@@ -256,7 +274,7 @@ class PostgresDrop(Maildrop):
 
     async def close(self) -> None:
         """Release the lock. Idempotent; deletes nothing."""
-        self._ahead = None
+        self._forget_ahead()
         uid, self._user_id = self._user_id, None
         self._lock_pid = None
         if uid is not None:
