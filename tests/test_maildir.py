@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from pop3d.auth.base import User
 from pop3d.storage.base import InUse, MessageGone, PermanentError, TemporaryError
 from pop3d.storage.maildir import MaildirDrop, MaildirStorage
+from pop3d.storage.maildir import drop as drop_mod
 from pop3d.storage.maildir import scan as scan_mod
 from pop3d.storage.maildir.names import split_name, uid_for
 from pop3d.storage.maildir.scan import measure
@@ -552,19 +553,47 @@ async def test_unchanged_maildrop_takes_the_snapshot_path(md: Path, monkeypatch:
     assert await snapshot(md) == first
 
 
+async def test_small_maildrop_opens_on_the_loop_and_a_large_one_in_a_thread(
+    md: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread hop costs more than listing a small maildrop (docs/DESIGN.md performance rule 2), but a
+    large listing must not hold the loop."""
+    from pop3d.storage.offload import ThreadHop
+
+    for i in range(3):
+        deliver(md, f"170000000{i}.M{i}P1.h", b"x\n")
+    hops: list[object] = []
+    real_run = ThreadHop.run
+
+    async def counted(self: ThreadHop, func: Any, **kw: Any) -> Any:
+        hops.append(func)
+        return await real_run(self, func, **kw)
+
+    monkeypatch.setattr(ThreadHop, "run", counted)
+    small = await opened(md)
+    assert len(small.messages) == 3 and hops == []
+    await small.close()
+    sizes = sum(os.stat(md / sub).st_size for sub in ("new", "cur"))
+    monkeypatch.setattr(drop_mod, "INLINE_LISTING", sizes - 1)  # one octet more listing than the loop takes
+    large = await opened(md)
+    assert len(large.messages) == 3 and len(hops) == 1
+    await large.close()
+
+
 async def test_cancelled_open_does_not_leak_the_lock(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
     import threading
 
     md.mkdir()
     release = threading.Event()
-    real_open_root = MaildirDrop._open_root
+    real_open_locked = MaildirDrop._open_locked
 
-    def stalled(self: MaildirDrop) -> Any:
+    def stalled(self: MaildirDrop, *args: Any) -> Any:
         release.wait(5)  # before the lock is taken: close() below finds nothing to release yet
-        return real_open_root(self)
+        return real_open_locked(self, *args)
 
-    monkeypatch.setattr(MaildirDrop, "_open_root", stalled)
+    monkeypatch.setattr(drop_mod, "INLINE_LISTING", -1)  # a large maildrop: locked and listed in a thread
+    monkeypatch.setattr(MaildirDrop, "_open_locked", stalled)
     drop = MaildirDrop(str(md))
     task = asyncio.ensure_future(drop.open())
     await asyncio.sleep(0.05)

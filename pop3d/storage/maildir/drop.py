@@ -72,6 +72,9 @@ _T = TypeVar("_T")
 LOCK_FILE = ".pop3d.lock"
 _TYPE, _REGULAR = stat.S_IFMT(0o177777), stat.S_IFREG
 _SUBDIRS = ("cur", "new", "tmp")  # the order _open_root lstats them in
+#: Directory sizes (st_size of new/ plus cur/) up to which open() locks and lists on the loop: on ext4 two
+#: blocks for cur/ and one for new/, about 150 messages; the two empty directories of a new user are 8 KiB.
+INLINE_LISTING = 16 * 1024
 
 
 def _subdir_fd(fds: dict[str, int], sub: str, name: str) -> int:
@@ -169,16 +172,27 @@ class MaildirDrop(Maildrop):
     # ---- open -------------------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Create the maildir if needed, lock it (InUse if held) and snapshot it, all in a worker thread."""
-        await self._in_thread(self._open_sync)
+        """Create the maildir if needed, lock it (InUse if held) and snapshot it.
+
+        The root and new/ cur/ tmp/ are opened and checked on the loop (a few non-blocking system calls);
+        their sizes then say how long the listing is. A small maildrop (at most INLINE_LISTING octets of
+        new/ and cur/, no EXPIRE to apply) is locked and listed on the loop too: that is a dozen system
+        calls, and the two thread switches around them cost more (half the CPU time of a poll, measured;
+        docs/DESIGN.md performance rule 2). A larger one is locked and listed in a worker thread.
+        """
+        root_fd, subs = self._open_root()
+        if self.expire_days is None and subs[0].st_size + subs[1].st_size <= INLINE_LISTING:
+            self._open_locked(root_fd, subs)
+        else:
+            await self._in_thread(partial(self._open_locked, root_fd, subs))
 
     async def _in_thread(self, func: Callable[[], _T]) -> _T:
         """Blocking file work off the loop. If the session is cancelled meanwhile (client gone), the thread
         cannot be stopped: once it ends, make sure it did not leave the lock held."""
         return await self._hop.run(func, on_cancel=self._lock.release)
 
-    def _open_sync(self) -> None:
-        root_fd, subs = self._open_root()
+    def _open_locked(self, root_fd: int, subs: list[os.stat_result]) -> None:
+        """Lock and snapshot the maildrop whose root `_open_root` opened; `root_fd` is closed in the end."""
         try:
             self._lock.acquire(dir_fd=root_fd, owner=self.owner)
             try:
