@@ -14,9 +14,9 @@ files, threads or real time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from pop3d import wire
 from pop3d.auth.base import Authenticator, Credentials, User
@@ -29,6 +29,8 @@ from pop3d.storage.base import CHUNK, InUse, Maildrop, MessageInfo
 
 USERS = {"alice": "wonderland", "bob": "builder pass"}
 
+_R = TypeVar("_R")
+
 
 # ---- authentication ---------------------------------------------------------------------------------------
 
@@ -37,6 +39,8 @@ class FakeAuth(Authenticator):
     """`{name: password}` with PLAIN secrets (APOP, decoys and SASL lookups: the interface's defaults).
 
     While `gate` is set and not open, verify() and lookup() wait."""
+
+    task_free = True  # like the passwd-file: the session runs its steps at once (pop3d.pop3.eager)
 
     def __init__(self, users: dict[str, str] | None = None) -> None:
         self.users = dict(USERS if users is None else users)
@@ -80,6 +84,8 @@ class FakeStorage:
     """
 
     boxes: dict[str, list[bytes]] = field(default_factory=dict)
+    #: like the file drivers (pop3d.storage.base.Storage.task_free); set False to act like PostgreSQL's
+    task_free: bool = True
     errors: dict[str, Exception] = field(default_factory=dict)
     locked: set[str] = field(default_factory=set)
     commits: list[Commit] = field(default_factory=list)
@@ -265,6 +271,15 @@ class ClockLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self._now
 
+    def inside(self, fn: Callable[..., _R], *args: Any) -> _R:
+        """`fn(*args)` called from inside the running loop, as a transport calls its protocol (the session
+        may start work that needs the running loop at once); nothing else is settled."""
+
+        async def call() -> _R:
+            return fn(*args)
+
+        return self.run_until_complete(call())
+
     def settle(self, rounds: int = 200) -> None:
         """Run ready callbacks (and timers due now) until nothing is ready; never sleeps."""
         for _ in range(rounds):
@@ -360,7 +375,7 @@ class Connection:
 
         self.session = loop.run_until_complete(create())
         self.transport = FakeTransport(self.session, loop, peer, extra)
-        self.session.connection_made(self.transport)
+        loop.inside(self.session.connection_made, self.transport)
         loop.settle()
 
     @property
@@ -368,7 +383,7 @@ class Connection:
         return self.session.handler
 
     def send(self, data: bytes) -> None:
-        self.session.data_received(data)
+        self.loop.inside(self.session.data_received, data)
         self.loop.settle()
 
     def lines(self, start: int = 0) -> list[bytes]:

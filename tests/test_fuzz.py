@@ -479,7 +479,7 @@ class SessionFuzz(RuleBasedStateMachine):
         self.commits_before = len(self.storage.commits)
         self.committed = False
         self.started = True
-        self.session.connection_made(self.transports[0])
+        self.loop.inside(self.session.connection_made, self.transports[0])
         self.settle()
 
     def connected(self) -> None:
@@ -526,11 +526,11 @@ class SessionFuzz(RuleBasedStateMachine):
             if piece is None:
                 self.eof = True
                 self.pending.clear()
-                self.session.eof_received()
+                self.loop.inside(self.session.eof_received)
             else:
                 self.fed_lines += piece.count(b"\n")
                 self.partial = not piece.endswith(b"\n") if b"\n" in piece else self.partial or bool(piece)
-                self.session.data_received(piece)
+                self.loop.inside(self.session.data_received, piece)
                 assert self.session._lines.pending <= MAX_SASL_LINE, "line buffer over the SASL line limit"
             self.settle()
 
@@ -721,7 +721,7 @@ class SessionFuzz(RuleBasedStateMachine):
             data = b"".join(line.data + b"\r\n" for line in lines)
             self.revealed |= {name for line in lines for name in line.reveals}
             self.fed_lines += len(lines)
-            self.session.data_received(data)
+            self.loop.inside(self.session.data_received, data)
             if not self.closing():
                 self.transport.drop()
         self.settle()

@@ -14,7 +14,7 @@ import ssl
 from typing import Any
 
 import pytest
-from fakes import ClockLoop, Connection, FakeAuth, FakeTransport, make_context, messages, stored
+from fakes import ClockLoop, Connection, FakeAuth, FakeMaildrop, FakeTransport, make_context, messages, stored
 
 from pop3d import wire
 from pop3d.config import ConfigError
@@ -50,7 +50,7 @@ def test_pipelined_burst_is_answered_in_one_write_without_a_task(clock: ClockLoo
     c = connect(clock)
     c.login()
     before = len(c.transport.writes)
-    c.session.data_received(b"STAT\r\nLIST\r\nUIDL 2\r\nDELE 1\r\nSTAT\r\nLIST 1\r\nNOOP\r\nLAST\r\n")
+    c.loop.inside(c.session.data_received, b"STAT\r\nLIST\r\nUIDL 2\r\nDELE 1\r\nSTAT\r\nLIST 1\r\nNOOP\r\nLAST\r\n")
     assert c.session._task is None  # synchronous all the way: no Task was needed
     assert len(c.transport.writes) == before + 1
     c.loop.settle()
@@ -70,7 +70,29 @@ def test_pipelined_burst_is_answered_in_one_write_without_a_task(clock: ClockLoo
         b"+OK",
         b"+OK 0",
     ]
-    assert c.transport.reading_calls.count("pause") == 1  # only the PASS of the login paused reading
+    # the login's PASS ended without waiting (pop3d.pop3.eager): reading was never paused
+    assert c.transport.reading_calls.count("pause") == 0
+
+
+def test_a_driver_that_needs_a_task_gets_one(clock: ClockLoop, monkeypatch: pytest.MonkeyPatch) -> None:
+    """asyncpg's timeouts (asyncio.timeout) need the current Task: with a driver that is not `task_free`,
+    PASS and QUIT run as Tasks (reading paused meanwhile), never as a first step outside any Task."""
+    c = connect(clock)
+    c.storage.task_free = False
+    real_open = FakeMaildrop.open
+    tasks: list[object] = []
+
+    async def open_in_a_task(self: FakeMaildrop) -> None:
+        tasks.append(asyncio.current_task())  # None when run as an eager first step
+        async with asyncio.timeout(5):
+            await real_open(self)
+
+    monkeypatch.setattr(FakeMaildrop, "open", open_in_a_task)
+    c.login()
+    assert tasks and tasks[0] is not None
+    assert c.transport.reading_calls.count("pause") == 1  # the PASS paused reading until it was done
+    c.send(b"QUIT\r\n")
+    assert c.lines()[-1].startswith(b"+OK") and c.transport.closed
 
 
 def test_lines_split_across_segments_are_answered_once_complete(clock: ClockLoop) -> None:
@@ -264,11 +286,11 @@ def test_bytes_after_stls_are_never_executed(clock: ClockLoop) -> None:
     clock.finish_handshake(secure)
     assert c.session.transport is secure and c.handler.tls
     assert auth.calls == []  # the injected PASS never reached the user database
-    c.session.data_received(b"CAPA\r\nPASS wonderland\r\n")
+    c.loop.inside(c.session.data_received, b"CAPA\r\nPASS wonderland\r\n")
     clock.settle()
     lines = b"".join(secure.writes).split(b"\r\n")
     assert b"STLS" not in lines and lines[-2] == b"-ERR USER first"  # no USER survived the handshake
-    c.session.data_received(b"STLS\r\n")
+    c.loop.inside(c.session.data_received, b"STLS\r\n")
     clock.settle()
     assert b"".join(secure.writes).endswith(b"-ERR already using TLS\r\n")
 
@@ -457,8 +479,8 @@ def test_drop_during_commit_does_not_interrupt_it(clock: ClockLoop) -> None:
 
 def test_half_close_answers_everything_first(clock: ClockLoop) -> None:
     c = connect(clock)
-    c.session.data_received(b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nQUIT\r\n")
-    c.session.eof_received()
+    c.loop.inside(c.session.data_received, b"USER alice\r\nPASS wonderland\r\nDELE 1\r\nQUIT\r\n")
+    c.loop.inside(c.session.eof_received)
     clock.settle()
     assert c.lines()[-1] == b"+OK pop3d signing off (1 message left)"
     assert c.transport.closed and len(c.storage.boxes["alice"]) == 1

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Final, TypeVar
 
 from pop3d.auth.floors import Floors, step_name
 from pop3d.i18n.saslprep import SASLprepError, saslprep
@@ -85,6 +85,10 @@ class Authenticator(abc.ABC):
     """
 
     _floors: Floors | None = None
+    #: True when none of its coroutines needs to run as a Task of its own (no asyncio.timeout or wait_for, which
+    #: ask for the current task): the session may then run them at once (pop3d.pop3.eager), and most logins
+    #: end without ever waiting. False (the safe default) for network user databases such as PostgreSQL.
+    task_free: ClassVar[bool] = False
 
     @property
     def floors(self) -> Floors:

@@ -173,6 +173,8 @@ def _read(path: Path) -> tuple[bytes, _FileId, float]:
 class PasswdFileAuthenticator(HashedSecrets):
     """`Authenticator` over a Dovecot passwd-file; edits to the file take effect without a restart."""
 
+    task_free = True  # a file read into memory, hashes in threads: see Authenticator.task_free
+
     def __init__(
         self,
         path: str | Path,

@@ -49,6 +49,8 @@ DEFAULT_MAX_ENTRIES: Final[int] = 65536
 
 def penalty_key(address: str) -> str:
     """The key an address is counted under: IPv4 as is, IPv6 by its /64, anything unparsable verbatim."""
+    if ":" not in address:  # IPv4 (or a UNIX-socket peer): already its own key, no parse on every login
+        return address
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:

@@ -137,6 +137,8 @@ class TlsLayer(asyncio.Protocol):
                 self.close()
                 return
             self._app.data_received(data)
+            if not self._in.pending and not self._ssl.pending():
+                break  # nothing left to decrypt: spare the read that would raise SSLWantReadError
         self._flush()  # a post-handshake message answered (TLS 1.3 KeyUpdate)
 
     def _flush(self) -> None:

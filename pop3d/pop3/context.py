@@ -200,6 +200,13 @@ class ServerContext:
             gate = self._open_gate = (loop, asyncio.Semaphore(OPENS_IN_FLIGHT))
         return gate[1]
 
+    @property
+    def eager(self) -> bool:
+        """May the session run an async reply at once, without a Task (pop3d.pop3.eager)? Only when neither
+        the user database nor the storage needs a Task of its own (`task_free`); read per use: a reload may
+        change either."""
+        return self.auth.task_free and self.storage.task_free
+
     async def verify_password(self, name: str, password: str) -> User | None:
         """A clear password check (USER/PASS, SASL PLAIN and LOGIN) through the verified-credentials cache,
         with `auth.cache_ttl` as it is now (a reload applies to the next check)."""

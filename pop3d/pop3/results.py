@@ -20,8 +20,8 @@ frozen dataclass costs about three times as much to construct (docs/DESIGN.md pe
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable
-from typing import TYPE_CHECKING, Final
+from collections.abc import AsyncIterator, Coroutine
+from typing import TYPE_CHECKING, Any, Final
 
 from pop3d import wire
 
@@ -86,7 +86,9 @@ class Pending:
 
     __slots__ = ("awaitable",)
 
-    def __init__(self, awaitable: Awaitable[Resolved]) -> None:
+    def __init__(self, awaitable: Coroutine[Any, Any, Resolved]) -> None:
+        """`awaitable`: a coroutine, which the session runs at once and hands to a Task only if it has to
+        wait (pop3d.pop3.eager)."""
         self.awaitable: Final = awaitable
 
 

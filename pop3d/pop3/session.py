@@ -51,6 +51,7 @@ from pop3d.net.limits import Refused
 from pop3d.net.tls import peer_identity
 from pop3d.pop3 import catalog
 from pop3d.pop3.context import ServerContext
+from pop3d.pop3.eager import Rest, first_step
 from pop3d.pop3.handlers import Pop3Handler
 from pop3d.pop3.protocol import MAX_SASL_LINE, CommandParser, LineBuffer, Rejected, err
 from pop3d.pop3.results import Challenge, Pending, Reply, Resolved, StartTLS, Stream
@@ -227,9 +228,22 @@ class Pop3Session(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             if handler.state is not State.UPDATE:  # never interrupt a commit half-way
                 self._task.cancel()
-            self._task.add_done_callback(lambda _t: self._loop.create_task(self._finish()))
+            self._task.add_done_callback(lambda _t: self._end())
         else:
+            self._end()
+
+    def _end(self) -> None:
+        """Release the maildrop and log the end: at once when nothing has to wait, else in a Task."""
+        if not self.ctx.eager:
             self._loop.create_task(self._finish())
+            return
+        try:
+            step = first_step(self._finish())
+        except Exception:
+            log.exception("internal error ending session user=%s", self._user())
+            return
+        if isinstance(step, Rest):
+            self._loop.create_task(step.finish())
 
     # -- command processing ----------------------------------------------------------------------
 
@@ -310,6 +324,11 @@ class Pop3Session(asyncio.Protocol):
                         self._verb, self._t0 = event.verb, t0  # timed when the reply is complete
                     else:
                         metrics.command(event.verb, perf_counter() - t0)
+            if type(result) is Pending and self.ctx.eager:  # PASS, QUIT: often done at once (pop3d.pop3.eager)
+                settled = self._settle(handler, result, out)
+                if settled is None:
+                    return False  # it waits: `_complete` goes on once it is done
+                result = settled
             if type(result) is Reply:  # the fast path: most pipelined commands end here
                 data = result.data
                 out.append(data)
@@ -327,7 +346,7 @@ class Pop3Session(asyncio.Protocol):
                 return False
             else:
                 assert isinstance(result, (Pending, Stream))
-                self._suspend(out, result)
+                self._suspend(out, result, handler.state)
                 return False
         if out:
             self._write(b"".join(out) if len(out) > 1 else out[0])
@@ -356,20 +375,64 @@ class Pop3Session(asyncio.Protocol):
         self._closing = True
         self._end_reason = reply.reason
 
-    def _suspend(self, out: list[bytes], result: Pending | Stream) -> None:
+    def _settle(self, handler: Pop3Handler, pending: Pending, out: list[bytes]) -> Resolved | None:
+        """Run `pending` now: its reply if it ended without waiting, else None once it is handed to a Task
+        (the batch so far written, reading paused: `_suspend`)."""
+        before = handler.state
+        self._busy = True  # nothing may start another batch while it runs
+        try:
+            step = first_step(pending.awaitable)
+        except Exception as exc:
+            step = self._failed_reply(handler, exc)
+        finally:
+            self._busy = False
+        if isinstance(step, Rest):
+            self._suspend(out, step, before)
+            return None
+        self._timed()
+        if handler.state is not before and not self._closed:
+            self._state_changed(before)
+        return step
+
+    def _failed_reply(self, handler: Pop3Handler, exc: Exception) -> Reply:
+        """The reply to an async step that raised, logged as what it is."""
+        if isinstance(exc, ConnectionError):  # a user database that cannot be reached (PostgreSQL down)
+            log.warning("user database unavailable user=%s session=%s: %s", self._user(), handler.sid, exc)
+        else:
+            log.error("internal error in session user=%s session=%s", self._user(), handler.sid, exc_info=exc)
+        return Reply(handler.texts.internal_error)
+
+    def _timed(self) -> None:
+        """The command metric of an async reply, now that it is complete."""
+        if self._verb:
+            self.ctx.metrics.command(self._verb, perf_counter() - self._t0)
+            self._verb = ""
+
+    def _state_changed(self, before: State) -> None:
+        if before is State.AUTHORIZATION:
+            self.ctx.limits.logged_in(self)  # never evicted from now on
+        self._arm_timer()  # login trades the login deadline for the idle autologout
+
+    def _suspend(self, out: list[bytes], result: Pending | Rest[Resolved] | Stream, before: State) -> None:
         """An async reply: flush the batch so far, stop reading, go on in `_complete` once it is done."""
         if out:
             self._write(b"".join(out))
         self._busy = True
         self.transport.pause_reading()
-        self._task = self._loop.create_task(self._complete(result))
+        self._task = self._loop.create_task(self._complete(result, before))
 
-    async def _complete(self, result: Pending | Stream) -> None:
+    async def _complete(self, result: Pending | Rest[Resolved] | Stream, before: State) -> None:
+        """`before`: the state when the command came (a login or QUIT changes it while it runs)."""
         handler = self.handler
         assert handler is not None
-        before = handler.state
         try:
-            resolved: Resolved = await result.awaitable if isinstance(result, Pending) else result
+            resolved: Resolved
+            if isinstance(result, Rest):
+                resolved = await result.finish()
+            elif isinstance(result, Pending):
+                resolved = await result.awaitable
+            else:
+                resolved = result
             if isinstance(resolved, Stream):
                 await self._stream(resolved)
             elif isinstance(resolved, Challenge):
@@ -381,23 +444,15 @@ class Pop3Session(asyncio.Protocol):
                 self._write(resolved.data)
         except asyncio.CancelledError:
             raise
-        except ConnectionError as exc:  # a user database that cannot be reached (PostgreSQL down): no traceback
-            log.warning("user database unavailable user=%s session=%s: %s", self._user(), handler.sid, exc)
-            self._write(handler.texts.internal_error)
-        except Exception:
-            log.exception("internal error in session user=%s session=%s", self._user(), handler.sid)
-            self._write(handler.texts.internal_error)
-        if self._verb:
-            self.ctx.metrics.command(self._verb, perf_counter() - self._t0)
-            self._verb = ""
+        except Exception as exc:
+            self._write(self._failed_reply(handler, exc).data)
+        self._timed()
         self._busy = False
         self._task = None  # a finished Task kept per idle session would cost ~600 bytes
         if self._closed or self.transport.is_closing():
             return
         if handler.state is not before:
-            if before is State.AUTHORIZATION:
-                self.ctx.limits.logged_in(self)  # never evicted from now on
-            self._arm_timer()  # login trades the login deadline for the idle autologout
+            self._state_changed(before)
         if self._write_paused:  # the reply filled the buffer: reading stays paused until it drains
             self._held = True
             return

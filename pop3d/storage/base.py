@@ -108,6 +108,11 @@ class Maildrop(abc.ABC):
 class Storage(abc.ABC):
     """Factory for maildrops; one per server, built from the `[storage]` configuration."""
 
+    #: True when none of its coroutines needs to run as a Task of its own (no asyncio.timeout or wait_for, which
+    #: ask for the current task): the session may then run them at once (pop3d.pop3.eager), and most logins
+    #: end without ever waiting. False (the safe default) for network drivers such as PostgreSQL's.
+    task_free: ClassVar[bool] = False
+
     @abc.abstractmethod
     def maildrop(self, user: User) -> Maildrop:
         """The maildrop of `user`, not opened yet (no I/O). Does not raise: a user who cannot have one

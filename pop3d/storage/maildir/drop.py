@@ -85,6 +85,17 @@ def _subdir_fd(fds: dict[str, int], sub: str, name: str) -> int:
     raise Refused(f"key {sub}/{name} is not in new/ or cur/")
 
 
+def _anchor_template(location: str) -> str:
+    """The template of MaildirStorage.anchor_for, worked out once rather than at every login."""
+    location = location.rstrip("/") or "/"
+    parts = location.split("/")
+    k = next((i for i, part in enumerate(parts) if "{user}" in part), len(parts))
+    anchor = "/".join(parts[: min(k, len(parts) - 1)])
+    if not anchor:
+        anchor = "/" if location.startswith("/") else "."
+    return anchor
+
+
 #: what `_own` is without imported UIDLs: one shared, never-written dict instead of an empty one per session
 _NO_IMPORTS: dict[str, str] = {}
 
@@ -96,6 +107,8 @@ class MaildirStorage(Storage):
     IMAP clients sharing the maildir see them as read.
     """
 
+    task_free = True  # plain file work on the loop or in threads: see Storage.task_free
+
     def __init__(self, location: str, mark_seen: bool = True, expire_days: int | None = None,
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         """`expire_days`: RFC 2449 §6.7 EXPIRE n > 0 (None: never, or 0, which the session applies at
@@ -103,6 +116,7 @@ class MaildirStorage(Storage):
         if not has_fields(location):
             raise ValueError("maildir location must contain {user} or {home}")
         self.location = location
+        self._anchor = _anchor_template(location)
         self.mark_seen = mark_seen
         self.expire_days = expire_days if expire_days else None
         self.clock = clock
@@ -119,13 +133,7 @@ class MaildirStorage(Storage):
         the maildir's parent (the home for `{home}/Maildir`). A missing anchor means a missing mount or
         home: a configuration problem, hence PermanentError rather than silently creating it.
         """
-        location = self.location.rstrip("/") or "/"
-        parts = location.split("/")
-        k = next((i for i, part in enumerate(parts) if "{user}" in part), len(parts))
-        anchor = "/".join(parts[: min(k, len(parts) - 1)])
-        if not anchor:
-            anchor = "/" if location.startswith("/") else "."
-        return expand(anchor, user, "maildir")
+        return expand(self._anchor, user, "maildir")
 
     def maildrop(self, user: User) -> Maildrop:
         try:

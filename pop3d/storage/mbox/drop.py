@@ -80,6 +80,8 @@ _JOURNAL = ".pop3d-journal"
 class MboxStorage(Storage):
     """Factory of MboxDrop from the `[storage]` settings."""
 
+    task_free = True  # plain file work on the loop or in threads: see Storage.task_free
+
     def __init__(self, cfg: StorageSettings) -> None:
         self.location = cfg.location
         self.mboxrd = cfg.mbox_dialect == "mboxrd"
