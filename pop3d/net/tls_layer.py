@@ -44,7 +44,7 @@ class TlsLayer(asyncio.Protocol):
     def __init__(
         self, make_session: Callable[[], asyncio.Protocol], context: ssl.SSLContext, handshake_timeout: float
     ) -> None:
-        self._make = make_session
+        self._make: Callable[[], asyncio.Protocol] | None = make_session
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._ssl = context.wrap_bio(self._in, self._out, server_side=True)
         self._app: asyncio.Protocol | None = None
@@ -107,7 +107,9 @@ class TlsLayer(asyncio.Protocol):
         self._flush()
         self._cancel_timer()
         self._transport = _TlsTransport(self)
-        self._app = self._make()
+        make, self._make = self._make, None  # a closure per connection: not kept for the session's life
+        assert make is not None
+        self._app = make()
         self._app.connection_made(self._transport)
 
     def _handshake_expired(self) -> None:
@@ -208,7 +210,8 @@ class _TlsTransport(asyncio.Transport):
     __slots__ = ("_layer",)
 
     def __init__(self, layer: TlsLayer) -> None:
-        super().__init__()
+        # no Transport.__init__: its `_extra` dict (64 octets per session) serves only the get_extra_info
+        # overridden below
         self._layer = layer
 
     def write(self, data: bytes | bytearray | memoryview) -> None:

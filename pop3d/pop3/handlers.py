@@ -266,6 +266,7 @@ class Pop3Handler:
         ctx.metrics.login("ok")
         self.state = next_state(self.state, SessionEvent.LOGIN_OK)
         self.user, self.drop, self.messages = user, drop, drop.messages
+        self.timestamp = ""  # RFC 1939 §7: only APOP, before login, uses it; a held session need not keep it
         drop.lock_lost_hook = self.on_lock_lost
         count, size = self._totals()
         self._event(logging.INFO, "login", "login", user=user.name, rip=self.peer, messages=count, size=size)

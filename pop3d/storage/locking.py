@@ -60,11 +60,19 @@ class MaildropLock:
     (pop3d.storage.oserrors). Both methods only make non-blocking system calls.
     """
 
-    __slots__ = ("_fd", "path")
+    __slots__ = ("_dir", "_fd", "_name")
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
+    def __init__(self, path: str | os.PathLike[str], name: str | None = None) -> None:
+        """The lock file `path`, or with `name` the file `name` in the directory `path` (the directory's own
+        string is kept, and the joined path made only for an error message: an idle session holds one less
+        string)."""
+        self._dir: str | None = os.fspath(path) if name is not None else None
+        self._name: str = name if name is not None else os.fspath(path)
         self._fd: int | None = None
+
+    @property
+    def path(self) -> str:
+        return self._name if self._dir is None else os.path.join(self._dir, self._name)
 
     @property
     def held(self) -> bool:
@@ -79,7 +87,7 @@ class MaildropLock:
         """
         if self._fd is not None:
             return
-        name = os.path.basename(self.path) if dir_fd is not None else self.path
+        name = os.path.basename(self._name) if dir_fd is not None else self.path
         try:
             fd = self._open(name, dir_fd, owner)
         except OSError as exc:

@@ -72,6 +72,7 @@ _T = TypeVar("_T")
 LOCK_FILE = ".pop3d.lock"
 _TYPE, _REGULAR = stat.S_IFMT(0o177777), stat.S_IFREG
 _SUBDIRS = ("cur", "new", "tmp")  # the order _open_root lstats them in
+_ID_AT = {"": 0, "cur": 2, "new": 4}  # where each directory's (device, inode) is in MaildirDrop._ids
 #: Directory sizes (st_size of new/ plus cur/) up to which open() locks and lists on the loop: on ext4 two
 #: blocks for cur/ and one for new/, about 150 messages; the two empty directories of a new user are 8 KiB.
 INLINE_LISTING = 16 * 1024
@@ -161,15 +162,19 @@ class MaildirDrop(Maildrop):
         user's, who must own the maildir (safefile.Owner) and gets what pop3d creates in it."""
         self.path = path
         self.mark_seen = mark_seen
-        self.anchor = os.path.dirname(path) if anchor is None else anchor
+        #: None once open() is done: only open() (and deliver_sync) may create the maildir, and a held session
+        #: need not keep the string
+        self.anchor: str | None = os.path.dirname(path) if anchor is None else anchor
         self.uid, self.gid = uid, gid
         self.expire_days, self.clock = (expire_days if expire_days else None), clock
         self.messages: list[MessageInfo] = []
         self._own: dict[str, str] = _NO_IMPORTS  # imported UIDL -> pop3d's own uid (uidlist.apply)
         self.owner = Owner(-1, -1)  # set by open()
-        self._ids: dict[str, tuple[int, int]] = {}  # "", "new", "cur" -> (device, inode) seen at open()
+        #: (device, inode) of the root, cur/ and new/ seen at open(), in one flat tuple (an idle session keeps
+        #: it: a dict of three pairs cost three times as much)
+        self._ids: tuple[int, ...] = ()
         self._broken: dict[int, str] | None = None  # message index -> why it is unreadable for this session
-        self._lock = MaildropLock(os.path.join(path, LOCK_FILE))
+        self._lock = MaildropLock(path, LOCK_FILE)
         self._hop = ThreadHop()
 
     def _size_cache(self) -> SizeCache:
@@ -193,6 +198,7 @@ class MaildirDrop(Maildrop):
             self._open_locked(root_fd, subs)
         else:
             await self._in_thread(partial(self._open_locked, root_fd, subs))
+        self.anchor = None
 
     async def _in_thread(self, func: Callable[[], _T]) -> _T:
         """Blocking file work off the loop. If the session is cancelled meanwhile (client gone), the thread
@@ -254,8 +260,7 @@ class MaildirDrop(Maildrop):
             except BaseException:
                 os.close(fd)
                 raise
-            self._ids = {"": (st.st_dev, st.st_ino), "cur": (subs[0].st_dev, subs[0].st_ino),
-                         "new": (subs[1].st_dev, subs[1].st_ino)}  # fmt: skip
+            self._ids = (st.st_dev, st.st_ino, subs[0].st_dev, subs[0].st_ino, subs[1].st_dev, subs[1].st_ino)
             return fd, [subs[1], subs[0]]  # new/, cur/: the order of scan.stamps
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -327,16 +332,18 @@ class MaildirDrop(Maildrop):
         """Create a missing maildir (a new user with no mail yet is normal) below the anchor, one directory
         at a time relative to its parent's fd, never through a link; each is mode 0700 and the passwd-file
         user's (when pop3d runs as root and the user has a uid), like the maildir an MDA would make."""
-        root = self.path
-        rel = os.path.relpath(root, self.anchor)
+        root, anchor = self.path, self.anchor
+        if anchor is None:  # the session's maildir vanished after open(): not recreated under its feet
+            raise TemporaryError(f"maildir {root} vanished during the session")
+        rel = os.path.relpath(root, anchor)
         if rel == ".." or rel.startswith("../"):
-            raise PermanentError(f"maildir {root} is outside {self.anchor}")
+            raise PermanentError(f"maildir {root} is outside {anchor}")
         parts = [*(rel.split("/") if rel != "." else []), _SUBDIRS]
         maker = Owner(self.uid, -1 if self.gid is None else self.gid) if self.uid is not None else None
         try:
-            fd = os.open(self.anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # configured: may be a link
+            fd = os.open(anchor, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # configured: may be a link
         except (FileNotFoundError, NotADirectoryError):
-            raise PermanentError(f"maildir cannot be created: {self.anchor} is not a directory") from None
+            raise PermanentError(f"maildir cannot be created: {anchor} is not a directory") from None
         except OSError as exc:
             raise storage_error(exc, f"cannot create maildir {root}") from exc
         try:
@@ -532,7 +539,8 @@ class MaildirDrop(Maildrop):
                 fds[sub] = os.open(sub, DIR_FLAGS, dir_fd=fds[""])
             for sub, fd in fds.items():
                 st = os.fstat(fd)
-                if (st.st_dev, st.st_ino) != self._ids.get(sub):
+                at = _ID_AT[sub]
+                if (st.st_dev, st.st_ino) != self._ids[at : at + 2]:
                     raise Refused(f"{self.path}/{sub} was replaced during the session")
         except OSError as exc:
             for fd in fds.values():

@@ -25,6 +25,7 @@ from operator import itemgetter
 from typing import cast
 
 from pop3d.storage.base import MessageInfo, TemporaryError
+from pop3d.storage.maildir.info import compact, infos
 from pop3d.storage.maildir.names import STANDARD_NAMES, size_field, split_name, time_key, uid_for
 from pop3d.storage.maildir.sizecache import SizeCache
 from pop3d.storage.offload import no_gc
@@ -154,10 +155,10 @@ def snapshot(path: str, root_fd: int, subs: Sequence[os.stat_result], cache: Siz
         cache.load(root_fd, owner)
         cached = cache.snapshot_for(now) if trusted else None
         if cached is not None:
-            messages = list(map(MessageInfo, *cached))
+            messages = infos(*cached)
         else:
             scan = _Scan(path, root_fd, cache, owner)
-            messages = scan.listing(list_names(path, root_fd, subs))
+            messages = compact(scan.listing(list_names(path, root_fd, subs)))
             cache.remember(now if trusted else None, [m.key for m in messages])
         cache.flush(root_fd, owner)
     if trusted and len(messages) >= _MEMO_MIN:
