@@ -580,6 +580,38 @@ async def test_small_maildrop_opens_on_the_loop_and_a_large_one_in_a_thread(
     await large.close()
 
 
+async def test_commit_on_the_loop_when_small_in_a_thread_when_large_and_not_at_all_when_empty(
+    md: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pop3d.storage.offload import ThreadHop
+
+    for i in range(4):
+        deliver(md, f"170000000{i}.M{i}P1.h", b"x\n")
+    hops: list[object] = []
+    real_run = ThreadHop.run
+
+    async def counted(self: ThreadHop, func: Any, **kw: Any) -> Any:
+        hops.append(func)
+        return await real_run(self, func, **kw)
+
+    monkeypatch.setattr(ThreadHop, "run", counted)
+    drop = await opened(md)
+    await drop.commit(set(), {0, 1})  # two renames new/ -> cur/: on the loop
+    await drop.close()
+    assert hops == [] and len(os.listdir(md / "cur")) == 2
+    drop = await opened(md)
+    seen_already = {i for i, m in enumerate(drop.messages) if m.key.startswith("cur/")}
+    await drop.commit(set(), seen_already)  # flagged already: nothing to do on disk
+    await drop.close()
+    assert hops == []
+    monkeypatch.setattr(drop_mod, "INLINE_CHANGES", 1)
+    drop = await opened(md)
+    await drop.commit({0}, {1, 2, 3})  # one unlink and two renames: more than the loop takes
+    await drop.close()
+    assert len(hops) == 1
+    assert len(os.listdir(md / "cur")) == 3 and os.listdir(md / "new") == []
+
+
 async def test_cancelled_open_does_not_leak_the_lock(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
     import threading

@@ -76,6 +76,8 @@ _ID_AT = {"": 0, "cur": 2, "new": 4}  # where each directory's (device, inode) i
 #: Directory sizes (st_size of new/ plus cur/) up to which open() locks and lists on the loop: on ext4 two
 #: blocks for cur/ and one for new/, about 150 messages; the two empty directories of a new user are 8 KiB.
 INLINE_LISTING = 16 * 1024
+#: Files unlinked or renamed at commit (QUIT) up to which the commit runs on the loop, not in a thread.
+INLINE_CHANGES = 32
 
 
 def _subdir_fd(fds: dict[str, int], sub: str, name: str) -> int:
@@ -95,6 +97,12 @@ def _anchor_template(location: str) -> str:
     if not anchor:
         anchor = "/" if location.startswith("/") else "."
     return anchor
+
+
+def _needs_seen(key: str) -> bool:
+    """Whether marking the message of `key` seen renames it (it is in new/, or has no S flag yet)."""
+    sub, _, name = key.partition("/")
+    return sub != "cur" or "S" not in split_name(name)[2]
 
 
 #: what `_own` is without imported UIDLs: one shared, never-written dict instead of an empty one per session
@@ -522,10 +530,20 @@ class MaildirDrop(Maildrop):
     # ---- update -----------------------------------------------------------------------------------------
 
     async def commit(self, deleted: set[int], seen: set[int]) -> None:
-        """UPDATE state (RFC 1939 §6): unlink `deleted`, flag `seen` as read; raise if a deletion failed."""
-        if not deleted and not (seen and (self.mark_seen or self.expire_days is not None)):
-            return  # nothing to change on disk: no thread hop (a poll session ends here)
-        failed = await self._in_thread(lambda: self._commit_sync(deleted, seen))
+        """UPDATE state (RFC 1939 §6): unlink `deleted`, flag `seen` as read; raise if a deletion failed.
+
+        Nothing to change on disk (a poll, or a download of messages already flagged): no file work at all.
+        A few changes (at most INLINE_CHANGES unlinks and renames, no EXPIRE record) are made on the loop, as
+        open() does for a small maildrop; more in a worker thread."""
+        marks = sum(1 for i in seen - deleted if _needs_seen(self.messages[i].key)) if self.mark_seen else 0
+        if self.expire_days is not None and (seen or deleted):
+            failed = await self._in_thread(lambda: self._commit_sync(deleted, seen))
+        elif not deleted and not marks:
+            return
+        elif len(deleted) + marks <= INLINE_CHANGES:
+            failed = self._commit_sync(deleted, seen)
+        else:
+            failed = await self._in_thread(lambda: self._commit_sync(deleted, seen))
         if failed:
             raise TemporaryError(f"{failed} message(s) could not be deleted")
 
