@@ -38,7 +38,8 @@ cpu_ticks() {  # cpu_ticks PID: utime + stime of PID and its children, in clock 
 declare -A RESULTS CPU
 for r in $(seq "$ROUNDS"); do
   for side in a b; do
-    PYTHONPATH="$WORK/$side" python3 -m pop3d serve --config "$WORK/ab.toml" > "$WORK/server-$side.log" 2>&1 &
+    # -P: not the current directory first on sys.path, or run from the repository both sides would be its code
+    PYTHONPATH="$WORK/$side" python3 -P -m pop3d serve --config "$WORK/ab.toml" > "$WORK/server-$side.log" 2>&1 &
     pid=$!
     for _ in $(seq 100); do
       python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT)).close()" 2>/dev/null && break

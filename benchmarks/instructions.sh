@@ -36,8 +36,9 @@ for rev in "$@"; do
   mkdir -p "$dir"
   if [ "$rev" = WORKTREE ]; then cp -r "$ROOT/pop3d" "$dir/"; else git -C "$ROOT" archive "$rev" pop3d | tar -x -C "$dir"; fi
   out="$dir/callgrind.out"
+  # -P below: not the current directory first on sys.path (run from the repository, every revision would be it)
   PYTHONPATH="$dir" valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
-    "$PY" -m pop3d serve --config "$WORK/server.toml" > "$dir/server.log" 2>&1 &
+    "$PY" -P -m pop3d serve --config "$WORK/server.toml" > "$dir/server.log" 2>&1 &
   vpid=$!
   for _ in $(seq 600); do
     python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT)).close()" 2>/dev/null && break
