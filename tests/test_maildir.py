@@ -553,23 +553,29 @@ async def test_unchanged_maildrop_takes_the_snapshot_path(md: Path, monkeypatch:
     assert await snapshot(md) == first
 
 
-async def test_small_maildrop_opens_on_the_loop_and_a_large_one_in_a_thread(
-    md: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The thread hop costs more than listing a small maildrop (docs/DESIGN.md performance rule 2), but a
-    large listing must not hold the loop."""
+@pytest.fixture
+def hops(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The calls that went through a worker thread (ThreadHop.run), in order."""
     from pop3d.storage.offload import ThreadHop
 
-    for i in range(3):
-        deliver(md, f"170000000{i}.M{i}P1.h", b"x\n")
-    hops: list[object] = []
+    calls: list[object] = []
     real_run = ThreadHop.run
 
     async def counted(self: ThreadHop, func: Any, **kw: Any) -> Any:
-        hops.append(func)
+        calls.append(func)
         return await real_run(self, func, **kw)
 
     monkeypatch.setattr(ThreadHop, "run", counted)
+    return calls
+
+
+async def test_small_maildrop_opens_on_the_loop_and_a_large_one_in_a_thread(
+    md: Path, monkeypatch: pytest.MonkeyPatch, hops: list[object]
+) -> None:
+    """The thread hop costs more than listing a small maildrop (docs/DESIGN.md performance rule 2), but a
+    large listing must not hold the loop."""
+    for i in range(3):
+        deliver(md, f"170000000{i}.M{i}P1.h", b"x\n")
     small = await opened(md)
     assert len(small.messages) == 3 and hops == []
     await small.close()
@@ -581,20 +587,10 @@ async def test_small_maildrop_opens_on_the_loop_and_a_large_one_in_a_thread(
 
 
 async def test_commit_on_the_loop_when_small_in_a_thread_when_large_and_not_at_all_when_empty(
-    md: Path, monkeypatch: pytest.MonkeyPatch
+    md: Path, monkeypatch: pytest.MonkeyPatch, hops: list[object]
 ) -> None:
-    from pop3d.storage.offload import ThreadHop
-
     for i in range(4):
         deliver(md, f"170000000{i}.M{i}P1.h", b"x\n")
-    hops: list[object] = []
-    real_run = ThreadHop.run
-
-    async def counted(self: ThreadHop, func: Any, **kw: Any) -> Any:
-        hops.append(func)
-        return await real_run(self, func, **kw)
-
-    monkeypatch.setattr(ThreadHop, "run", counted)
     drop = await opened(md)
     await drop.commit(set(), {0, 1})  # two renames new/ -> cur/: on the loop
     await drop.close()
