@@ -442,11 +442,20 @@ class SessionFuzz(RuleBasedStateMachine):
         max_bad=st.sampled_from([2, 20, 50]),
         max_failures=st.sampled_from([1, 3, 10]),
         write_buffer=st.sampled_from([16 * 1024, 256 * 1024]),
+        task_free=st.booleans(),
     )
     def server(
-        self, tls: bool, secure_peer: bool, mechanisms: list[str], max_bad: int, max_failures: int, write_buffer: int
+        self,
+        tls: bool,
+        secure_peer: bool,
+        mechanisms: list[str],
+        max_bad: int,
+        max_failures: int,
+        write_buffer: int,
+        task_free: bool,
     ) -> None:
-        self.storage = FakeStorage({user: list(box) for user, box in BOXES.items()})
+        # task_free: async replies run at once (pop3d.pop3.eager) or, like PostgreSQL's driver, as Tasks
+        self.storage = FakeStorage({user: list(box) for user, box in BOXES.items()}, task_free=task_free)
         self.expected = {user: list(box) for user, box in BOXES.items()}  # the boxes after the commits so far
         self.ctx = make_context(
             FuzzAuth(),
