@@ -221,6 +221,27 @@ async def test_a_hit_skips_the_hash_and_the_thread(tmp_path: Path, pool: Countin
     assert hashes == ["SHA512-CRYPT"] and pool.jobs == 1 and len(hits) == 2
 
 
+async def test_a_miss_looks_the_entry_up_once(
+    tmp_path: Path, pool: CountingPool, hashes: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's entry is the one verified: with PostgreSQL each lookup is a query."""
+    auth = passwd(tmp_path, pool, alice=sha("wonderland"))
+    lookups: list[str] = []
+    real = auth.lookup
+
+    async def counted(name: str) -> Credentials | None:
+        lookups.append(name)
+        return await real(name)
+
+    monkeypatch.setattr(auth, "lookup", counted)
+    cache = CredCache(64)
+    assert await auth.verify_remembered("alice", "wonderland", cache, TTL) is not None  # miss, then remembered
+    assert await auth.verify_remembered("alice", "not it", cache, TTL) is None  # miss
+    assert await auth.verify_remembered("nobody", "x", cache, TTL) is None  # miss (decoy)
+    assert await auth.verify_remembered("alice", "wonderland", cache, TTL) is not None  # hit
+    assert lookups == ["alice", "alice", "nobody", "alice"] and len(hashes) == 3
+
+
 async def test_a_wrong_password_pays_the_hash_every_time_and_is_never_remembered(
     tmp_path: Path, pool: CountingPool, hashes: list[str]
 ) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import enum
 import hashlib
 import hmac
 import os
@@ -77,6 +78,12 @@ def name_bytes(name: str) -> bytes:
     return name.encode("utf-8", "surrogatepass")
 
 
+class Lookup(enum.Enum):
+    """`verify_entry(known=...)` when the caller has not looked the entry up itself."""
+
+    NOT_DONE = "not done"
+
+
 class Authenticator(abc.ABC):
     """A user database. Implementations must not block the event loop (hash checks go to a thread).
 
@@ -105,13 +112,16 @@ class Authenticator(abc.ABC):
     async def verify(self, name: str, password: str) -> User | None:
         """The user when `password` is right; None for a wrong password *or* an unknown user, in the same time."""
 
-    async def verify_entry(self, name: str, password: str) -> tuple[User | None, Credentials | None]:
+    async def verify_entry(
+        self, name: str, password: str, *, known: Credentials | Lookup | None = Lookup.NOT_DONE
+    ) -> tuple[User | None, Credentials | None]:
         """`verify`, plus the stored entry the password was proved right against (None on failure, or when
-        that is unsure): what `verify_remembered` may remember.
+        that is unsure): what `verify_remembered` may remember. `known`: the entry (None: no such user) the
+        caller has just looked up, which a database that checks one entry may use instead of a second lookup.
 
-        This default reads the entry before and after `verify` and names it only when both agree, so an entry
-        rewritten during the check is not remembered; a database that knows the entry it checked (passwd-file)
-        returns it directly."""
+        This default ignores `known`, reads the entry before and after `verify` and names it only when both
+        agree, so an entry rewritten during the check is not remembered; a database that knows the entry it
+        checked (passwd-file, PostgreSQL) returns it directly."""
         before = await self.lookup(name)
         user = await self.verify(name, password)
         if user is None or before is None:
@@ -146,7 +156,7 @@ class Authenticator(abc.ABC):
             if on_hit is not None:
                 on_hit()
             return creds.user
-        user, proved = await self.verify_entry(name, password)
+        user, proved = await self.verify_entry(name, password, known=creds)  # no second lookup (one query)
         if user is not None and proved is not None:
             if (proved.scheme, proved.secret) != (scheme, secret):  # the entry changed since the probe
                 digest = cache.digest(name, password, proved.scheme, proved.secret)

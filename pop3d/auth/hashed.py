@@ -16,7 +16,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Final, TypeVar
 
 from pop3d.auth import floors, sasl, schemes
-from pop3d.auth.base import Authenticator, Credentials, Decoy, User
+from pop3d.auth.base import Authenticator, Credentials, Decoy, Lookup, User
 from pop3d.auth.decoys import Decoys
 
 __all__ = ["DEFAULT_MAX_PASSWORD_LENGTH", "MAX_NAME_OCTETS", "HashedSecrets", "plausible_name"]
@@ -103,15 +103,20 @@ class HashedSecrets(Authenticator):
         """
         return (await self.verify_entry(name, password))[0]
 
-    async def verify_entry(self, name: str, password: str) -> tuple[User | None, Credentials | None]:
-        """`verify`, plus the very entry the password was checked against (for the credentials cache)."""
+    async def verify_entry(
+        self, name: str, password: str, *, known: Credentials | Lookup | None = Lookup.NOT_DONE
+    ) -> tuple[User | None, Credentials | None]:
+        """`verify`, plus the very entry the password was checked against (for the credentials cache): `known`
+        when the caller passes the entry it has just looked up, else looked up here."""
         started = time.monotonic()
-        user, creds = await self._verify(name, password)
+        user, creds = await self._verify(name, password, known)
         await self.floors.hold("verify", started, failed=user is None)
         return user, creds
 
-    async def _verify(self, name: str, password: str) -> tuple[User | None, Credentials | None]:
-        creds = await self.lookup(name)
+    async def _verify(
+        self, name: str, password: str, known: Credentials | Lookup | None
+    ) -> tuple[User | None, Credentials | None]:
+        creds = await self.lookup(name) if known is Lookup.NOT_DONE else known
         # the decoy's few HMACs only for unknown names: a failure waits out the "verify" floor anyway (the
         # dearest entry's cost), which hides that difference, and a success is not worth hiding
         source = creds if creds is not None else self._decoys.for_name(name).creds
