@@ -36,36 +36,24 @@ def pki(tmp_path: Path) -> Pki:
     return Pki.make(tmp_path)
 
 
-class Client:
-    """A poppassd client over TLS, line by line."""
+class Client(Raw):
+    """A poppassd client over TLS, line by line: conftest's Raw on a TLS socket."""
 
-    def __init__(self, port: int, pki: Pki) -> None:
+    def __init__(self, port: int, pki: Pki) -> None:  # not Raw.__init__: it would connect in clear
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock = pki.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
         self.buf = b""
         self.greeting = self.line()
 
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed; buffer {self.buf!r}")
-            self.buf += chunk
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def cmd(self, text: str | bytes) -> bytes:
-        self.sock.sendall((text.encode() if isinstance(text, str) else text) + b"\r\n")
-        return self.line()
+    def cmd(self, text: str | bytes) -> bytes:  # poppassd commands are text
+        return super().cmd(text.encode() if isinstance(text, str) else text)
 
     def closed(self) -> bool:
+        """True when the server closed the connection; a reset or a TLS alert counts as closed too."""
         try:
             return self.sock.recv(1) == b""
         except (ConnectionResetError, ssl.SSLError):
             return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def change(port: int, pki: Pki, user: str, old: str, new: str) -> list[bytes]:
