@@ -7,11 +7,9 @@ import signal
 import socket
 import ssl
 import time
-from pathlib import Path
 
 import pytest
-from test_cli import free_port, start
-from test_workers import config_with_workers
+from test_workers import tls_workers
 from tls_helpers import Pki
 
 
@@ -28,18 +26,6 @@ def _connect(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> 
         s.recv(512)
         assert s.session is not None
         return int(m[1]), s.session_reused, s.session
-
-
-def _server(env, tmp_path: Path, client_ca: bool = False):  # type: ignore[no-untyped-def]
-    pki = Pki.make(tmp_path)
-    port, tls_port = free_port(), free_port()
-    cfg = config_with_workers(env, port, 2)
-    cfg.write_text(
-        cfg.read_text().replace("[server]\n", f'[server]\ntls_listen = ["127.0.0.1:{tls_port}"]\n', 1)
-        + f'[tls]\ncert = "{pki.server_pem}"\nkey = "{pki.server_pem}"\n'
-        + (f'client_ca = "{pki.cafile}"\n' if client_ca else "")
-    )
-    return pki, start(cfg, port), tls_port, port
 
 
 def _reload_new_certificate(proc, pki: Pki, port: int, ctx: ssl.SSLContext) -> None:  # type: ignore[no-untyped-def]
@@ -74,7 +60,7 @@ def _resume_many(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession, tries:
 
 @pytest.mark.parametrize("client_ca", [False, True])
 def test_any_worker_resumes_a_session_another_one_issued(env, tmp_path, client_ca):
-    pki, proc, port, _plain = _server(env, tmp_path, client_ca)
+    pki, proc, port, _plain = tls_workers(env, tmp_path, client_ca)
     try:
         ctx = pki.client_context()
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -88,7 +74,7 @@ def test_any_worker_resumes_a_session_another_one_issued(env, tmp_path, client_c
 
 def test_sessions_resume_on_every_worker_after_a_certificate_reload(env, tmp_path):
     """SIGHUP re-reads the certificate in every worker; the ticket keys stay the ones made before the fork."""
-    pki, proc, port, _plain = _server(env, tmp_path)
+    pki, proc, port, _plain = tls_workers(env, tmp_path)
     try:
         ctx = pki.client_context()
         _pid, _reused, session = _connect(port, ctx, None)
@@ -120,7 +106,7 @@ def _stls(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tup
 
 
 def test_stls_sessions_resume_on_every_worker_before_and_after_a_reload(env, tmp_path):
-    pki, proc, tls_port, port = _server(env, tmp_path)
+    pki, proc, tls_port, port = tls_workers(env, tmp_path)
     try:
         ctx = pki.client_context()
         for reload in (False, True):

@@ -169,9 +169,9 @@ def test_open_files_limit_is_raised_to_hard():
     assert r.stdout.split() == [str(hard), str(hard)], r.stderr
 
 
-def test_workers_serve_implicit_tls_too(env, tmp_path):
-    import socket
-
+def tls_workers(env, tmp_path: Path, client_ca: bool = False):  # type: ignore[no-untyped-def]
+    """pop3d with 2 workers, cleartext and implicit TLS (and verified client certificates with `client_ca`):
+    (pki, process, TLS port, cleartext port)."""
     from tls_helpers import Pki
 
     pki = Pki.make(tmp_path)
@@ -180,8 +180,15 @@ def test_workers_serve_implicit_tls_too(env, tmp_path):
     cfg.write_text(
         cfg.read_text().replace("[server]\n", f'[server]\ntls_listen = ["127.0.0.1:{tls_port}"]\n', 1)
         + f'[tls]\ncert = "{pki.server_pem}"\nkey = "{pki.server_pem}"\n'
+        + (f'client_ca = "{pki.cafile}"\n' if client_ca else "")
     )
-    proc = start(cfg, port)
+    return pki, start(cfg, port), tls_port, port
+
+
+def test_workers_serve_implicit_tls_too(env, tmp_path):
+    import socket
+
+    pki, proc, tls_port, _port = tls_workers(env, tmp_path)
     try:
         ctx = pki.client_context()
         with (
