@@ -272,32 +272,6 @@ def test_cli_table_and_usage_errors(drops, tmp_path):
     assert r.returncode == 0 and (tmp_path / "m" / "users.txt").read_text().count("\n") == 2
 
 
-@pytest.mark.parametrize("mode", ["tls", "stls"])
-def test_tls_and_stls_verified_against_the_ca(tmp_path, mode):
-    from tls_helpers import Pki
-
-    pki = Pki.make(tmp_path)
-    users_file = mkmaildrops.make(tmp_path / "b", users=2, messages=2, size=500)
-    settings = load_settings(
-        tmp_path / "b" / "pop3d.toml",
-        server={"listen": ["127.0.0.1:0"], "tls_listen": ["127.0.0.1:0"], "hostname": "t.invalid", "workers": 1},
-        tls=pki.tls_section(),
-    )
-    srv = ServerThread(settings).start()
-    try:
-        port = srv.server.tls_addresses()[0][1] if mode == "tls" else srv.port
-        rc = RunConfig("127.0.0.1", port, "download", tls=mode, server_hostname="localhost")
-        stats, _ = runner.run(runner.Plan(rc, runner.read_users(users_file), 2, 0.5, cafile=str(pki.cafile)))
-        assert not stats.errors and stats.sessions > 0 and stats.messages == 2 * stats.sessions
-        assert ("STLS" in stats.latency) == (mode == "stls")
-        # a CA that did not sign the server certificate: every session fails as a TLS error, none counts
-        other = Pki.make(tmp_path, "other")
-        stats, _ = runner.run(runner.Plan(rc, runner.read_users(users_file), 1, 0.3, cafile=str(other.cafile)))
-        assert stats.sessions == 0 and list(stats.errors) == ["tls CERTIFICATE_VERIFY_FAILED"]
-    finally:
-        srv.stop()
-
-
 def test_ramp_starts_clients_gradually(drops):
     srv, users_file, _ = drops
     seen: list[int] = []

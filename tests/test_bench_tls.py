@@ -40,6 +40,19 @@ def _port(srv: ServerThread, mode: str) -> int:
 
 
 @pytest.mark.parametrize("mode", ["tls", "stls"])
+def test_tls_and_stls_verified_against_the_ca(tls_server, tmp_path, mode):
+    srv, pki, users_file = tls_server
+    rc = RunConfig("127.0.0.1", _port(srv, mode), "download", tls=mode, server_hostname="localhost")
+    stats, _ = runner.run(runner.Plan(rc, runner.read_users(users_file), 2, 0.5, cafile=str(pki.cafile)))
+    assert not stats.errors and stats.sessions > 0 and stats.messages == 2 * stats.sessions
+    assert ("STLS" in stats.latency) == (mode == "stls")
+    # a CA that did not sign the server certificate: every session fails as a TLS error, none counts
+    other = Pki.make(tmp_path, "other")
+    stats, _ = runner.run(runner.Plan(rc, runner.read_users(users_file), 1, 0.3, cafile=str(other.cafile)))
+    assert stats.sessions == 0 and list(stats.errors) == ["tls CERTIFICATE_VERIFY_FAILED"]
+
+
+@pytest.mark.parametrize("mode", ["tls", "stls"])
 def test_resume_resumes_every_session_after_each_clients_first(tls_server, mode):
     srv, pki, users_file = tls_server
     rc = RunConfig("127.0.0.1", _port(srv, mode), "download", tls=mode, server_hostname="localhost", resume=True)
