@@ -586,7 +586,7 @@ async def test_small_maildrop_opens_on_the_loop_and_a_large_one_in_a_thread(
     await large.close()
 
 
-async def test_commit_on_the_loop_when_small_in_a_thread_when_large_and_not_at_all_when_empty(
+async def test_commit_renames_on_the_loop_deletes_in_a_thread_and_does_nothing_when_nothing_changes(
     md: Path, monkeypatch: pytest.MonkeyPatch, hops: list[object]
 ) -> None:
     for i in range(4):
@@ -606,6 +606,16 @@ async def test_commit_on_the_loop_when_small_in_a_thread_when_large_and_not_at_a
     await drop.close()
     assert len(hops) == 1
     assert len(os.listdir(md / "cur")) == 3 and os.listdir(md / "new") == []
+
+
+async def test_one_deletion_goes_to_a_thread(md: Path, hops: list[object]) -> None:
+    """A deletion rewrites the size cache, which the maildrop's owner may have made huge: never on the loop."""
+    for i in range(2):
+        deliver(md, f"170000000{i}.M{i}P1.h", b"x\n")
+    drop = await opened(md)
+    await drop.commit({0}, set())
+    await drop.close()
+    assert len(hops) == 1 and os.listdir(md / "new") == ["1700000001.M1P1.h"]
 
 
 async def test_cancelled_open_does_not_leak_the_lock(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:

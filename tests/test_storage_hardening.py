@@ -388,6 +388,65 @@ async def test_cache_uids_must_be_printable(tmp_path: Path, monkeypatch: pytest.
     assert [m.uid for m in drop.messages] == ["1700000000.M1.host"]
 
 
+# ---- what the event loop reads ----------------------------------------------------------------------
+# A small maildrop is opened on the loop (drop.INLINE_LISTING): its owner must not be able to make that open
+# read a huge body, size cache or UIDL map there, which would stall every session of the worker.
+
+
+@pytest.fixture
+def on_loop(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Which way each open went: "loop" (no thread hop) or "thread"."""
+    from pop3d.storage.offload import ThreadHop
+
+    ways: list[str] = []
+    real_open, real_run = MaildirDrop.open, ThreadHop.run
+
+    async def counted_open(self: MaildirDrop) -> None:
+        ways.append("loop")
+        await real_open(self)
+
+    async def counted_run(self: ThreadHop, func: Any, **kw: Any) -> Any:
+        ways[-1] = "thread"
+        return await real_run(self, func, **kw)
+
+    monkeypatch.setattr(MaildirDrop, "open", counted_open)
+    monkeypatch.setattr(ThreadHop, "run", counted_run)
+    return ways
+
+
+async def test_a_huge_body_to_measure_is_measured_in_a_thread(tmp_path: Path, on_loop: list[str]) -> None:
+    from pop3d.storage.maildir import drop as drop_mod
+
+    md = maildir(tmp_path / "Maildir")
+    deliver(md, "1700000000.M1.host:2,S", b"small\n")
+    deliver(md, "1700000001.M2.host:2,S", b"x" * (drop_mod.INLINE_READ + 1))  # no size in its name
+    drop = await opened(md)
+    try:
+        assert on_loop == ["thread"]
+        assert [m.size for m in drop.messages] == [7, drop_mod.INLINE_READ + 3]
+    finally:
+        await drop.close()
+    again = await opened(md)  # sizes known now: the next login reads no body and stays on the loop
+    await again.close()
+    assert on_loop == ["thread", "loop"]
+
+
+@pytest.mark.parametrize("planted", [".pop3d.sizes", ".pop3d.uidlist"])
+async def test_a_huge_cache_or_uidl_map_is_read_in_a_thread(tmp_path: Path, on_loop: list[str], planted: str) -> None:
+    from pop3d.storage.maildir import drop as drop_mod
+
+    md = maildir(tmp_path / "Maildir")
+    deliver(md, "1700000000.M1.host:2,S", b"small\n")
+    path = md / planted
+    path.write_bytes(b"#" * (drop_mod.INLINE_READ + 1))
+    own(path)
+    drop = await opened(md)
+    try:
+        assert on_loop == ["thread"] and [m.size for m in drop.messages] == [7]  # read there, found broken
+    finally:
+        await drop.close()
+
+
 # ---- predictable temporary files ---------------------------------------------------------------------
 
 

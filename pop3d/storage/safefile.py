@@ -28,6 +28,11 @@ class Refused(OSError):
         super().__init__(errno.EPERM, what)
 
 
+class TooBigForLoop(Exception):
+    """A file larger than the event loop may read (`loop_cap`): the caller does the whole job in a thread.
+    The maildrop's owner chooses what is in it, so what the loop reads must stay bounded whatever is there."""
+
+
 class ForeignOwner(Refused):
     """Someone else's file inside the maildrop: the whole maildrop is refused (`[SYS/PERM]` at login), not
     just the file, since somebody with rights over it put it there (a hard link, a chown)."""
@@ -105,15 +110,19 @@ def read_upto(fd: int, size: int) -> bytes:
     return b"".join(parts)
 
 
-def read_capped(name: str, cap: int, *, dir_fd: int | None = None, owner: Owner | None = None) -> bytes:
+def read_capped(name: str, cap: int, *, dir_fd: int | None = None, owner: Owner | None = None,
+                loop_cap: int | None = None) -> bytes:  # fmt: skip
     """The whole of the small regular file `name` (a cache, an index). OSError when it is missing, not a
-    regular file, someone else's, or larger than `cap`: it is then never read at all."""
+    regular file, someone else's, or larger than `cap`: it is then never read at all. TooBigForLoop when it
+    is larger than `loop_cap` (read on the event loop): not read either."""
     fd, st = open_regular(name, dir_fd=dir_fd)
     try:
         if owner is not None:
             owner.check_ours(st, name)
         if st.st_size > cap:
             raise Refused(f"{name} is larger than {cap} octets")
+        if loop_cap is not None and st.st_size > loop_cap:
+            raise TooBigForLoop(name)
         return read_upto(fd, st.st_size)
     finally:
         os.close(fd)

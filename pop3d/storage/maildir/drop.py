@@ -62,7 +62,16 @@ from pop3d.storage.maildir.names import split_name, with_seen
 from pop3d.storage.maildir.sizecache import SIZE_CACHE, SizeCache
 from pop3d.storage.offload import ThreadHop
 from pop3d.storage.oserrors import storage_error
-from pop3d.storage.safefile import DIR_FLAGS, READ_FLAGS, Owner, Refused, check_dir, open_regular, read_upto
+from pop3d.storage.safefile import (
+    DIR_FLAGS,
+    READ_FLAGS,
+    Owner,
+    Refused,
+    TooBigForLoop,
+    check_dir,
+    open_regular,
+    read_upto,
+)
 from pop3d.wire import NetworkCount, network_size, plausible
 
 log = logging.getLogger(__name__)
@@ -76,7 +85,10 @@ _ID_AT = {"": 0, "cur": 2, "new": 4}  # where each directory's (device, inode) i
 #: Directory sizes (st_size of new/ plus cur/) up to which open() locks and lists on the loop: on ext4 two
 #: blocks for cur/ and one for new/, about 150 messages; the two empty directories of a new user are 8 KiB.
 INLINE_LISTING = 16 * 1024
-#: Files unlinked or renamed at commit (QUIT) up to which the commit runs on the loop, not in a thread.
+#: What such an open may read on the loop: each of the size cache and the UIDL map, and the bodies it
+#: measures in all (a poll of a known maildrop reads a few KiB; a first login of ten 4 KiB messages, 40 KiB).
+INLINE_READ = 256 * 1024
+#: Renames (messages flagged seen) up to which a commit (QUIT) without deletions runs on the loop.
 INLINE_CHANGES = 32
 
 
@@ -199,13 +211,20 @@ class MaildirDrop(Maildrop):
         their sizes then say how long the listing is. A small maildrop (at most INLINE_LISTING octets of
         new/ and cur/, no EXPIRE to apply) is locked and listed on the loop too: that is a dozen system
         calls, and the two thread switches around them cost more (half the CPU time of a poll, measured;
-        docs/DESIGN.md performance rule 2). A larger one is locked and listed in a worker thread.
+        docs/DESIGN.md performance rule 2). A larger one is locked and listed in a worker thread, and so is
+        a small one whose listing would read more than INLINE_READ octets (a size cache, a UIDL map or
+        bodies to measure, which its owner may have made huge): the loop gives up before reading it
+        (TooBigForLoop, the lock released) and a thread does the whole open again.
         """
         root_fd, subs = self._open_root()
         if self.expire_days is None and subs[0].st_size + subs[1].st_size <= INLINE_LISTING:
-            self._open_locked(root_fd, subs)
-        else:
-            await self._in_thread(partial(self._open_locked, root_fd, subs))
+            try:
+                self._open_locked(root_fd, subs, INLINE_READ)
+                self.anchor = None
+                return
+            except TooBigForLoop:
+                root_fd, subs = self._open_root()
+        await self._in_thread(partial(self._open_locked, root_fd, subs))
         self.anchor = None
 
     async def _in_thread(self, func: Callable[[], _T]) -> _T:
@@ -213,16 +232,18 @@ class MaildirDrop(Maildrop):
         cannot be stopped: once it ends, make sure it did not leave the lock held."""
         return await self._hop.run(func, on_cancel=self._lock.release)
 
-    def _open_locked(self, root_fd: int, subs: list[os.stat_result]) -> None:
-        """Lock and snapshot the maildrop whose root `_open_root` opened; `root_fd` is closed in the end."""
+    def _open_locked(self, root_fd: int, subs: list[os.stat_result], loop_cap: int | None = None) -> None:
+        """Lock and snapshot the maildrop whose root `_open_root` opened; `root_fd` is closed in the end.
+        `loop_cap` (on the loop): TooBigForLoop, lock released, rather than read more than that."""
         try:
             self._lock.acquire(dir_fd=root_fd, owner=self.owner)
             try:
-                messages = scan.snapshot(self.path, root_fd, subs, self._size_cache(), self.owner)
+                messages = scan.snapshot(self.path, root_fd, subs, self._size_cache(), self.owner, loop_cap)
                 if self.expire_days is not None:
                     messages = self._expire(messages, root_fd)
                 where = f"maildir {self.path}"
-                self._own = uidlist.apply(messages, uidlist.load(root_fd, self.owner, where), where) or _NO_IMPORTS
+                imported = uidlist.load(root_fd, self.owner, where, loop_cap=loop_cap)
+                self._own = uidlist.apply(messages, imported, where) or _NO_IMPORTS
                 self.messages = messages
             except Refused as exc:  # someone else's file among the messages: the maildrop is refused
                 self._lock.release()
@@ -533,19 +554,16 @@ class MaildirDrop(Maildrop):
         """UPDATE state (RFC 1939 §6): unlink `deleted`, flag `seen` as read; raise if a deletion failed.
 
         Nothing to change on disk (a poll, or a download of messages already flagged): no file work at all.
-        A few changes (at most INLINE_CHANGES unlinks and renames, no EXPIRE record) are made on the loop, as
-        open() does for a small maildrop; more in a worker thread."""
+        Only renames to flag messages seen, at most INLINE_CHANGES, are made on the loop, as open() does for a
+        small maildrop. Deletions go to a worker thread: they rewrite the size cache, which the maildrop's
+        owner may have made huge; so do more renames and an EXPIRE record."""
         marks = sum(1 for i in seen - deleted if _needs_seen(self.messages[i].key)) if self.mark_seen else 0
-        if self.expire_days is not None and (seen or deleted):
+        if deleted or (self.expire_days is not None and seen) or marks > INLINE_CHANGES:
             failed = await self._in_thread(lambda: self._commit_sync(deleted, seen))
-        elif not deleted and not marks:
-            return
-        elif len(deleted) + marks <= INLINE_CHANGES:
-            failed = self._commit_sync(deleted, seen)
-        else:
-            failed = await self._in_thread(lambda: self._commit_sync(deleted, seen))
-        if failed:
-            raise TemporaryError(f"{failed} message(s) could not be deleted")
+            if failed:
+                raise TemporaryError(f"{failed} message(s) could not be deleted")
+        elif marks:
+            self._commit_sync(deleted, seen)  # renames only: no deletion to fail
 
     def _dir_fds(self) -> dict[str, int]:
         """fds of the root, new/ and cur/, opened without following links and checked to be the directories

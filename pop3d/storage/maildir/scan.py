@@ -30,7 +30,7 @@ from pop3d.storage.maildir.names import STANDARD_NAMES, size_field, split_name, 
 from pop3d.storage.maildir.sizecache import SizeCache
 from pop3d.storage.offload import no_gc
 from pop3d.storage.oserrors import storage_error
-from pop3d.storage.safefile import DIR_FLAGS, ForeignOwner, Owner, open_regular, read_upto
+from pop3d.storage.safefile import DIR_FLAGS, ForeignOwner, Owner, TooBigForLoop, open_regular, read_upto
 from pop3d.wire import NetworkCount, network_size
 
 log = logging.getLogger(__name__)
@@ -62,17 +62,20 @@ def _remember(path: str, stamps: list[int] | None, messages: list[MessageInfo]) 
 
 
 def measure(path: str, chunk_size: int = _MEASURE_CHUNK, *, dir_fd: int | None = None,
-            owner: Owner | None = None) -> tuple[int, int]:  # fmt: skip
+            owner: Owner | None = None, loop_cap: int | None = None) -> tuple[int, int]:  # fmt: skip
     """(network size, integer mtime) of a stored message, streaming so a 50 MiB message costs no memory.
 
     Same result as pop3d.wire.network_size on the whole file. Opened like every message (no link,
     no blocking, a regular file of `owner`: safefile) and read no further than its fstat size, so a FIFO,
-    a device or a file that keeps growing cannot stall or exhaust the server; OSError when unusable.
+    a device or a file that keeps growing cannot stall or exhaust the server; OSError when unusable;
+    TooBigForLoop, unread, when it stores more than `loop_cap` octets (a measure on the event loop).
     """
     fd, st = open_regular(path, dir_fd=dir_fd)
     try:
         if owner is not None:
             owner.check(st, path)
+        if loop_cap is not None and st.st_size > loop_cap:
+            raise TooBigForLoop(path)
         mtime = int(st.st_mtime)
         left = st.st_size
         if left <= chunk_size:
@@ -136,7 +139,7 @@ def list_names(path: str, root_fd: int, subs: Sequence[os.stat_result]) -> dict[
 
 
 def snapshot(path: str, root_fd: int, subs: Sequence[os.stat_result], cache: SizeCache,
-             owner: Owner | None = None) -> list[MessageInfo]:  # fmt: skip
+             owner: Owner | None = None, loop_cap: int | None = None) -> list[MessageInfo]:  # fmt: skip
     """The messages of the maildir at `path`, open as `root_fd` (whose lock the caller holds), and the
     cache brought up to date. `subs`: lstat of new/ and cur/, checked by the caller.
 
@@ -152,12 +155,12 @@ def snapshot(path: str, root_fd: int, subs: Sequence[os.stat_result], cache: Siz
         return list(memo[1])
     _MEMO.pop(path, None)
     with no_gc():  # 100k new objects would trigger repeated collections that free nothing
-        cache.load(root_fd, owner)
+        cache.load(root_fd, owner, loop_cap=loop_cap)
         cached = cache.snapshot_for(now) if trusted else None
         if cached is not None:
             messages = infos(*cached)
         else:
-            scan = _Scan(path, root_fd, cache, owner)
+            scan = _Scan(path, root_fd, cache, owner, loop_cap)
             messages = compact(scan.listing(list_names(path, root_fd, subs)))
             cache.remember(now if trusted else None, [m.key for m in messages])
         cache.flush(root_fd, owner)
@@ -169,13 +172,20 @@ def snapshot(path: str, root_fd: int, subs: Sequence[os.stat_result], cache: Siz
 class _Scan:
     """One listing of one maildir: where to open the messages whose size is not known yet."""
 
-    __slots__ = ("cache", "owner", "path", "root_fd")
+    __slots__ = ("cache", "loop_left", "owner", "path", "root_fd")
 
-    def __init__(self, path: str, root_fd: int, cache: SizeCache, owner: Owner | None) -> None:
+    def __init__(self, path: str, root_fd: int, cache: SizeCache, owner: Owner | None,
+                 loop_cap: int | None = None) -> None:  # fmt: skip
+        """`loop_cap`: on the event loop, the octets of message bodies this listing may read in all."""
         self.path, self.root_fd, self.cache, self.owner = path, root_fd, cache, owner
+        self.loop_left = loop_cap
 
     def measure(self, key: str) -> tuple[int, int]:
-        return measure(key, dir_fd=self.root_fd, owner=self.owner)
+        if self.loop_left is None:
+            return measure(key, dir_fd=self.root_fd, owner=self.owner)
+        size, mtime = measure(key, dir_fd=self.root_fd, owner=self.owner, loop_cap=self.loop_left)
+        self.loop_left -= size  # the network size: never less than what was read
+        return size, mtime
 
     def listing(self, found: dict[str, str]) -> list[MessageInfo]:
         cache = self.cache

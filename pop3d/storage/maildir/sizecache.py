@@ -60,11 +60,12 @@ class SizeCache:
         self.keys_text = ""
         self._dirty = False
 
-    def load(self, dir_fd: int, owner: Owner | None = None) -> None:
+    def load(self, dir_fd: int, owner: Owner | None = None, *, loop_cap: int | None = None) -> None:
+        """Read the cache (TooBigForLoop, unread, if it is larger than `loop_cap`: see safefile.read_capped)."""
         self.order_text, self.size_list, self.mtimes, self._sizes = None, [], {}, {}
         self.stamps, self.keys_text, self._dirty = None, "", False
         try:
-            data = read_capped(self.name, MAX_CACHE, dir_fd=dir_fd, owner=owner)
+            data = read_capped(self.name, MAX_CACHE, dir_fd=dir_fd, owner=owner, loop_cap=loop_cap)
         except FileNotFoundError:
             return
         except OSError as exc:

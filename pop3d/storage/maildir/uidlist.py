@@ -86,10 +86,12 @@ UIDS = Kind(UIDLIST_MAGIC, valid_uidl, True)
 TIMES = Kind(RETRIEVED_MAGIC, _time_value, False)
 
 
-def load(dir_fd: int | None, owner: Owner | None, where: str, name: str = UIDLIST, kind: Kind = UIDS) -> dict[str, str]:
-    """The map file `name` (below `dir_fd` when given); empty when absent, unusable or broken (logged)."""
+def load(dir_fd: int | None, owner: Owner | None, where: str, name: str = UIDLIST, kind: Kind = UIDS, *,
+         loop_cap: int | None = None) -> dict[str, str]:  # fmt: skip
+    """The map file `name` (below `dir_fd` when given); empty when absent, unusable or broken (logged);
+    TooBigForLoop, unread, when larger than `loop_cap` (see safefile.read_capped)."""
     try:
-        data = read_capped(name, MAX_MAP, dir_fd=dir_fd, owner=owner)
+        data = read_capped(name, MAX_MAP, dir_fd=dir_fd, owner=owner, loop_cap=loop_cap)
     except FileNotFoundError:
         return {}
     except OSError as exc:
