@@ -209,6 +209,77 @@ async def test_lost_lock_connection_commits_nothing(db: Database, pg_dsn: str) -
     await again.close()
 
 
+async def test_lock_gone_unnoticed_commits_nothing(db: Database, pg_dsn: str) -> None:
+    """The commit itself checks the lock: a lock the server no longer holds for us (a partition the node has
+    not noticed yet, the lock now another node's) deletes and flags nothing, however the node sees it."""
+    storage = PostgresStorage(db)
+    fred = User("fred")
+    await storage.deliver(fred, b"one\n")
+    await storage.deliver(fred, b"two\n")
+    drop = storage.maildrop(fred)
+    await drop.open()
+    conn = db.link()._lock_conn  # released behind the maildrop's back: the node still thinks it holds it
+    assert await conn.fetchval("SELECT pg_advisory_unlock_all() IS NULL") is not None
+    other = Database(pg_dsn, 2)  # another node takes the lock
+    try:
+        theirs = PostgresStorage(other).maildrop(fred)
+        await theirs.open()
+        with pytest.raises(TemporaryError):
+            await drop.commit({0}, {1})
+        await theirs.close()
+    finally:
+        await other.close()
+    await drop.close()
+    rows = await db.fetch(
+        "SELECT seen, retrieved_at FROM messages m JOIN users u ON u.id = m.user_id WHERE name = 'fred'"
+    )
+    assert [(r["seen"], r["retrieved_at"]) for r in rows] == [(False, None), (False, None)]
+
+
+async def test_open_commit_close_take_four_statements(db: Database, monkeypatch: Any) -> None:
+    """Round trips are what a postgres login costs: the lock with the user's id, the snapshot, the commit
+    and the unlock, one statement each; nothing more (asyncpg's default sends a reset query at every
+    release of a pool connection, and a transaction costs a BEGIN and a COMMIT)."""
+    storage = PostgresStorage(db)
+    gina = User("gina")
+    for body in (b"a\n", b"b\n", b"c\n"):
+        await storage.deliver(gina, body)
+    warm = storage.maildrop(gina)  # connects and prepares every statement once
+    await warm.open()
+    await warm.commit(set(), {0})
+    await warm.close()
+    sent: list[str] = []
+    connection = asyncpg.connection.Connection
+    real_execute, real_inner = connection.execute, connection._execute
+
+    async def execute(self: Any, query: str, *args: Any, **kw: Any) -> Any:
+        if not args:  # a simple query (with arguments, execute goes through _execute)
+            sent.append(query)
+        return await real_execute(self, query, *args, **kw)
+
+    async def inner(self: Any, query: str, *args: Any, **kw: Any) -> Any:
+        sent.append(query)
+        return await real_inner(self, query, *args, **kw)
+
+    monkeypatch.setattr(connection, "execute", execute)
+    monkeypatch.setattr(connection, "_execute", inner)
+    drop = storage.maildrop(gina)
+    await drop.open()
+    await drop.commit({0}, {1})
+    await drop.close()
+    assert len(sent) == 4, sent
+    sent.clear()
+    drop = storage.maildrop(gina)  # retrieves messages retrieved before: nothing to write, no commit statement
+    await drop.open()
+    await drop.commit(set(), {0})  # "b", flagged by the session before
+    await drop.close()
+    assert len(sent) == 3, sent
+    rows = await db.fetch(
+        "SELECT seen FROM messages m JOIN users u ON u.id = m.user_id WHERE name = 'gina' ORDER BY m.id"
+    )
+    assert [r["seen"] for r in rows] == [True, False]
+
+
 async def test_lost_pool_connection_is_temporary_and_recovers(db: Database, pg_dsn: str) -> None:
     storage = PostgresStorage(db)
     erin = User("erin")

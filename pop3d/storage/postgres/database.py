@@ -47,6 +47,11 @@ CONNECT_TIMEOUT: Final[float] = 10.0
 #: never collide with a maildrop lock, whose second key is the user's id
 LOCK_SPACE: Final[int] = 0x5033
 
+#: the user's id and its maildrop lock in one round trip (no row: the user has no users row yet)
+_LOCK = "SELECT id, pg_try_advisory_lock($1, id) AS got FROM users WHERE name = $2"
+_UNLOCK = "SELECT pg_advisory_unlock($1, $2)"
+_UNLOCK_NAME = "SELECT pg_advisory_unlock($1, id) FROM users WHERE name = $2"
+
 #: exceptions that mean "the database cannot be reached or failed this statement"; InternalClientError is
 #: what asyncpg raises for a connection the server has just terminated while it was in use
 DB_ERRORS: Final = (
@@ -80,6 +85,18 @@ def _keepalive(conn: Any) -> None:
 
 async def _init_connection(conn: Any) -> None:
     _keepalive(conn)
+
+
+async def _no_reset(conn: Any) -> None:
+    """What a pool connection needs between two uses: nothing. asyncpg's default sends
+    `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` at every release, one more round trip per
+    query; pop3d never leaves state on a pool connection (no SET, LISTEN, cursor or advisory lock outside
+    a transaction: the locks live on the lock connection), and asyncpg still rolls back an open
+    transaction before calling this."""
+
+
+class NoUserRow(LookupError):
+    """The user has no users row (a maildrop of a user from another user database, never seen here)."""
 
 
 def connect_kwargs(dsn: str) -> dict[str, Any]:
@@ -140,11 +157,11 @@ class Database:
         pool = await self.pool()
         return str(await pool.execute(query, *args))
 
-    async def try_lock(self, user_id: int, holder: LockHolder) -> int | None:
-        return await self.link().try_lock(user_id, holder)
+    async def try_lock(self, name: str, holder: LockHolder) -> tuple[int, int] | None:
+        return await self.link().try_lock(name, holder)
 
-    async def unlock(self, user_id: int, holder: LockHolder) -> None:
-        await self.link().unlock(user_id, holder)
+    async def unlock(self, name: str, holder: LockHolder) -> None:
+        await self.link().unlock(name, holder)
 
     async def close(self) -> None:
         """Close this loop's pool and lock connection (releasing its locks)."""
@@ -163,7 +180,8 @@ class Link:
         self._pool_lock = asyncio.Lock()
         self._lock_conn: Any = None
         self._lock_conn_lock = asyncio.Lock()  # one statement at a time on the lock connection
-        self._held: dict[int, LockHolder] = {}  # user id -> the maildrop holding its lock here
+        #: user name -> the maildrop holding its lock here, and the user's id (None while being taken)
+        self._held: dict[str, tuple[LockHolder, int | None]] = {}
 
     async def pool(self) -> asyncpg.Pool:
         """The bounded pool, made on first use."""
@@ -176,6 +194,7 @@ class Link:
                     max_size=self.db.pool_size,
                     max_inactive_connection_lifetime=300.0,
                     init=_init_connection,
+                    reset=_no_reset,
                     **connect_kwargs(self.db.dsn),
                 )
         return self._pool
@@ -200,60 +219,72 @@ class Link:
         held, self._held = self._held, {}
         if held:
             log.error("postgres: lock connection lost; %d session(s) lose their maildrop lock", len(held))
-        for holder in held.values():
+        for holder, _ in held.values():
             holder.lock_lost()
 
-    async def try_lock(self, user_id: int, holder: LockHolder) -> int | None:
-        """Take the maildrop lock of `user_id` for `holder`; None when another session holds it, else the
-        lock connection's server pid (for the commit's check that the lock is still ours)."""
-        if user_id in self._held:  # advisory locks stack within one connection: refuse ourselves here
+    async def try_lock(self, name: str, holder: LockHolder) -> tuple[int, int] | None:
+        """Take the maildrop lock of user `name` for `holder`, and learn the user's id, in one round trip.
+        None when another session holds it, else (the user's id, the lock connection's server pid: for
+        the commit's check that the lock is still ours). NoUserRow when the user has no users row."""
+        if name in self._held:  # advisory locks stack within one connection: refuse ourselves here
             return None
-        self._held[user_id] = holder  # reserved before any await: a second login here is refused
+        self._held[name] = (holder, None)  # reserved before any await: a second login here is refused
         try:
             async with self._lock_conn_lock:
                 conn = await self._locker()
-                self._held[user_id] = holder  # again: a lost connection in between cleared the table
-                got = await conn.fetchval("SELECT pg_try_advisory_lock($1, $2)", LOCK_SPACE, user_id)
+                self._held[name] = (holder, None)  # again: a lost connection in between cleared the table
+                row = await conn.fetchrow(_LOCK, LOCK_SPACE, name)
         except BaseException:
-            if self._held.get(user_id) is holder:
-                del self._held[user_id]
+            if self._holder(name) is holder:
+                del self._held[name]
                 # cancelled (client gone) or failed after the server may have granted it: release it again
                 # (harmless when it was not granted), or it would stay held as long as the connection
-                self.loop.create_task(self._release(user_id))
+                self.loop.create_task(self._release(name))
             raise
-        if not got:
-            if self._held.get(user_id) is holder:
-                del self._held[user_id]
+        if row is None or not row["got"]:
+            if self._holder(name) is holder:
+                del self._held[name]
+            if row is None:
+                raise NoUserRow(name)
             return None
-        return int(conn.get_server_pid())
+        user_id = int(row["id"])
+        if self._holder(name) is holder:  # else the connection was lost meanwhile, and `holder` was told
+            self._held[name] = (holder, user_id)
+        return user_id, int(conn.get_server_pid())
 
-    async def unlock(self, user_id: int, holder: LockHolder) -> None:
+    def _holder(self, name: str) -> LockHolder | None:
+        found = self._held.get(name)
+        return None if found is None else found[0]
+
+    async def unlock(self, name: str, holder: LockHolder) -> None:
         """Release `holder`'s lock; nothing to do when the lock connection died (the lock went with it)."""
-        if self._held.get(user_id) is not holder:
+        found = self._held.get(name)
+        if found is None or found[0] is not holder:
             return
+        user_id = found[1]
         conn = self._lock_conn
-        if conn is None or conn.is_closed():
-            del self._held[user_id]
+        if conn is None or conn.is_closed() or user_id is None:
+            del self._held[name]
             return
         try:
             async with self._lock_conn_lock:
-                await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", LOCK_SPACE, user_id)
+                await conn.fetchval(_UNLOCK, LOCK_SPACE, user_id)
         except DB_ERRORS as exc:
             # the lock would outlive the session: drop the connection, which releases all of them
             log.error("postgres: cannot release a maildrop lock (%s); resetting the lock connection", exc)
             conn.terminate()
             self._lost(conn)
         finally:
-            if self._held.get(user_id) is holder:
-                del self._held[user_id]
+            if self._holder(name) is holder:
+                del self._held[name]
 
-    async def _release(self, user_id: int) -> None:
+    async def _release(self, name: str) -> None:
         conn = self._lock_conn
-        if conn is None or conn.is_closed() or user_id in self._held:
+        if conn is None or conn.is_closed() or name in self._held:
             return
         try:
             async with self._lock_conn_lock:
-                await conn.fetchval("SELECT pg_advisory_unlock($1, $2)", LOCK_SPACE, user_id)
+                await conn.fetchval(_UNLOCK_NAME, LOCK_SPACE, name)
         except DB_ERRORS:
             conn.terminate()
             self._lost(conn)

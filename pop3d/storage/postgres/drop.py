@@ -6,9 +6,9 @@
   next read or at QUIT, committing nothing.
 * Snapshot (RFC 1939 §5): the user's message ids, UIDLs and sizes in id (delivery) order at open();
   messages delivered later show in the next session, never in this one's numbering.
-* UPDATE (RFC 1939 §6): deletions and the seen flags in one transaction at QUIT, which first checks that
-  the lock connection still holds our lock (a lock lost to a partition and taken by another node must not
-  see us delete under it); a session that ends any other way changes nothing.
+* UPDATE (RFC 1939 §6): deletions and the seen flags in one statement (so one transaction) at QUIT, which
+  changes nothing unless the lock connection still holds our lock (a lock lost to a partition and taken by
+  another node must not see us delete under it); a session that ends any other way changes nothing.
 * Reads go through the pool (`async_reads`): a body up to SMALL_MESSAGE in one query, bigger ones in
   CHUNK slices with substring(), so no body is held whole and one session never holds a connection while
   its client is slow.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import asyncpg
 
@@ -37,7 +37,7 @@ from pop3d.storage.base import (
     StorageError,
     TemporaryError,
 )
-from pop3d.storage.postgres.database import DB_ERRORS, LOCK_SPACE, Database
+from pop3d.storage.postgres.database import DB_ERRORS, LOCK_SPACE, Database, NoUserRow
 from pop3d.wire import NetworkCount, network_size
 
 log = logging.getLogger(__name__)
@@ -55,18 +55,30 @@ _USER_ID = """
 WITH ins AS (INSERT INTO users (name) VALUES ($1) ON CONFLICT (name) DO NOTHING RETURNING id)
 SELECT id FROM ins UNION ALL SELECT id FROM users WHERE name = $1 LIMIT 1
 """
-_SNAPSHOT = "SELECT id, uid, size FROM messages WHERE user_id = $1 ORDER BY id"
+#: `done`: retrieving the message again changes nothing (already retrieved, and seen if we mark it so)
+_SNAPSHOT = """
+SELECT id, uid, size, retrieved_at IS NOT NULL AND (seen OR NOT $2) AS done FROM messages
+WHERE user_id = $1 ORDER BY id
+"""
 _BODIES = "SELECT id, body FROM messages WHERE user_id = $1 AND id = ANY($2::bigint[])"
 _LENGTH = "SELECT octet_length(body) FROM messages WHERE id = $1 AND user_id = $2"
 _SLICE = "SELECT substring(body FROM $3 FOR $4) FROM messages WHERE id = $1 AND user_id = $2"
-_STILL_LOCKED = """
-SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1
-  AND classid = $2::int::oid AND objid = $3::int::oid AND objsubid = 2
-"""
-_DELETE = "DELETE FROM messages WHERE user_id = $1 AND id = ANY($2::bigint[])"
-_RETRIEVED = """
-UPDATE messages SET seen = seen OR $3, retrieved_at = coalesce(retrieved_at, now())
-WHERE user_id = $1 AND id = ANY($2::bigint[])
+#: UPDATE state in one statement, so one round trip and atomic without BEGIN/COMMIT: `held` reads pg_locks
+#: once (a CTE is evaluated once) and both changes happen only if the lock connection ($1) still holds the
+#: maildrop lock of user $3; the result says whether it did. Changes race nothing they could undo: a row
+#: deleted twice is deleted once, and a deleted row cannot be flagged.
+_COMMIT = """
+WITH held AS (
+  SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1
+    AND classid = $2::int::oid AND objid = $3::int::oid AND objsubid = 2
+), gone AS (
+  DELETE FROM messages WHERE user_id = $4 AND id = ANY($5::bigint[]) AND EXISTS (SELECT 1 FROM held)
+), flagged AS (
+  UPDATE messages SET seen = seen OR $7, retrieved_at = coalesce(retrieved_at, now())
+  WHERE user_id = $4 AND id = ANY($6::bigint[]) AND EXISTS (SELECT 1 FROM held)
+    AND (retrieved_at IS NULL OR (NOT seen AND $7))
+)
+SELECT EXISTS (SELECT 1 FROM held)
 """
 _DELIVER = """
 WITH n AS (SELECT nextval(pg_get_serial_sequence('messages', 'id')) AS id)
@@ -131,6 +143,7 @@ class PostgresDrop(Maildrop):
         self._user_id: int | None = None
         self._lock_pid: int | None = None  # the lock connection's backend, while we hold the lock
         self._lost = False
+        self._done = b""  # per message: 1 when its retrieval flags are already set (nothing to write)
         self._ahead: dict[int, bytes] | None = None  # message index -> body read ahead (`read`), not sent yet
         self._ahead_timer: asyncio.TimerHandle | None = None  # forgets `_ahead` AHEAD_TTL after the read
 
@@ -149,12 +162,16 @@ class PostgresDrop(Maildrop):
 
     async def open(self) -> None:
         try:
-            uid = await user_id(self.db, self.name)
-            pid = await self.db.try_lock(uid, self)
-            if pid is None:
+            try:
+                got = await self.db.try_lock(self.name, self)
+            except NoUserRow:  # first login of a user from another user database: make the row, then lock
+                await user_id(self.db, self.name)
+                got = await self.db.try_lock(self.name, self)
+            if got is None:
                 raise InUse(f"maildrop of {self.name} is locked")
-            self._user_id, self._lock_pid = uid, pid
-            rows = await self.db.fetch(_SNAPSHOT, uid)
+            self._user_id, self._lock_pid = got
+            uid = got[0]
+            rows = await self.db.fetch(_SNAPSHOT, uid, self.mark_seen)
         except StorageError:
             await self.close()
             raise
@@ -165,6 +182,7 @@ class PostgresDrop(Maildrop):
             await self.close()
             raise
         self.messages = [MessageInfo(int(r["size"]), r["uid"], str(r["id"])) for r in rows]
+        self._done = bytes(r["done"] for r in rows)
 
     def read_small(self, index: int) -> bytes:
         raise TemporaryError("the postgres driver reads asynchronously (Maildrop.read)")
@@ -250,37 +268,27 @@ class PostgresDrop(Maildrop):
             yield bytes(data)
 
     async def commit(self, deleted: set[int], seen: set[int]) -> None:
-        """UPDATE state (RFC 1939 §6): one transaction, only while our lock still stands."""
+        """UPDATE state (RFC 1939 §6): one statement, which changes nothing unless our lock still stands, and
+        none when there is nothing to change (like the Maildir driver, which renames no file already seen)."""
         uid = self._check()
-        if not deleted and not seen:
-            return
         gone = [int(self.messages[i].key) for i in sorted(deleted)]
-        read = [int(self.messages[i].key) for i in sorted(seen - deleted)]
+        read = [int(self.messages[i].key) for i in sorted(seen - deleted) if not self._done[i]]
+        if not gone and not read:  # everything retrieved was flagged already: no statement at all
+            return
+        pid = self._lock_pid
         try:
-            async with self.db.connection() as conn, conn.transaction():
-                await self._fence(conn, uid)
-                if gone:
-                    await conn.execute(_DELETE, uid, gone)
-                if read:
-                    await conn.execute(_RETRIEVED, uid, read, self.mark_seen)
-                self._check()
-        except StorageError:
-            raise
+            held = pid is not None and await self.db.fetchval(
+                _COMMIT, pid, LOCK_SPACE, uid, uid, gone, read, self.mark_seen
+            )
         except DB_ERRORS as exc:
             raise db_error(exc, f"commit of {self.name}") from exc
-
-    async def _fence(self, conn: Any, uid: int) -> None:
-        """Lock the user's row, then check that the lock connection still holds the maildrop lock."""
-        await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", uid)
-        pid = self._lock_pid
-        if pid is None or not await conn.fetchval(_STILL_LOCKED, pid, LOCK_SPACE, uid):
+        if not held:
             self.lock_lost()
             raise TemporaryError(f"maildrop of {self.name}: the lock was lost; nothing committed")
 
     async def close(self) -> None:
         """Release the lock. Idempotent; deletes nothing."""
         self._forget_ahead()
-        uid, self._user_id = self._user_id, None
+        self._user_id = None
         self._lock_pid = None
-        if uid is not None:
-            await self.db.unlock(uid, self)
+        await self.db.unlock(self.name, self)
