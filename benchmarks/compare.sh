@@ -45,12 +45,9 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 pop3d() { "$PY" -m pop3d "$@"; }
 
 # ---- Dovecot -----------------------------------------------------------------------------------------
-if ! command -v dovecot >/dev/null 2>&1; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dovecot-pop3d >/dev/null
-fi
-# the package may have started (and enabled) the system instance: stop it, we run our own
-(service dovecot stop || systemctl disable --now dovecot || true) >/dev/null 2>&1
-update-rc.d dovecot disable >/dev/null 2>&1 || true
+# shellcheck source=benchmarks/dovecot.sh
+. "$ROOT/benchmarks/dovecot.sh"
+dovecot_install
 
 rm -rf "$W"
 mkdir -p "$W/results"
@@ -88,56 +85,7 @@ done
 start_servers() {  # $1 = set name; sets P_PID, D_PID, B_PID
   local set=$1
   local d="$W/dovecot/$set"
-  mkdir -p "$d/run" "$d/state"
-  cat > "$d/dovecot.conf" <<EOF
-protocols = pop3
-listen = 127.0.0.1
-base_dir = $d/run
-state_dir = $d/state
-log_path = $d/dovecot.log
-ssl = yes
-ssl_cert = <$W/tls/cert.pem
-ssl_key = <$W/tls/key.pem
-ssl_min_protocol = TLSv1.2
-disable_plaintext_auth = no
-auth_cache_size = 10M
-auth_cache_ttl = 1 hour
-auth_mechanisms = plain
-mail_location = maildir:$d/mail/%u/Maildir
-first_valid_uid = 8
-first_valid_gid = 8
-default_process_limit = 20000
-default_client_limit = 20000
-default_vsz_limit = 1G
-passdb {
-  driver = passwd-file
-  args = scheme=PLAIN $W/$set/passwd
-}
-userdb {
-  driver = static
-  args = uid=mail gid=mail home=$d/mail/%u
-}
-service pop3-login {
-  inet_listener pop3 {
-    address = 127.0.0.1
-    port = $D_PORT
-  }
-  inet_listener pop3s {
-    address = 127.0.0.1
-    port = $D_TLS_PORT
-    ssl = yes
-  }
-  service_count = 0
-  process_min_avail = $(nproc)
-}
-service pop3 {
-  process_limit = 20000
-}
-service auth {
-  client_limit = 40000
-}
-EOF
-  chmod o+r "$W/$set/passwd"
+  dovecot_conf "$d" "$W/$set/passwd" "$D_PORT" "$D_TLS_PORT" "$W/tls/cert.pem" "$W/tls/key.pem"
   dovecot -c "$d/dovecot.conf" -F >"$d/stdout.log" 2>&1 &
   D_PID=$!
   sed -e "s/127.0.0.1:1110/127.0.0.1:$P_PORT/" \

@@ -110,6 +110,17 @@ def connect_kwargs(dsn: str) -> dict[str, Any]:
     }
 
 
+_pid = os.getpid()  # this process's id, kept current in forked children
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class Database:
     """A DSN and a pool size; the connections themselves live in one `Link` per process and event loop
     (a worker forked after this object was made, or a test running two servers in two threads, gets its
@@ -119,16 +130,21 @@ class Database:
         self.dsn = dsn
         self.pool_size = pool_size
         self._links: dict[tuple[int, int], Link] = {}
+        self._last: Link | None = None  # the link `link()` returned last
 
     def link(self) -> Link:
         """The connections of the running process and loop, made on first use."""
         loop = asyncio.get_running_loop()
+        last = self._last
+        if last is not None and last.loop is loop and last.pid == _pid:  # every query asks: no system call
+            return last
         key = (os.getpid(), id(loop))
         found = self._links.get(key)
         if found is None or found.loop is not loop:
             for stale in [k for k, v in self._links.items() if k[0] != key[0] or v.loop.is_closed()]:
                 del self._links[stale]  # a forked parent's or a closed loop's: never touch their sockets
             found = self._links[key] = Link(self, loop)
+        self._last = found
         return found
 
     async def pool(self) -> asyncpg.Pool:
@@ -166,6 +182,8 @@ class Database:
     async def close(self) -> None:
         """Close this loop's pool and lock connection (releasing its locks)."""
         link = self._links.pop((os.getpid(), id(asyncio.get_running_loop())), None)
+        if link is self._last:
+            self._last = None
         if link is not None:
             await link.close()
 
@@ -176,6 +194,7 @@ class Link:
     def __init__(self, db: Database, loop: asyncio.AbstractEventLoop) -> None:
         self.db = db
         self.loop = loop
+        self.pid = os.getpid()
         self._pool: asyncpg.Pool | None = None
         self._pool_lock = asyncio.Lock()
         self._lock_conn: Any = None
