@@ -15,7 +15,7 @@ from pop3d.pop3.handlers import OK, Pop3Handler
 from pop3d.pop3.protocol import Command, CommandParser, Rejected
 from pop3d.pop3.results import Challenge, Pending, Reply, StartTLS, Stream
 from pop3d.pop3.state import TRANSITIONS, IllegalTransition, SessionEvent, State, next_state
-from pop3d.storage.base import SMALL_MESSAGE
+from pop3d.storage.base import SMALL_MESSAGE, ReadLater
 
 
 def handler(**kw: Any) -> Pop3Handler:
@@ -84,6 +84,18 @@ def test_small_retr_is_one_reply_and_big_one_a_stream(clock: ClockLoop) -> None:
     assert isinstance(top, Stream) and top.lines == 3
     clock.run_until_complete(big.chunks.aclose())  # type: ignore[attr-defined]
     clock.run_until_complete(top.chunks.aclose())  # type: ignore[attr-defined]
+
+
+def test_a_read_too_much_for_the_loop_is_awaited_instead(clock: ClockLoop) -> None:
+    """ReadLater from read_small (a Maildir message renamed meanwhile, in a huge directory) is no failure:
+    the reply waits for `read`, which the driver runs off the loop."""
+    h = logged_in(clock)
+    storage_of(h).errors["read"] = ReadLater("renamed meanwhile, in a large directory")
+    pending = h.dispatch(Command("RETR", ("1",)))
+    assert isinstance(pending, Pending)
+    reply = clock.run_until_complete(pending.awaitable)
+    assert isinstance(reply, Reply) and reply.data.endswith(b"\r\n..dot\r\nbody\r\n.\r\n")
+    assert h.counters.retr == 1
 
 
 def test_password_checks_are_pending_and_move_the_state(clock: ClockLoop) -> None:

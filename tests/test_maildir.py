@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop3d.auth.base import User
-from pop3d.storage.base import InUse, MessageGone, PermanentError, TemporaryError
+from pop3d.storage.base import InUse, MessageGone, PermanentError, ReadLater, TemporaryError
 from pop3d.storage.maildir import MaildirDrop, MaildirStorage
 from pop3d.storage.maildir import drop as drop_mod
 from pop3d.storage.maildir import scan as scan_mod
@@ -616,6 +616,48 @@ async def test_one_deletion_goes_to_a_thread(md: Path, hops: list[object]) -> No
     await drop.commit({0}, set())
     await drop.close()
     assert len(hops) == 1 and os.listdir(md / "new") == ["1700000001.M1P1.h"]
+
+
+@pytest.fixture
+def loop_listings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The directories os.listdir was asked for on this (the event loop's) thread."""
+    import threading
+
+    here, calls, real = threading.get_ident(), [], os.listdir
+
+    def spy(path: Any = ".") -> list[str]:
+        if threading.get_ident() == here:
+            calls.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "listdir", spy)
+    return calls
+
+
+async def test_a_message_renamed_meanwhile_is_found_again_off_the_loop_in_a_large_maildrop(
+    md: Path, monkeypatch: pytest.MonkeyPatch, hops: list[object], loop_listings: list[str]
+) -> None:
+    """Another program renames messages to flags we cannot guess during the session: finding them again
+    lists new/ and cur/, which the maildrop's owner may have made huge. On the loop (read_small, a commit
+    of renames) only a small listing is made; else ReadLater, or the commit finishes in a thread."""
+    for i in range(3):
+        deliver(md, f"170000000{i}.M{i}P1.h", b"body %d\n" % i)
+    drop = await opened(md)  # small: listed on the loop
+    assert hops == [] and loop_listings
+    loop_listings.clear()
+    for i in range(3):  # new/NAME -> cur/NAME:2,T (trashed): none of the names tried first
+        os.rename(md / "new" / f"170000000{i}.M{i}P1.h", md / "cur" / f"170000000{i}.M{i}P1.h:2,T")
+    assert drop.read_small(0) == b"body 0\n"  # a small listing: found again on the loop
+    assert len(loop_listings) == 1 and hops == []
+    loop_listings.clear()
+    monkeypatch.setattr(drop_mod, "INLINE_LISTING", 0)  # any listing is now more than the loop takes
+    with pytest.raises(ReadLater):
+        drop.read_small(1)
+    assert await drop.read(1) == b"body 1\n" and len(hops) == 1
+    await drop.commit(set(), {2})  # a rename whose source must be found again: finished in a thread
+    await drop.close()
+    assert loop_listings == [] and len(hops) == 2
+    assert os.path.exists(md / "cur" / "1700000002.M2P1.h:2,ST")
 
 
 async def test_cancelled_open_does_not_leak_the_lock(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:

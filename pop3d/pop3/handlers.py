@@ -27,7 +27,7 @@ from pop3d.pop3.context import ServerContext
 from pop3d.pop3.protocol import CRLF, Command, err, multiline, ok
 from pop3d.pop3.results import Challenge, Pending, Reply, Resolved, Result, Stream
 from pop3d.pop3.state import SessionEvent, State, next_state
-from pop3d.storage.base import SMALL_MESSAGE, InUse, Maildrop, MessageInfo, StorageError
+from pop3d.storage.base import SMALL_MESSAGE, InUse, Maildrop, MessageInfo, ReadLater, StorageError
 
 log = logging.getLogger("pop3d.pop3.session")
 #: no message numbers: what `deleted` and `retrieved` are until the first one (never mutated)
@@ -550,6 +550,8 @@ class Pop3Handler:
             raw = drop.read_small(i)
         except (StorageError, OSError) as exc:
             return self._read_failed(i, exc)
+        except ReadLater:  # too much for the loop this time (a message renamed meanwhile): off the loop
+            return Pending(self._send_read(drop, i, lines, header))
         return self._small(raw, i, lines, header)
 
     async def _send_read(self, drop: Maildrop, i: int, lines: int | None, header: bytes) -> Reply:

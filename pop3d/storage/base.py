@@ -56,6 +56,12 @@ class MessageUnreadable(PermanentError):
     its size disagrees with the size LIST announced (a `,W=` field, a cache entry, an index)."""
 
 
+class ReadLater(Exception):
+    """`read_small` would do more work on the event loop than the driver allows there (a Maildir message
+    renamed by another program, to be found again in a huge directory): the session awaits `read` instead,
+    which the driver runs off the loop. Not a failure."""
+
+
 @dataclass(slots=True)
 class MessageInfo:
     """One message of the session snapshot. `key` is the driver's own handle (file name, offset...)."""

@@ -48,6 +48,7 @@ from pop3d.storage.base import (
     MessageInfo,
     MessageUnreadable,
     PermanentError,
+    ReadLater,
     RefusedMaildrop,
     Storage,
     StorageError,
@@ -420,16 +421,24 @@ class MaildirDrop(Maildrop):
 
     # ---- reading ----------------------------------------------------------------------------------------
 
-    def _relocate(self, key: str) -> str | None:
+    def _relocate(self, key: str, on_loop: bool = False) -> str | None:
         """Where the message of `key` is now, if another program renamed it (flags, new/ -> cur/).
 
         A few likely names are tried with one lstat each; only then are the directories listed (rare: a
-        message renamed to unusual flags during the session), which for read_small happens on the loop.
+        message renamed to unusual flags during the session). On the loop (`on_loop`), only listings of at
+        most INLINE_LISTING octets, as open() does; else TooBigForLoop, and the caller redoes it in a thread.
         """
         base, sep, flags = split_name(key.partition("/")[2])
         for guess in (with_seen(base, sep, flags), f"cur/{base}{sep or ':'}2,{flags}", f"new/{base}", f"cur/{base}"):
             if guess != key and os.path.lexists(os.path.join(self.path, guess)):
                 return guess
+        if on_loop:
+            try:
+                listing = sum(os.stat(os.path.join(self.path, sub)).st_size for sub in ("cur", "new"))
+            except OSError:
+                listing = 0  # the listing below says what is wrong
+            if listing > INLINE_LISTING:
+                raise TooBigForLoop(f"maildir {self.path}: listings of {listing} octets")
         for sub in ("cur", "new"):
             try:
                 names = os.listdir(os.path.join(self.path, sub))
@@ -440,16 +449,17 @@ class MaildirDrop(Maildrop):
                     return f"{sub}/{name}"
         return None
 
-    def _moved(self, info: MessageInfo) -> bool:
-        key = self._relocate(info.key)
+    def _moved(self, info: MessageInfo, on_loop: bool = False) -> bool:
+        key = self._relocate(info.key, on_loop)
         if key is None:
             return False
         info.key = key
         return True
 
-    def _open_message(self, index: int) -> tuple[int, os.stat_result]:
+    def _open_message(self, index: int, on_loop: bool = False) -> tuple[int, os.stat_result]:
         """fd and fstat of message `index`: a regular file of the owner, opened without following a link or
-        blocking, whose stored size can have the announced network size; else MessageUnreadable."""
+        blocking, whose stored size can have the announced network size; else MessageUnreadable.
+        `on_loop`: TooBigForLoop rather than list a large directory to find a renamed message."""
         why = self._broken.get(index) if self._broken is not None else None
         if why is not None:
             raise MessageUnreadable(why)
@@ -458,7 +468,7 @@ class MaildirDrop(Maildrop):
             try:
                 fd, st = open_regular(f"{self.path}/{info.key}")
             except FileNotFoundError:
-                if attempt or not self._moved(info):
+                if attempt or not self._moved(info, on_loop):
                     break
                 continue
             except OSError as exc:
@@ -491,15 +501,24 @@ class MaildirDrop(Maildrop):
 
     def read_small(self, index: int) -> bytes:
         """One direct open+read on the loop (docs/DESIGN.md performance rule 2); messages up to SMALL_MESSAGE.
+        ReadLater when finding the message again would list a large directory: `read` does it in a thread."""
+        try:
+            return self._read(index, on_loop=True)
+        except TooBigForLoop:
+            raise ReadLater(f"message {index + 1}: renamed meanwhile, in a large directory") from None
 
-        The usual case is inlined (open, fstat, one read, close: the syscalls of a plain open().readall()
-        minus one read); anything unusual goes through _open_message, which decides and explains.
-        """
+    async def read(self, index: int) -> bytes:
+        """`read_small` in a worker thread (after ReadLater)."""
+        return await self._hop.run(partial(self._read, index))
+
+    def _read(self, index: int, on_loop: bool = False) -> bytes:
+        """The usual case is inlined (open, fstat, one read, close: the syscalls of a plain open().readall()
+        minus one read); anything unusual goes through _open_message, which decides and explains."""
         info = self.messages[index]
         try:
             fd = os.open(self.path + "/" + info.key, READ_FLAGS)
         except OSError:
-            fd, st = self._open_message(index)
+            fd, st = self._open_message(index, on_loop)
         else:
             try:
                 st = os.fstat(fd)
@@ -510,7 +529,7 @@ class MaildirDrop(Maildrop):
             if (st.st_mode & _TYPE != _REGULAR or st.st_uid != self.owner.uid or broken
                     or not plausible(st.st_size, info.size)):  # fmt: skip
                 os.close(fd)
-                fd, st = self._open_message(index)
+                fd, st = self._open_message(index, on_loop)
         try:
             data = os.read(fd, st.st_size)
             if len(data) < st.st_size:
@@ -563,7 +582,10 @@ class MaildirDrop(Maildrop):
             if failed:
                 raise TemporaryError(f"{failed} message(s) could not be deleted")
         elif marks:
-            self._commit_sync(deleted, seen)  # renames only: no deletion to fail
+            try:
+                self._commit_sync(deleted, seen, on_loop=True)  # renames only: no deletion to fail
+            except TooBigForLoop:  # a message renamed meanwhile, in a large directory: the rest in a thread
+                await self._in_thread(lambda: self._commit_sync(deleted, seen))
 
     def _dir_fds(self) -> dict[str, int]:
         """fds of the root, new/ and cur/, opened without following links and checked to be the directories
@@ -585,15 +607,15 @@ class MaildirDrop(Maildrop):
             raise storage_error(exc, f"maildir {self.path} cannot be updated") from exc
         return fds
 
-    def _commit_sync(self, deleted: set[int], seen: set[int]) -> int:
+    def _commit_sync(self, deleted: set[int], seen: set[int], on_loop: bool = False) -> int:
         fds = self._dir_fds()
         try:
-            return self._update(fds, deleted, seen)
+            return self._update(fds, deleted, seen, on_loop)
         finally:
             for fd in fds.values():
                 os.close(fd)
 
-    def _update(self, fds: dict[str, int], deleted: set[int], seen: set[int]) -> int:
+    def _update(self, fds: dict[str, int], deleted: set[int], seen: set[int], on_loop: bool = False) -> int:
         infos = [self.messages[index] for index in sorted(deleted)]
         gone = self._unlink(fds, infos)
         failed = len(infos) - len(gone)
@@ -601,7 +623,7 @@ class MaildirDrop(Maildrop):
             self._record_retrievals(fds[""], seen - deleted, gone)
         if self.mark_seen:
             for index in sorted(seen - deleted):
-                self._mark_seen(fds, self.messages[index])
+                self._mark_seen(fds, self.messages[index], on_loop)
         if gone:
             cache = self._size_cache()
             cache.load(fds[""], self.owner)  # we hold the lock: nobody else wrote it since open()
@@ -620,7 +642,7 @@ class MaildirDrop(Maildrop):
         if new != times:
             self._save_times(new, root_fd)
 
-    def _mark_seen(self, fds: dict[str, int], info: MessageInfo) -> None:
+    def _mark_seen(self, fds: dict[str, int], info: MessageInfo, on_loop: bool = False) -> None:
         """new/NAME -> cur/NAME:2,S, or add S to a cur/ name's flags (kept sorted, as Maildir requires)."""
         for attempt in range(2):
             sub, _, name = info.key.partition("/")
@@ -631,7 +653,7 @@ class MaildirDrop(Maildrop):
             try:
                 os.rename(name, target.partition("/")[2], src_dir_fd=_subdir_fd(fds, sub, name), dst_dir_fd=fds["cur"])
             except FileNotFoundError:
-                if attempt == 0 and self._moved(info):
+                if attempt == 0 and self._moved(info, on_loop):
                     continue
                 log.warning("maildir %s: cannot mark %s seen: it is gone", self.path, info.key)
                 return
