@@ -182,6 +182,30 @@ async def test_in_use_in_one_worker_and_across_pools(db: Database, pg_dsn: str) 
         await other.close()
 
 
+async def test_close_while_the_lock_is_being_taken_leaves_it_free(db: Database, pg_dsn: str) -> None:
+    """close() during open(), while the lock statement is on the wire: the lock it then gets is released,
+    not left held for as long as the worker's lock connection lives."""
+    storage = PostgresStorage(db)
+    hank = User("hank")
+    await storage.deliver(hank, b"x\n")
+    warm = storage.maildrop(hank)  # the lock connection is up and the users row exists
+    await warm.open()
+    await warm.close()
+    drop = storage.maildrop(hank)
+    opening = asyncio.ensure_future(drop.open())
+    await asyncio.sleep(0)  # the lock statement is sent
+    await drop.close()
+    await opening
+    assert db.link().held() == 0
+    other = Database(pg_dsn, 2)  # another node
+    try:
+        theirs = PostgresStorage(other).maildrop(hank)
+        await theirs.open()  # not InUse
+        await theirs.close()
+    finally:
+        await other.close()
+
+
 async def test_lost_lock_connection_commits_nothing(db: Database, pg_dsn: str) -> None:
     storage = PostgresStorage(db)
     dave = User("dave")

@@ -282,12 +282,14 @@ class Link:
             return
         user_id = found[1]
         conn = self._lock_conn
-        if conn is None or conn.is_closed() or user_id is None:
+        if conn is None or conn.is_closed():
             del self._held[name]
             return
+        # by id; by name while try_lock's statement is still queued (this one runs after it: the lock is fair)
+        query, key = (_UNLOCK, user_id) if user_id is not None else (_UNLOCK_NAME, name)
         try:
             async with self._lock_conn_lock:
-                await conn.fetchval(_UNLOCK, LOCK_SPACE, user_id)
+                await conn.fetchval(query, LOCK_SPACE, key)
         except DB_ERRORS as exc:
             # the lock would outlive the session: drop the connection, which releases all of them
             log.error("postgres: cannot release a maildrop lock (%s); resetting the lock connection", exc)
