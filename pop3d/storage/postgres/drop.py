@@ -64,11 +64,11 @@ _BODIES = "SELECT id, body FROM messages WHERE user_id = $1 AND id = ANY($2::big
 _LENGTH = "SELECT octet_length(body) FROM messages WHERE id = $1 AND user_id = $2"
 _SLICE = "SELECT substring(body FROM $3 FOR $4) FROM messages WHERE id = $1 AND user_id = $2"
 #: UPDATE state in one statement, so one round trip and atomic without BEGIN/COMMIT: `held` reads pg_locks
-#: once (a CTE is evaluated once) and both changes happen only if the lock connection ($1) still holds the
-#: maildrop lock of user $3; the result says whether it did. Changes race nothing they could undo: a row
+#: once (MATERIALIZED) and both changes happen only if the lock connection ($1) still holds the maildrop
+#: lock of user $3; the result says whether it did. Changes race nothing they could undo: a row
 #: deleted twice is deleted once, and a deleted row cannot be flagged.
 _COMMIT = """
-WITH held AS (
+WITH held AS MATERIALIZED (
   SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND pid = $1
     AND classid = $2::int::oid AND objid = $3::int::oid AND objsubid = 2
 ), gone AS (
