@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
 import logging
+import logging.handlers
 import os
 import poplib
 import re
 import signal
 import socket
 import sys
+import time
+from collections.abc import Iterator
 
 import pytest
 from conftest import Raw, deliver
@@ -391,3 +395,67 @@ def test_a_fork_writes_pending_lines_once(tmp_path):
         handler.flush()
         logger.removeHandler(handler)
     assert out.read_text() == "before fork\n"
+
+
+_FIELD_VALUES = st.one_of(st.text(max_size=12), st.integers(), st.booleans(), st.none(), st.floats(allow_nan=False))
+
+
+@given(
+    fields=st.dictionaries(st.sampled_from(["user", "rip", "retr", "size", "reason"]), _FIELD_VALUES, max_size=5),
+    text=st.text(max_size=20),
+    fmt=st.sampled_from(["text", "json"]),
+    level=st.sampled_from([logging.INFO, logging.WARNING]),
+)
+def test_event_lines_made_without_a_record_are_those_the_record_makes(
+    fields: dict[str, object], text: str, fmt: str, level: int
+) -> None:
+    """`event` skips the LogRecord when pop3d's handler is the only one its line reaches
+    (LoopBatchedHandler.emit_direct): what it writes must be what the record would have made."""
+    logger, stream, handler = _batched()
+    handler.setFormatter(logfmt.make_formatter(fmt))
+    assert handler.takes(logger, level)
+    real_time, at = time.time, 1_764_547_200.125  # one instant for both lines
+    time.time = lambda: at  # type: ignore[assignment]
+    try:
+        with _direct(handler):
+            logfmt.event(logger, level, "login", text, fields)
+        with _direct(None):
+            logfmt.event(logger, level, "login", text, fields)
+    finally:
+        time.time = real_time  # type: ignore[assignment]
+    direct, recorded = stream.writes
+    assert direct == recorded
+
+
+def test_event_lines_reach_every_handler_when_ours_is_not_alone() -> None:
+    """Another handler (a test's capture, an operator's extra one) or a filter on the way: the record path."""
+    logger, stream, handler = _batched()
+    handler.setFormatter(logfmt.make_formatter("text"))
+    other = logging.handlers.BufferingHandler(10)
+    assert handler.takes(logger, logging.INFO)
+    logger.addHandler(other)
+    assert not handler.takes(logger, logging.INFO)
+    with _direct(handler):
+        logfmt.event(logger, logging.INFO, "login", "login", {"user": "u"})
+    assert len(stream.writes) == 1 and stream.writes[0].endswith(f" INFO {logger.name}[{os.getpid()}]: login user=u\n")
+    assert other.buffer[0].getMessage() == "login user=u"
+    logger.removeHandler(other)
+    logger.addFilter(lambda record: False)
+    assert not handler.takes(logger, logging.INFO)
+    with _direct(handler):
+        logfmt.event(logger, logging.INFO, "login", "login", {"user": "u"})
+    assert len(stream.writes) == 1  # the filter dropped it, as it would a record
+    logger.filters.clear()
+    assert handler.takes(logger, logging.INFO)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # not one of ours: it may show anything
+    assert not handler.takes(logger, logging.INFO)
+
+
+@contextlib.contextmanager
+def _direct(handler: logfmt.LoopBatchedHandler | None) -> Iterator[None]:
+    before = logfmt._direct
+    logfmt._direct = handler
+    try:
+        yield
+    finally:
+        logfmt._direct = before

@@ -19,6 +19,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,10 @@ def event(
     if logger.isEnabledFor(level):
         suffix = pairs(fields if shown is None else shown)
         line = f"{text} {suffix}" if suffix else text
+        direct = _direct
+        if direct is not None and direct.takes(logger, level):
+            direct.emit_direct(logger.name, level, line, {"event": name, **fields})
+            return
         extra = {"fields": {"event": name, **fields}}
         logger.handle(logger.makeRecord(logger.name, level, "(event)", 0, line, (), None, name, extra))
 
@@ -109,6 +114,10 @@ class TextFormatter(logging.Formatter):
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         return f"{self._seconds(record.created)},{int(record.msecs):03d}"
 
+    def line(self, created: float, level: str, name: str, pid: int, msg: str, fields: Mapping[str, object]) -> str:
+        """What `format` makes of a record with these attributes and no exception (`event` lines)."""
+        return f"{self._seconds(created)},{_msecs(created):03d} {level} {name}[{pid}]: {msg}"
+
 
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "pid", "msg", <fields>}`; UTC timestamps with milliseconds."""
@@ -118,20 +127,37 @@ class JsonFormatter(logging.Formatter):
         self._seconds = _Seconds("%Y-%m-%dT%H:%M:%S", time.gmtime)
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": f"{self._seconds(record.created)}.{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": record.process,
-            "msg": record.getMessage(),
-        }
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            for k, v in fields.items():
-                out.setdefault(k, v)
+        out = self._object(
+            f"{self._seconds(record.created)}.{int(record.msecs):03d}Z",
+            record.levelname,
+            record.name,
+            record.process,
+            record.getMessage(),
+            fields if isinstance(fields, dict) else {},
+        )
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False, default=str)
+
+    def line(self, created: float, level: str, name: str, pid: int, msg: str, fields: Mapping[str, object]) -> str:
+        """What `format` makes of a record with these attributes and no exception (`event` lines)."""
+        ts = f"{self._seconds(created)}.{_msecs(created):03d}Z"
+        return json.dumps(self._object(ts, level, name, pid, msg, fields), ensure_ascii=False, default=str)
+
+    @staticmethod
+    def _object(
+        ts: str, level: str, name: str, pid: int | None, msg: str, fields: Mapping[str, object]
+    ) -> dict[str, Any]:
+        out: dict[str, Any] = {"ts": ts, "level": level, "logger": name, "pid": pid, "msg": msg}
+        for k, v in fields.items():
+            out.setdefault(k, v)
+        return out
+
+
+def _msecs(created: float) -> int:
+    """The milliseconds of `created`, as LogRecord computes them."""
+    return int((created - int(created)) * 1000)
 
 
 def make_formatter(fmt: str) -> logging.Formatter:
@@ -157,26 +183,59 @@ class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record) + self.terminator
-            try:
-                loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
-            if loop is None or loop.is_closed():
-                self._write_pending(line)
-                return
-            # emit runs under the handler's lock (Handler.handle), so this is one thread at a time
-            if self._loop_thread is not None and self._loop_thread != threading.get_ident():
-                self._write_pending(line)  # another loop's thread has lines pending: keep one writer
-                return
-            self._pending.append(line)
-            if self._loop_thread is None:
-                self._loop_thread = threading.get_ident()
-                loop.call_soon(self._from_loop)
+            self._queue(self.format(record) + self.terminator)
         except RecursionError:  # pragma: no cover - logging's own convention
             raise
         except Exception:
             self.handleError(record)
+
+    def takes(self, logger: logging.Logger, level: int) -> bool:
+        """Whether a record of `logger` at `level` (enabled) would reach this handler and no other, through
+        no filter, and be formatted by one of ours: then `emit_direct` writes what `handle` would."""
+        if self.filters or level < self.level or not isinstance(self.formatter, (TextFormatter, JsonFormatter)):
+            return False
+        node: logging.Logger | None = logger
+        while node is not None:
+            if node.filters or (node.handlers and node.handlers != [self]):
+                return False
+            if node.handlers:  # ours, and it must be the only handler on the way: nothing further up
+                return node.parent is None or not node.propagate
+            if not node.propagate:
+                return False
+            node = node.parent
+        return False
+
+    def emit_direct(self, name: str, level: int, msg: str, fields: Mapping[str, object]) -> None:
+        """The line `emit` would write for a record of logger `name` with these attributes, made without one."""
+        formatter = self.formatter
+        assert isinstance(formatter, (TextFormatter, JsonFormatter))
+        line = formatter.line(time.time(), logging.getLevelName(level), name, _pid, msg, fields)
+        self.acquire()
+        try:
+            self._queue(line + self.terminator)
+        except Exception:  # as Handler.handleError does: a logging failure must not end the session
+            if logging.raiseExceptions:
+                traceback.print_exc(file=sys.stderr)
+        finally:
+            self.release()
+
+    def _queue(self, line: str) -> None:
+        """Hold `line` for the loop's next turn, or write it now with no running loop. Under the lock."""
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or loop.is_closed():
+            self._write_pending(line)
+            return
+        # callers hold the handler's lock (Handler.handle, emit_direct), so this is one thread at a time
+        if self._loop_thread is not None and self._loop_thread != threading.get_ident():
+            self._write_pending(line)  # another loop's thread has lines pending: keep one writer
+            return
+        self._pending.append(line)
+        if self._loop_thread is None:
+            self._loop_thread = threading.get_ident()
+            loop.call_soon(self._from_loop)
 
     def _from_loop(self) -> None:
         self.acquire()
@@ -204,6 +263,17 @@ class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 _HANDLER_NAME = "pop3d-stdout"
+#: pop3d's stdout handler once `configure` installed it: `event` lines may go to it directly
+_direct: LoopBatchedHandler | None = None
+_pid = os.getpid()  # what a LogRecord's `process` says, kept current in forked children
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def configure(cfg: LogSettings) -> None:
@@ -216,6 +286,8 @@ def configure(cfg: LogSettings) -> None:
         root.addHandler(handler)
     handler.setFormatter(make_formatter(cfg.format))
     root.setLevel(cfg.level)
+    global _direct
+    _direct = handler if isinstance(handler, LoopBatchedHandler) else None
     # neither format shows thread or multiprocessing names: do not look them up for every record
     logging.logThreads = False
     logging.logMultiprocessing = False
