@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
+from pop3d import procid
 from pop3d.net.addresses import Networks
 
 if TYPE_CHECKING:
@@ -217,7 +218,7 @@ class SharedCounts:
 
     def _mine(self) -> int:
         """The offset of this process's region; claimed on first use (forked workers inherit `_region`)."""
-        pid = os.getpid()
+        pid = procid.current()
         if self._pid != pid:
             self._region, self._pid = self._claim(pid), pid
         return self._region * self._stride

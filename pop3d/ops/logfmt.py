@@ -23,6 +23,8 @@ import traceback
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from pop3d import procid
+
 if TYPE_CHECKING:
     from pop3d.config import LogSettings
 
@@ -209,7 +211,7 @@ class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """The line `emit` would write for a record of logger `name` with these attributes, made without one."""
         formatter = self.formatter
         assert isinstance(formatter, (TextFormatter, JsonFormatter))
-        line = formatter.line(time.time(), logging.getLevelName(level), name, _pid, msg, fields)
+        line = formatter.line(time.time(), logging.getLevelName(level), name, procid.current(), msg, fields)
         self.acquire()
         try:
             self._queue(line + self.terminator)
@@ -265,15 +267,6 @@ class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 _HANDLER_NAME = "pop3d-stdout"
 #: pop3d's stdout handler once `configure` installed it: `event` lines may go to it directly
 _direct: LoopBatchedHandler | None = None
-_pid = os.getpid()  # what a LogRecord's `process` says, kept current in forked children
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
 
 
 def configure(cfg: LogSettings) -> None:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from pop3d import __version__
+from pop3d import __version__, procid
 from pop3d.auth.cred_cache import CredCache
 from pop3d.auth.generation import Generation
 from pop3d.auth.login_delay import LoginDelays, LoginDelayStore
@@ -226,7 +225,7 @@ class ServerContext:
 
         The pid is read each time: worker processes forked after this object was built must differ.
         """
-        return f"<{os.getpid()}.{next(self._counter)}.{time.time_ns() // 1000}@{self.hostname}>"
+        return f"<{procid.current()}.{next(self._counter)}.{time.time_ns() // 1000}@{self.hostname}>"
 
     def session_id(self) -> str:
         """A short id for the log lines of one session, unique within this run of the server.
@@ -237,7 +236,7 @@ class ServerContext:
         from several hosts or runs merged into one log rarely collide either. The pid is on every line anyway
         (pop3d.ops.logfmt). Drawn lazily: a worker forked after this object was built gets its own.
         """
-        pid = os.getpid()
+        pid = procid.current()
         if pid != self._sid_pid:
             self._sid_pid, self._sid_prefix = pid, _base32(secrets.randbits(30), 6)
             self._sid_counter = itertools.count(1)

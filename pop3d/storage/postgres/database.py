@@ -27,6 +27,8 @@ from typing import Any, Final, Protocol
 
 import asyncpg
 
+from pop3d import procid
+
 log = logging.getLogger(__name__)
 
 #: TCP keepalives and user timeout asked of the *server* for this session's socket (they are ordinary
@@ -110,17 +112,6 @@ def connect_kwargs(dsn: str) -> dict[str, Any]:
     }
 
 
-_pid = os.getpid()  # this process's id, kept current in forked children
-
-
-def _forked() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
-
-
 class Database:
     """A DSN and a pool size; the connections themselves live in one `Link` per process and event loop
     (a worker forked after this object was made, or a test running two servers in two threads, gets its
@@ -136,7 +127,7 @@ class Database:
         """The connections of the running process and loop, made on first use."""
         loop = asyncio.get_running_loop()
         last = self._last
-        if last is not None and last.loop is loop and last.pid == _pid:  # every query asks: no system call
+        if last is not None and last.loop is loop and last.pid == procid.current():  # every query asks: no system call
             return last
         key = (os.getpid(), id(loop))
         found = self._links.get(key)
