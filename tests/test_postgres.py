@@ -21,6 +21,7 @@ from pop3d.auth.postgres import PostgresAuthenticator
 from pop3d.storage.base import InUse, MessageGone, TemporaryError
 from pop3d.storage.postgres import Database, PostgresStorage, schema
 from pop3d.storage.postgres import drop as postgres_drop
+from pop3d.storage.postgres.drop import PostgresDrop
 from pop3d.wire import network_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,16 @@ async def db(pg_dsn: str) -> Any:
     d = Database(pg_dsn, 4)
     yield d
     await d.close()
+
+
+async def filled(storage: PostgresStorage, user: User, bodies: list[bytes]) -> PostgresDrop:
+    """`user`'s maildrop after delivering `bodies`, opened (locked, its snapshot taken)."""
+    for body in bodies:
+        await storage.deliver(user, body)
+    drop = storage.maildrop(user)
+    assert isinstance(drop, PostgresDrop)
+    await drop.open()
+    return drop
 
 
 def pop3d(*args: str, stdin: str = "", config: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -84,10 +95,7 @@ async def test_db_init_is_idempotent_and_needs_no_superuser(pg_dsn: str, tmp_pat
 async def test_deliver_then_snapshot_keeps_octets_sizes_and_uids(db: Database) -> None:
     storage = PostgresStorage(db)
     alice = User("alice")
-    for body in BODIES:
-        await storage.deliver(alice, body)
-    drop = storage.maildrop(alice)
-    await drop.open()
+    drop = await filled(storage, alice, BODIES)
     try:
         assert [m.size for m in drop.messages] == [network_size(b) for b in BODIES]
         assert [await drop.read(i) for i in range(len(BODIES))] == BODIES
@@ -110,10 +118,7 @@ async def test_reads_in_order_take_one_query_and_hold_nothing_after(db: Database
     bob = User("bob")
     small = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(8)]
     big = b"z" * 200_000
-    for body in [*small[:4], big, *small[4:]]:
-        await storage.deliver(bob, body)
-    drop = storage.maildrop(bob)
-    await drop.open()
+    drop = await filled(storage, bob, [*small[:4], big, *small[4:]])
     queries: list[int] = []
     real_fetch = db.fetch
 
@@ -144,10 +149,7 @@ async def test_reads_in_order_take_one_query_and_hold_nothing_after(db: Database
 async def test_dele_only_at_commit_and_seen(db: Database) -> None:
     storage = PostgresStorage(db)
     bob = User("bob")
-    for body in BODIES:
-        await storage.deliver(bob, body)
-    drop = storage.maildrop(bob)
-    await drop.open()
+    drop = await filled(storage, bob, BODIES)
     await drop.close()  # no commit: nothing deleted
     drop = storage.maildrop(bob)
     await drop.open()
@@ -187,9 +189,7 @@ async def test_close_while_the_lock_is_being_taken_leaves_it_free(db: Database, 
     not left held for as long as the worker's lock connection lives."""
     storage = PostgresStorage(db)
     hank = User("hank")
-    await storage.deliver(hank, b"x\n")
-    warm = storage.maildrop(hank)  # the lock connection is up and the users row exists
-    await warm.open()
+    warm = await filled(storage, hank, [b"x\n"])  # the lock connection is up and the users row exists
     await warm.close()
     drop = storage.maildrop(hank)
     opening = asyncio.ensure_future(drop.open())
@@ -209,9 +209,7 @@ async def test_close_while_the_lock_is_being_taken_leaves_it_free(db: Database, 
 async def test_lost_lock_connection_commits_nothing(db: Database, pg_dsn: str) -> None:
     storage = PostgresStorage(db)
     dave = User("dave")
-    await storage.deliver(dave, b"keep me\n")
-    drop = storage.maildrop(dave)
-    await drop.open()
+    drop = await filled(storage, dave, [b"keep me\n"])
     pid = db.link().lock_pid()
     admin = await asyncpg.connect(pg_dsn)
     try:
@@ -238,10 +236,7 @@ async def test_lock_gone_unnoticed_commits_nothing(db: Database, pg_dsn: str) ->
     not noticed yet, the lock now another node's) deletes and flags nothing, however the node sees it."""
     storage = PostgresStorage(db)
     fred = User("fred")
-    await storage.deliver(fred, b"one\n")
-    await storage.deliver(fred, b"two\n")
-    drop = storage.maildrop(fred)
-    await drop.open()
+    drop = await filled(storage, fred, [b"one\n", b"two\n"])
     conn = db.link()._lock_conn  # released behind the maildrop's back: the node still thinks it holds it
     assert await conn.fetchval("SELECT pg_advisory_unlock_all() IS NULL") is not None
     other = Database(pg_dsn, 2)  # another node takes the lock
@@ -266,10 +261,7 @@ async def test_open_commit_close_take_four_statements(db: Database, monkeypatch:
     release of a pool connection, and a transaction costs a BEGIN and a COMMIT)."""
     storage = PostgresStorage(db)
     gina = User("gina")
-    for body in (b"a\n", b"b\n", b"c\n"):
-        await storage.deliver(gina, body)
-    warm = storage.maildrop(gina)  # connects and prepares every statement once
-    await warm.open()
+    warm = await filled(storage, gina, [b"a\n", b"b\n", b"c\n"])  # connects and prepares every statement once
     await warm.commit(set(), {0})
     await warm.close()
     sent: list[str] = []
@@ -307,9 +299,7 @@ async def test_open_commit_close_take_four_statements(db: Database, monkeypatch:
 async def test_lost_pool_connection_is_temporary_and_recovers(db: Database, pg_dsn: str) -> None:
     storage = PostgresStorage(db)
     erin = User("erin")
-    await storage.deliver(erin, b"x\n")
-    drop = storage.maildrop(erin)
-    await drop.open()
+    drop = await filled(storage, erin, [b"x\n"])
     admin = await asyncpg.connect(pg_dsn)
     try:
         await admin.execute(
@@ -328,9 +318,7 @@ async def test_lost_pool_connection_is_temporary_and_recovers(db: Database, pg_d
 
 async def test_deleted_elsewhere_is_gone(db: Database) -> None:
     storage = PostgresStorage(db)
-    await storage.deliver(User("fay"), b"a\n")
-    drop = storage.maildrop(User("fay"))
-    await drop.open()
+    drop = await filled(storage, User("fay"), [b"a\n"])
     await db.execute("DELETE FROM messages")
     with pytest.raises(MessageGone):
         await drop.read(0)
