@@ -20,6 +20,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import USERS, deliver
@@ -262,12 +263,19 @@ def test_plain_and_tls_sockets_told_apart_by_name(tmp_path):
     proc = _spawn(["serve", "--config", str(cfg)], socks, "pop3:pop3s", fake, tmp_path / "out.log")
     for s in socks:
         s.close()
+    _plain_then_tls(proc, fake, pki, plain_port, tls_port, capa=True)
+
+
+def _plain_then_tls(proc: Any, fake: FakeSystemd, pki: Any, plain_port: int, tls_port: int, capa: bool = False) -> None:
+    """Once READY=1: plain POP3 on `plain_port` (its CAPA offers STLS), implicit TLS on `tls_port`; then a
+    clean SIGTERM. The server is killed and `fake` closed whatever happens."""
     try:
         fake.wait_for("READY=1")
         c, f = _pop(plain_port)
-        assert f.readline().startswith(b"+OK")
-        c.sendall(b"CAPA\r\n")
-        assert b"STLS\r\n" in b"".join(iter(f.readline, b".\r\n"))
+        assert f.readline().startswith(b"+OK pop3d ready")
+        if capa:
+            c.sendall(b"CAPA\r\n")
+            assert b"STLS\r\n" in b"".join(iter(f.readline, b".\r\n"))
         c.close()
         raw = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
         with pki.client_context().wrap_socket(raw, server_hostname="localhost") as t:
@@ -374,21 +382,7 @@ def test_default_named_sockets_matched_by_address(tmp_path, names, tls_item):
     proc = _spawn(["serve", "--config", str(cfg)], socks, names, fake, tmp_path / "out.log")
     for s in socks:
         s.close()
-    try:
-        fake.wait_for("READY=1")
-        c, f = _pop(plain_port)
-        assert f.readline().startswith(b"+OK pop3d ready")
-        c.close()
-        raw = socket.create_connection(("127.0.0.1", tls_port), timeout=10)
-        with pki.client_context().wrap_socket(raw, server_hostname="localhost") as t:
-            assert t.makefile("rb").readline().startswith(b"+OK pop3d ready")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        fake.close()
+    _plain_then_tls(proc, fake, pki, plain_port, tls_port)
     assert "matches server.tls_listen: implicit TLS" in (tmp_path / "out.log").read_text()
 
 
