@@ -3,6 +3,7 @@
 #
 #   benchmarks/instructions.sh REV [REV...]       # e.g. benchmarks/instructions.sh a4c5157 HEAD WORKTREE
 #   SCENARIO=download DURATION=20 USERS=200 benchmarks/instructions.sh HEAD WORKTREE
+#   CONFIG=pg.toml USERS_FILE=users.txt benchmarks/instructions.sh HEAD WORKTREE   # another store (postgres)
 #
 # Why: on a shared machine, sessions per second swing by 20 % between runs and even CPU seconds per session
 # move with the neighbours' cache pressure. The number of instructions the server executes per session does
@@ -22,12 +23,17 @@ PY=$(python3 -c 'import sys; print(sys.executable)')  # the interpreter itself: 
 WORK=$(mktemp -d /tmp/pop3d-instr.XXXXXX)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
-(cd "$WORK" && PYTHONPATH="$ROOT" python3 -m pop3d mkmaildrops --users "$USERS" --messages 10 --size 4k corpus >/dev/null)
-sed -e "s/127.0.0.1:[0-9]*/127.0.0.1:$PORT/" -e "s/^\[server\]/[server]\nworkers = 1/" \
-  "$WORK/corpus/pop3d.toml" > "$WORK/server.toml"
+if [ -n "${CONFIG:-}" ]; then  # another store, e.g. the postgres driver: CONFIG=FILE USERS_FILE=users.txt
+  CFG=$CONFIG USERS_TXT=${USERS_FILE:?with CONFIG, USERS_FILE (user:password lines for pop3d bench)}
+else
+  (cd "$WORK" && PYTHONPATH="$ROOT" python3 -m pop3d mkmaildrops --users "$USERS" --messages 10 --size 4k corpus >/dev/null)
+  CFG=$WORK/corpus/pop3d.toml USERS_TXT=$WORK/corpus/users.txt
+fi
+sed -e "/^listen/s/127.0.0.1:[0-9]*/127.0.0.1:$PORT/" -e "/^workers *=/d" -e "s/^\[server\]/[server]\nworkers = 1/" \
+  "$CFG" > "$WORK/server.toml"
 
 bench() {  # bench SECONDS: sessions completed
-  PYTHONPATH="$ROOT" python3 -m pop3d bench --report-only --users "$WORK/corpus/users.txt" --scenario "$SCENARIO" \
+  PYTHONPATH="$ROOT" python3 -m pop3d bench --report-only --users "$USERS_TXT" --scenario "$SCENARIO" \
     -c 4 -d "$1" --timeout 60 --json "127.0.0.1:$PORT" | python3 -c 'import json, sys; print(json.load(sys.stdin)["sessions"])'
 }
 

@@ -1,8 +1,9 @@
 """One worker's link to PostgreSQL: a bounded connection pool plus one lock connection.
 
-* The pool (asyncpg, at most `storage.pool_size` connections) carries every query: snapshots, bodies,
-  commits, deliveries and, with `auth.driver = "postgres"`, user look-ups. A session holds no connection
-  while idle, so 10,000 idle sessions cost the pool's few connections, not 10,000.
+* The query pool (pop3d.storage.postgres.pool: at most `storage.pool_size` asyncpg connections) carries
+  every query: snapshots, bodies, commits, deliveries and, with `auth.driver = "postgres"`, user look-ups,
+  one statement each. A session holds no connection while idle, so 10,000 idle sessions cost the pool's
+  few connections, not 10,000.
 * The lock connection holds the RFC 1939 §4 maildrop locks as PostgreSQL *session* advisory locks, many on
   one connection. PostgreSQL drops them when that connection goes: at once when the worker dies on a live
   host (the kernel closes the socket), and within about 30 s of a network partition thanks to the TCP
@@ -22,12 +23,12 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator
 from typing import Any, Final, Protocol
 
 import asyncpg
 
 from pop3d import procid
+from pop3d.storage.postgres.pool import QueryPool
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ SERVER_SETTINGS: Final[dict[str, str]] = {
 COMMAND_TIMEOUT: Final[float] = 30.0
 #: seconds to establish a connection
 CONNECT_TIMEOUT: Final[float] = 10.0
+#: seconds a query connection may stay unused before it is closed
+IDLE_CLOSE: Final[float] = 300.0
 #: advisory lock namespace (the first int4 key): "P3" so other applications' locks on the same database
 #: never collide with a maildrop lock, whose second key is the user's id
 LOCK_SPACE: Final[int] = 0x5033
@@ -83,18 +86,6 @@ def _keepalive(conn: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 25000)
-
-
-async def _init_connection(conn: Any) -> None:
-    _keepalive(conn)
-
-
-async def _no_reset(conn: Any) -> None:
-    """What a pool connection needs between two uses: nothing. asyncpg's default sends
-    `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` at every release, one more round trip per
-    query; pop3d never leaves state on a pool connection (no SET, LISTEN, cursor or advisory lock outside
-    a transaction: the locks live on the lock connection), and asyncpg still rolls back an open
-    transaction before calling this."""
 
 
 class NoUserRow(LookupError):
@@ -138,31 +129,17 @@ class Database:
         self._last = found
         return found
 
-    async def pool(self) -> asyncpg.Pool:
-        return await self.link().pool()
-
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Any]:
-        """One pool connection for a few statements (a transaction)."""
-        pool = await self.pool()
-        async with pool.acquire() as conn:
-            yield conn
-
     async def fetch(self, query: str, *args: object) -> list[Any]:
-        pool = await self.pool()
-        return list(await pool.fetch(query, *args))
+        return list(await self.link().queries.run("fetch", query, *args))
 
     async def fetchrow(self, query: str, *args: object) -> Any:
-        pool = await self.pool()
-        return await pool.fetchrow(query, *args)
+        return await self.link().queries.run("fetchrow", query, *args)
 
     async def fetchval(self, query: str, *args: object) -> Any:
-        pool = await self.pool()
-        return await pool.fetchval(query, *args)
+        return await self.link().queries.run("fetchval", query, *args)
 
     async def execute(self, query: str, *args: object) -> str:
-        pool = await self.pool()
-        return str(await pool.execute(query, *args))
+        return str(await self.link().queries.run("execute", query, *args))
 
     async def try_lock(self, name: str, holder: LockHolder) -> tuple[int, int] | None:
         return await self.link().try_lock(name, holder)
@@ -186,28 +163,17 @@ class Link:
         self.db = db
         self.loop = loop
         self.pid = os.getpid()
-        self._pool: asyncpg.Pool | None = None
-        self._pool_lock = asyncio.Lock()
+        #: the query connections (pool.QueryPool: at most `pool_size`, closed after IDLE_CLOSE s unused)
+        self.queries = QueryPool(self._query_connection, db.pool_size, IDLE_CLOSE)
         self._lock_conn: Any = None
         self._lock_conn_lock = asyncio.Lock()  # one statement at a time on the lock connection
         #: user name -> the maildrop holding its lock here, and the user's id (None while being taken)
         self._held: dict[str, tuple[LockHolder, int | None]] = {}
 
-    async def pool(self) -> asyncpg.Pool:
-        """The bounded pool, made on first use."""
-        if self._pool is not None:
-            return self._pool
-        async with self._pool_lock:
-            if self._pool is None:
-                self._pool = await asyncpg.create_pool(
-                    min_size=0,
-                    max_size=self.db.pool_size,
-                    max_inactive_connection_lifetime=300.0,
-                    init=_init_connection,
-                    reset=_no_reset,
-                    **connect_kwargs(self.db.dsn),
-                )
-        return self._pool
+    async def _query_connection(self) -> Any:
+        conn = await asyncpg.connect(**connect_kwargs(self.db.dsn))
+        _keepalive(conn)
+        return conn
 
     async def _locker(self) -> Any:
         """The lock connection, connected now if it is not (the first login, or after it was lost)."""
@@ -311,15 +277,12 @@ class Link:
         return None if conn is None or conn.is_closed() else int(conn.get_server_pid())
 
     async def close(self) -> None:
-        pool, conn = self._pool, self._lock_conn
-        self._pool = None
+        conn = self._lock_conn
         if conn is not None:
             self._lost(conn)
             with contextlib.suppress(*DB_ERRORS):
                 await conn.close(timeout=5)
-        if pool is not None:
-            with contextlib.suppress(*DB_ERRORS):
-                await asyncio.wait_for(pool.close(), 5)
+        await self.queries.close()
 
 
 _SHARED: dict[tuple[str, int], Database] = {}
