@@ -1,5 +1,6 @@
 """The query connections of one worker: at most `size` asyncpg connections, each running one statement at a
-time, made when needed and closed after `idle` seconds unused.
+time, made when needed. One unused for `idle` seconds is closed when the next statement ends (no timer per
+connection); one whose socket closed meanwhile (a server restart, a failover) is skipped when taken.
 
 Why not asyncpg.Pool: pop3d runs single statements only (a login's snapshot, a download's bodies, the QUIT
 commit: each one statement, its own transaction), and the pool's acquire/release machinery around each
