@@ -84,7 +84,7 @@ class FakeStorage:
     """
 
     boxes: dict[str, list[bytes]] = field(default_factory=dict)
-    #: like the file drivers (pop3d.storage.base.Storage.task_free); set False to act like PostgreSQL's
+    #: like every driver of pop3d (pop3d.storage.base.Storage.task_free); set False for one that needs Tasks
     task_free: bool = True
     errors: dict[str, Exception] = field(default_factory=dict)
     locked: set[str] = field(default_factory=set)

@@ -75,8 +75,9 @@ def test_pipelined_burst_is_answered_in_one_write_without_a_task(clock: ClockLoo
 
 
 def test_a_driver_that_needs_a_task_gets_one(clock: ClockLoop, monkeypatch: pytest.MonkeyPatch) -> None:
-    """asyncpg's timeouts (asyncio.timeout) need the current Task: with a driver that is not `task_free`,
-    PASS and QUIT run as Tasks (reading paused meanwhile), never as a first step outside any Task."""
+    """asyncio.timeout needs the current Task: with a driver that is not `task_free` (one whose code may
+    enter it before it first waits), PASS and QUIT run as Tasks (reading paused meanwhile), never as a
+    first step outside any Task."""
     c = connect(clock)
     c.storage.task_free = False
     real_open = FakeMaildrop.open

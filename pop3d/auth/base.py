@@ -94,7 +94,7 @@ class Authenticator(abc.ABC):
     _floors: Floors | None = None
     #: True when none of its coroutines needs to run as a Task of its own (no asyncio.timeout or wait_for, which
     #: ask for the current task): the session may then run them at once (pop3d.pop3.eager), and most logins
-    #: end without ever waiting. False (the safe default) for network user databases such as PostgreSQL.
+    #: end without ever waiting. False is the safe default; PostgreSQL's qualifies by connecting in Tasks.
     task_free: ClassVar[bool] = False
 
     @property

@@ -70,6 +70,8 @@ def credentials(row: Any) -> Credentials:
 class PostgresAuthenticator(HashedSecrets):
     """`Authenticator` over the `users` table."""
 
+    task_free = True  # connections are made in Tasks of their own (pop3d.storage.postgres.database._connect)
+
     def __init__(
         self, db: Queries, *, secret: bytes | None = None, max_password_length: int = DEFAULT_MAX_PASSWORD_LENGTH
     ) -> None:

@@ -116,7 +116,7 @@ class Storage(abc.ABC):
 
     #: True when none of its coroutines needs to run as a Task of its own (no asyncio.timeout or wait_for, which
     #: ask for the current task): the session may then run them at once (pop3d.pop3.eager), and most logins
-    #: end without ever waiting. False (the safe default) for network drivers such as PostgreSQL's.
+    #: end without ever waiting. False is the safe default; PostgreSQL's drivers qualify by connecting in Tasks.
     task_free: ClassVar[bool] = False
 
     @abc.abstractmethod

@@ -88,6 +88,13 @@ def _keepalive(conn: Any) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 25000)
 
 
+async def _connect(dsn: str) -> Any:
+    """asyncpg.connect in a Task of its own: it enters asyncio.timeout, which needs the current Task, and a
+    session may run a login's first step before it has one (pop3d.pop3.eager: the postgres drivers are
+    `task_free`). Statements need no Task: a connection times them out with its own timers."""
+    return await asyncio.ensure_future(asyncpg.connect(**connect_kwargs(dsn)))
+
+
 class NoUserRow(LookupError):
     """The user has no users row (a maildrop of a user from another user database, never seen here)."""
 
@@ -171,7 +178,7 @@ class Link:
         self._held: dict[str, tuple[LockHolder, int | None]] = {}
 
     async def _query_connection(self) -> Any:
-        conn = await asyncpg.connect(**connect_kwargs(self.db.dsn))
+        conn = await _connect(self.db.dsn)
         _keepalive(conn)
         return conn
 
@@ -181,7 +188,7 @@ class Link:
         if conn is not None and not conn.is_closed():
             return conn
         self._lost(conn)
-        conn = await asyncpg.connect(**connect_kwargs(self.db.dsn))
+        conn = await _connect(self.db.dsn)
         _keepalive(conn)
         conn.add_termination_listener(self._lost)
         self._lock_conn = conn

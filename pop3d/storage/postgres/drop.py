@@ -111,6 +111,10 @@ async def user_id(db: Database, name: str) -> int:
 class PostgresStorage(Storage):
     """Maildrops in PostgreSQL, one `Database` (pool and lock connection) per worker."""
 
+    #: connections are made in Tasks of their own (database._connect) and statements need none: a RETR served
+    #: from what was read ahead, for one, replies at once (pop3d.pop3.eager)
+    task_free = True
+
     def __init__(self, db: Database, mark_seen: bool = True) -> None:
         self.db = db
         self.mark_seen = mark_seen
