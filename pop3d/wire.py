@@ -127,7 +127,7 @@ class Encoder:
         if self._bol and net[:1] == b".":
             out = b"." + out
         self._bol = net.endswith(b"\r\n")
-        self._last2 = (self._last2 + net)[-2:]
+        self._last2 = (self._last2 + net[-2:])[-2:]
         return out
 
     def _cut(self, net: bytes) -> bytes:
@@ -237,6 +237,10 @@ class LineBuffer:
 def headers_ascii(data: bytes) -> bool:
     """Whether the header section of a message (up to its first empty line; all of `data` when none is in
     it) is ASCII: an RFC 6532 message with UTF-8 header fields needs RFC 6856 UTF-8 mode to be sent as is."""
+    if data.isascii():  # most messages: no need to find where the headers end
+        return True
+    if data[:1] == b"\n" or data[:2] == b"\r\n":  # an empty first line: no header section at all
+        return True
     end = len(data)
     for blank in (b"\n\n", b"\n\r\n"):
         at = data.find(blank)

@@ -77,3 +77,26 @@ def test_top_is_a_prefix_of_retr(raw, n):
     full = wire.encode(raw)[:-3]
     part = wire.top(raw, n)[:-3]
     assert full.startswith(part)
+
+
+def _headers_ascii_reference(data: bytes) -> bool:
+    """RFC 6532/6856 as read plainly: the header section ends at the first empty line (LF or CRLF ends)."""
+    lines = data.split(b"\n")
+    header = []
+    for line in lines:
+        if line in (b"", b"\r"):
+            break
+        header.append(line)
+    else:
+        return data.isascii()
+    return b"\n".join(header).isascii()
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"Subject: x", b"\n", b"\r\n", b"\r", b"\xc3\xa9", b"body", b"\x80", b":", b" "]),
+        max_size=30,
+    ).map(b"".join)
+)
+def test_headers_ascii_looks_at_the_header_section_only(data: bytes) -> None:
+    assert wire.headers_ascii(data) is _headers_ascii_reference(data)
