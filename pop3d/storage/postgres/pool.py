@@ -34,7 +34,8 @@ class QueryPool:
         self._count = 0  # connections open or being opened
         self._waiters: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._closed = False
-        self._closing: asyncio.Future[None] | None = None  # the last idle connection being closed
+        self._closing: set[asyncio.Future[None]] = set()  # idle connections being closed (kept: the loop
+        # holds its Tasks only weakly)
 
     @property
     def count(self) -> int:
@@ -98,7 +99,9 @@ class QueryPool:
         if now - self._idle[0][1] > self._idle_after:  # the coldest one has been unused too long
             old, _ = self._idle.pop(0)
             self._count -= 1
-            self._closing = asyncio.ensure_future(_close(old))  # a goodbye, not a reset: it is idle
+            closing = asyncio.ensure_future(_close(old))  # a goodbye, not a reset: it is idle
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     def _discard(self, conn: Any) -> None:
         """Forget `conn` and close it at once (its state is unknown); a waiter may now make a connection."""
