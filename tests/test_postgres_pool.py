@@ -100,25 +100,31 @@ async def test_a_statement_that_fails_or_is_cancelled_leaves_its_connection_clos
     assert second.terminated and pool.count == 0
 
 
-async def test_waiters_are_served_in_turn_and_a_cancelled_one_passes_its_connection_on() -> None:
+async def _one_busy() -> tuple[QueryPool, FakeConn, asyncio.Event, asyncio.Future[Any]]:
+    """A pool of one connection, busy with a statement that ends when the returned event is set."""
     connect = Connector()
     pool = QueryPool(connect, 1, 300.0)
     await pool.run("fetchval", "warm")
     conn = connect.conns[0]
-    conn.release = asyncio.Event()
+    release = conn.release = asyncio.Event()
     busy = asyncio.ensure_future(pool.run("fetchval", "busy"))
     await asyncio.sleep(0)
+    return pool, conn, release, busy
+
+
+async def test_waiters_are_served_in_turn_and_a_cancelled_one_passes_its_connection_on() -> None:
+    pool, conn, release, busy = await _one_busy()
     gone = asyncio.ensure_future(pool.run("fetchval", "gone"))
     later = asyncio.ensure_future(pool.run("fetchval", "later"))
     await asyncio.sleep(0)
-    conn.release.set()
+    release.set()
     await asyncio.sleep(0)  # `busy` ends and hands the connection to `gone`, which has not run yet...
     assert busy.done() and not gone.done()
     gone.cancel()  # ...and is cancelled before it does
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert await later == ("later", conn.n)  # the connection went on to the next waiter
-    assert len(connect.conns) == 1 and pool.count == 1 and not conn.is_closed()
+    assert FakeConn.made == conn.n and pool.count == 1 and not conn.is_closed()
 
 
 async def test_a_failed_connect_frees_its_place_for_a_waiter() -> None:
@@ -157,19 +163,13 @@ async def test_an_idle_connection_is_closed_after_its_time(monkeypatch: pytest.M
 
 
 async def test_close_closes_the_idle_and_refuses_waiters() -> None:
-    connect = Connector()
-    pool = QueryPool(connect, 1, 300.0)
-    await pool.run("fetchval", "warm")
-    conn = connect.conns[0]
-    conn.release = asyncio.Event()
-    busy = asyncio.ensure_future(pool.run("fetchval", "busy"))
-    await asyncio.sleep(0)
+    pool, conn, release, busy = await _one_busy()
     waiting = asyncio.ensure_future(pool.run("fetchval", "waiting"))
     await asyncio.sleep(0)
     await pool.close()
     with pytest.raises(ConnectionError):
         await waiting
-    conn.release.set()
+    release.set()
     assert (await busy)[0] == "busy"  # a statement under way ends; its connection is then closed
     assert conn.is_closed() and pool.count == 0
     with pytest.raises(ConnectionError):
