@@ -615,15 +615,16 @@ class Pop3Session(asyncio.Protocol):
         handler = self.handler
         assert handler is not None
         try:
-            await handler.abort()
-        except Exception:
-            log.exception("releasing maildrop failed user=%s session=%s", self._user(), handler.sid)
-        finally:
+            try:
+                await handler.abort()
+            except Exception:
+                log.exception("releasing maildrop failed user=%s session=%s", self._user(), handler.sid)
+            c = handler.counters
+            self.ctx.metrics.session_closed(self._sent, self._loop.time() - self._born, c.retr, c.dele)
+            handler.end_reason = self._end_reason or "disconnected"
+            self.ctx.log_session_end(handler)
+        finally:  # last: whoever waits for the sessions to end (a drain, a test) also sees their end counted
             self.ctx.sessions.discard(self)
-        c = handler.counters
-        self.ctx.metrics.session_closed(self._sent, self._loop.time() - self._born, c.retr, c.dele)
-        handler.end_reason = self._end_reason or "disconnected"
-        self.ctx.log_session_end(handler)
 
     def _texts(self) -> catalog.Texts:
         """The session's reply language (server.language when no handler exists yet)."""
