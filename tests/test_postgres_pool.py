@@ -174,3 +174,23 @@ async def test_close_closes_the_idle_and_refuses_waiters() -> None:
     assert conn.is_closed() and pool.count == 0
     with pytest.raises(ConnectionError):
         await pool.run("fetchval", "after")
+
+
+async def test_a_waiter_cancelled_when_woken_to_connect_passes_that_turn_on() -> None:
+    """A discarded connection wakes one waiter to make a new one; if that waiter is gone, the next gets
+    the turn, rather than waiting for some other statement to come by."""
+    pool, conn, release, busy = await _one_busy()
+    gone = asyncio.ensure_future(pool.run("fetchval", "gone"))
+    later = asyncio.ensure_future(pool.run("fetchval", "later"))
+    await asyncio.sleep(0)
+    conn.fail = OSError("connection reset")
+    release.set()
+    await asyncio.sleep(0)  # `busy` fails: its connection is discarded and `gone` woken to connect...
+    assert busy.done() and not gone.done()
+    gone.cancel()  # ...but is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    with pytest.raises(OSError):
+        await busy
+    assert (await asyncio.wait_for(later, 5))[0] == "later"
+    assert pool.count == 1

@@ -75,11 +75,15 @@ class QueryPool:
             try:
                 conn = await fut
             except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled() and fut.result() is not None:
-                    self._put(fut.result())  # handed over just as we were cancelled: pass it on
-                else:
+                if not fut.done() or fut.cancelled():
                     with contextlib.suppress(ValueError):
                         self._waiters.remove(fut)
+                elif fut.exception() is None:  # served just as we were cancelled: pass it on
+                    handed = fut.result()
+                    if handed is not None:
+                        self._put(handed)  # a connection
+                    else:
+                        self._wake()  # room to make one
                 raise
             if conn is not None:
                 return conn
