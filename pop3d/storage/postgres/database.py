@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 from typing import Any, Final, Protocol
 
@@ -127,7 +126,7 @@ class Database:
         last = self._last
         if last is not None and last.loop is loop and last.pid == procid.current():  # every query asks: no system call
             return last
-        key = (os.getpid(), id(loop))
+        key = (procid.current(), id(loop))
         found = self._links.get(key)
         if found is None or found.loop is not loop:
             for stale in [k for k, v in self._links.items() if k[0] != key[0] or v.loop.is_closed()]:
@@ -156,7 +155,7 @@ class Database:
 
     async def close(self) -> None:
         """Close this loop's pool and lock connection (releasing its locks)."""
-        link = self._links.pop((os.getpid(), id(asyncio.get_running_loop())), None)
+        link = self._links.pop((procid.current(), id(asyncio.get_running_loop())), None)
         if link is self._last:
             self._last = None
         if link is not None:
@@ -169,7 +168,7 @@ class Link:
     def __init__(self, db: Database, loop: asyncio.AbstractEventLoop) -> None:
         self.db = db
         self.loop = loop
-        self.pid = os.getpid()
+        self.pid = procid.current()
         #: the query connections (pool.QueryPool: at most `pool_size`, closed after IDLE_CLOSE s unused)
         self.queries = QueryPool(self._query_connection, db.pool_size, IDLE_CLOSE)
         self._lock_conn: Any = None

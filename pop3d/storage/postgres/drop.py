@@ -96,8 +96,9 @@ def db_error(exc: BaseException, what: str) -> StorageError:
 
 async def user_id(db: Database, name: str) -> int:
     """The users row of `name`, made (without a secret) if missing: a maildrop may belong to a user of
-    another user database. A plain SELECT first: the user is there at almost every login, and the INSERT ...
-    ON CONFLICT that makes a missing one costs the database a speculative insertion each time."""
+    another user database. A plain SELECT first: the user is there at almost every delivery (a login finds
+    the id with its lock and comes here only when there is no row), and the INSERT ... ON CONFLICT that makes
+    a missing one costs the database a speculative insertion each time."""
     found = await db.fetchval(_FIND_USER, name)
     if found is not None:
         return int(found)
