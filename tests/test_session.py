@@ -523,6 +523,41 @@ def test_session_end_log_line(clock: ClockLoop, caplog: pytest.LogCaptureFixture
     assert f["del"] == 1 and f["messages"] == 2
 
 
+@pytest.mark.parametrize("eager", [True, False])
+def test_a_session_end_that_waits_is_kept_alive(
+    clock: ClockLoop, caplog: pytest.LogCaptureFixture, eager: bool
+) -> None:
+    """asyncio keeps Tasks only weakly: a session end whose release waits on a future nobody else holds
+    (a driver's own waiter) must still be reachable, finish once that future is done and log its end.
+    Both ways a session ends: run at once until it waits (eager), or in a Task from the start."""
+    import gc
+    import weakref
+
+    waiting: list[weakref.ref[asyncio.Future[None]]] = []
+
+    class SlowClose(FakeMaildrop):
+        async def close(self) -> None:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            waiting.append(weakref.ref(fut))  # the test must not keep it alive
+            await fut
+            await super().close()
+
+    ctx = make_context(None, stored({"alice": messages(10)}))
+    ctx.storage.maildrop = lambda user: SlowClose(ctx.storage, user.name)  # type: ignore[method-assign]
+    ctx.storage.task_free = eager
+    c = Connection(clock, ctx)
+    c.login()
+    with caplog.at_level(logging.INFO, logger="pop3d"):
+        c.hang_up()
+        gc.collect()
+        fut = waiting[0]()
+        assert fut is not None, "the session end was garbage-collected while it waited"
+        fut.set_result(None)
+        clock.settle()
+    assert c.session not in ctx.sessions and "Task was destroyed" not in caplog.text
+    assert [r for r in caplog.records if r.__dict__.get("fields", {}).get("event") == "session_end"]
+
+
 def test_plaintext_refused_on_insecure_peer(clock: ClockLoop) -> None:
     ctx = make_context(None, stored({"alice": messages(10)}))
     c = Connection(clock, ctx, peer=("192.0.2.7", 5555))

@@ -233,9 +233,11 @@ class Pop3Session(asyncio.Protocol):
             self._end()
 
     def _end(self) -> None:
-        """Release the maildrop and log the end: at once when nothing has to wait, else in a Task."""
+        """Release the maildrop and log the end: at once when nothing has to wait, else in a Task. The Task
+        is kept in `_task`: asyncio holds Tasks only weakly, and the session is held (in ctx.sessions) until
+        that Task ends, so a release waiting on a future nobody else holds is not garbage-collected."""
         if not self.ctx.eager:
-            self._loop.create_task(self._finish())
+            self._task = self._loop.create_task(self._finish())
             return
         try:
             step = first_step(self._finish())
@@ -243,7 +245,7 @@ class Pop3Session(asyncio.Protocol):
             log.exception("internal error ending session user=%s", self._user())
             return
         if isinstance(step, Rest):
-            self._loop.create_task(step.finish())
+            self._task = self._loop.create_task(step.finish())
 
     # -- command processing ----------------------------------------------------------------------
 

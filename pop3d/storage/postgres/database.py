@@ -175,6 +175,7 @@ class Link:
         self._lock_conn_lock = asyncio.Lock()  # one statement at a time on the lock connection
         #: user name -> the maildrop holding its lock here, and the user's id (None while being taken)
         self._held: dict[str, tuple[LockHolder, int | None]] = {}
+        self._releasing: set[asyncio.Task[None]] = set()  # releases after a cancelled try_lock
 
     async def _query_connection(self) -> Any:
         conn = await _connect(self.db.dsn)
@@ -221,7 +222,9 @@ class Link:
                 del self._held[name]
                 # cancelled (client gone) or failed after the server may have granted it: release it again
                 # (harmless when it was not granted), or it would stay held as long as the connection
-                self.loop.create_task(self._release(name))
+                releasing = self.loop.create_task(self._release(name))
+                self._releasing.add(releasing)  # kept: asyncio holds Tasks only weakly
+                releasing.add_done_callback(self._releasing.discard)
             raise
         if row is None or not row["got"]:
             if self._holder(name) is holder:
