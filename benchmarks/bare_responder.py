@@ -144,13 +144,16 @@ def main() -> int:
     p.add_argument("--tls-listen", default="", metavar="HOST:PORT")
     p.add_argument("--cert")
     p.add_argument("--key")
-    p.add_argument("--procs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="0: serve in this process (valgrind)")
     args = p.parse_args()
     if args.tls_listen and not (args.cert and args.key):
         p.error("--tls-listen needs --cert and --key")
     tls = tls_context(args.cert, args.key) if args.tls_listen else None  # before the fork: shared ticket keys
     import uvloop
 
+    if args.procs == 0:  # no fork: a profiler or valgrind sees the serving process itself
+        uvloop.run(serve(args, tls))
+        return 0
     children = []
     for _ in range(args.procs):
         pid = os.fork()

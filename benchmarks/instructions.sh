@@ -4,6 +4,7 @@
 #   benchmarks/instructions.sh REV [REV...]       # e.g. benchmarks/instructions.sh a4c5157 HEAD WORKTREE
 #   SCENARIO=download DURATION=20 USERS=200 benchmarks/instructions.sh HEAD WORKTREE
 #   CONFIG=pg.toml USERS_FILE=users.txt benchmarks/instructions.sh HEAD WORKTREE   # another store (postgres)
+#   benchmarks/instructions.sh BARE HEAD          # BARE: benchmarks/bare_responder.py, the ceiling, same corpus
 #
 # Why: on a shared machine, sessions per second swing by 20 % between runs and even CPU seconds per session
 # move with the neighbours' cache pressure. The number of instructions the server executes per session does
@@ -13,7 +14,9 @@
 #
 # The server runs with workers = 1 under callgrind (about 50x slower), is warmed up, its counters are zeroed,
 # then the load generator (the current tree's `pop3d bench`, 4 clients) runs DURATION seconds and the counters
-# are dumped. WORKTREE as a revision means the files as they are now. Needs valgrind (apt-get install valgrind).
+# are dumped. WORKTREE as a revision means the files as they are now; BARE is the bare responder of the working
+# tree (one process, same passwd-file and Maildirs), what compare.sh measures pop3d against. Needs valgrind
+# (apt-get install valgrind).
 set -euo pipefail
 [ $# -ge 1 ] || { echo "usage: instructions.sh REV [REV...]" >&2; exit 2; }
 command -v valgrind >/dev/null || { echo "instructions.sh: valgrind is needed (apt-get install valgrind)" >&2; exit 2; }
@@ -40,11 +43,18 @@ bench() {  # bench SECONDS: sessions completed
 for rev in "$@"; do
   dir="$WORK/rev-$(echo "$rev" | tr -c 'A-Za-z0-9\n' _)"
   mkdir -p "$dir"
-  if [ "$rev" = WORKTREE ]; then cp -r "$ROOT/pop3d" "$dir/"; else git -C "$ROOT" archive "$rev" pop3d | tar -x -C "$dir"; fi
+  if [ "$rev" = WORKTREE ]; then cp -r "$ROOT/pop3d" "$dir/"; elif [ "$rev" != BARE ]; then git -C "$ROOT" archive "$rev" pop3d | tar -x -C "$dir"; fi
   out="$dir/callgrind.out"
-  # -P below: not the current directory first on sys.path (run from the repository, every revision would be it)
-  PYTHONPATH="$dir" valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
-    "$PY" -P -m pop3d serve --config "$WORK/server.toml" > "$dir/server.log" 2>&1 &
+  if [ "$rev" = BARE ]; then
+    passwd=$(sed -n 's/^passwd_file *= *"\(.*\)"/\1/p' "$WORK/server.toml")
+    location=$(sed -n 's/^location *= *"\(.*\)"/\1/p' "$WORK/server.toml")
+    valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no "$PY" "$ROOT/benchmarks/bare_responder.py" \
+      --passwd "$passwd" --location "$location" --listen "127.0.0.1:$PORT" --procs 0 > "$dir/server.log" 2>&1 &
+  else
+    # -P: not the current directory first on sys.path (run from the repository, every revision would be it)
+    PYTHONPATH="$dir" valgrind --tool=callgrind --callgrind-out-file="$out" --dump-instr=no \
+      "$PY" -P -m pop3d serve --config "$WORK/server.toml" > "$dir/server.log" 2>&1 &
+  fi
   vpid=$!
   for _ in $(seq 600); do
     python3 -c "import socket; socket.create_connection(('127.0.0.1', $PORT)).close()" 2>/dev/null && break

@@ -9,6 +9,7 @@ import math
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -653,3 +654,37 @@ def test_download_delete_says_so_and_counts_what_is_left(drops):
     out = json.loads(r.stdout)
     assert "empty after one session" in r.stderr
     assert out["messages"] == 6 and out["maildrops_left"] == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("procs", ["0", "1"])
+def test_bare_responder_serves_what_bench_sends(tmp_path, procs):
+    """benchmarks/bare_responder.py, compare.sh's ceiling (and instructions.sh's BARE, one process): the
+    scenarios it is measured with complete, with the same octets per message as pop3d sends."""
+    users_file = mkmaildrops.make(tmp_path / "b", users=3, messages=3, size=2000)
+    port = _free_port()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bare_responder.py"), "--passwd", str(tmp_path / "b" / "passwd")]
+    cmd += ["--location", str(tmp_path / "b" / "mail" / "{user}" / "Maildir"), "--listen", f"127.0.0.1:{port}"]
+    proc = subprocess.Popen([*cmd, "--procs", procs])
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None, "the bare responder exited"
+                time.sleep(0.1)
+        for scenario in ("poll", "download"):
+            plan = runner.Plan(RunConfig("127.0.0.1", port, scenario), runner.read_users(users_file), 2, 0.4)
+            stats, _ = runner.run(plan)
+            assert not stats.errors and stats.sessions > 2
+            if scenario == "download":
+                assert stats.octets == _octets_per_message(tmp_path / "b") * stats.messages > 0
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
