@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import ssl
+from typing import Any
 
 import pytest
 from conftest import deliver
 from tls_helpers import Pki, TlsRaw
 
 from pop3d import wire
+from pop3d.net.tls_layer import TlsLayer
 
 
 @pytest.fixture
@@ -71,3 +75,86 @@ def test_close_notify_from_the_client_ends_the_session(start_server, pki):
     c.sock = c.sock.unwrap()  # sends close_notify
     c.sock.close()
     srv.wait_idle()
+
+
+# ---- without sockets: what leaves in how many writes ------------------------------------------------------
+
+
+class _Raw:
+    """The socket transport under a TlsLayer: records each write (one send each, on a real socket)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class _Echo(asyncio.Protocol):
+    """A session: a greeting, "+OK" per line, and on QUIT a last reply and close, all inside data_received."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: Any = transport
+        self.t.write(b"+OK ready\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        for line in data.split(b"\r\n")[:-1]:
+            self.t.write(b"+OK bye\r\n" if line == b"QUIT" else b"+OK " + line + b"\r\n")
+            if line == b"QUIT":
+                self.t.close()
+
+
+def test_replies_of_one_read_leave_in_one_write(pki, tmp_path):
+    """Each raw write is a send system call and, on the wire, a segment: what one read of the client makes
+    (the session ticket with the greeting; pipelined replies; the last reply with close_notify) leaves in one."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(pki.server_pem))
+    cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = pki.client_context().wrap_bio(cin, cout, server_hostname="localhost")
+
+    async def main() -> None:
+        raw = _Raw()
+        layer = TlsLayer(_Echo, server_ctx, 10.0)
+        layer.connection_made(raw)  # type: ignore[arg-type]
+
+        def round_trip() -> list[bytes]:
+            """The client's pending output to the layer; what the layer wrote back, to the client."""
+            before = len(raw.writes)
+            layer.data_received(cout.read())
+            new = raw.writes[before:]
+            for w in new:
+                cin.write(w)
+            return new
+
+        with pytest.raises(ssl.SSLWantReadError):
+            client.do_handshake()
+        assert len(round_trip()) == 1  # the server's flight
+        client.do_handshake()  # done: the client's Finished is pending
+        assert len(round_trip()) == 1  # ticket and greeting together
+        assert client.read(100) == b"+OK ready\r\n"
+        client.write(b"USER a\r\nNOOP\r\nQUIT\r\n")
+        assert len(round_trip()) == 1 and raw.closed  # three replies and close_notify
+        got = b""
+        while chunk := client.read(100):  # a record per reply; then close_notify reads as b""
+            got += chunk
+        assert got == b"+OK USER a\r\n+OK NOOP\r\n+OK bye\r\n"
+        assert not cin.pending  # read to the end: close_notify came (otherwise SSLWantReadError)
+
+    asyncio.run(main())

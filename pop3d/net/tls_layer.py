@@ -29,6 +29,7 @@ class TlsLayer(asyncio.Protocol):
 
     __slots__ = (
         "_app",
+        "_batching",
         "_closing",
         "_in",
         "_loop",
@@ -52,6 +53,7 @@ class TlsLayer(asyncio.Protocol):
         self._raw: asyncio.Transport | None = None
         self._paused = False  # the session asked for no data
         self._closing = False
+        self._batching = False  # inside data_received: small writes wait for its one flush at the end
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = self._loop.call_later(handshake_timeout, self._handshake_expired)
 
@@ -61,13 +63,22 @@ class TlsLayer(asyncio.Protocol):
         self._raw = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        """The handshake or the session's input. What they write meanwhile leaves in one write at the end
+        (one send system call, one segment): the session ticket with the greeting, pipelined replies
+        together, the last reply with close_notify. The session already batches its own replies; each
+        `write` here would otherwise be a send of its own."""
         if self._closing:  # the session closed: like a closed transport, deliver nothing more
             return
         self._in.write(data)
-        if self._app is None:
-            self._handshake()
-        if self._app is not None and not self._paused:
-            self._deliver()
+        self._batching = True
+        try:
+            if self._app is None:
+                self._handshake()
+            if self._app is not None and not self._paused:
+                self._deliver()
+        finally:
+            self._batching = False
+            self._flush()
 
     def eof_received(self) -> bool:
         if self._app is not None:
@@ -104,8 +115,7 @@ class TlsLayer(asyncio.Protocol):
             self._cancel_timer()
             raw.close()
             return
-        self._flush()
-        self._cancel_timer()
+        self._cancel_timer()  # the handshake's last output (a session ticket) leaves with the greeting
         self._transport = _TlsTransport(self)
         make, self._make = self._make, None  # a closure per connection: not kept for the session's life
         assert make is not None
@@ -157,7 +167,8 @@ class TlsLayer(asyncio.Protocol):
             return
         if len(data) <= _READ:
             self._ssl.write(data)
-            self._flush()
+            if not self._batching or self._out.pending > _READ:  # at most about two records wait
+                self._flush()
             return
         view = memoryview(data)
         for start in range(0, len(view), _READ):
