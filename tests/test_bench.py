@@ -16,6 +16,7 @@ import pytest
 from conftest import Raw, ServerThread
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_cli import free_port, wait_port
 
 from pop3d import wire
 from pop3d.bench import mkmaildrops, runner
@@ -525,7 +526,6 @@ def test_open_loop_against_a_stalling_server_counts_late_and_not_started(tmp_pat
 
 def test_open_loop_latency_runs_from_the_scheduled_arrival(drops):
     """A session due 5 s ago and started now is 5 s late for its client: connect and session say so."""
-    import time
 
     from pop3d.bench.scenarios import BY_NAME, one_session
     from pop3d.bench.stats import Stats
@@ -656,29 +656,17 @@ def test_download_delete_says_so_and_counts_what_is_left(drops):
     assert out["messages"] == 6 and out["maildrops_left"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("procs", ["0", "1"])
 def test_bare_responder_serves_what_bench_sends(tmp_path, procs):
     """benchmarks/bare_responder.py, compare.sh's ceiling (and instructions.sh's BARE, one process): the
     scenarios it is measured with complete, with the same octets per message as pop3d sends."""
     users_file = mkmaildrops.make(tmp_path / "b", users=3, messages=3, size=2000)
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bare_responder.py"), "--passwd", str(tmp_path / "b" / "passwd")]
     cmd += ["--location", str(tmp_path / "b" / "mail" / "{user}" / "Maildir"), "--listen", f"127.0.0.1:{port}"]
     proc = subprocess.Popen([*cmd, "--procs", procs])
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None, "the bare responder exited"
-                time.sleep(0.1)
+        wait_port(port, proc)
         for scenario in ("poll", "download"):
             plan = runner.Plan(RunConfig("127.0.0.1", port, scenario), runner.read_users(users_file), 2, 0.4)
             stats, _ = runner.run(plan)
