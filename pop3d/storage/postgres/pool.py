@@ -93,11 +93,8 @@ class QueryPool:
         if self._closed or conn.is_closed():
             self._discard(conn)
             return
-        while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(conn)
-                return
+        if self._hand(conn):
+            return
         now = time.monotonic()
         self._idle.append((conn, now))
         if now - self._idle[0][1] > self._idle_after:  # the coldest one has been unused too long
@@ -115,11 +112,17 @@ class QueryPool:
         self._wake()
 
     def _wake(self) -> None:
+        """Tell the first waiter there is room to make a connection."""
+        self._hand(None)
+
+    def _hand(self, conn: Any) -> bool:
+        """Give `conn` (None: room to make one) to the first waiter still waiting; False when none is."""
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
-                fut.set_result(None)
-                return
+                fut.set_result(conn)
+                return True
+        return False
 
     async def close(self) -> None:
         """Close the idle connections now; those in use are closed when their statement ends."""
