@@ -112,10 +112,12 @@ class _Echo(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t: Any = transport
+        self.rest = b""  # a line cut between two deliveries
         self.t.write(b"+OK ready\r\n")
 
     def data_received(self, data: bytes) -> None:
-        for line in data.split(b"\r\n")[:-1]:
+        *lines, self.rest = (self.rest + data).split(b"\r\n")
+        for line in lines:
             self.t.write(b"+OK bye\r\n" if line == b"QUIT" else b"+OK " + line + b"\r\n")
             if line == b"QUIT":
                 self.t.close()
@@ -156,5 +158,47 @@ def test_replies_of_one_read_leave_in_one_write(pki, tmp_path):
             got += chunk
         assert got == b"+OK USER a\r\n+OK NOOP\r\n+OK bye\r\n"
         assert not cin.pending  # read to the end: close_notify came (otherwise SSLWantReadError)
+
+    asyncio.run(main())
+
+
+def test_a_read_that_makes_much_output_still_leaves_it_in_bounded_writes(pki):
+    """A client pipelining thousands of commands in one flight: the replies do not pile up encrypted until
+    the end of the read (the MemoryBIO would keep the capacity it grew to), but leave whenever about a
+    record's worth waits."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(pki.server_pem))
+    cin, cout = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = pki.client_context().wrap_bio(cin, cout, server_hostname="localhost")
+
+    async def main() -> None:
+        raw = _Raw()
+        layer = TlsLayer(_Echo, server_ctx, 10.0)
+        layer.connection_made(raw)  # type: ignore[arg-type]
+        while True:  # the handshake, flight by flight
+            try:
+                client.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                layer.data_received(cout.read())
+                for w in raw.writes:
+                    cin.write(w)
+                raw.writes.clear()
+        lines = [b"NOOP %04d" % i for i in range(3000)]
+        client.write(b"".join(line + b"\r\n" for line in lines))
+        flight = cout.read()
+        layer.data_received(flight)
+        assert len(raw.writes) > 2  # ~39 KB of replies: not one write at the end
+        assert max(map(len, raw.writes)) <= 16384 + 2 * 1024  # a record's worth and the reply that crossed it
+        for w in raw.writes:
+            cin.write(w)
+        got = b""
+        while True:
+            try:
+                got += client.read(65536)
+            except ssl.SSLWantReadError:
+                break
+        expected = b"".join(b"+OK " + line + b"\r\n" for line in lines)
+        assert got.endswith(expected)  # after the greeting
 
     asyncio.run(main())
