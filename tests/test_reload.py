@@ -146,3 +146,54 @@ def test_bad_certificate_on_reload_changes_nothing(start_server, env, tmp_path, 
     fresh = Pki.make(tmp_path, "fresh")
     p = _reload(st, lambda: env.settings(tls=fresh.tls_section()))
     assert p is not None and st.ctx.tls.current is not context and st.ctx.tls.settings.cert == fresh.server_pem
+
+
+# --- supervisor and workers: READY=1 after every worker has reloaded (pop3d.runtime.reload_rounds) ---------
+
+
+def test_a_worker_answers_the_round_asked_before_it_read_the_configuration():
+    from pop3d.runtime.reload_rounds import ReloadRounds
+
+    rounds = ReloadRounds(2)
+    ack = rounds.for_slot(1)
+    first = rounds.ask()
+    with ack.answering():
+        second = rounds.ask()  # asked while this worker was reading: its SIGHUP is still to come
+    assert rounds.finished(1) == first < second
+    assert rounds.behind({100: 0, 101: 1}, second) == [(0, 100), (1, 101)]
+    try:
+        with ack.answering():  # the next reload answers the latest round asked, and is refused
+            raise ConfigError("does not load")
+    except ConfigError:
+        pass
+    assert rounds.finished(1) == second  # a refused reload has finished all the same
+    assert rounds.behind({100: 0, 101: 1}, second) == [(0, 100)]
+
+
+def test_waiting_for_workers_ends_when_all_finished_or_at_the_timeout():
+    from pop3d.runtime.reload_rounds import ReloadRounds, wait_for_workers
+
+    rounds = ReloadRounds(2)
+    now = [0.0]
+    pids = {100: 0, 101: 1}
+    looks: list[float] = []
+
+    def idle() -> None:  # the supervisor's turn between looks: here worker 0 finishes after 3 looks
+        looks.append(now[0])
+        if len(looks) == 3:
+            rounds.finish(0, round_)
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    round_ = rounds.ask()
+    late = wait_for_workers(rounds, round_, lambda: pids, 1.0, idle, clock=lambda: now[0], sleep=sleep)
+    assert late == [(1, 101)] and now[0] >= 1.0  # worker 1 never answered: named, and no wait past the timeout
+    assert len(looks) > 3
+
+    del pids[101]  # a worker that died is no longer waited for; its replacement starts at the current round
+    pids[102] = 1
+    rounds.finish(1, rounds.asked())
+    start = now[0]
+    assert wait_for_workers(rounds, round_, lambda: pids, 1.0, idle, clock=lambda: now[0], sleep=sleep) == []
+    assert now[0] == start  # nobody behind: no wait at all

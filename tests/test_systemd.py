@@ -354,6 +354,70 @@ def test_watchdog_stops_while_a_worker_is_stopped(tmp_path):
     assert "withholding the watchdog ping" in text and "watchdog pings resume" in text
 
 
+def test_reload_ready_waits_for_every_worker_and_restarted_workers_keep_it(tmp_path):
+    """With workers, READY=1 after RELOADING=1 means every worker has the new configuration: a stopped
+    worker holds it back until it runs again (then the new user logs in on every worker), and a worker
+    restarted after the reload starts from the reloaded configuration, not the one the server started with."""
+    from test_workers import one_per_worker
+
+    passwd = tmp_path / "passwd"
+    passwd.write_text("alice:{PLAIN}x\n")
+    (tmp_path / "mail").mkdir()  # where carol's Maildir is made at her first login
+    cfg = tmp_path / "pop3d.toml"
+    mport = _free_port()
+    _config(cfg, tmp_path, passwd, mport)
+    cfg.write_text(cfg.read_text().replace("shutdown_grace = 0.5", "shutdown_grace = 0.5\nworkers = 2"))
+    lsock = _listener()
+    port = lsock.getsockname()[1]
+    fake = FakeSystemd()
+    log = tmp_path / "out.log"
+    proc = _spawn(["serve", "--config", str(cfg)], [lsock], "pop3", fake, log)
+    lsock.close()
+    stopped = 0
+
+    def carol_everywhere() -> None:
+        for conn in one_per_worker(port).values():
+            assert conn.cmd(b"USER carol").startswith(b"+OK")
+            assert conn.cmd(b"PASS c4rol").startswith(b"+OK carol has 0")
+            conn.cmd(b"QUIT")
+            conn.close()
+
+    try:
+        fake.wait_for("READY=1")
+        workers = _children(proc.pid)
+        assert len(workers) == 2, workers
+        stopped = workers[1]
+        os.kill(stopped, signal.SIGSTOP)
+        passwd2 = tmp_path / "passwd2"
+        passwd2.write_text("carol:{PLAIN}c4rol\n")
+        _config(cfg, tmp_path, passwd2, mport)
+        cfg.write_text(cfg.read_text().replace("shutdown_grace = 0.5", "shutdown_grace = 0.5\nworkers = 2"))
+        proc.send_signal(signal.SIGHUP)
+        fake.wait_for("RELOADING=1")
+        with pytest.raises(AssertionError, match="no READY=1"):
+            fake.wait_for("READY=1", timeout=1.5)  # the stopped worker has not read the new passwd-file
+        os.kill(stopped, signal.SIGCONT)
+        stopped = 0
+        fake.wait_for("READY=1")
+        carol_everywhere()
+
+        os.kill(workers[0], signal.SIGKILL)  # its replacement must run the reloaded configuration
+        end = time.monotonic() + 20
+        while (len(now := _children(proc.pid)) != 2 or workers[0] in now) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert len(now) == 2 and workers[0] not in now, now
+        carol_everywhere()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if stopped:
+            os.kill(stopped, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        fake.close()
+
+
 @pytest.mark.parametrize(
     ("names", "tls_item"),
     [

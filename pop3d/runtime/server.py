@@ -8,6 +8,7 @@ is already committing (after QUIT) is left to finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from pop3d.net.tls import TlsManager
     from pop3d.runtime import privileges
     from pop3d.runtime.heartbeat import Heartbeat
+    from pop3d.runtime.reload_rounds import ReloadAck
     from pop3d.storage.postgres import Database
 
 log = logging.getLogger("pop3d")
@@ -304,6 +306,7 @@ async def serve(
     heartbeat: Heartbeat | None = None,
     *,
     worker: bool | None = None,
+    reload_ack: ReloadAck | None = None,
 ) -> None:
     """Run a server until SIGTERM or SIGINT; SIGHUP reloads through `load` (pop3d.runtime.reload).
 
@@ -313,7 +316,8 @@ async def serve(
     (pop3d.runtime.startup); None binds them here. A worker's `bound` has no metrics port (its supervisor
     serves the summed metrics) and `shared` is its share with the other workers; it does not talk to
     systemd either (its supervisor removed NOTIFY_SOCKET) but, when the unit has a watchdog, beats into
-    `heartbeat` from its loop, which the supervisor reads before each WATCHDOG=1.
+    `heartbeat` from its loop, which the supervisor reads before each WATCHDOG=1, and runs each reload inside
+    `reload_ack.answering()`, which tells the supervisor when it may say READY=1 (pop3d.runtime.reload_rounds).
     """
     from pop3d.ops import metrics
     from pop3d.runtime import systemd
@@ -350,16 +354,17 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
 
     def on_hup() -> None:
-        if load is None:
-            log.info("SIGHUP: no configuration file to re-read")
-            if ctx.tls is not None:  # still re-read the certificates
-                ctx.tls.reload()
-            return
-        ctx.auth.reload_soon()  # the user database too, even if the configuration does not load
-        log.log(info, "SIGHUP: re-reading the configuration")
-        systemd.notify(*systemd.reloading_states())
-        reload(ctx, load, quiet=worker)
-        systemd.notify("READY=1", _status(server))
+        with reload_ack.answering() if reload_ack is not None else contextlib.nullcontext():
+            if load is None:
+                log.info("SIGHUP: no configuration file to re-read")
+                if ctx.tls is not None:  # still re-read the certificates
+                    ctx.tls.reload()
+                return
+            ctx.auth.reload_soon()  # the user database too, even if the configuration does not load
+            log.log(info, "SIGHUP: re-reading the configuration")
+            systemd.notify(*systemd.reloading_states())
+            reload(ctx, load, quiet=worker)
+            systemd.notify("READY=1", _status(server))
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     # a forked worker starts with these blocked (pop3d.runtime.workers): from here on they are handled, not fatal
@@ -449,19 +454,23 @@ def serve_forever(
                 shutil.rmtree(delay_dir, ignore_errors=True)
         return 0
 
-    def worker_main(bound: Bound, ready_fd: int, shared: SharedState, heartbeat: Heartbeat | None) -> None:
-        """One forked worker: its own loop on its own listeners; tells the supervisor once it serves."""
+    reloads = _Reloads(settings, load)
+
+    def worker_main(bound: Bound, shared: SharedState, links: workers.WorkerLinks) -> None:
+        """One forked worker: its own loop on its own listeners, with the settings in force (a worker restarted
+        after a reload must not go back to the ones the server started with); tells the supervisor once it
+        serves."""
 
         def ready(server: Pop3Server) -> None:
-            if ready_fd >= 0:
-                os.write(ready_fd, b"r")
-                os.close(ready_fd)
+            if links.ready_fd >= 0:
+                os.write(links.ready_fd, b"r")
+                os.close(links.ready_fd)
 
-        run(lambda: serve(settings, ready, load, bound, shared, heartbeat))
+        current = reloads.current
+        run(lambda: serve(current, ready, load, bound, shared, links.heartbeat, reload_ack=links.reload))
 
     sup = workers.Supervisor(settings, worker_main, prepared)
-    if load is not None:
-        sup.on_hup = _Reloads(settings, load).check
+    sup.on_hup = reloads.check
     return sup.run((lambda s: on_ready(s.addresses_text())) if on_ready else None)
 
 
@@ -469,12 +478,14 @@ class _Reloads:
     """The supervisor's side of SIGHUP: load and check the configuration once and log what will change;
     its workers then apply it quietly (pop3d.runtime.reload), so the outcome is one line, not one per worker."""
 
-    def __init__(self, settings: Settings, load: Callable[[], Settings]) -> None:
-        self.current, self.load = settings, load
+    def __init__(self, settings: Settings, load: Callable[[], Settings] | None) -> None:
+        self.current, self.load = settings, load  # `current`: what a worker (re)started now must run
 
     def check(self) -> None:
         from pop3d.runtime.reload import check
 
+        if self.load is None:
+            return
         log.info("SIGHUP: re-reading the configuration")
         p = check(self.current, self.load)
         if p is not None:

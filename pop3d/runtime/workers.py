@@ -20,9 +20,12 @@ With more workers a small synchronous supervisor (this module) stays in the pare
   supervisor never leaves orphans holding ports and maildrop locks;
 * under systemd the supervisor is the main process: it takes socket-activated sockets (then every worker
   accepts on those same inherited sockets), sends READY/RELOADING/STOPPING and the watchdog pings; workers
-  do not talk to the manager. With WatchdogSec= each worker beats from its event loop into a shared slot
-  (pop3d.runtime.heartbeat) and WATCHDOG=1 goes out only while every worker has beaten within the ping
-  interval: a stuck or stopped worker stops the pings, and systemd restarts the service. With
+  do not talk to the manager. READY=1 after a reload waits until every worker has finished it
+  (pop3d.runtime.reload_rounds; at most RELOAD_TIMEOUT seconds), and a worker restarted after a reload runs
+  the configuration in force, not the one the server started with. With WatchdogSec= each worker beats
+  from its event loop into a shared slot (pop3d.runtime.heartbeat) and WATCHDOG=1 goes out only while every
+  worker has beaten within the ping interval: a stuck or stopped worker stops the pings, and systemd
+  restarts the service. With
   `metrics.listen` it serves the metrics summed over the workers (pop3d.ops.metrics: one totals file per
   worker) and tells the collector when a worker died;
 * what the workers must agree on (login penalties, LOGIN-DELAY, metrics) is built before the first fork
@@ -42,11 +45,13 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from pop3d.config import Settings
 from pop3d.pop3.context import SharedState
 from pop3d.runtime import systemd
 from pop3d.runtime.heartbeat import Heartbeat, HeartbeatTable
+from pop3d.runtime.reload_rounds import ReloadAck, ReloadRounds, wait_for_workers
 from pop3d.runtime.shared import share_between_workers
 from pop3d.runtime.startup import Bound, Prepared
 
@@ -56,6 +61,9 @@ _PR_SET_PDEATHSIG = 1
 _RESTART_INTERVAL = 1.0
 _FORWARDED = {signal.SIGTERM: signal.SIGTERM, signal.SIGINT: signal.SIGTERM, signal.SIGHUP: signal.SIGHUP}
 _WATCHED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+#: seconds READY=1 waits after a forwarded SIGHUP for a worker that has not finished its reload (a stopped or
+#: stuck one); then it goes out all the same, with an error naming the worker (the watchdog deals with it)
+RELOAD_TIMEOUT = 30.0
 
 
 def raise_nofile_limit() -> tuple[int, int]:
@@ -83,18 +91,28 @@ def _die_with_parent() -> None:
         pass
 
 
-#: worker_main(its sockets and TLS state, ready_fd, shared state, heartbeat or None): runs one worker until it
+@dataclass(frozen=True)
+class WorkerLinks:
+    """How one worker answers its supervisor: `ready_fd` gets a byte once it listens (-1: nobody waits),
+    `heartbeat` (None: no watchdog) is beaten from its loop every `heartbeat.period` seconds, and each
+    SIGHUP's reload runs inside `reload.answering()`."""
+
+    ready_fd: int
+    heartbeat: Heartbeat | None
+    reload: ReloadAck
+
+
+#: worker_main(its sockets and TLS state, shared state, links to the supervisor): runs one worker until it
 #: should exit
-WorkerMain = Callable[[Bound, int, SharedState, Heartbeat | None], None]
+WorkerMain = Callable[[Bound, SharedState, WorkerLinks], None]
 
 
 class Supervisor:
     """Forks `settings.server.workers` workers and keeps that many alive until told to stop."""
 
     def __init__(self, settings: Settings, worker_main: WorkerMain, prepared: Prepared) -> None:
-        """`worker_main(bound, ready_fd, shared, heartbeat)` runs one worker; it writes a byte to `ready_fd` once
-        it listens (-1: nobody waits), calls `heartbeat.beat()` from its loop every `heartbeat.period` seconds
-        when the unit has a watchdog (else heartbeat is None) and returns when the worker should exit.
+        """`worker_main(bound, shared, links)` runs one worker, answering through `links` (WorkerLinks), and
+        returns when the worker should exit.
         `prepared`: the sockets (one set per worker slot), TLS state and metrics port, made before privileges
         were dropped; from here on the supervisor owns them."""
         self.settings = settings
@@ -122,6 +140,8 @@ class Supervisor:
         interval = systemd.watchdog_interval()  # read before the fork: WATCHDOG_PID names this process
         self.heartbeats = HeartbeatTable(self.count, interval) if interval is not None else None
         self.withheld = False  # a watchdog ping is being held back for a worker that does not answer
+        self.next_ping = 0.0  # monotonic time of the next look at the heartbeats
+        self.reloads = ReloadRounds(self.count)
 
     def addresses_text(self) -> list[str]:
         return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p, _ in self.addresses]
@@ -132,6 +152,7 @@ class Supervisor:
         if self.heartbeats is not None:
             self.heartbeats.stamp(slot)  # a new worker has one interval to start beating
             heartbeat = self.heartbeats.beat_for(slot)
+        self.reloads.finish(slot, self.reloads.asked())  # it starts with the settings in force (see the module)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 0
@@ -155,8 +176,8 @@ class Supervisor:
                     self.metrics_endpoint.close_socket()
                 for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # the supervisor speaks
                     os.environ.pop(var, None)
-                ready_fd = -1 if ready_w is None else ready_w
-                self.worker_main(self.prepared.for_slot(slot), ready_fd, self.share.state, heartbeat)
+                links = WorkerLinks(-1 if ready_w is None else ready_w, heartbeat, self.reloads.for_slot(slot))
+                self.worker_main(self.prepared.for_slot(slot), self.share.state, links)
             except SystemExit as exc:
                 code = exc.code if isinstance(exc.code, int) else 1
             except BaseException:  # report anything and exit non-zero; the parent restarts us
@@ -217,21 +238,16 @@ class Supervisor:
         return True
 
     def _supervise(self) -> int:
-        next_ping = time.monotonic()
+        self.next_ping = time.monotonic()
         while self.pids:
             wait = 1.0
             if self.heartbeats is not None:
-                if time.monotonic() >= next_ping:
-                    next_ping = self._watchdog(self.heartbeats)
-                wait = min(wait, max(0.001, next_ping - time.monotonic()))
+                self._ping_if_due(self.heartbeats)
+                wait = min(wait, max(0.001, self.next_ping - time.monotonic()))
             info = signal.sigtimedwait(_WATCHED, wait)
             if info is not None and info.si_signo in _FORWARDED:
                 if info.si_signo == signal.SIGHUP:
-                    log.info("SIGHUP: forwarding to workers")
-                    systemd.notify(*systemd.reloading_states())
-                    self.on_hup()
-                    self._stop_all(signal.SIGHUP)
-                    systemd.notify("READY=1", self._status())
+                    self._reload()
                 elif not self.stopping:
                     log.info("signal %d: stopping workers", info.si_signo)
                     self.stopping = True
@@ -245,6 +261,28 @@ class Supervisor:
         self._release()
         log.info("all workers stopped")
         return 0
+
+    def _reload(self) -> None:
+        """SIGHUP: check and log the configuration once (`on_hup`), forward the signal, and say READY=1 only
+        when every worker has finished its reload (RELOAD_TIMEOUT at most), reaping and pinging meanwhile."""
+        log.info("SIGHUP: forwarding to workers")
+        systemd.notify(*systemd.reloading_states())
+        self.on_hup()
+        round_ = self.reloads.ask()
+        self._stop_all(signal.SIGHUP)
+        late = wait_for_workers(self.reloads, round_, lambda: self.pids, RELOAD_TIMEOUT, self._between_looks)
+        for slot, pid in late:
+            log.error("worker %d (pid %d) has not finished the reload within %.0f s", slot, pid, RELOAD_TIMEOUT)
+        systemd.notify("READY=1", self._status())
+
+    def _between_looks(self) -> None:
+        self._reap()
+        if self.heartbeats is not None:
+            self._ping_if_due(self.heartbeats)
+
+    def _ping_if_due(self, heartbeats: HeartbeatTable) -> None:
+        if time.monotonic() >= self.next_ping:
+            self.next_ping = self._watchdog(heartbeats)
 
     def _watchdog(self, heartbeats: HeartbeatTable) -> float:
         """WATCHDOG=1 when every worker beat within the interval; else hold it back and say why in STATUS=
@@ -271,6 +309,7 @@ class Supervisor:
         """After the last worker: the listening sockets, the metrics endpoint, the shared files."""
         self.prepared.close()
         self.share.remove()
+        self.reloads.close()
         if self.heartbeats is not None:
             self.heartbeats.close()
 
