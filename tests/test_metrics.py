@@ -184,6 +184,25 @@ def test_http_endpoint():
     assert "# TYPE pop3d_command_duration_seconds histogram" in body
 
 
+def test_endpoint_thread_takes_no_signals():
+    """A supervisor takes SIGTERM/SIGHUP with sigtimedwait in its main thread; the kernel may hand a signal
+    sent to the process to any thread that does not block it, and the endpoint thread taking a SIGTERM
+    killed the server (exit -15, nothing drained). The thread blocks them all."""
+    import signal
+    import threading
+
+    server = start_endpoint("127.0.0.1:0", Metrics().registry)
+    try:
+        (thread,) = [t for t in threading.enumerate() if t.name == "pop3d-metrics"]
+        status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+        blocked = int(next(ln for ln in status.splitlines() if ln.startswith("SigBlk:")).split()[1], 16)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            assert blocked & (1 << (sig - 1)), sig
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # ours is unchanged
+    finally:
+        server.shutdown()
+
+
 # A "supervisor" starts the endpoint, three forked "workers" count into one directory, the endpoint sums
 # them over HTTP. Run in a fresh interpreter: it forks.
 WORKERS = r"""

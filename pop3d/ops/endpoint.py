@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import threading
 from typing import TYPE_CHECKING
@@ -87,7 +88,14 @@ class MetricsEndpoint:
                 loop.close()
 
         self._thread = threading.Thread(target=main, name="pop3d-metrics", daemon=True)
-        self._thread.start()
+        # The kernel hands a signal sent to the process to any thread that does not block it. A supervisor
+        # blocks SIGTERM/SIGHUP in its main thread and takes them with sigtimedwait (pop3d.runtime.workers);
+        # had this thread them unblocked, a SIGTERM landing here would kill the server outright, undrained.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         started.wait(10)
         host, port = self.sock.getsockname()[:2]
         log.info("metrics on http://%s:%d/metrics", f"[{host}]" if ":" in host else host, port)
