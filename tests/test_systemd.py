@@ -137,17 +137,29 @@ def _spawn(
     )
 
 
+def _cleanup(proc: subprocess.Popen[bytes], fake: FakeSystemd, stopped: int = 0) -> None:
+    """After a test, pass or fail: a SIGSTOPped worker resumed, the server killed if still up, the fake closed."""
+    if stopped:
+        os.kill(stopped, signal.SIGCONT)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    fake.close()
+
+
 def _pop(port: int) -> tuple[socket.socket, object]:
     c = socket.create_connection(("127.0.0.1", port), timeout=10)
     return c, c.makefile("rb")
 
 
-def _config(path: Path, root: Path, passwd: Path, metrics_port: int, extra: str = "") -> None:
+def _config(path: Path, root: Path, passwd: Path, metrics_port: int, extra: str = "", workers: int = 0) -> None:
+    """`workers` 0: one per CPU (the default)."""
     path.write_text(f"""
 [server]
 listen = ["127.0.0.1:1"]   # ignored: the sockets come from systemd
 hostname = "test.invalid"
 shutdown_grace = 0.5
+workers = {workers}
 [auth]
 passwd_file = "{passwd}"
 failure_delay = 0
@@ -218,10 +230,7 @@ def test_notify_socket_activation_reload_metrics_and_drain(tmp_path):
         assert f.readline().startswith(b"-ERR [SYS/TEMP]")  # cut after shutdown_grace, deletes nothing
         c.close()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        fake.close()
+        _cleanup(proc, fake)
     lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
     msgs = [rec["msg"] for rec in lines]
     assert any("server.listen" in m and "restart" in m for m in msgs), msgs
@@ -283,10 +292,7 @@ def _plain_then_tls(proc: Any, fake: FakeSystemd, pki: Any, plain_port: int, tls
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        fake.close()
+        _cleanup(proc, fake)
 
 
 def _children(pid: int) -> list[int]:
@@ -309,8 +315,7 @@ def test_watchdog_stops_while_a_worker_is_stopped(tmp_path):
     passwd = tmp_path / "passwd"
     passwd.write_text("alice:{PLAIN}x\n")
     cfg = tmp_path / "pop3d.toml"
-    _config(cfg, tmp_path, passwd, _free_port())
-    cfg.write_text(cfg.read_text().replace("shutdown_grace = 0.5", "shutdown_grace = 0.5\nworkers = 2"))
+    _config(cfg, tmp_path, passwd, _free_port(), workers=2)
     lsock = _listener()
     fake = FakeSystemd()
     log = tmp_path / "out.log"
@@ -344,12 +349,7 @@ def test_watchdog_stops_while_a_worker_is_stopped(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
-        if stopped:
-            os.kill(stopped, signal.SIGCONT)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        fake.close()
+        _cleanup(proc, fake, stopped)
     text = log.read_text()
     assert "withholding the watchdog ping" in text and "watchdog pings resume" in text
 
@@ -365,8 +365,7 @@ def test_reload_ready_waits_for_every_worker_and_restarted_workers_keep_it(tmp_p
     (tmp_path / "mail").mkdir()  # where carol's Maildir is made at her first login
     cfg = tmp_path / "pop3d.toml"
     mport = _free_port()
-    _config(cfg, tmp_path, passwd, mport)
-    cfg.write_text(cfg.read_text().replace("shutdown_grace = 0.5", "shutdown_grace = 0.5\nworkers = 2"))
+    _config(cfg, tmp_path, passwd, mport, workers=2)
     lsock = _listener()
     port = lsock.getsockname()[1]
     fake = FakeSystemd()
@@ -390,8 +389,7 @@ def test_reload_ready_waits_for_every_worker_and_restarted_workers_keep_it(tmp_p
         os.kill(stopped, signal.SIGSTOP)
         passwd2 = tmp_path / "passwd2"
         passwd2.write_text("carol:{PLAIN}c4rol\n")
-        _config(cfg, tmp_path, passwd2, mport)
-        cfg.write_text(cfg.read_text().replace("shutdown_grace = 0.5", "shutdown_grace = 0.5\nworkers = 2"))
+        _config(cfg, tmp_path, passwd2, mport, workers=2)
         proc.send_signal(signal.SIGHUP)
         fake.wait_for("RELOADING=1")
         with pytest.raises(AssertionError, match="no READY=1"):
@@ -410,12 +408,7 @@ def test_reload_ready_waits_for_every_worker_and_restarted_workers_keep_it(tmp_p
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
-        if stopped:
-            os.kill(stopped, signal.SIGCONT)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        fake.close()
+        _cleanup(proc, fake, stopped)
 
 
 @pytest.mark.parametrize(
@@ -469,10 +462,7 @@ def test_default_named_socket_matching_nothing_is_plain(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        fake.close()
+        _cleanup(proc, fake)
     assert f"socket 3 (pop3d.socket) on 127.0.0.1:{port} matches no server.listen" in log.read_text()
 
 
