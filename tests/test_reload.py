@@ -178,10 +178,11 @@ def test_waiting_for_workers_ends_when_all_finished_or_at_the_timeout():
     pids = {100: 0, 101: 1}
     looks: list[float] = []
 
-    def idle() -> None:  # the supervisor's turn between looks: here worker 0 finishes after 3 looks
+    def idle() -> bool:  # the supervisor's turn between looks: here worker 0 finishes after 3 looks
         looks.append(now[0])
         if len(looks) == 3:
             rounds.finish(0, round_)
+        return False
 
     def sleep(seconds: float) -> None:
         now[0] += seconds
@@ -197,3 +198,10 @@ def test_waiting_for_workers_ends_when_all_finished_or_at_the_timeout():
     start = now[0]
     assert wait_for_workers(rounds, round_, lambda: pids, 1.0, idle, clock=lambda: now[0], sleep=sleep) == []
     assert now[0] == start  # nobody behind: no wait at all
+
+    round_ = rounds.ask()  # a stop pending: the wait ends at the next look, naming who is behind
+    assert wait_for_workers(rounds, round_, lambda: pids, 30.0, lambda: True, clock=lambda: now[0], sleep=sleep) == [
+        (0, 100),
+        (1, 102),
+    ]
+    assert now[0] == start

@@ -357,7 +357,8 @@ def test_watchdog_stops_while_a_worker_is_stopped(tmp_path):
 def test_reload_ready_waits_for_every_worker_and_restarted_workers_keep_it(tmp_path):
     """With workers, READY=1 after RELOADING=1 means every worker has the new configuration: a stopped
     worker holds it back until it runs again (then the new user logs in on every worker), and a worker
-    restarted after the reload starts from the reloaded configuration, not the one the server started with."""
+    restarted after the reload starts from the reloaded configuration, not the one the server started with.
+    A SIGTERM while a reload waits for a stopped worker is not held back."""
     from test_workers import one_per_worker
 
     passwd = tmp_path / "passwd"
@@ -405,7 +406,15 @@ def test_reload_ready_waits_for_every_worker_and_restarted_workers_keep_it(tmp_p
             time.sleep(0.05)
         assert len(now) == 2 and workers[0] not in now, now
         carol_everywhere()
+
+        stopped = now[0]  # a reload waiting for a stuck worker does not hold a shutdown back
+        os.kill(stopped, signal.SIGSTOP)
+        proc.send_signal(signal.SIGHUP)
+        fake.wait_for("RELOADING=1")
         proc.send_signal(signal.SIGTERM)
+        fake.wait_for("STOPPING=1", timeout=10)  # not after RELOAD_TIMEOUT (30 s)
+        os.kill(stopped, signal.SIGCONT)
+        stopped = 0
         assert proc.wait(20) == 0
     finally:
         _cleanup(proc, fake, stopped)

@@ -81,18 +81,18 @@ def wait_for_workers(
     round_: int,
     pids: Callable[[], dict[int, int]],
     timeout: float,
-    idle: Callable[[], None],
+    idle: Callable[[], bool],
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[tuple[int, int]]:
     """Wait until every worker in `pids()` (read anew each look: workers die and are replaced) has finished
     `round_`, or `timeout` seconds; returns the (slot, pid) still behind (empty: all done). `idle` runs
-    between looks: the supervisor reaps and pings the watchdog there."""
+    between looks (the supervisor reaps and pings the watchdog there) and ends the wait early by returning
+    True (a stop is pending: a stuck worker must not hold a shutdown back)."""
     deadline = clock() + timeout
     while True:
         late = rounds.behind(pids(), round_)
-        if not late or clock() >= deadline:
+        if not late or clock() >= deadline or idle():
             return late
-        idle()
         sleep(POLL)

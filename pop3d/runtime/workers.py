@@ -271,14 +271,21 @@ class Supervisor:
         round_ = self.reloads.ask()
         self._stop_all(signal.SIGHUP)
         late = wait_for_workers(self.reloads, round_, lambda: self.pids, RELOAD_TIMEOUT, self._between_looks)
-        for slot, pid in late:
-            log.error("worker %d (pid %d) has not finished the reload within %.0f s", slot, pid, RELOAD_TIMEOUT)
+        if not self._stop_pending():
+            for slot, pid in late:
+                log.error("worker %d (pid %d) has not finished the reload within %.0f s", slot, pid, RELOAD_TIMEOUT)
         systemd.notify("READY=1", self._status())
 
-    def _between_looks(self) -> None:
+    def _between_looks(self) -> bool:
+        """While a reload is waited for: reap, ping; True (stop waiting) once SIGTERM/SIGINT is pending."""
         self._reap()
         if self.heartbeats is not None:
             self._ping_if_due(self.heartbeats)
+        return self._stop_pending()
+
+    @staticmethod
+    def _stop_pending() -> bool:
+        return bool(signal.sigpending() & {signal.SIGTERM, signal.SIGINT})
 
     def _ping_if_due(self, heartbeats: HeartbeatTable) -> None:
         if time.monotonic() >= self.next_ping:
