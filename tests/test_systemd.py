@@ -137,6 +137,17 @@ def _spawn(
     )
 
 
+def _serve_one_socket(cfg: Path, names: str, log: Path, **env: str) -> tuple[subprocess.Popen[bytes], int, FakeSystemd]:
+    """`pop3d serve --config cfg` handed one listening socket named `names`, as systemd would, with a fake
+    manager listening on NOTIFY_SOCKET: (process, the socket's port, the fake)."""
+    lsock = _listener()
+    port = lsock.getsockname()[1]
+    fake = FakeSystemd()
+    proc = _spawn(["serve", "--config", str(cfg)], [lsock], names, fake, log, **env)
+    lsock.close()  # the child has its copy; the parent's must not accept
+    return proc, port, fake
+
+
 def _cleanup(proc: subprocess.Popen[bytes], fake: FakeSystemd, stopped: int = 0) -> None:
     """After a test, pass or fail: a SIGSTOPped worker resumed, the server killed if still up, the fake closed."""
     if stopped:
@@ -180,12 +191,8 @@ def test_notify_socket_activation_reload_metrics_and_drain(tmp_path):
     cfg = tmp_path / "pop3d.toml"
     mport = _free_port()
     _config(cfg, tmp_path, passwd, mport)
-    lsock = _listener()
-    port = lsock.getsockname()[1]
-    fake = FakeSystemd()
     log = tmp_path / "out.log"
-    proc = _spawn(["serve", "--config", str(cfg)], [lsock], "pop3", fake, log, WATCHDOG_USEC="100000")
-    lsock.close()  # the child has its copy; the parent's must not accept
+    proc, port, fake = _serve_one_socket(cfg, "pop3", log, WATCHDOG_USEC="100000")
     try:
         ready = fake.wait_for("READY=1")
         assert f"STATUS=listening on 127.0.0.1:{port}" in ready.split("\n")
@@ -316,11 +323,8 @@ def test_watchdog_stops_while_a_worker_is_stopped(tmp_path):
     passwd.write_text("alice:{PLAIN}x\n")
     cfg = tmp_path / "pop3d.toml"
     _config(cfg, tmp_path, passwd, _free_port(), workers=2)
-    lsock = _listener()
-    fake = FakeSystemd()
     log = tmp_path / "out.log"
-    proc = _spawn(["serve", "--config", str(cfg)], [lsock], "pop3", fake, log, WATCHDOG_USEC="1000000")
-    lsock.close()
+    proc, _port, fake = _serve_one_socket(cfg, "pop3", log, WATCHDOG_USEC="1000000")
     stopped = 0
     try:
         fake.wait_for("READY=1")
@@ -367,12 +371,8 @@ def test_reload_ready_waits_for_every_worker_and_restarted_workers_keep_it(tmp_p
     cfg = tmp_path / "pop3d.toml"
     mport = _free_port()
     _config(cfg, tmp_path, passwd, mport, workers=2)
-    lsock = _listener()
-    port = lsock.getsockname()[1]
-    fake = FakeSystemd()
     log = tmp_path / "out.log"
-    proc = _spawn(["serve", "--config", str(cfg)], [lsock], "pop3", fake, log)
-    lsock.close()
+    proc, port, fake = _serve_one_socket(cfg, "pop3", log)
     stopped = 0
 
     def carol_everywhere() -> None:
@@ -457,12 +457,8 @@ def test_default_named_socket_matching_nothing_is_plain(tmp_path):
     passwd.write_text("alice:{PLAIN}x\n")
     cfg = tmp_path / "pop3d.toml"
     _config(cfg, tmp_path, passwd, _free_port())  # server.listen is 127.0.0.1:1: not the socket's address
-    lsock = _listener()
-    port = lsock.getsockname()[1]
-    fake = FakeSystemd()
     log = tmp_path / "out.log"
-    proc = _spawn(["serve", "--config", str(cfg)], [lsock], "pop3d.socket", fake, log)
-    lsock.close()
+    proc, port, fake = _serve_one_socket(cfg, "pop3d.socket", log)
     try:
         fake.wait_for("READY=1")
         c, f = _pop(port)
