@@ -328,6 +328,13 @@ async def test_deleted_elsewhere_is_gone(db: Database) -> None:
 # ---- users -------------------------------------------------------------------------------------------------
 
 
+async def _background_done() -> None:
+    """Let the authenticator's background work (its decoy sampling, PostgresAuthenticator._relearn) end before
+    the pool closes: left pending, it is destroyed with the test's loop and its error lands in a later test."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    await asyncio.gather(*others, return_exceptions=True)
+
+
 async def test_user_commands_and_auth(pg_dsn: str, tmp_path: Path) -> None:
     cfg = config_file(tmp_path, pg_dsn)
     assert pop3d("db", "init", config=cfg).returncode == 0
@@ -348,6 +355,7 @@ async def test_user_commands_and_auth(pg_dsn: str, tmp_path: Path) -> None:
         assert await auth.verify("gus", "pw two") is None
         assert pop3d("user", "del", "gus", config=cfg).returncode == 1
     finally:
+        await _background_done()
         await db.close()
 
 
@@ -372,6 +380,7 @@ async def test_user_import_is_idempotent_with_every_scheme(pg_dsn: str, tmp_path
             assert user is not None and user.home == f"/home/u{n}" and user.uid == 1000
             assert await auth.verify(f"u{n}", "nope") is None
     finally:
+        await _background_done()
         await db.close()
 
 
