@@ -22,12 +22,13 @@ With more workers a small synchronous supervisor (this module) stays in the pare
   accepts on those same inherited sockets), sends READY/RELOADING/STOPPING and the watchdog pings; workers
   do not talk to the manager. READY=1 after a reload waits until every worker has finished it
   (pop3d.runtime.reload_rounds; at most RELOAD_TIMEOUT seconds), and a worker restarted after a reload runs
-  the configuration in force, not the one the server started with. With WatchdogSec= each worker beats
-  from its event loop into a shared slot (pop3d.runtime.heartbeat) and WATCHDOG=1 goes out only while every
-  worker has beaten within the ping interval: a stuck or stopped worker stops the pings, and systemd
-  restarts the service. With
-  `metrics.listen` it serves the metrics summed over the workers (pop3d.ops.metrics: one totals file per
-  worker) and tells the collector when a worker died;
+  the settings in force, not the ones the server started with (what it inherits ready-made from before the
+  fork, the TLS certificates and the penalty's base delay, stays as loaded at start until its next SIGHUP).
+  With WatchdogSec= each worker beats from its event loop into a shared slot (pop3d.runtime.heartbeat) and
+  WATCHDOG=1 goes out only while every worker has beaten within the ping interval: a stuck or stopped
+  worker stops the pings, and systemd restarts the service. With `metrics.listen` it serves the metrics
+  summed over the workers (pop3d.ops.metrics: one totals file per worker) and tells the collector when a
+  worker died;
 * what the workers must agree on (login penalties, LOGIN-DELAY, metrics) is built before the first fork
   (pop3d.runtime.shared) and handed to each worker, never looked up from globals or the environment.
 
